@@ -1,0 +1,48 @@
+"""Sessions: `nox -s tests`, `nox -s demo`, `nox -s lint`, `nox -s bench`.
+
+Each session builds its own virtual environment with pip (pip finds this machine's local
+torch wheels; uv does not) and keeps it between runs (`reuse_venv`).
+"""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "tests"]
+
+PYTHON = "3.11"
+# Pinned so pip takes the wheels on this machine's disk instead of downloading others.
+TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+
+
+def install_project(session: nox.Session, extras: str) -> None:
+    session.install(*TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test suite (unit, property and end-to-end tests over torchvision models)."""
+    install_project(session, "test")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The whole pipeline on real data (scikit-learn's digits, or Fashion-MNIST if present)."""
+    install_project(session, "demo")
+    session.run("python", "-m", "quantfx.demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests and benchmarks."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "quantfx", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks (writes docs/benchmarks.md); `-- NAME` runs one part."""
+    install_project(session, "test,demo")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,35 @@
+"""Errors quantfx raises on bad input: one base class, one subclass per stage.
+
+Every message says what is wrong and how to fix it, so users never have to read a traceback
+from deep inside torch to learn that their calibration data was empty.
+"""
+
+from __future__ import annotations
+
+
+class QuantFxError(Exception):
+    """Base class of every error quantfx raises on bad input or unsupported models."""
+
+
+class ConfigError(QuantFxError, ValueError):
+    """A `QuantConfig` field (or an argument of a public function) has an invalid value."""
+
+
+class TraceError(QuantFxError):
+    """The model cannot be traced symbolically by torch.fx."""
+
+
+class PrepareError(QuantFxError):
+    """The model traced but cannot be prepared (wrong example inputs, nothing to quantize)."""
+
+
+class CalibrationError(QuantFxError):
+    """Calibration data is missing, empty, non-finite or does not fit the model."""
+
+
+class ConvertError(QuantFxError):
+    """The model cannot be converted (not prepared, or not calibrated)."""
+
+
+class ExportError(QuantFxError):
+    """The model cannot be exported, or the exported file does not match PyTorch."""

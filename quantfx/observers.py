@@ -1,0 +1,181 @@
+"""Range estimators: they watch a tensor and propose a power-of-2 exponent for it.
+
+Every observer keeps its state in buffers (so `state_dict` round-trips it) and proposes
+exponents through `exponent(qmax)`. Symmetric quantization only needs the largest magnitude,
+but min and max are kept too: they tell a user (and the tests) what a tensor really held.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from quantfx.qmath import exponent_for_max
+
+SEARCH_DEPTH = 4
+"""How many exponents below the never-clipping one an MSE search considers."""
+
+
+class Observer(nn.Module):
+    """Base class: min/max bookkeeping, per tensor or per channel along `axis`."""
+
+    def __init__(self, axis: int | None = None, channels: int = 1) -> None:
+        super().__init__()
+        self.axis = axis
+        shape = () if axis is None else (channels,)
+        self.register_buffer("min_val", torch.zeros(shape))
+        self.register_buffer("max_val", torch.zeros(shape))
+        self.register_buffer("observed", torch.tensor(False))
+
+    def _batch_min_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.axis is None:
+            return torch.aminmax(x.detach().float())
+        flat = x.detach().float().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        return torch.aminmax(flat, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Record `x` and return it unchanged."""
+        if x.numel() > 0:
+            self.update(x)
+        return x
+
+    def update(self, x: Tensor) -> None:
+        batch_min, batch_max = self._batch_min_max(x)
+        if bool(self.observed):
+            self.min_val.copy_(torch.minimum(self.min_val, batch_min))
+            self.max_val.copy_(torch.maximum(self.max_val, batch_max))
+        else:
+            self.min_val.copy_(batch_min)
+            self.max_val.copy_(batch_max)
+            self.observed.fill_(True)
+
+    def max_abs(self) -> Tensor:
+        """Largest magnitude the observer accepts as the tensor's range."""
+        return torch.maximum(self.min_val.abs(), self.max_val.abs())
+
+    def exponent(self, qmax: int) -> Tensor:
+        """Proposed exponent(s): by default the smallest that never clips."""
+        return exponent_for_max(self.max_abs(), qmax)
+
+
+class MinMaxObserver(Observer):
+    """Running min/max over everything seen: never clips, sensitive to outliers."""
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min/max: robust to a rare extreme batch."""
+
+    def __init__(self, momentum: float = 0.1, axis: int | None = None, channels: int = 1) -> None:
+        super().__init__(axis, channels)
+        self.momentum = momentum
+
+    def update(self, x: Tensor) -> None:
+        batch_min, batch_max = self._batch_min_max(x)
+        if bool(self.observed):
+            self.min_val.lerp_(batch_min, self.momentum)
+            self.max_val.lerp_(batch_max, self.momentum)
+        else:
+            self.min_val.copy_(batch_min)
+            self.max_val.copy_(batch_max)
+            self.observed.fill_(True)
+
+
+class HistogramObserver(Observer):
+    """Histogram of |x| over [0, 2**range_exponent] plus an exponent search (MSE or percentile).
+
+    The histogram's range is a power of two and its bin count too, so when a batch exceeds the
+    range the range doubles (as often as needed) and adjacent bins merge exactly: no resampling
+    error, and the result does not depend on how the data was split into batches.
+    """
+
+    def __init__(self, bins: int = 2048, search: str = "mse", percentile: float = 99.99) -> None:
+        super().__init__()
+        self.bins = bins
+        self.search = search
+        self.percentile = percentile
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("range_exponent", torch.tensor(0, dtype=torch.int64))
+
+    def update(self, x: Tensor) -> None:
+        first = not bool(self.observed)
+        super().update(x)
+        magnitude = x.detach().float().abs().flatten()
+        needed = int(exponent_for_max(magnitude.max(), 1).item())
+        if first:
+            self.range_exponent.fill_(needed)
+        elif needed > int(self.range_exponent):
+            self._widen(needed)
+        top = 2.0 ** int(self.range_exponent)
+        counts = torch.histc(magnitude, bins=self.bins, min=0.0, max=top)
+        self.histogram += counts.to(torch.float64)
+
+    def _widen(self, new_exponent: int) -> None:
+        factor = 2 ** (new_exponent - int(self.range_exponent))
+        merged = torch.zeros_like(self.histogram)
+        if factor >= self.bins:
+            merged[0] = self.histogram.sum()
+        else:
+            kept = self.bins // factor
+            merged[:kept] = self.histogram.view(kept, factor).sum(dim=1)
+        self.histogram.copy_(merged)
+        self.range_exponent.fill_(new_exponent)
+
+    def bin_centers(self) -> Tensor:
+        width = 2.0 ** int(self.range_exponent) / self.bins
+        return (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+
+    def exponent(self, qmax: int) -> Tensor:
+        no_clip = super().exponent(qmax)
+        if self.search == "none" or self.histogram.sum() == 0:
+            return no_clip
+        if self.search == "percentile":
+            return torch.minimum(no_clip, self._percentile_exponent(qmax))
+        candidates = [no_clip - step for step in range(SEARCH_DEPTH + 1)]
+        errors = [self.expected_error(candidate, qmax) for candidate in candidates]
+        best = min(range(len(candidates)), key=lambda index: (errors[index], index))
+        return candidates[best]
+
+    def _percentile_exponent(self, qmax: int) -> Tensor:
+        cumulative = torch.cumsum(self.histogram, dim=0)
+        wanted = cumulative[-1] * (self.percentile / 100.0)
+        index = int(torch.searchsorted(cumulative, wanted).clamp(max=self.bins - 1))
+        width = 2.0 ** int(self.range_exponent) / self.bins
+        return exponent_for_max(torch.tensor((index + 1) * width), qmax)
+
+    def expected_error(self, exponent: Tensor, qmax: int) -> float:
+        """Sum of squared quantization errors of the histogram's values at scale 2**exponent.
+
+        Values are placed at bin centers; where bins are coarse against the step, the rounding
+        error of a bin is taken as the uniform-noise step**2 / 12 instead.
+        """
+        step = 2.0 ** float(exponent)
+        clip = qmax * step
+        centers = self.bin_centers()
+        width = 2.0 ** int(self.range_exponent) / self.bins
+        if width <= step / 4:
+            rounded = torch.clamp(torch.round(centers / step) * step, max=clip)
+            error = (centers - rounded) ** 2
+        else:
+            error = torch.where(
+                centers > clip, (centers - clip) ** 2, torch.full_like(centers, step**2 / 12)
+            )
+        return float((error * self.histogram).sum())
+
+
+def make_observer(kind: str, **options) -> Observer:
+    """Build an observer by its `QuantConfig` name."""
+    if kind == "minmax":
+        return MinMaxObserver(axis=options.get("axis"), channels=options.get("channels", 1))
+    if kind == "moving_average":
+        return MovingAverageMinMaxObserver(
+            momentum=options.get("momentum", 0.1),
+            axis=options.get("axis"),
+            channels=options.get("channels", 1),
+        )
+    if kind == "histogram":
+        return HistogramObserver(
+            bins=options.get("bins", 2048),
+            search=options.get("search", "mse"),
+            percentile=options.get("percentile", 99.99),
+        )
+    raise ValueError(f"unknown observer kind {kind!r}")

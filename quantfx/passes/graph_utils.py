@@ -1,0 +1,79 @@
+"""Small helpers every pass uses: node classification and module lookup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+
+def module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a `call_module` node calls, or None for other nodes."""
+    if node.op != "call_module":
+        return None
+    return graph_module.get_submodule(node.target)
+
+
+def is_float_tensor(node: Any) -> bool:
+    """True when `node` is a graph node whose recorded value is a floating-point tensor."""
+    if not isinstance(node, fx.Node):
+        return False
+    meta = node.meta.get("tensor_meta")
+    return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The argument nodes of `node` (flattened) that carry float tensors, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda arg: found.append(arg) if is_float_tensor(arg) else None)
+    return found
+
+
+def unique_submodule_name(graph_module: fx.GraphModule, wanted: str) -> str:
+    """`wanted` (dots allowed), or with a numeric suffix if that attribute path is taken."""
+    def taken(path: str) -> bool:
+        try:
+            graph_module.get_submodule(path)
+            return True
+        except AttributeError:
+            owner, _, leaf = path.rpartition(".")
+            try:
+                parent = graph_module.get_submodule(owner) if owner else graph_module
+            except AttributeError:
+                return False
+            return hasattr(parent, leaf)
+
+    if not taken(wanted):
+        return wanted
+    index = 1
+    while taken(f"{wanted}_{index}"):
+        index += 1
+    return f"{wanted}_{index}"
+
+
+def replace_with_module(
+    graph_module: fx.GraphModule,
+    node: fx.Node,
+    module: nn.Module,
+    args: tuple,
+    name: str | None = None,
+) -> fx.Node:
+    """Replace `node` by a call of `module` (registered under `name`) on `args`."""
+    node_name = node.name
+    target = unique_submodule_name(graph_module, name or node_name)
+    graph_module.add_submodule(target, module)
+    node._rename(f"{node_name}__replaced")  # free the name: the new node inherits it
+    with graph_module.graph.inserting_after(node):
+        new_node = graph_module.graph.create_node("call_module", target, args, {}, name=node_name)
+    new_node.meta = dict(node.meta)
+    node.replace_all_uses_with(new_node)
+    graph_module.graph.erase_node(node)
+    return new_node
+
+
+def set_inplace_false(module: nn.Module) -> None:
+    """Make activations out-of-place so no quantizer's input is overwritten behind its back."""
+    if hasattr(module, "inplace") and isinstance(module.inplace, bool):
+        module.inplace = False

@@ -1,0 +1,182 @@
+"""Functionals and tensor ops become modules, one instance per call site.
+
+Driven by a plain table of rewrites (`REWRITES`): which callables or Tensor methods a row
+covers, the names of their non-tensor arguments, and how to build the module from them.
+A call whose arguments cannot be baked into a module (a size computed at run time that is
+not a tensor shape, an `out=` argument) is left as it is; placement still quantizes its output.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from quantfx import modules as qm
+from quantfx.passes.graph_utils import is_float_tensor, replace_with_module, set_inplace_false
+
+UNARY, BINARY, VARIADIC = "unary", "binary", "variadic"
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One row of the table: `targets` (functions or method names) → `build(arguments)`."""
+
+    targets: tuple[Callable | str, ...]
+    params: tuple[str, ...]
+    build: Callable[[dict[str, Any]], nn.Module]
+    kind: str = UNARY
+    runtime_params: tuple[str, ...] = ()
+
+
+def _get(arguments: dict[str, Any], name: str, default: Any) -> Any:
+    value = arguments.get(name, default)
+    return default if value is None and default is not None else value
+
+
+REWRITES: tuple[Rewrite, ...] = (
+    Rewrite((F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"), ("inplace",),
+            lambda a: nn.ReLU()),
+    Rewrite((F.relu6,), ("inplace",), lambda a: nn.ReLU6()),
+    Rewrite((F.hardtanh, F.hardtanh_), ("min_val", "max_val", "inplace"),
+            lambda a: nn.Hardtanh(_get(a, "min_val", -1.0), _get(a, "max_val", 1.0))),
+    Rewrite((F.hardswish, "hardswish"), ("inplace",), lambda a: nn.Hardswish()),
+    Rewrite((F.hardsigmoid, "hardsigmoid"), ("inplace",), lambda a: nn.Hardsigmoid()),
+    Rewrite((torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"), (), lambda a: nn.Sigmoid()),
+    Rewrite((torch.tanh, F.tanh, "tanh", "tanh_"), (), lambda a: nn.Tanh()),
+    Rewrite((F.silu, "silu"), ("inplace",), lambda a: nn.SiLU()),
+    Rewrite((F.gelu,), ("approximate",), lambda a: nn.GELU(_get(a, "approximate", "none"))),
+    Rewrite((F.leaky_relu, F.leaky_relu_), ("negative_slope", "inplace"),
+            lambda a: nn.LeakyReLU(_get(a, "negative_slope", 0.01))),
+    Rewrite((F.softmax, torch.softmax, "softmax"), ("dim",), lambda a: nn.Softmax(a.get("dim"))),
+    Rewrite((operator.add, operator.iadd, torch.add, "add", "add_"), (), lambda a: qm.Add(),
+            BINARY),
+    Rewrite((operator.sub, operator.isub, torch.sub, "sub", "sub_"), (), lambda a: qm.Sub(),
+            BINARY),
+    Rewrite((operator.mul, operator.imul, torch.mul, "mul", "mul_"), (), lambda a: qm.Mul(),
+            BINARY),
+    Rewrite((torch.cat, torch.concat, torch.concatenate), ("dim",),
+            lambda a: qm.Cat(_get(a, "dim", _get(a, "axis", 0))), VARIADIC),
+    Rewrite((torch.stack,), ("dim",), lambda a: qm.Stack(_get(a, "dim", 0)), VARIADIC),
+    Rewrite((torch.flatten, "flatten"), ("start_dim", "end_dim"),
+            lambda a: nn.Flatten(_get(a, "start_dim", 0), _get(a, "end_dim", -1))),
+    Rewrite((F.adaptive_avg_pool1d,), ("output_size",),
+            lambda a: nn.AdaptiveAvgPool1d(a["output_size"])),
+    Rewrite((F.adaptive_avg_pool2d,), ("output_size",),
+            lambda a: nn.AdaptiveAvgPool2d(a["output_size"])),
+    Rewrite((F.adaptive_max_pool2d,), ("output_size", "return_indices"),
+            lambda a: nn.AdaptiveMaxPool2d(a["output_size"])),
+    Rewrite((F.avg_pool2d,),
+            ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override"),
+            lambda a: nn.AvgPool2d(a["kernel_size"], a.get("stride"), _get(a, "padding", 0),
+                                   _get(a, "ceil_mode", False),
+                                   _get(a, "count_include_pad", True),
+                                   a.get("divisor_override"))),
+    Rewrite((F.max_pool2d,),
+            ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+            lambda a: nn.MaxPool2d(a["kernel_size"], a.get("stride"), _get(a, "padding", 0),
+                                   _get(a, "dilation", 1), False, _get(a, "ceil_mode", False))),
+    Rewrite((torch.mean, "mean"), ("dim", "keepdim"),
+            lambda a: qm.Mean(a.get("dim"), _get(a, "keepdim", False))),
+    Rewrite((F.interpolate,),
+            ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+             "antialias"),
+            lambda a: qm.Interpolate(None, a.get("scale_factor"), _get(a, "mode", "nearest"),
+                                     a.get("align_corners"), a.get("recompute_scale_factor"),
+                                     _get(a, "antialias", False)),
+            runtime_params=("size",)),
+)
+
+_BY_TARGET: dict[Any, Rewrite] = {}
+for _rewrite in REWRITES:
+    for _target in _rewrite.targets:
+        _BY_TARGET[_target] = _rewrite
+
+# Arguments that must keep their default for the rewrite to be exact.
+_MUST_BE_DEFAULT = {"return_indices": (None, False), "alpha": (None, 1), "out": (None,),
+                    "dtype": (None,)}
+_TENSOR_KEYWORDS = ("input", "self", "tensors", "other")
+
+
+def _rule_for(node: fx.Node) -> Rewrite | None:
+    if node.op == "call_function":
+        return _BY_TARGET.get(node.target)
+    if node.op == "call_method" and isinstance(node.target, str):
+        return _BY_TARGET.get(node.target)
+    return None
+
+
+def _bind(node: fx.Node, rule: Rewrite) -> tuple[tuple, dict[str, Any]] | None:
+    """Split a call into (operands, named options); None if it cannot become a module."""
+    operand_count = 2 if rule.kind == BINARY else 1
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    operands = args[:operand_count]
+    for keyword in _TENSOR_KEYWORDS:
+        if keyword in kwargs and len(operands) < operand_count:
+            operands.append(kwargs.pop(keyword))
+    if len(operands) != operand_count:
+        return None
+    options = dict(zip(rule.params, args[operand_count:]))
+    if len(args) - operand_count > len(rule.params):
+        return None
+    for name, value in kwargs.items():
+        if name not in rule.params and name not in _MUST_BE_DEFAULT and name != "axis":
+            return None
+        options[name] = value
+    for name, allowed in _MUST_BE_DEFAULT.items():
+        if name in options and options[name] not in allowed:
+            return None
+    if rule.kind == VARIADIC:
+        tensors = operands[0]
+        if not isinstance(tensors, (list, tuple)) or not all(map(is_float_tensor, tensors)):
+            return None
+        operands = list(tensors)
+    elif rule.kind == BINARY:
+        if not any(map(is_float_tensor, operands)):
+            return None
+        if any(isinstance(op, fx.Node) and not is_float_tensor(op) for op in operands):
+            return None
+    elif not is_float_tensor(operands[0]):
+        return None
+    runtime = [options.pop(name, None) for name in rule.runtime_params]
+    if _holds_node(options):
+        return None
+    while runtime and runtime[-1] is None:
+        runtime.pop()
+    return tuple(operands) + tuple(runtime), options
+
+
+def _holds_node(value: Any) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Replace every tabled functional / Tensor-method call by a call of a fresh module.
+
+    Also makes every module in the graph out-of-place (`inplace=False`): a quantizer's input
+    must not be overwritten by an in-place activation that follows it.
+    """
+    for module in graph_module.modules():
+        set_inplace_false(module)
+    for node in list(graph_module.graph.nodes):
+        rule = _rule_for(node)
+        if rule is None or not is_float_tensor(node):
+            continue
+        bound = _bind(node, rule)
+        if bound is None:
+            continue
+        operands, options = bound
+        replace_with_module(graph_module, node, rule.build(options), operands)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module
