@@ -60,17 +60,18 @@ def replace_with_module(
     args: tuple,
     name: str | None = None,
 ) -> fx.Node:
-    """Replace `node` by a call of `module` (registered under `name`) on `args`."""
-    node_name = node.name
-    target = unique_submodule_name(graph_module, name or node_name)
+    """Turn `node` into a call of `module` on `args`, keeping the node's name and users.
+
+    The module is registered under the node's name, so graph, module and (later) ONNX names
+    all agree.
+    """
+    target = unique_submodule_name(graph_module, name or node.name)
     graph_module.add_submodule(target, module)
-    node._rename(f"{node_name}__replaced")  # free the name: the new node inherits it
-    with graph_module.graph.inserting_after(node):
-        new_node = graph_module.graph.create_node("call_module", target, args, {}, name=node_name)
-    new_node.meta = dict(node.meta)
-    node.replace_all_uses_with(new_node)
-    graph_module.graph.erase_node(node)
-    return new_node
+    node.op = "call_module"
+    node.target = target
+    node.args = tuple(args)
+    node.kwargs = {}
+    return node
 
 
 def set_inplace_false(module: nn.Module) -> None:
