@@ -1,0 +1,97 @@
+"""TIDL open-source-runtime compile options for an exported model, and TIDL constraint checks.
+
+TIDL's ONNX Runtime / TFLite delegates take their compile options as a flat dict of strings and
+numbers; quantfx writes it as JSON beside the model so that the compile step reads exactly the
+bit widths the model was quantized with. The 16-bit name lists hold ONNX tensor names (the
+output names of layers as they appear in the exported file), read from each quantizer's and
+each layer's own `bits`, so per-layer 16 bit works without any extra configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+POWER_OF_2_SCALE_TYPE = 1
+"""`advanced_options:quantization_scale_type` for power-of-2 scales (TDA4VM-compatible)."""
+
+
+@dataclass
+class BitWidths:
+    """Which ONNX tensors carry 16-bit features or come from layers with 16-bit parameters."""
+
+    feature_bits: dict[str, int] = field(default_factory=dict)
+    """Layer output tensor name -> bits of the quantizer that quantizes it."""
+    param_bits: dict[str, int] = field(default_factory=dict)
+    """Layer output tensor name -> bits of that layer's weights."""
+
+    def tensor_bits(self) -> int:
+        """The base `tensor_bits`: 16 only when every feature and every parameter is 16 bit."""
+        widths = list(self.feature_bits.values()) + list(self.param_bits.values())
+        return 16 if widths and all(bits == 16 for bits in widths) else 8
+
+    def sixteen_bit_features(self) -> list[str]:
+        return sorted(name for name, bits in self.feature_bits.items() if bits == 16)
+
+    def sixteen_bit_params(self) -> list[str]:
+        return sorted(name for name, bits in self.param_bits.items() if bits == 16)
+
+
+def compile_options(bit_widths: BitWidths, legacy: bool) -> dict[str, Any]:
+    """TIDL OSRT compile options for a quantfx export (QDQ, or legacy float with Clip ranges).
+
+    `accuracy_level: 0` tells TIDL not to calibrate again: the ranges are in the file (as
+    Q/DQ scales, or as Clip bounds in the legacy format).
+    """
+    options: dict[str, Any] = {
+        "tensor_bits": bit_widths.tensor_bits(),
+        "accuracy_level": 0,
+        "advanced_options:quantization_scale_type": POWER_OF_2_SCALE_TYPE,
+    }
+    if not legacy:
+        options["advanced_options:prequantized_model"] = 1
+    features = bit_widths.sixteen_bit_features()
+    params = bit_widths.sixteen_bit_params()
+    if features and options["tensor_bits"] != 16:
+        options["advanced_options:output_feature_16bit_names_list"] = ",".join(features)
+    if params and options["tensor_bits"] != 16:
+        options["advanced_options:params_16bit_names_list"] = ",".join(params)
+    return options
+
+
+def _is_power_of_two(value: float) -> bool:
+    if not math.isfinite(value) or value <= 0:
+        return False
+    mantissa, _ = math.frexp(value)
+    return mantissa == 0.5
+
+
+def check_constraints(model: onnx.ModelProto) -> list[str]:
+    """Problems TIDL would have with `model`: non power-of-2 or non-zero-point-0 Q/DQ, bad Clip
+    bounds, dynamic shapes. Returns human-readable messages (empty when the model is clean)."""
+    problems: list[str] = []
+    initializers = {tensor.name: numpy_helper.to_array(tensor)
+                    for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            scale = initializers.get(node.input[1])
+            if scale is None or not all(_is_power_of_two(float(s)) for s in np.ravel(scale)):
+                problems.append(f"{node.op_type} '{node.name}': scale is not a power of two")
+            zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else None
+            if zero_point is not None and np.any(zero_point != 0):
+                problems.append(f"{node.op_type} '{node.name}': zero point is not 0")
+        elif node.op_type == "Clip" and len(node.input) >= 3:
+            low = initializers.get(node.input[1])
+            high = initializers.get(node.input[2])
+            if low is None or high is None or not float(low) <= 0.0 < float(high):
+                problems.append(f"Clip '{node.name}': TIDL needs constant bounds min <= 0 < max")
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or any(not dim.HasField("dim_value") for dim in dims):
+            problems.append(f"tensor '{value.name}' has no static shape")
+    return problems
