@@ -16,7 +16,9 @@ from quantfx.errors import (
     QuantFxError,
     TraceError,
 )
+from quantfx.export.onnx import ExportReport, export_onnx
 from quantfx.ptc import calibrate, prepare
+from quantfx.qat import QATSchedule, end_qat_epoch, prepare_qat
 
 __version__ = "0.1.0"
 
@@ -25,11 +27,16 @@ __all__ = [
     "ConfigError",
     "ConvertError",
     "ExportError",
+    "ExportReport",
     "PrepareError",
+    "QATSchedule",
     "QuantConfig",
     "QuantFxError",
     "TraceError",
     "calibrate",
     "convert",
+    "export_onnx",
+    "end_qat_epoch",
     "prepare",
+    "prepare_qat",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -50,6 +51,8 @@ class QuantConfig:
     """Functions traced as single calls, like those decorated with `@torch.fx.wrap`."""
     progress: bool = True
     """Show progress bars on long loops (calibration)."""
+    qat_schedule: Any = None
+    """A `quantfx.QATSchedule` (when QAT freezes BN statistics, then ranges); None: defaults."""
 
     def __post_init__(self) -> None:
         for name in ("activation_bits", "weight_bits"):

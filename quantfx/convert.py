@@ -173,6 +173,9 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
             exponent = quantizer.observer.exponent(quantizer.qmax)
             set_submodule(working, node.target, Quantize(float(exponent), quantizer.bits,
                                                          quantizer.signed))
+    from quantfx.qat import lower_qat_layers  # here: quantfx.qat imports this module
+
+    lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below
     for node in graph.nodes:
         layer = module_of(working, node)
         if isinstance(layer, QuantLayer):

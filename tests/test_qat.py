@@ -1,0 +1,353 @@
+"""Quantization-aware training: STE, on-the-fly BN folding, schedule, resume, eval == convert."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import quantfx as qf
+from quantfx.fake_quant import FakeQuantize
+from quantfx.frontend import set_quant_mode
+from quantfx.qat import QATFakeQuantize, QATLayer, freeze_ranges
+from quantfx.qmath import fake_quantize
+
+torch.set_num_threads(1)
+
+
+class ConvBnReLU(nn.Module):
+    """conv → bn → relu → depthwise conv → bn → relu → pool → linear."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, 4)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(shape, generator=generator) * 0.1)
+    return model
+
+
+def _batches(count: int, shape=(4, 3, 16, 16), seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
+    """A user's ordinary loop: forward, loss, backward, step."""
+    model.train()
+    for index, batch in enumerate(batches):
+        target = torch.full((batch.shape[0],), index % 4, dtype=torch.long)
+        loss = nn.functional.cross_entropy(model(batch)[:, :4], target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def _qat_layers(model: nn.Module) -> list[QATLayer]:
+    return [module for module in model.modules() if isinstance(module, QATLayer)]
+
+
+def _activation_quantizers(model: nn.Module) -> dict[str, QATFakeQuantize]:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, QATFakeQuantize)}
+
+
+# ---------------------------------------------------------------------------- STE
+
+
+def test_activation_ste_passes_gradient_inside_range_and_blocks_it_where_clipped():
+    quantizer = QATFakeQuantize(bits=8, signed=True)
+    quantizer.start_from_exponent(-4)  # range [-8, 7.9375], step 1/16
+    quantizer.observer_enabled.fill_(False)
+    x = torch.tensor([-20.0, -8.0, -1.03, 0.0, 0.51, 7.9, 7.99, 30.0], requires_grad=True)
+    out = quantizer(x)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(out.detach(), torch.round(x.detach() * 16).clamp(-128, 127) / 16)
+    inside = (x.detach() >= -8.0) & (x.detach() <= 127 / 16)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_weight_ste_gradient_is_the_float_gradient_at_the_quantized_weight():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    model = nn.Sequential(conv)
+    qm = qf.prepare_qat(model, torch.randn(2, 3, 8, 8))
+    layer = _qat_layers(qm)[0]
+    x = torch.randn(2, 3, 8, 8)
+    out = qm(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    # Reference: the same conv computed on the fake-quantized weight and (quantized) input.
+    weight_exponent = layer.weight_quantizer.exponent  # the exponent this forward used
+    wq = fake_quantize(conv.weight.detach(), weight_exponent, -128, 127).requires_grad_()
+    input_q = layer.input_quantizer
+    xq = fake_quantize(x, input_q.exponent, input_q.qmin, input_q.qmax)
+    reference = nn.functional.conv2d(xq, wq, conv.bias.detach(), padding=1)
+    reference.backward(grad_out)
+    trained = qm.get_submodule(next(n for n, m in qm.named_modules() if m is layer)).layer
+    torch.testing.assert_close(trained.weight.grad, wq.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- BN folding
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_qat_without_quantization_equals_the_float_model_in_train_and_eval(seed):
+    torch.manual_seed(seed)
+    float_model = randomize_batchnorm(ConvBnReLU(), seed)
+    batches = _batches(3, seed=seed)
+    qm = qf.prepare_qat(float_model, batches[0])
+    set_quant_mode(qm, observe=False, quantize=False)
+    reference = copy.deepcopy(float_model).train()
+    for batch in batches:  # train mode: batch statistics, running statistics update alike
+        torch.testing.assert_close(qm(batch), reference(batch), rtol=1e-4, atol=1e-5)
+    bn_pairs = [(layer.bn, ref) for layer, ref in zip(
+        [layer for layer in _qat_layers(qm) if layer.bn is not None],
+        [reference.bn1, reference.bn2])]
+    for qat_bn, ref_bn in bn_pairs:
+        torch.testing.assert_close(qat_bn.running_mean, ref_bn.running_mean)
+        torch.testing.assert_close(qat_bn.running_var, ref_bn.running_var)
+    qm.eval()
+    reference.eval()
+    for batch in batches:  # eval: BN folded with running statistics
+        torch.testing.assert_close(qm(batch), reference(batch), rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_without_quantization_match_the_float_model():
+    torch.manual_seed(3)
+    float_model = randomize_batchnorm(ConvBnReLU(), 3)
+    x = torch.randn(4, 3, 16, 16)
+    qm = qf.prepare_qat(float_model, x)
+    set_quant_mode(qm, observe=False, quantize=False)
+    reference = copy.deepcopy(float_model).train()
+    qm(x).sum().backward()
+    reference(x).sum().backward()
+    qat_conv1 = _qat_layers(qm)[0]
+    torch.testing.assert_close(qat_conv1.layer.weight.grad, reference.conv1.weight.grad,
+                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(qat_conv1.bn.weight.grad, reference.bn1.weight.grad,
+                               rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- eval == convert
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnet18, torchvision.models.mobilenet_v2])
+def test_eval_and_converted_agree_bit_for_bit_after_training(builder):
+    torch.manual_seed(0)
+    model = builder(num_classes=10)
+    batches = _batches(4, shape=(2, 3, 32, 32))
+    config = qf.QuantConfig(qat_schedule=qf.QATSchedule(freeze_bn_step=2))
+    qm = qf.prepare_qat(model, batches[0], config)
+    _train(qm, torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9), batches[:3])
+    qm.eval()
+    converted = qf.convert(qm)
+    for batch in batches:
+        with torch.no_grad():
+            assert torch.equal(qm(batch), converted(batch))
+
+
+def test_eval_does_not_update_ranges_or_batchnorm():
+    torch.manual_seed(0)
+    qm = qf.prepare_qat(randomize_batchnorm(ConvBnReLU()), _batches(1)[0])
+    _train(qm, _sgd(qm), _batches(2))
+    qm.eval()
+    before = copy.deepcopy(qm.state_dict())
+    with torch.no_grad():
+        qm(10 * torch.randn(4, 3, 16, 16))
+    for key, value in qm.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_bias_of_eval_forward_lies_on_the_int32_grid_of_convert():
+    torch.manual_seed(0)
+    qm = qf.prepare_qat(randomize_batchnorm(ConvBnReLU()), _batches(1)[0])
+    _train(qm, _sgd(qm), _batches(2))
+    converted = qf.convert(qm.eval())
+    from quantfx.convert import QuantizedLayer
+
+    layers = [m for m in converted.modules() if isinstance(m, QuantizedLayer)]
+    assert layers and all(layer.bias_int is not None for layer in layers)
+    x = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(qm(x), converted(x))
+
+
+# ---------------------------------------------------------------------------- schedule & state
+
+
+def test_schedule_freezes_batchnorm_then_ranges_by_step():
+    torch.manual_seed(0)
+    schedule = qf.QATSchedule(freeze_bn_step=2, freeze_ranges_step=3)
+    qm = qf.prepare_qat(randomize_batchnorm(ConvBnReLU()), _batches(1)[0],
+                        qf.QuantConfig(qat_schedule=schedule))
+    optimizer = _sgd(qm)
+    bn = _qat_layers(qm)[0].bn
+    _train(qm, optimizer, _batches(2))
+    assert not bool(qm.qat_controller.bn_frozen)
+    running_mean = bn.running_mean.clone()
+    _train(qm, optimizer, _batches(1, seed=1))  # step 3: BN frozen, ranges still move
+    assert bool(qm.qat_controller.bn_frozen) and not bool(qm.qat_controller.ranges_frozen)
+    assert torch.equal(bn.running_mean, running_mean)
+    _train(qm, optimizer, _batches(1, seed=2))  # step 4: ranges frozen
+    ranges = {name: q.observer.max_val.clone() for name, q in _activation_quantizers(qm).items()}
+    _train(qm, optimizer, [10 * b for b in _batches(2, seed=3)])
+    assert int(qm.qat_controller.step) == 6
+    for name, quantizer in _activation_quantizers(qm).items():
+        assert torch.equal(quantizer.observer.max_val, ranges[name]), name
+
+
+def test_schedule_by_epoch():
+    schedule = qf.QATSchedule(freeze_bn_epoch=1, freeze_ranges_epoch=2)
+    qm = qf.prepare_qat(ConvBnReLU(), _batches(1)[0], qf.QuantConfig(qat_schedule=schedule))
+    _train(qm, _sgd(qm), _batches(1))
+    qf.end_qat_epoch(qm)
+    assert not bool(qm.qat_controller.bn_frozen)
+    qf.end_qat_epoch(qm)
+    assert bool(qm.qat_controller.bn_frozen) and not bool(qm.qat_controller.ranges_frozen)
+    qf.end_qat_epoch(qm)
+    assert bool(qm.qat_controller.ranges_frozen)
+    assert all(not bool(q.observer_enabled) for q in _activation_quantizers(qm).values())
+
+
+def test_state_dict_resume_is_identical_to_uninterrupted_training():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvBnReLU())
+    config = qf.QuantConfig(qat_schedule=qf.QATSchedule(freeze_bn_step=3, freeze_ranges_step=5))
+    batches = _batches(7)
+    example = batches[0]
+
+    straight = qf.prepare_qat(model, example, config)
+    straight_opt = _sgd(straight)
+    _train(straight, straight_opt, batches)
+
+    first = qf.prepare_qat(model, example, config)
+    first_opt = _sgd(first)
+    _train(first, first_opt, batches[:4])
+    saved_model = copy.deepcopy(first.state_dict())
+    saved_opt = copy.deepcopy(first_opt.state_dict())
+    resumed = qf.prepare_qat(model, example, config)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = _sgd(resumed)
+    resumed_opt.load_state_dict(saved_opt)
+    _train(resumed, resumed_opt, batches[4:])
+
+    final_straight, final_resumed = straight.state_dict(), resumed.state_dict()
+    assert final_straight.keys() == final_resumed.keys()
+    for key, value in final_straight.items():
+        assert torch.equal(value, final_resumed[key]), key
+    straight.eval()
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(straight(example), resumed(example))
+
+
+# ---------------------------------------------------------------------------- PTC → QAT
+
+
+def test_qat_from_a_calibrated_prepared_model_starts_at_calibrated_ranges():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    data = _batches(3)
+    prepared = qf.prepare(model, data[0])
+    qf.calibrate(prepared, data)
+    calibrated = {name: float(q.exponent) for name, q in prepared.named_modules()
+                  if isinstance(q, FakeQuantize) and name.startswith("quantizers.")}
+    qm = qf.prepare_qat(prepared, data[0])
+    assert qm.training
+    started = {name: float(q.exponent) for name, q in _activation_quantizers(qm).items()}
+    assert started == calibrated
+    with torch.no_grad():  # before any training, QAT eval == PTC convert
+        qm.eval()
+        assert torch.equal(qm(data[0]), qf.convert(prepared)(data[0]))
+    _train(qm, _sgd(qm), data)
+    qm.eval()
+    converted = qf.convert(qm)
+    with torch.no_grad():
+        assert torch.equal(qm(data[1]), converted(data[1]))
+    assert prepared.quantizers is not None  # the PTC model itself is left as it was
+    assert not any(isinstance(m, QATLayer) for m in prepared.modules())
+
+
+def test_freeze_ranges_right_after_ptc_keeps_calibrated_exponents():
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    data = _batches(2)
+    prepared = qf.prepare(model, data[0])
+    qf.calibrate(prepared, data)
+    qm = qf.prepare_qat(prepared, data[0])
+    freeze_ranges(qm)
+    before = {name: q.exponent.clone() for name, q in _activation_quantizers(qm).items()}
+    _train(qm, _sgd(qm), [5 * b for b in data])
+    for name, quantizer in _activation_quantizers(qm).items():
+        assert torch.equal(quantizer.exponent, before[name])
+
+
+# ---------------------------------------------------------------------------- weight clipping
+
+
+def test_extreme_weight_outliers_are_clipped_once():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        outlier = float(100 * linear.weight.std())
+        linear.weight[3, 7] = outlier
+    model = nn.Sequential(linear)
+    x = torch.randn(2, 64)
+    qm = qf.prepare_qat(model, x, qf.QuantConfig(qat_schedule=qf.QATSchedule(weight_clip_std=8)))
+    weight = _qat_layers(qm)[0].layer.weight
+    assert weight.abs().max() <= 8 * weight.std() * 1.01
+    assert float(linear.weight.detach()[3, 7]) == outlier  # the user's model is untouched
+    untouched = qf.prepare_qat(model, x, qf.QuantConfig(qat_schedule=qf.QATSchedule(
+        weight_clip_std=None)))
+    assert torch.equal(_qat_layers(untouched)[0].layer.weight, linear.weight)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_bad_schedule_values_raise_config_errors():
+    with pytest.raises(qf.ConfigError, match="freeze_bn_step"):
+        qf.QATSchedule(freeze_bn_step=-1)
+    with pytest.raises(qf.ConfigError, match="weight_clip_std"):
+        qf.QATSchedule(weight_clip_std=0.5)
+    with pytest.raises(qf.ConfigError, match="qat_schedule"):
+        qf.prepare_qat(ConvBnReLU(), _batches(1)[0], qf.QuantConfig(qat_schedule={"a": 1}))
+
+
+def test_prepare_qat_rejects_converted_and_qat_models():
+    model = ConvBnReLU()
+    x = _batches(1)[0]
+    qm = qf.prepare_qat(model, x)
+    with pytest.raises(qf.PrepareError, match="prepare_qat"):
+        qf.prepare_qat(qm, x)
+    with pytest.raises(qf.QuantFxError):
+        qf.end_qat_epoch(model)
+    qm(x)
+    with pytest.raises(qf.PrepareError, match="converted"):
+        qf.prepare_qat(qf.convert(qm.eval()), x)
