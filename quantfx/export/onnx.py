@@ -44,6 +44,9 @@ DEFAULT_LEGACY_OPSET = 11
 INT16_QDQ_OPSET = 21
 """int16/uint16 QuantizeLinear/DequantizeLinear are standard ONNX from opset 21."""
 MAX_OPSET = 21
+SIXTEEN_BIT_TOLERANCE_LSB = 32.0
+"""Allowed difference on 16-bit outputs (1/8 of an 8-bit step): float32 sums of int16 x int16
+products are not exact, so PyTorch and ONNX Runtime round them differently."""
 
 ONNX_INT_TYPES = {
     (8, True): TensorProto.INT8,
@@ -886,22 +889,25 @@ def _check_inferred_shapes(onnx_model: onnx.ModelProto, records: dict[fx.Node, A
 # Verification in ONNX Runtime
 
 
-def verification_session(path: str, threads: int = 1) -> Any:
+def verification_session(path: str, threads: int = 1, optimized: bool = False) -> Any:
     """An ONNX Runtime session that executes the file as written: no graph rewrites.
 
     With optimizations on, ORT fuses DQ->Conv->Q into integer kernels (QLinearConv); on CPUs
     without VNNI its u8s8 kernels may saturate int16 intermediate sums, which changes results.
     The float path that is left computes exactly what the ONNX operators define.
+    `optimized=True` gives the deployment session instead (all optimizations, integer kernels).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.use_deterministic_compute = True
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not optimized:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -939,40 +945,56 @@ def _split_to_export_batch(batch: tuple[Tensor, ...], shapes: list[tuple[int, ..
             for index in range(pieces)]
 
 
-def _output_scales(model: fx.GraphModule) -> list[float | None]:
-    """The scale of the quantizer each model output lies on (found through shape-only ops)."""
+def _output_quantizers(model: fx.GraphModule) -> list[Quantize | None]:
+    """The quantizer each model output lies on (found through shape-only ops), or None."""
     from quantfx.passes.place import first_input, is_shape_only
 
     output = next(node for node in model.graph.nodes if node.op == "output")
-    scales: list[float | None] = []
+    found: list[Quantize | None] = []
     for out in _flatten_outputs(output.args[0]):
-        source, scale = out, None
+        source, quantizer = out, None
         while isinstance(source, fx.Node):
             module = model.get_submodule(source.target) if source.op == "call_module" else None
             if isinstance(module, Quantize):
-                scale = module.scale
+                quantizer = module
                 break
             if not is_shape_only(model, source):
                 break
             source = first_input(source)
-        scales.append(scale)
-    return scales
+        found.append(quantizer)
+    return found
+
+
+def default_tolerance(quantizer: Quantize | None) -> float:
+    """Allowed output difference in LSBs: 1 for 8-bit outputs, `SIXTEEN_BIT_TOLERANCE_LSB` for
+    16-bit ones (int16 x int16 products pass 2**24, so float32 accumulation rounds in both
+    PyTorch and ONNX Runtime, each in its own summation order)."""
+    if quantizer is not None and quantizer.bits == 16:
+        return SIXTEEN_BIT_TOLERANCE_LSB
+    return 1.0
 
 
 def verify(model: fx.GraphModule, path: str, batches: list[tuple[Tensor, ...]],
-           reference: Callable[..., Any] | None = None, threads: int = 1) -> dict[str, Any]:
+           reference: Callable[..., Any] | None = None, threads: int = 1,
+           max_lsb_diff: float | None = None, optimized: bool = False) -> dict[str, Any]:
     """Run `path` in ONNX Runtime on `batches` and compare with `reference` (default: `model`).
 
     Returns the fraction of bit-identical output elements, the largest difference in LSBs of
-    each output's quantizer scale and, for 2-D outputs, the share of rows with the same argmax.
+    each output's quantizer scale, whether every output is within its tolerance (`max_lsb_diff`,
+    or `default_tolerance`) and, for 2-D outputs, the share of rows with the same argmax.
+    `optimized` runs ORT with all graph optimizations (its integer QDQ kernels) instead.
     """
-    session = verification_session(path, threads)
+    session = verification_session(path, threads, optimized)
     input_names = [value.name for value in session.get_inputs()]
-    scales = _output_scales(model)
+    quantizers = _output_quantizers(model)
+    scales = [q.scale if q is not None else None for q in quantizers]
+    allowed = [max_lsb_diff if max_lsb_diff is not None else default_tolerance(q)
+               for q in quantizers]
     reference = reference or model
     device = next(iter(model.parameters()), torch.empty(0)).device
     total = identical = 0
     max_lsb = 0.0
+    within = True
     rows = agreeing_rows = 0
     for batch in batches:
         with torch.no_grad():
@@ -980,12 +1002,14 @@ def verify(model: fx.GraphModule, path: str, batches: list[tuple[Tensor, ...]],
         feed = {name: t.detach().cpu().numpy().astype(np.float32)
                 for name, t in zip(input_names, batch)}
         actual = session.run(None, feed)
-        for want, got, scale in zip(expected, actual, scales):
+        for want, got, scale, limit in zip(expected, actual, scales, allowed):
             want = want.detach().cpu().numpy().astype(np.float32)
             total += want.size
             identical += int(np.count_nonzero(want == got))
             difference = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
-            max_lsb = max(max_lsb, difference / scale if scale else difference)
+            lsb = difference / scale if scale else difference
+            max_lsb = max(max_lsb, lsb)
+            within = within and lsb <= limit
             if want.ndim == 2:
                 rows += want.shape[0]
                 agreeing_rows += int(np.count_nonzero(want.argmax(1) == got.argmax(1)))
@@ -993,6 +1017,8 @@ def verify(model: fx.GraphModule, path: str, batches: list[tuple[Tensor, ...]],
         "elements_compared": total,
         "fraction_identical": identical / total if total else 1.0,
         "max_lsb_diff": max_lsb,
+        "within_tolerance": within,
+        "allowed_lsb_diff": allowed,
         "argmax_agreement": agreeing_rows / rows if rows else None,
         "output_scales": scales,
     }
@@ -1096,7 +1122,7 @@ def export_onnx(
     verify: bool = True,
     verify_data: Any = None,
     legacy: bool = False,
-    max_lsb_diff: float = 1.0,
+    max_lsb_diff: float | None = None,
     threads: int = 1,
 ) -> ExportReport:
     """Write converted `model` to `path` as QDQ ONNX (or, with `legacy=True`, float ONNX with
@@ -1104,8 +1130,9 @@ def export_onnx(
 
     The shapes are static, taken from `example_inputs`. With `verify` (the default) the file is
     run in ONNX Runtime on `example_inputs` (and `verify_data`) and compared with `model`; if an
-    output differs by more than `max_lsb_diff` LSBs nothing is written and `ExportError` is
-    raised. Writes are atomic: a failed export leaves no file behind.
+    output differs by more than `max_lsb_diff` LSBs (default: 1 for 8-bit outputs, 32 for
+    16-bit ones) nothing is written and `ExportError` is raised. Writes are atomic: a failed
+    export leaves no file behind.
     """
     inputs = _check_inputs(model, example_inputs)
     path = os.fspath(path)
@@ -1158,25 +1185,26 @@ def export_onnx(
 
 
 def _verify_file(model: fx.GraphModule, temporary_model: str, inputs: tuple[Tensor, ...],
-                 verify_data: Any, legacy: bool, max_lsb_diff: float, threads: int,
+                 verify_data: Any, legacy: bool, max_lsb_diff: float | None, threads: int,
                  report: ExportReport) -> None:
     shapes = [tuple(t.shape) for t in inputs]
     batches = [inputs]
     for batch in _batches(verify_data, len(inputs)):
         batches.extend(_split_to_export_batch(batch, shapes))
     reference = _clip_simulation(model) if legacy else model
-    figures = verify(model, temporary_model, batches, reference, threads)
+    figures = verify(model, temporary_model, batches, reference, threads, max_lsb_diff)
     report.verified = True
     report.elements_compared = figures["elements_compared"]
     report.fraction_identical = figures["fraction_identical"]
     report.max_lsb_diff = figures["max_lsb_diff"]
     report.argmax_agreement = figures["argmax_agreement"]
     report.output_scales = figures["output_scales"]
-    if report.max_lsb_diff > max_lsb_diff:
+    if not figures["within_tolerance"]:
+        allowed = ", ".join(f"{limit:g}" for limit in figures["allowed_lsb_diff"])
         against = "its clip simulation" if legacy else "the converted model"
         raise ExportError(
             f"ONNX Runtime's outputs differ from {against} by up to {report.max_lsb_diff:g} "
-            f"LSB (allowed: {max_lsb_diff:g}); {100 * report.fraction_identical:.3f}% of "
+            f"LSB (allowed: {allowed}); {100 * report.fraction_identical:.3f}% of "
             f"{report.elements_compared} elements are identical. No file was written. Please "
             "report this model to the quantfx developers."
         )

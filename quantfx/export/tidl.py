@@ -57,9 +57,10 @@ def compile_options(bit_widths: BitWidths, legacy: bool) -> dict[str, Any]:
         options["advanced_options:prequantized_model"] = 1
     features = bit_widths.sixteen_bit_features()
     params = bit_widths.sixteen_bit_params()
-    if features and options["tensor_bits"] != 16:
+    # Listed even when tensor_bits is 16 already: the lists then document every 16-bit layer.
+    if features:
         options["advanced_options:output_feature_16bit_names_list"] = ",".join(features)
-    if params and options["tensor_bits"] != 16:
+    if params:
         options["advanced_options:params_16bit_names_list"] = ",".join(params)
     return options
 
