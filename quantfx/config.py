@@ -81,7 +81,9 @@ class QuantConfig:
             )
         self.leaf_modules = tuple(self.leaf_modules)
         for leaf in self.leaf_modules:
-            if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
+            if not (
+                isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))
+            ):
                 raise ConfigError(
                     f"QuantConfig.leaf_modules holds {leaf!r}: give nn.Module subclasses or "
                     "qualified module names such as 'backbone.head'."

@@ -58,15 +58,19 @@ class QuantizedLayer(nn.Module):
     input exponent + weight exponent) and `input_exponent`.
     """
 
-    def __init__(self, layer: nn.Module, weight_quantizer: FakeQuantize, input_exponent: Tensor) -> None:
+    def __init__(
+        self, layer: nn.Module, weight_quantizer: FakeQuantize, input_exponent: Tensor
+    ) -> None:
         super().__init__()
         self.weight_bits = weight_quantizer.bits
         self.axis = weight_quantizer.axis
         weight = layer.weight.detach()
-        weight_exponent = _fit_bias(weight_quantizer.exponent.detach().clone(),
-                                    input_exponent.detach(), layer.bias)
-        weight_int = quantize(weight, weight_exponent, weight_quantizer.qmin,
-                              weight_quantizer.qmax, self.axis)
+        weight_exponent = _fit_bias(
+            weight_quantizer.exponent.detach().clone(), input_exponent.detach(), layer.bias
+        )
+        weight_int = quantize(
+            weight, weight_exponent, weight_quantizer.qmin, weight_quantizer.qmax, self.axis
+        )
         bias_exponent = input_exponent.detach() + weight_exponent
         self.register_buffer("input_exponent", input_exponent.detach().clone())
         self.register_buffer("weight_exponent", weight_exponent)
@@ -74,11 +78,17 @@ class QuantizedLayer(nn.Module):
         int_type = torch.int8 if self.weight_bits == 8 else torch.int16
         self.register_buffer("weight_int", weight_int.to(int_type))
         self.layer = copy.deepcopy(layer)
-        self.layer.weight = nn.Parameter(self._dequantize(weight_int, weight_exponent),
-                                         requires_grad=False)
+        self.layer.weight = nn.Parameter(
+            self._dequantize(weight_int, weight_exponent), requires_grad=False
+        )
         if layer.bias is not None:
-            bias_int = quantize(layer.bias.detach(), bias_exponent, INT32_MIN, INT32_MAX,
-                                0 if bias_exponent.dim() else None)
+            bias_int = quantize(
+                layer.bias.detach(),
+                bias_exponent,
+                INT32_MIN,
+                INT32_MAX,
+                0 if bias_exponent.dim() else None,
+            )
             self.register_buffer("bias_int", bias_int.to(torch.int32))
             bias = bias_int.to(torch.float32) * scale_of(bias_exponent)
             self.layer.bias = nn.Parameter(bias, requires_grad=False)
@@ -153,14 +163,20 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
     if state is None or state.stage != "prepared":
         raise ConvertError(
             "convert needs a model returned by quantfx.prepare or quantfx.prepare_qat"
-            + (" (this one is already converted)." if state is not None else
-               f", got {type(model).__name__}.")
+            + (
+                " (this one is already converted)."
+                if state is not None
+                else f", got {type(model).__name__}."
+            )
         )
     working = copy.deepcopy(model).eval()
     graph = working.graph
-    missing = [node.target for node in graph.nodes
-               if isinstance(module_of(working, node), FakeQuantize)
-               and not module_of(working, node).observed]
+    missing = [
+        node.target
+        for node in graph.nodes
+        if isinstance(module_of(working, node), FakeQuantize)
+        and not module_of(working, node).observed
+    ]
     if missing:
         raise ConvertError(
             f"{len(missing)} quantizer(s) never saw data (first: '{missing[0]}'), so their "
@@ -171,8 +187,9 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
         quantizer = module_of(working, node)
         if isinstance(quantizer, FakeQuantize):
             exponent = quantizer.observer.exponent(quantizer.qmax)
-            set_submodule(working, node.target, Quantize(float(exponent), quantizer.bits,
-                                                         quantizer.signed))
+            set_submodule(
+                working, node.target, Quantize(float(exponent), quantizer.bits, quantizer.signed)
+            )
     from quantfx.qat import lower_qat_layers  # here: quantfx.qat imports this module
 
     lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below
@@ -180,12 +197,18 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
         layer = module_of(working, node)
         if isinstance(layer, QuantLayer):
             weight_quantizer = layer.weight_quantizer
-            weight_quantizer.exponent.copy_(weight_quantizer.observer.exponent(weight_quantizer.qmax))
+            weight_quantizer.exponent.copy_(
+                weight_quantizer.observer.exponent(weight_quantizer.qmax)
+            )
             input_exponent = _input_quantizer(working, node).exponent
-            set_submodule(working, node.target,
-                          QuantizedLayer(layer.layer, weight_quantizer, input_exponent))
+            set_submodule(
+                working, node.target, QuantizedLayer(layer.layer, weight_quantizer, input_exponent)
+            )
     working.delete_all_unused_submodules()
     converted = QuantizedGraphModule(working, graph, type(model).__name__)
-    setattr(converted, STATE_ATTRIBUTE, QuantState(state.config, state.backend, "converted",
-                                                   list(state.input_shapes)))
+    setattr(
+        converted,
+        STATE_ATTRIBUTE,
+        QuantState(state.config, state.backend, "converted", list(state.input_shapes)),
+    )
     return converted.eval()

@@ -38,13 +38,16 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """Normalize `example_inputs` to a tuple of tensors, or raise a `PrepareError`."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-        isinstance(item, torch.Tensor) for item in example_inputs
+    if (
+        isinstance(example_inputs, (tuple, list))
+        and example_inputs
+        and all(isinstance(item, torch.Tensor) for item in example_inputs)
     ):
         return tuple(example_inputs)
     raise PrepareError(
         f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-        f"{type(example_inputs).__name__}. Example: qf.prepare(model, (torch.randn(1, 3, 224, 224),))"
+        f"{type(example_inputs).__name__}. "
+        "Example: qf.prepare(model, (torch.randn(1, 3, 224, 224),))"
     )
 
 
@@ -75,7 +78,9 @@ def build_graph(
         )
     inputs = as_input_tuple(example_inputs)
     if any(not tensor.is_floating_point() for tensor in inputs):
-        raise PrepareError("example_inputs must be floating-point tensors (the float model's inputs).")
+        raise PrepareError(
+            "example_inputs must be floating-point tensors (the float model's inputs)."
+        )
     working = copy.deepcopy(model)
     working.train(training)
     graph_module = trace(working, config)
@@ -94,8 +99,9 @@ def attach_state(graph_module: fx.GraphModule, state: QuantState) -> None:
 
 def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
     """Every `FakeQuantize` in `model` (activations and weights), with its qualified name."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, FakeQuantize)]
+    return [
+        (name, module) for name, module in model.named_modules() if isinstance(module, FakeQuantize)
+    ]
 
 
 def set_quant_mode(model: nn.Module, observe: bool, quantize: bool) -> None:

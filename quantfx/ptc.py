@@ -76,7 +76,8 @@ def batch_inputs(batch: Any, count: int, index: int) -> tuple[torch.Tensor, ...]
     for position, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             raise CalibrationError(
-                f"calibration batch {index}, item {position} is a {type(item).__name__}, not a tensor."
+                f"calibration batch {index}, item {position} is a {type(item).__name__}, "
+                "not a tensor."
             )
         if item.is_floating_point() and not torch.isfinite(item).all():
             raise CalibrationError(
@@ -95,7 +96,9 @@ def iterate_batches(
     if isinstance(data, torch.Tensor):
         data = [data]
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise CalibrationError(f"num_batches must be a positive integer or None, got {num_batches!r}.")
+        raise CalibrationError(
+            f"num_batches must be a positive integer or None, got {num_batches!r}."
+        )
     try:
         total = len(data) if num_batches is None else min(num_batches, len(data))
     except TypeError:
@@ -110,7 +113,9 @@ def iterate_batches(
     device = next(iter(model.parameters()), torch.empty(0)).device
     progress = state.config.progress if state else True
     seen = 0
-    with tqdm(total=total, desc=description, unit="batch", disable=None if progress else True, leave=False) as bar:
+    with tqdm(
+        total=total, desc=description, unit="batch", disable=None if progress else True, leave=False
+    ) as bar:
         for index, batch in enumerate(iterator):
             if num_batches is not None and index >= num_batches:
                 break
@@ -123,7 +128,9 @@ def iterate_batches(
         )
 
 
-def calibrate(model: fx.GraphModule, data: Iterable, num_batches: int | None = None) -> fx.GraphModule:
+def calibrate(
+    model: fx.GraphModule, data: Iterable, num_batches: int | None = None
+) -> fx.GraphModule:
     """Run `data` through a prepared model to estimate every quantizer's range.
 
     `data` is an iterable of batches: tensors, or tuples whose first items are the model's

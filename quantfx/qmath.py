@@ -8,6 +8,8 @@ simulation and ONNX Runtime agree bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,9 +63,7 @@ def fake_quantize(
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
-def quantize(
-    x: Tensor, exponent: Tensor, qmin: int, qmax: int, axis: int | None = None
-) -> Tensor:
+def quantize(x: Tensor, exponent: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """Integer codes of `x` as an int64 tensor (no gradient): the values the engine stores."""
     scale = scale_of(exponent).to(x.device)
     if axis is not None:
@@ -93,4 +93,4 @@ def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
         return float("inf")
     if signal_power == 0.0:
         return float("-inf")
-    return 10.0 * torch.log10(torch.tensor(signal_power / noise_power)).item()
+    return 10.0 * math.log10(signal_power / noise_power)

@@ -81,9 +81,15 @@ def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         module_name, module_type = (
             tracer.scope_stack[-1] if tracer.scope_stack else ("", type(model).__name__)
         )
-        where = f"module '{module_name}' ({module_type})" if module_name else f"the model ({module_type})"
+        where = (
+            f"module '{module_name}' ({module_type})"
+            if module_name
+            else f"the model ({module_type})"
+        )
         frame = _user_frame(error)
-        line = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+        line = (
+            f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+        )
         raise TraceError(
             f"torch.fx cannot trace {where}{line}\n"
             f"  {type(error).__name__}: {error}\n"

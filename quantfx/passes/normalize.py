@@ -41,57 +41,103 @@ def _get(arguments: dict[str, Any], name: str, default: Any) -> Any:
 
 
 REWRITES: tuple[Rewrite, ...] = (
-    Rewrite((F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"), ("inplace",),
-            lambda a: nn.ReLU()),
+    Rewrite(
+        (F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"),
+        ("inplace",),
+        lambda a: nn.ReLU(),
+    ),
     Rewrite((F.relu6,), ("inplace",), lambda a: nn.ReLU6()),
-    Rewrite((F.hardtanh, F.hardtanh_), ("min_val", "max_val", "inplace"),
-            lambda a: nn.Hardtanh(_get(a, "min_val", -1.0), _get(a, "max_val", 1.0))),
+    Rewrite(
+        (F.hardtanh, F.hardtanh_),
+        ("min_val", "max_val", "inplace"),
+        lambda a: nn.Hardtanh(_get(a, "min_val", -1.0), _get(a, "max_val", 1.0)),
+    ),
     Rewrite((F.hardswish, "hardswish"), ("inplace",), lambda a: nn.Hardswish()),
     Rewrite((F.hardsigmoid, "hardsigmoid"), ("inplace",), lambda a: nn.Hardsigmoid()),
     Rewrite((torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"), (), lambda a: nn.Sigmoid()),
     Rewrite((torch.tanh, F.tanh, "tanh", "tanh_"), (), lambda a: nn.Tanh()),
     Rewrite((F.silu, "silu"), ("inplace",), lambda a: nn.SiLU()),
     Rewrite((F.gelu,), ("approximate",), lambda a: nn.GELU(_get(a, "approximate", "none"))),
-    Rewrite((F.leaky_relu, F.leaky_relu_), ("negative_slope", "inplace"),
-            lambda a: nn.LeakyReLU(_get(a, "negative_slope", 0.01))),
+    Rewrite(
+        (F.leaky_relu, F.leaky_relu_),
+        ("negative_slope", "inplace"),
+        lambda a: nn.LeakyReLU(_get(a, "negative_slope", 0.01)),
+    ),
     Rewrite((F.softmax, torch.softmax, "softmax"), ("dim",), lambda a: nn.Softmax(a.get("dim"))),
-    Rewrite((operator.add, operator.iadd, torch.add, "add", "add_"), (), lambda a: qm.Add(),
-            BINARY),
-    Rewrite((operator.sub, operator.isub, torch.sub, "sub", "sub_"), (), lambda a: qm.Sub(),
-            BINARY),
-    Rewrite((operator.mul, operator.imul, torch.mul, "mul", "mul_"), (), lambda a: qm.Mul(),
-            BINARY),
-    Rewrite((torch.cat, torch.concat, torch.concatenate), ("dim",),
-            lambda a: qm.Cat(_get(a, "dim", _get(a, "axis", 0))), VARIADIC),
+    Rewrite(
+        (operator.add, operator.iadd, torch.add, "add", "add_"), (), lambda a: qm.Add(), BINARY
+    ),
+    Rewrite(
+        (operator.sub, operator.isub, torch.sub, "sub", "sub_"), (), lambda a: qm.Sub(), BINARY
+    ),
+    Rewrite(
+        (operator.mul, operator.imul, torch.mul, "mul", "mul_"), (), lambda a: qm.Mul(), BINARY
+    ),
+    Rewrite(
+        (torch.cat, torch.concat, torch.concatenate),
+        ("dim",),
+        lambda a: qm.Cat(_get(a, "dim", _get(a, "axis", 0))),
+        VARIADIC,
+    ),
     Rewrite((torch.stack,), ("dim",), lambda a: qm.Stack(_get(a, "dim", 0)), VARIADIC),
-    Rewrite((torch.flatten, "flatten"), ("start_dim", "end_dim"),
-            lambda a: nn.Flatten(_get(a, "start_dim", 0), _get(a, "end_dim", -1))),
-    Rewrite((F.adaptive_avg_pool1d,), ("output_size",),
-            lambda a: nn.AdaptiveAvgPool1d(a["output_size"])),
-    Rewrite((F.adaptive_avg_pool2d,), ("output_size",),
-            lambda a: nn.AdaptiveAvgPool2d(a["output_size"])),
-    Rewrite((F.adaptive_max_pool2d,), ("output_size", "return_indices"),
-            lambda a: nn.AdaptiveMaxPool2d(a["output_size"])),
-    Rewrite((F.avg_pool2d,),
-            ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-             "divisor_override"),
-            lambda a: nn.AvgPool2d(a["kernel_size"], a.get("stride"), _get(a, "padding", 0),
-                                   _get(a, "ceil_mode", False),
-                                   _get(a, "count_include_pad", True),
-                                   a.get("divisor_override"))),
-    Rewrite((F.max_pool2d,),
-            ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-            lambda a: nn.MaxPool2d(a["kernel_size"], a.get("stride"), _get(a, "padding", 0),
-                                   _get(a, "dilation", 1), False, _get(a, "ceil_mode", False))),
-    Rewrite((torch.mean, "mean"), ("dim", "keepdim"),
-            lambda a: qm.Mean(a.get("dim"), _get(a, "keepdim", False))),
-    Rewrite((F.interpolate,),
-            ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
-             "antialias"),
-            lambda a: qm.Interpolate(None, a.get("scale_factor"), _get(a, "mode", "nearest"),
-                                     a.get("align_corners"), a.get("recompute_scale_factor"),
-                                     _get(a, "antialias", False)),
-            runtime_params=("size",)),
+    Rewrite(
+        (torch.flatten, "flatten"),
+        ("start_dim", "end_dim"),
+        lambda a: nn.Flatten(_get(a, "start_dim", 0), _get(a, "end_dim", -1)),
+    ),
+    Rewrite(
+        (F.adaptive_avg_pool1d,), ("output_size",), lambda a: nn.AdaptiveAvgPool1d(a["output_size"])
+    ),
+    Rewrite(
+        (F.adaptive_avg_pool2d,), ("output_size",), lambda a: nn.AdaptiveAvgPool2d(a["output_size"])
+    ),
+    Rewrite(
+        (F.adaptive_max_pool2d,),
+        ("output_size", "return_indices"),
+        lambda a: nn.AdaptiveMaxPool2d(a["output_size"]),
+    ),
+    Rewrite(
+        (F.avg_pool2d,),
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+        lambda a: nn.AvgPool2d(
+            a["kernel_size"],
+            a.get("stride"),
+            _get(a, "padding", 0),
+            _get(a, "ceil_mode", False),
+            _get(a, "count_include_pad", True),
+            a.get("divisor_override"),
+        ),
+    ),
+    Rewrite(
+        (F.max_pool2d,),
+        ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+        lambda a: nn.MaxPool2d(
+            a["kernel_size"],
+            a.get("stride"),
+            _get(a, "padding", 0),
+            _get(a, "dilation", 1),
+            False,
+            _get(a, "ceil_mode", False),
+        ),
+    ),
+    Rewrite(
+        (torch.mean, "mean"),
+        ("dim", "keepdim"),
+        lambda a: qm.Mean(a.get("dim"), _get(a, "keepdim", False)),
+    ),
+    Rewrite(
+        (F.interpolate,),
+        ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
+        lambda a: qm.Interpolate(
+            None,
+            a.get("scale_factor"),
+            _get(a, "mode", "nearest"),
+            a.get("align_corners"),
+            a.get("recompute_scale_factor"),
+            _get(a, "antialias", False),
+        ),
+        runtime_params=("size",),
+    ),
 )
 
 _BY_TARGET: dict[Any, Rewrite] = {}
@@ -100,8 +146,12 @@ for _rewrite in REWRITES:
         _BY_TARGET[_target] = _rewrite
 
 # Arguments that must keep their default for the rewrite to be exact.
-_MUST_BE_DEFAULT = {"return_indices": (None, False), "alpha": (None, 1), "out": (None,),
-                    "dtype": (None,)}
+_MUST_BE_DEFAULT = {
+    "return_indices": (None, False),
+    "alpha": (None, 1),
+    "out": (None,),
+    "dtype": (None,),
+}
 _TENSOR_KEYWORDS = ("input", "self", "tensors", "other")
 
 

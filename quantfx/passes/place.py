@@ -29,26 +29,82 @@ QUANTIZER_PREFIX = "quantizers"
 FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 """Clipping activations an engine executes inside the preceding layer."""
 FUSE_PRODUCERS = qm.WEIGHT_LAYERS + (
-    qm.QuantLayer, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, qm.Add
+    qm.QuantLayer,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    qm.Add,
 )
 """Ops whose output is not quantized when their only user is a fusable activation."""
 
 SHAPE_ONLY_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.modules.dropout._DropoutNd, nn.Identity, nn.PixelShuffle,
-    nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
 )
 SHAPE_ONLY_FUNCTIONS: set[Callable] = {
-    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.flip, torch.roll, torch.t,
-    torch.unbind, torch.movedim, torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.pixel_shuffle, F.pixel_unshuffle, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    operator.getitem,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    torch.narrow,
+    torch.flip,
+    torch.roll,
+    torch.t,
+    torch.unbind,
+    torch.movedim,
+    torch.clone,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
     torch.channel_shuffle,
 }
 SHAPE_ONLY_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "expand", "expand_as", "chunk", "split", "unbind", "narrow", "repeat", "t", "flip", "roll",
-    "clone", "detach", "view_as", "reshape_as", "movedim", "unflatten", "__getitem__",
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "chunk",
+    "split",
+    "unbind",
+    "narrow",
+    "repeat",
+    "t",
+    "flip",
+    "roll",
+    "clone",
+    "detach",
+    "view_as",
+    "reshape_as",
+    "movedim",
+    "unflatten",
+    "__getitem__",
 }
 try:  # torchvision's stochastic depth is identity in eval and a leaf module by default
     from torchvision.ops import StochasticDepth
@@ -60,8 +116,18 @@ except ImportError:  # pragma: no cover
 NONNEGATIVE_OUTPUT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
 """Modules whose output is non-negative whatever their input."""
 ORDER_PRESERVING_MODULES = (
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, qm.Mean, qm.Cat, qm.Stack, qm.Add, qm.Mul, FakeQuantize,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    qm.Mean,
+    qm.Cat,
+    qm.Stack,
+    qm.Add,
+    qm.Mul,
+    FakeQuantize,
 )
 """Modules whose output is non-negative when all their tensor inputs are."""
 
@@ -93,8 +159,9 @@ def _carries_tensors(node: fx.Node) -> bool:
     return is_float_tensor(node) or isinstance(meta, (tuple, list))
 
 
-def _is_nonnegative(graph_module: fx.GraphModule, node: fx.Node, nonneg: set[fx.Node],
-                    config: QuantConfig) -> bool:
+def _is_nonnegative(
+    graph_module: fx.GraphModule, node: fx.Node, nonneg: set[fx.Node], config: QuantConfig
+) -> bool:
     """Whether `node`'s output is provably >= 0, from op semantics (never from data)."""
     if node.op == "placeholder":
         return config.nonnegative_inputs
@@ -109,8 +176,10 @@ def _is_nonnegative(graph_module: fx.GraphModule, node: fx.Node, nonneg: set[fx.
         numbers = [arg for arg in node.args if isinstance(arg, (int, float))]
         if any(number < 0 for number in numbers):
             return False
-    elif not (isinstance(module, ORDER_PRESERVING_MODULES + (qm.Interpolate,))
-              or is_shape_only(graph_module, node)):
+    elif not (
+        isinstance(module, ORDER_PRESERVING_MODULES + (qm.Interpolate,))
+        or is_shape_only(graph_module, node)
+    ):
         return False
     inputs: list[fx.Node] = []
     fx.node.map_arg(node.args, inputs.append)
@@ -165,11 +234,16 @@ def wrap_weight_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int
             float_params.append(f"{node.target} ({type(module).__name__})")
     if float_params:
         warnings.warn(
-            "quantfx quantizes only the outputs (not the weights) of: " + ", ".join(float_params)
+            "quantfx quantizes only the outputs (not the weights) of: "
+            + ", ".join(float_params)
             + ". Their weights stay float; TIDL may run them in float or reject them.",
             stacklevel=3,
         )
     return count
+
+
+def _not(excluded: fx.Node) -> Callable[[fx.Node], bool]:
+    return lambda user: user is not excluded
 
 
 def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
@@ -193,7 +267,7 @@ def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.Gr
         with graph.inserting_after(node):
             quant_node = graph.call_module(name, args=(node,))
         quant_node.meta = dict(node.meta)
-        node.replace_all_uses_with(quant_node, delete_user_cb=lambda user: user is not quant_node)
+        node.replace_all_uses_with(quant_node, delete_user_cb=_not(quant_node))
         on_grid.add(quant_node)
         if node in nonneg:
             nonneg.add(quant_node)

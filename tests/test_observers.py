@@ -1,0 +1,95 @@
+"""Range estimators: bookkeeping, exact histogram widening, exponent search."""
+
+import torch
+
+from quantfx.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+)
+from quantfx.qmath import exponent_for_max, fake_quantize
+
+
+def test_minmax_tracks_extremes_over_batches():
+    observer = MinMaxObserver()
+    observer(torch.tensor([-1.0, 2.0]))
+    observer(torch.tensor([-3.0, 0.5]))
+    assert observer.min_val.item() == -3.0 and observer.max_val.item() == 2.0
+    assert observer.exponent(127).item() == exponent_for_max(torch.tensor(3.0), 127).item()
+
+
+def test_per_channel_minmax():
+    observer = MinMaxObserver(axis=0, channels=2)
+    observer(torch.tensor([[1.0, -2.0], [10.0, 20.0]]))
+    assert observer.max_abs().tolist() == [2.0, 20.0]
+
+
+def test_moving_average_damps_a_single_outlier_batch():
+    observer = MovingAverageMinMaxObserver(momentum=0.1)
+    for _ in range(10):
+        observer(torch.tensor([-1.0, 1.0]))
+    observer(torch.tensor([-100.0, 100.0]))
+    assert 10.0 < observer.max_val.item() < 12.0
+
+
+def test_histogram_does_not_depend_on_batching():
+    torch.manual_seed(0)
+    data = torch.randn(4096) * torch.linspace(0.01, 30.0, 4096)
+    whole = HistogramObserver(bins=256)
+    whole(data)
+    pieces = HistogramObserver(bins=256)
+    for chunk in data.sort().values.abs().chunk(16):  # growing ranges force repeated widening
+        pieces(chunk)
+    assert torch.equal(whole.histogram, pieces.histogram)
+    assert int(whole.range_exponent) == int(pieces.range_exponent)
+    assert whole.exponent(127).item() == pieces.exponent(127).item()
+
+
+def _real_mse(data, exponent, qmax=127):
+    return (fake_quantize(data, exponent, -128, qmax) - data).pow(2).mean().item()
+
+
+def test_mse_search_never_worse_than_round_up():
+    torch.manual_seed(0)
+    data = torch.cat([torch.randn(20000), torch.tensor([40.0, -35.0])])  # rare outliers
+    observer = HistogramObserver(bins=2048, search="mse")
+    observer(data)
+    no_clip = exponent_for_max(data.abs().max(), 127)
+    chosen = observer.exponent(127)
+    assert chosen.item() < no_clip.item()  # the outliers are worth clipping here
+    assert _real_mse(data, chosen) <= _real_mse(data, no_clip)
+
+
+def test_mse_search_keeps_round_up_without_outliers():
+    data = torch.linspace(-1.5, 1.5, 10001)  # uses 3/4 of the never-clipping range
+    observer = HistogramObserver(search="mse")
+    observer(data)
+    assert observer.exponent(127).item() == exponent_for_max(torch.tensor(1.5), 127).item()
+
+
+def test_mse_search_halves_the_step_when_the_range_barely_overflows():
+    # max 1.0 needs scale 2**-6 (127/64 covers it); 2**-7 clips only the top 0.8 %: better.
+    data = torch.linspace(-1.0, 1.0, 10001)
+    observer = HistogramObserver(search="mse")
+    observer(data)
+    chosen = observer.exponent(127)
+    assert chosen.item() == -7.0
+    assert _real_mse(data, chosen) < _real_mse(data, torch.tensor(-6.0))
+
+
+def test_percentile_search_clips_the_tail():
+    data = torch.cat([torch.rand(100000), torch.tensor([1000.0])])
+    observer = HistogramObserver(search="percentile", percentile=99.9)
+    observer(data)
+    assert observer.exponent(255).item() == exponent_for_max(torch.tensor(1.0), 255).item()
+    none = HistogramObserver(search="none")
+    none(data)
+    assert none.exponent(255).item() == exponent_for_max(torch.tensor(1000.0), 255).item()
+
+
+def test_state_dict_round_trip():
+    observer = HistogramObserver()
+    observer(torch.randn(1000) * 5)
+    restored = HistogramObserver()
+    restored.load_state_dict(observer.state_dict())
+    assert restored.exponent(127).item() == observer.exponent(127).item()

@@ -1,0 +1,192 @@
+"""Graph passes: functionals → modules, un-sharing, BatchNorm folding, quantizer placement."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantfx as qf
+from quantfx import modules as qm
+from quantfx.config import QuantConfig
+from quantfx.fake_quant import FakeQuantize
+from quantfx.frontend import build_graph
+from quantfx.passes.fuse import fold_batchnorm
+from tests.helpers import ConvBnReLU, quantize_model, quantizer_modules, randomize_batchnorm
+
+
+class Apply(nn.Module):
+    """conv, then `function` on the conv output."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.function = function
+
+    def forward(self, x):
+        return self.function(self.conv(x))
+
+
+UNARY_CASES = [
+    (F.relu, nn.ReLU),
+    (torch.relu, nn.ReLU),
+    (lambda x: x.relu(), nn.ReLU),
+    (lambda x: F.relu(x, inplace=True), nn.ReLU),
+    (lambda x: x.relu_(), nn.ReLU),
+    (F.relu6, nn.ReLU6),
+    (lambda x: F.hardtanh(x, 0.0, 4.0), nn.Hardtanh),
+    (F.hardswish, nn.Hardswish),
+    (F.hardsigmoid, nn.Hardsigmoid),
+    (torch.sigmoid, nn.Sigmoid),
+    (lambda x: x.sigmoid(), nn.Sigmoid),
+    (F.silu, nn.SiLU),
+    (F.gelu, nn.GELU),
+    (lambda x: F.leaky_relu(x, 0.2), nn.LeakyReLU),
+    (lambda x: x + x, qm.Add),
+    (lambda x: torch.add(x, x), qm.Add),
+    (lambda x: x.add(x), qm.Add),
+    (lambda x: x - x * 2, qm.Sub),
+    (lambda x: torch.mul(x, x), qm.Mul),
+    (lambda x: torch.cat([x, x], 1), qm.Cat),
+    (lambda x: torch.stack([x, x], 1), qm.Stack),
+    (lambda x: torch.flatten(x, 1), nn.Flatten),
+    (lambda x: x.flatten(1), nn.Flatten),
+    (lambda x: F.adaptive_avg_pool2d(x, 1), nn.AdaptiveAvgPool2d),
+    (lambda x: F.avg_pool2d(x, 2), nn.AvgPool2d),
+    (lambda x: F.max_pool2d(x, 2), nn.MaxPool2d),
+    (lambda x: x.mean([2, 3]), qm.Mean),
+    (lambda x: torch.mean(x, dim=(2, 3), keepdim=True), qm.Mean),
+    (lambda x: F.interpolate(x, scale_factor=2.0), qm.Interpolate),
+    (lambda x: F.interpolate(x, size=x.shape[-2:], mode="bilinear"), qm.Interpolate),
+]
+
+
+def _inplace_add(x):
+    y = x * 1.0
+    y += x
+    return y
+
+
+UNARY_CASES.append((_inplace_add, qm.Add))
+
+
+@pytest.mark.parametrize("function,module_type", UNARY_CASES)
+def test_functional_becomes_module_and_computes_the_same(function, module_type):
+    model = Apply(function).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph_module, _ = build_graph(model, (x,), QuantConfig(), training=False)
+    found = [type(m) for m in graph_module.modules()]
+    assert module_type in found
+    leftovers = [
+        node.target
+        for node in graph_module.graph.nodes
+        if node.op in ("call_function", "call_method")
+        and node.target not in (getattr, operator.getitem, "size")
+    ]
+    assert leftovers == []
+    with torch.no_grad():
+        assert torch.equal(graph_module(x), model(x))
+
+
+class ReusedReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.relu(y) + self.relu(100.0 * y)
+
+
+def test_reused_relu_gets_one_quantizer_per_call_site_with_its_own_exponent():
+    prepared, converted = quantize_model(ReusedReLU(), shape=(4, 3, 8, 8))
+    relu_quantizers = {
+        name: m for name, m in quantizer_modules(converted).items() if "relu" in name
+    }
+    assert len(relu_quantizers) == 2
+    exponents = sorted(int(m.exponent) for m in relu_quantizers.values())
+    assert exponents[1] - exponents[0] >= 6  # 100x apart is about 2**6.6
+    assert all(not m.signed for m in relu_quantizers.values())
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 3))
+
+
+def test_reused_parameterized_module_keeps_its_parameters_tied():
+    graph_module, _ = build_graph(SharedConv(), (torch.randn(1, 4, 6, 6),), QuantConfig(), True)
+    convs = [
+        graph_module.get_submodule(n.target)
+        for n in graph_module.graph.nodes
+        if n.op == "call_module" and isinstance(graph_module.get_submodule(n.target), nn.Conv2d)
+    ]
+    assert len(convs) == 2 and convs[0] is not convs[1]
+    assert convs[0].weight is convs[1].weight and convs[0].bias is convs[1].bias
+
+
+def test_batchnorm_folding_is_exact_in_float():
+    model = randomize_batchnorm(SharedConv()).eval()
+    x = torch.randn(2, 4, 6, 6)
+    graph_module, _ = build_graph(model, (x,), QuantConfig(), training=False)
+    fold_batchnorm(graph_module)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in graph_module.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 1)
+        self.conv_b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        a = F.relu(self.conv_a(x))
+        b = self.conv_b(x) * 50.0
+        added = torch.add(a, b)
+        joined = torch.cat([a, b], dim=1)
+        return added, torch.flatten(joined, 1)
+
+
+def test_functional_relu_add_and_cat_each_get_a_quantizer():
+    prepared, converted = quantize_model(Mixed(), shape=(4, 3, 5, 5))
+    names = set(quantizer_modules(prepared))
+    for expected in ("quantizers.relu", "quantizers.add", "quantizers.cat", "quantizers.x"):
+        assert expected in names
+    # flatten is shape-only: no quantizer of its own
+    assert not any("flatten" in name for name in names)
+    exponents = {name: int(m.exponent) for name, m in quantizer_modules(converted).items()}
+    assert exponents["quantizers.add"] > exponents["quantizers.relu"]
+    assert not quantizer_modules(converted)["quantizers.relu"].signed
+    assert quantizer_modules(converted)["quantizers.add"].signed
+
+
+def test_fused_activation_has_no_quantizer_between_layer_and_activation():
+    prepared = qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8))
+    quantized_inputs = [
+        n
+        for n in prepared.graph.nodes
+        if n.op == "call_module" and isinstance(prepared.get_submodule(n.target), FakeQuantize)
+    ]
+    sources = {n.args[0].target for n in quantized_inputs}
+    assert "conv1" not in sources and "relu" in sources  # conv1+bn1+relu is one layer
+    assert sources == {"x", "relu", "relu_1", "pool", "fc"}
+
+
+def test_depthwise_weights_are_per_channel_by_default():
+    prepared = qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8))
+    assert prepared.get_submodule("conv2").weight_quantizer.axis == 0
+    assert prepared.get_submodule("conv1").weight_quantizer.axis is None
+    off = qf.prepare(
+        ConvBnReLU(), torch.randn(1, 3, 8, 8), QuantConfig(per_channel_depthwise=False)
+    )
+    assert off.get_submodule("conv2").weight_quantizer.axis is None

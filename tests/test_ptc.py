@@ -1,0 +1,191 @@
+"""prepare / calibrate / convert: the public API, the numerics contract and the errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import quantfx as qf
+from quantfx.convert import Quantize, QuantizedLayer
+from quantfx.fake_quant import FakeQuantize
+from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
+
+X = torch.randn(2, 3, 16, 16)
+
+
+def _is_power_of_two(value: float) -> bool:
+    mantissa, _ = math.frexp(value)
+    return value > 0 and mantissa == 0.5
+
+
+def test_prepare_leaves_the_users_model_untouched():
+    model = randomize_batchnorm(ConvBnReLU()).train()
+    before = copy.deepcopy(model.state_dict())
+    prepared = qf.prepare(model, X)
+    qf.calibrate(prepared, [X])
+    qf.convert(prepared)
+    assert model.training and model.relu.inplace
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_converted_model_scales_are_powers_of_two_and_outputs_on_grid():
+    _, converted = quantize_model(randomize_batchnorm(ConvBnReLU()))
+    quantizers = [m for m in converted.modules() if isinstance(m, Quantize)]
+    layers = [m for m in converted.modules() if isinstance(m, QuantizedLayer)]
+    assert quantizers and len(layers) == 3
+    for quantizer in quantizers:
+        assert _is_power_of_two(quantizer.scale)
+    for layer in layers:
+        for exponent in (
+            layer.weight_exponent.flatten().tolist() + layer.bias_exponent.flatten().tolist()
+        ):
+            assert exponent == int(exponent)
+        assert layer.weight_int.dtype == torch.int8 and layer.bias_int.dtype == torch.int32
+        assert torch.equal(layer.bias_exponent, layer.input_exponent + layer.weight_exponent)
+    with torch.no_grad():
+        output = converted(X)
+    scale = converted.get_submodule("quantizers.fc").scale
+    assert torch.equal(output / scale, torch.round(output / scale))
+    assert not any(isinstance(m, FakeQuantize) for m in converted.modules())
+
+
+def test_convert_twice_and_call_twice_are_bit_identical():
+    prepared, converted = quantize_model(randomize_batchnorm(ConvBnReLU()))
+    again = qf.convert(prepared)
+    with torch.no_grad():
+        first = converted(X)
+        assert torch.equal(first, converted(X))
+        assert torch.equal(first, again(X))
+        assert torch.equal(first, copy.deepcopy(converted)(X))
+
+
+def test_converted_model_is_eval_only():
+    _, converted = quantize_model(ConvBnReLU())
+    assert not converted.training
+    with pytest.raises(qf.QuantFxError, match="inference-only"):
+        converted.train()
+    converted.eval()
+
+
+def test_plain_forward_passes_calibrate():
+    prepared = qf.prepare(ConvBnReLU(), X)
+    with torch.no_grad():
+        prepared(X)
+    converted = qf.convert(prepared)
+    with torch.no_grad():
+        assert converted(X).shape == (2, 4)
+
+
+def test_quantized_output_is_close_to_float():
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    _, converted = quantize_model(model, batches=8)
+    with torch.no_grad():
+        assert qf.qmath.sqnr_db(model(X), converted(X)) > 20.0
+
+
+def test_sixteen_bit_is_much_closer_than_eight_bit():
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    _, eight = quantize_model(model)
+    _, sixteen = quantize_model(model, config=qf.QuantConfig(activation_bits=16, weight_bits=16))
+    with torch.no_grad():
+        reference = model(X)
+        assert qf.qmath.sqnr_db(reference, sixteen(X)) > qf.qmath.sqnr_db(reference, eight(X)) + 30
+    assert {m.bits for m in sixteen.modules() if isinstance(m, Quantize)} == {16}
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram"])
+@pytest.mark.parametrize("search", ["mse", "percentile", "none"])
+def test_every_observer_choice_runs(observer, search):
+    config = qf.QuantConfig(activation_observer=observer, range_search=search)
+    _, converted = quantize_model(ConvBnReLU(), config=config)
+    with torch.no_grad():
+        assert torch.isfinite(converted(X)).all()
+
+
+def test_calibrate_accepts_dataloader_style_batches():
+    prepared = qf.prepare(ConvBnReLU(), X)
+    batches = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1])) for _ in range(3)]
+    assert qf.calibrate(prepared, batches, num_batches=2) is prepared
+
+
+# ---- errors: every one a QuantFxError that says what to do ----
+
+
+def test_convert_before_calibration_is_an_error():
+    with pytest.raises(qf.ConvertError, match="calibrate"):
+        qf.convert(qf.prepare(ConvBnReLU(), X))
+
+
+def test_convert_of_a_float_model_is_an_error():
+    with pytest.raises(qf.ConvertError, match="prepare"):
+        qf.convert(ConvBnReLU())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_data_is_an_error(bad):
+    prepared = qf.prepare(ConvBnReLU(), X)
+    data = X.clone()
+    data[0, 0, 0, 0] = bad
+    with pytest.raises(qf.CalibrationError, match="NaN or Inf"):
+        qf.calibrate(prepared, [X, data])
+
+
+def test_empty_calibration_data_is_an_error():
+    with pytest.raises(qf.CalibrationError, match="empty"):
+        qf.calibrate(qf.prepare(ConvBnReLU(), X), [])
+
+
+def test_calibrating_a_float_model_is_an_error():
+    with pytest.raises(qf.CalibrationError, match="prepare"):
+        qf.calibrate(ConvBnReLU(), [X])
+
+
+def test_model_without_quantizable_layer_is_an_error():
+    with pytest.raises(qf.PrepareError, match="no quantizable layer"):
+        qf.prepare(nn.Sequential(nn.ReLU(), nn.Flatten()), X)
+
+
+@pytest.mark.parametrize("bad_inputs", [torch.randn(2, 5, 16, 16), "image", (), (X, X)])
+def test_wrong_example_inputs_are_an_error(bad_inputs):
+    with pytest.raises(qf.PrepareError):
+        qf.prepare(ConvBnReLU(), bad_inputs)
+
+
+def test_not_a_module_is_an_error():
+    with pytest.raises(qf.PrepareError, match="torch.nn.Module"):
+        qf.prepare(lambda x: x, X)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("activation_bits", 7),
+        ("weight_bits", 4),
+        ("activation_observer", "kl"),
+        ("histogram_bins", 1000),
+        ("percentile", 10.0),
+    ],
+)
+def test_bad_config_is_an_error(field, value):
+    with pytest.raises(qf.ConfigError, match=field):
+        qf.QuantConfig(**{field: value})
+
+
+def test_preparing_twice_is_an_error():
+    with pytest.raises(qf.PrepareError, match="already prepared"):
+        qf.prepare(qf.prepare(ConvBnReLU(), X), X)
+
+
+def test_all_errors_share_the_base_class():
+    for error in (
+        qf.ConfigError,
+        qf.TraceError,
+        qf.PrepareError,
+        qf.CalibrationError,
+        qf.ConvertError,
+        qf.ExportError,
+    ):
+        assert issubclass(error, qf.QuantFxError)

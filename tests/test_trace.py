@@ -1,0 +1,82 @@
+"""Tracing: fx.wrap and leaf modules are honoured; failures say where and how to fix."""
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import quantfx as qf
+from quantfx.config import QuantConfig
+from quantfx.trace import trace
+
+
+def data_dependent(x):
+    if x.sum() > 0:  # untraceable: control flow on a tensor value
+        return x * 2
+    return x
+
+
+@torch.fx.wrap
+def wrapped_data_dependent(x):
+    if x.sum() > 0:
+        return x * 2
+    return x
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # the line the error must point at
+            return x
+        return -x
+
+
+class Net(nn.Module):
+    """Calls `function` (looked up as a global, as fx.wrap requires) after a conv."""
+
+    def __init__(self, function: str = ""):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gate = Gate()
+        self.function = function
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.function == "wrapped":
+            x = wrapped_data_dependent(x)
+        elif self.function == "plain":
+            x = data_dependent(x)
+        return self.gate(x)
+
+
+def test_untraceable_module_names_module_and_line():
+    with pytest.raises(qf.TraceError) as caught:
+        qf.prepare(Net(), torch.randn(1, 3, 4, 4))
+    message = str(caught.value)
+    assert "'gate' (Gate)" in message
+    assert "test_trace.py" in message and "if x.mean() > 0" in message
+    assert "torch.fx.wrap" in message and "leaf_modules" in message
+
+
+def test_leaf_module_by_type_and_by_name():
+    for leaf in (Gate, "gate"):
+        graph_module = trace(Net(), QuantConfig(leaf_modules=[leaf]))
+        targets = [node.target for node in graph_module.graph.nodes if node.op == "call_module"]
+        assert "gate" in targets
+
+
+def test_fx_wrap_and_autowrap_functions_are_honoured():
+    graph_module = trace(Net("wrapped"), QuantConfig(leaf_modules=[Gate]))
+    functions = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+    assert wrapped_data_dependent in functions
+    with pytest.raises(qf.TraceError):
+        trace(Net("plain"), QuantConfig(leaf_modules=[Gate]))
+    config = QuantConfig(leaf_modules=[Gate], autowrap_functions=[data_dependent])
+    graph_module = trace(Net("plain"), config)
+    assert data_dependent in [node.target for node in graph_module.graph.nodes]
+
+
+def test_wrapped_function_output_is_quantized():
+    config = QuantConfig(leaf_modules=[Gate])
+    prepared = qf.prepare(Net("wrapped"), torch.randn(1, 3, 4, 4), config)
+    assert "quantizers.wrapped_data_dependent" in dict(prepared.named_modules())
+    assert "quantizers.gate" in dict(prepared.named_modules())
