@@ -74,11 +74,16 @@ class QATSchedule:
     waste most of a power-of-2 per-tensor range. None disables it."""
 
     def __post_init__(self) -> None:
-        for name in ("freeze_bn_step", "freeze_ranges_step", "freeze_bn_epoch",
-                     "freeze_ranges_epoch"):
+        for name in (
+            "freeze_bn_step",
+            "freeze_ranges_step",
+            "freeze_bn_epoch",
+            "freeze_ranges_epoch",
+        ):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 0):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
                 raise ConfigError(
                     f"QATSchedule.{name}={value!r} must be a non-negative integer or None "
                     "(e.g. freeze_bn_step=2000)."
@@ -110,13 +115,58 @@ class _RoundToGridSTE(torch.autograd.Function):
     """Round onto a power-of-2 grid exactly as `convert` does, with an identity gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, exponent: Tensor, qmin: int, qmax: int,
-                axis: int | None) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, exponent: Tensor, qmin: int, qmax: int, axis: int | None
+    ) -> Tensor:
         return dequantize(quantize(x, exponent, qmin, qmax, axis), exponent, axis).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         return grad, None, None, None, None
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Training-time fake quantization: the values of `qmath.fake_quantize`, computed faster.
+
+    torch's fused CPU fake-quant kernel rounds element by element with `nearbyint` (measured
+    here: 28 ms for a 3M-element tensor); multiply, round (half to even), clamp, multiply by a
+    power of 2 give the same bits in about 6 ms. The backward is the clipped STE: the gradient
+    passes where x rounds inside [qmin, qmax] (one fused `hardtanh_backward`), or everywhere
+    when `clip_gradient` is False (weights, whose exponent never clips).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, exponent: Tensor, qmin: int, qmax: int,
+                axis: int | None, clip_gradient: bool) -> Tensor:
+        scale = torch.exp2(exponent.detach().to(x.dtype))
+        if axis is not None:
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        output = torch.mul(x, torch.reciprocal(scale))
+        output.round_().clamp_(qmin, qmax).mul_(scale)
+        ctx.clip = None
+        if clip_gradient and axis is None:
+            step = float(scale)
+            ctx.clip = ((qmin - 0.5) * step, (qmax + 0.5) * step)
+            ctx.save_for_backward(x)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.clip is None:
+            return grad, None, None, None, None, None
+        (x,) = ctx.saved_tensors
+        low, high = ctx.clip
+        return torch.ops.aten.hardtanh_backward(grad, x, low, high), None, None, None, None, None
+
+
+def fake_quantize_ste(x: Tensor, exponent: Tensor, qmin: int, qmax: int,
+                      axis: int | None = None, clip_gradient: bool = True) -> Tensor:
+    """`qmath.fake_quantize` for training: same values, faster on CPU, clipped STE gradient."""
+    if axis is not None and clip_gradient:
+        return fake_quantize(x, exponent, qmin, qmax, axis)
+    return _FakeQuantizeSTE.apply(x, exponent, qmin, qmax, axis, clip_gradient)
 
 
 def bias_to_int32_grid(bias: Tensor, exponent: Tensor, axis: int | None) -> Tensor:
@@ -188,6 +238,8 @@ class QATFakeQuantize(FakeQuantize):
             self.compute_exponent()
         if not bool(self.quant_enabled) or not bool(self.observer.observed):
             return x
+        if self.training:
+            return fake_quantize_ste(x, self.exponent, self.qmin, self.qmax)
         return fake_quantize(x, self.exponent, self.qmin, self.qmax)
 
 
@@ -200,8 +252,13 @@ class QATLayer(QuantLayer):
     exponent + weight exponent, exactly as `convert` computes it.
     """
 
-    def __init__(self, layer: nn.Module, bn: nn.Module | None, weight_quantizer: FakeQuantize,
-                 input_quantizer: FakeQuantize | None = None) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        bn: nn.Module | None,
+        weight_quantizer: FakeQuantize,
+        input_quantizer: FakeQuantize | None = None,
+    ) -> None:
         super().__init__(layer, weight_quantizer)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
@@ -244,9 +301,11 @@ class QATLayer(QuantLayer):
 
     def _quantize_weight(self, weight: Tensor, exponent: Tensor) -> Tensor:
         quantizer = self.weight_quantizer
-        if self.training:  # a record of the last training step's exponent; eval changes nothing
-            quantizer.exponent.copy_(exponent)
-        return fake_quantize(weight, exponent, quantizer.qmin, quantizer.qmax, quantizer.axis)
+        if not self.training:
+            return fake_quantize(weight, exponent, quantizer.qmin, quantizer.qmax, quantizer.axis)
+        quantizer.exponent.copy_(exponent)  # a record of the last training step's exponent
+        return fake_quantize_ste(weight, exponent, quantizer.qmin, quantizer.qmax,
+                                 quantizer.axis, clip_gradient=False)
 
     def _forward_folded(self, x: Tensor) -> Tensor:
         weight, bias = self.folded_weight_bias()
@@ -265,15 +324,19 @@ class QATLayer(QuantLayer):
         bn = self.bn
         running_std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.weight is not None else torch.ones_like(running_std)
-        scale = gamma / running_std
+        # Detached: the forward is torch.ao's ConvBn; the gradient drops only the small term
+        # d/dgamma of the weight's quantization error (BN's own affine still trains gamma), and
+        # the output rescale becomes one multiply instead of a division with a reduction.
+        scale = (gamma / running_std).detach()
         weight = self.layer.weight * scale.reshape([-1] + [1] * (self.layer.weight.dim() - 1))
         if self.quantizing:
             quantizer = self.weight_quantizer
-            weight = self._quantize_weight(weight, weight_exponent(weight, quantizer.qmax,
-                                                                   quantizer.axis))
+            weight = self._quantize_weight(
+                weight, weight_exponent(weight, quantizer.qmax, quantizer.axis)
+            )
         output = layer_forward(self.layer, x, weight, None)
         shape = self._channel_shape(output.dim())
-        output = output / scale.reshape(shape)
+        output = output * torch.reciprocal(scale).reshape(shape)
         if self.layer.bias is not None:
             output = output + self.layer.bias.reshape(shape)
         return bn(output)
@@ -308,9 +371,11 @@ class QATLayer(QuantLayer):
         if bias is not None:
             folded.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         quantizer = self.weight_quantizer
-        observer = make_observer("minmax", axis=quantizer.axis,
-                                 channels=quantizer.observer.min_val.numel()
-                                 if quantizer.axis is not None else 1)
+        observer = make_observer(
+            "minmax",
+            axis=quantizer.axis,
+            channels=quantizer.observer.min_val.numel() if quantizer.axis is not None else 1,
+        )
         fresh = FakeQuantize(observer, quantizer.bits, signed=True, axis=quantizer.axis)
         fresh.observer(folded.weight)
         fresh.compute_exponent()
@@ -353,13 +418,15 @@ class QATController(nn.Module):
         step, epoch, schedule = int(self.step), int(self.epoch), self.schedule
 
         def due(step_limit: int | None, epoch_limit: int | None) -> bool:
-            return ((step_limit is not None and step > step_limit)
-                    or (epoch_limit is not None and epoch > epoch_limit))
+            return (step_limit is not None and step > step_limit) or (
+                epoch_limit is not None and epoch > epoch_limit
+            )
 
         if not bool(self.bn_frozen) and due(schedule.freeze_bn_step, schedule.freeze_bn_epoch):
             freeze_batchnorm(self)
-        if not bool(self.ranges_frozen) and due(schedule.freeze_ranges_step,
-                                                schedule.freeze_ranges_epoch):
+        if not bool(self.ranges_frozen) and due(
+            schedule.freeze_ranges_step, schedule.freeze_ranges_epoch
+        ):
             freeze_ranges(self)
 
 
@@ -415,8 +482,12 @@ def _weight_quantizer(layer: nn.Module, config: QuantConfig) -> FakeQuantize:
     depthwise = config.per_channel_depthwise and is_depthwise(layer)
     axis = 0 if depthwise else None
     channels = layer.weight.shape[0] if depthwise else 1
-    quantizer = FakeQuantize(make_observer("minmax", axis=axis, channels=channels),
-                             config.weight_bits, signed=True, axis=axis)
+    quantizer = FakeQuantize(
+        make_observer("minmax", axis=axis, channels=channels),
+        config.weight_bits,
+        signed=True,
+        axis=axis,
+    )
     quantizer.set_mode(observe=False, quantize=True)
     return quantizer
 
@@ -428,8 +499,9 @@ def _wrap_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int:
         producer = foldable_pair(graph_module, node)
         if producer is not None:
             layer, bn = module_of(graph_module, producer), module_of(graph_module, node)
-            set_submodule(graph_module, producer.target,
-                          QATLayer(layer, bn, _weight_quantizer(layer, config)))
+            set_submodule(
+                graph_module, producer.target, QATLayer(layer, bn, _weight_quantizer(layer, config))
+            )
             producer.meta = dict(node.meta)
             node.replace_all_uses_with(producer)
             graph_module.graph.erase_node(node)
@@ -437,8 +509,9 @@ def _wrap_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int:
     for node in graph_module.graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, WEIGHT_LAYERS):
-            set_submodule(graph_module, node.target,
-                          QATLayer(module, None, _weight_quantizer(module, config)))
+            set_submodule(
+                graph_module, node.target, QATLayer(module, None, _weight_quantizer(module, config))
+            )
             count += 1
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
@@ -456,8 +529,9 @@ def _replace_activation_quantizers(graph_module: fx.GraphModule, config: QuantCo
             set_submodule(graph_module, node.target, new)
 
 
-def _finish(graph_module: fx.GraphModule, config: QuantConfig, schedule: QATSchedule,
-            state: QuantState) -> fx.GraphModule:
+def _finish(
+    graph_module: fx.GraphModule, config: QuantConfig, schedule: QATSchedule, state: QuantState
+) -> fx.GraphModule:
     """Link layers to their input quantizers, add the schedule controller, go to train mode."""
     controller = QATController(schedule)
     graph_module.add_submodule(CONTROLLER_NAME, controller)
@@ -514,8 +588,9 @@ def prepare_qat(
     return _finish(graph_module, config, schedule, state)
 
 
-def _prepare_qat_from_ptc(model: nn.Module, example_inputs: Any,
-                          state: QuantState) -> fx.GraphModule:
+def _prepare_qat_from_ptc(
+    model: nn.Module, example_inputs: Any, state: QuantState
+) -> fx.GraphModule:
     """QAT from a `prepare`d (ideally calibrated) model: BN stays folded, ranges carry over."""
     if state.backend != "ptc" or state.stage != "prepared":
         raise PrepareError(
@@ -528,8 +603,11 @@ def _prepare_qat_from_ptc(model: nn.Module, example_inputs: Any,
     for node in graph_module.graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, QuantLayer) and not isinstance(module, QATLayer):
-            set_submodule(graph_module, node.target,
-                          QATLayer(module.layer, None, _weight_quantizer(module.layer, config)))
+            set_submodule(
+                graph_module,
+                node.target,
+                QATLayer(module.layer, None, _weight_quantizer(module.layer, config)),
+            )
     _replace_activation_quantizers(graph_module, config)
     new_state = QuantState(config, "qat", "prepared", list(state.input_shapes))
     return _finish(graph_module, config, _schedule_of(config), new_state)
@@ -557,4 +635,3 @@ __all__ = [
     "freeze_ranges",
     "prepare_qat",
 ]
-
