@@ -498,6 +498,23 @@ def _emit_mean(b: _Builder, node: fx.Node, module: qm.Mean) -> None:
     b.env[node] = node.name
 
 
+def _emit_amax(b: _Builder, node: fx.Node, module: Any) -> None:
+    """`amax` (a max over dims: exact, and TIDL's global max pool when over H and W)."""
+    rank = len(b.input_info(node).shape)
+    args = [b.value(arg) for arg in node.args[1:]]
+    dims = args[0] if args else node.kwargs.get("dim", ())
+    keepdim = bool(args[1] if len(args) > 1 else node.kwargs.get("keepdim", False))
+    dims = [dims] if isinstance(dims, int) else list(dims) or list(range(rank))
+    axes = sorted(dim % rank for dim in dims)
+    source = b.tensor_input(node)
+    if b.opset >= 18:
+        b.add("ReduceMax", [source, b.int64_constant(f"{node.name}.axes", axes)], [node.name],
+              node.name, keepdims=int(keepdim))
+    else:
+        b.add("ReduceMax", [source], [node.name], node.name, axes=axes, keepdims=int(keepdim))
+    b.env[node] = node.name
+
+
 def _tuple(value: Any, rank: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [int(value)] * rank
 
@@ -758,6 +775,7 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     "chunk": _emit_split, torch.chunk: _emit_split,
     "split": _emit_split, torch.split: _emit_split,
     "expand": _emit_expand, "expand_as": _emit_expand,
+    "amax": _emit_amax, torch.amax: _emit_amax,
     torch.flatten: _emit_flatten,
     **{target: _emit_reshape for target in RESHAPE_CALLS if target is not torch.flatten},
     **{target: _emit_alias for target in ALIAS_CALLS},

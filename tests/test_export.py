@@ -1,0 +1,383 @@
+"""ONNX export (issue #3): QDQ files that ONNX Runtime runs bit for bit like the converted model,
+legacy Clip files, TIDL options, atomic writes and clear errors.
+
+Run with `pytest -s tests/test_export.py` to see the per-model agreement table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from onnx import numpy_helper
+from torch import nn
+
+import quantfx as qf
+from quantfx.convert import Quantize, QuantizedLayer
+from quantfx.export import onnx as export_module
+from quantfx.export.onnx import options_path_for, verify
+from quantfx.qmath import qrange
+
+torch.set_num_threads(2)
+
+BATCH = 64
+EXPORT_BATCH = 8
+
+
+def _is_power_of_two(value: float) -> bool:
+    mantissa, _ = math.frexp(float(value))
+    return value > 0 and mantissa == 0.5
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _check_qdq_scales(model: onnx.ModelProto) -> int:
+    """Every Q/DQ scale is an exact power of two with zero point 0; returns the Q/DQ count."""
+    values = _initializers(model)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        count += 1
+        scale = values[node.input[1]]
+        assert scale.dtype == np.float32
+        assert all(_is_power_of_two(s) for s in np.ravel(scale)), node.name
+        assert np.all(values[node.input[2]] == 0), node.name
+    return count
+
+
+def _convert(model: nn.Module, inputs: torch.Tensor, config: qf.QuantConfig | None = None):
+    model.eval()
+    prepared = qf.prepare(model, (inputs[:1],), config)
+    qf.calibrate(prepared, [inputs[: len(inputs) // 2], inputs[len(inputs) // 2:]])
+    return qf.convert(prepared)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision models, end to end
+
+MODELS = [
+    "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+    "shufflenet_v2_x0_5", "efficientnet_b0", "squeezenet1_0", "mnasnet0_5", "densenet121",
+    "googlenet", "resnext50_32x4d",
+]
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    kwargs: dict = {"num_classes": 10}
+    if name == "googlenet":
+        kwargs.update(aux_logits=False, init_weights=True)
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(**kwargs).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_model_matches_onnxruntime(name: str, tmp_path) -> None:
+    torch.manual_seed(1)
+    data = torch.randn(BATCH, 3, 64, 64)
+    converted = _convert(_torchvision_model(name), data)
+    path = tmp_path / f"{name}.onnx"
+    report = qf.export_onnx(converted, (data[:EXPORT_BATCH],), path, verify_data=data)
+
+    # The report covers the example inputs plus the 64 verification inputs.
+    assert report.verified and report.elements_compared == (BATCH + EXPORT_BATCH) * 10
+    assert report.fraction_identical >= 0.999
+    assert report.max_lsb_diff <= 1.0
+    assert report.argmax_agreement == 1.0
+
+    model = onnx.load(path)
+    assert model.opset_import[0].version == export_module.DEFAULT_QDQ_OPSET
+    assert _check_qdq_scales(model) > 0
+    tensor_names = {out for node in model.graph.node for out in node.output}
+    for node in converted.graph.nodes:  # ONNX tensors are named after FX nodes
+        if node.op == "call_module" and isinstance(converted.get_submodule(node.target),
+                                                   (Quantize, QuantizedLayer)):
+            assert node.name in tensor_names
+    weights = [t for t in model.graph.initializer if t.name.endswith(".weight_quantized")]
+    assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)
+    assert os.path.exists(options_path_for(path))
+
+    # What a deployment session (all ORT optimizations, integer QDQ kernels) computes.
+    batches = [(data[i:i + EXPORT_BATCH],) for i in range(0, BATCH, EXPORT_BATCH)]
+    optimized = verify(converted, str(path), batches, optimized=True)
+    print(f"\n| {name} | {100 * report.fraction_identical:.3f} % | {report.max_lsb_diff:g} | "
+          f"{100 * report.argmax_agreement:.1f} % | {100 * optimized['fraction_identical']:.3f} % "
+          f"| {optimized['max_lsb_diff']:g} |")
+
+
+# ----------------------------------------------------------------------------------------------
+# A small model that touches most emitters
+
+
+class ZooNet(nn.Module):
+    """Conv/BN/ReLU6, depthwise, SE-style sigmoid gate, hardswish, add, cat, chunk, transpose,
+    slicing, resize, pooling, mean, softmax: one of each op family the exporter emits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.gate = nn.Conv2d(16, 16, 1)
+        self.branch = nn.Conv2d(8, 8, 3, padding="same", bias=False)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.avg = nn.AvgPool2d(2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = F.hardswish(self.depthwise(x))
+        y = self.pointwise(y)
+        y = y * torch.sigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
+        x = F.relu(x + y)
+        left, right = x.chunk(2, dim=1)
+        right = F.silu(self.branch(right))
+        x = torch.cat([right, F.leaky_relu(left, 0.125)], dim=1)
+        x = self.pool(x)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.avg(x)
+        x = x.transpose(2, 3)[:, :, 1:, :]
+        features = torch.cat([x.mean((2, 3)), F.hardsigmoid(x).amax((2, 3))], dim=1)
+        return torch.softmax(self.head(features), dim=1)
+
+
+def test_op_zoo_is_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(32, 3, 16, 16)
+    converted = _convert(ZooNet(), data)
+    report = qf.export_onnx(converted, (data[:4],), tmp_path / "zoo.onnx", verify_data=data)
+    assert report.max_lsb_diff <= 1.0 and report.fraction_identical >= 0.99
+    model = onnx.load(tmp_path / "zoo.onnx")
+    _check_qdq_scales(model)
+    per_channel = [n for n in model.graph.node
+                   if n.op_type == "DequantizeLinear" and n.output[0] == "depthwise.weight"]
+    assert per_channel and per_channel[0].attribute[0].name == "axis"
+    assert per_channel[0].attribute[0].i == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 16 bit
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(3, 8, 3, padding=1), bn1=nn.BatchNorm2d(8), relu1=nn.ReLU(),
+        depthwise=nn.Conv2d(8, 8, 3, padding=1, groups=8), relu2=nn.ReLU(),
+        pointwise=nn.Conv2d(8, 16, 1), relu3=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(), fc=nn.Linear(16, 10),
+    )).eval()
+
+
+def test_sixteen_bit_exports_int16_qdq_and_lists_layers(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(16, 3, 16, 16)
+    converted = _convert(_small_cnn(), data, qf.QuantConfig(activation_bits=16, weight_bits=16))
+    path = tmp_path / "sixteen.onnx"
+    report = qf.export_onnx(converted, (data[:1],), path, verify_data=data)
+    assert report.opset == export_module.INT16_QDQ_OPSET
+    model = onnx.load(path)
+    assert model.opset_import[0].version == 21
+    _check_qdq_scales(model)
+    values = _initializers(model)
+    zero_point_types = {values[n.input[2]].dtype for n in model.graph.node
+                        if n.op_type == "QuantizeLinear"}
+    assert zero_point_types <= {np.dtype(np.int16), np.dtype(np.uint16)} and zero_point_types
+    assert values["conv1.weight_quantized"].dtype == np.int16
+
+    options = json.loads(Path(options_path_for(path)).read_text())
+    assert options["tensor_bits"] == 16
+    assert options["advanced_options:prequantized_model"] == 1
+    assert options["accuracy_level"] == 0
+    assert options["advanced_options:quantization_scale_type"] == 1
+    features = options["advanced_options:output_feature_16bit_names_list"].split(",")
+    params = options["advanced_options:params_16bit_names_list"].split(",")
+    tensor_names = {out for node in model.graph.node for out in node.output} | {"input"}
+    tensor_names |= {value.name for value in model.graph.input}
+    assert set(features) <= tensor_names and set(params) <= tensor_names
+    assert "conv1" in params and "relu1" in params  # the first conv, and the ReLU fused into it
+    assert "relu1" in features  # the fused ReLU's output is the quantized layer output
+
+    with pytest.raises(qf.ExportError, match="opset"):
+        qf.export_onnx(converted, (data[:1],), tmp_path / "low.onnx", opset=13)
+
+
+def test_per_layer_sixteen_bit_is_read_from_each_module(tmp_path) -> None:
+    """A single 16-bit quantizer (as per-layer config will produce) gets int16 Q/DQ and is the
+    only name in the feature list, with tensor_bits staying 8."""
+    torch.manual_seed(0)
+    data = torch.randn(16, 3, 16, 16)
+    converted = _convert(_small_cnn(), data)
+    target = "quantizers.relu1"
+    quantizer = converted.get_submodule(target)
+    quantizer.bits = 16
+    quantizer.qmin, quantizer.qmax = qrange(16, quantizer.signed)
+    quantizer.exponent.sub_(8)  # same range, 256x finer steps
+    path = tmp_path / "mixed.onnx"
+    report = qf.export_onnx(converted, (data[:1],), path, verify_data=data)
+    assert report.opset == 21
+    options = json.loads(Path(options_path_for(path)).read_text())
+    assert options["tensor_bits"] == 8
+    assert options["advanced_options:output_feature_16bit_names_list"] == "relu1"
+    assert "advanced_options:params_16bit_names_list" not in options
+    model = onnx.load(path)
+    sixteen = [n.name for n in model.graph.node if n.op_type == "QuantizeLinear"
+               and _initializers(model)[n.input[2]].dtype == np.uint16]
+    assert sixteen == ["quantizers_relu1.quantize"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Legacy (TDA4VM, no QDQ)
+
+
+def test_legacy_export_uses_power_of_two_clips(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(BATCH, 3, 64, 64)
+    converted = _convert(_torchvision_model("resnet18"), data)
+    path = tmp_path / "legacy.onnx"
+    report = qf.export_onnx(converted, (data[:EXPORT_BATCH],), path, legacy=True,
+                            verify_data=data)
+    model = onnx.load(path)
+    assert report.opset == export_module.DEFAULT_LEGACY_OPSET == model.opset_import[0].version
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    values = _initializers(model)
+    quantizers = {node.name: converted.get_submodule(node.target)
+                  for node in converted.graph.nodes if node.op == "call_module"
+                  and isinstance(converted.get_submodule(node.target), Quantize)}
+    clips = {node.output[0]: node for node in model.graph.node if node.op_type == "Clip"}
+    for name, quantizer in quantizers.items():
+        low, high = float(values[clips[name].input[1]]), float(values[clips[name].input[2]])
+        assert low <= 0.0 < high
+        assert low == quantizer.qmin * quantizer.scale and high == quantizer.qmax * quantizer.scale
+        assert _is_power_of_two(high / quantizer.qmax)
+    assert all(values[t.name].dtype == np.float32 for t in model.graph.initializer
+               if t.name.endswith(".weight"))
+    options = json.loads(Path(options_path_for(path)).read_text())
+    assert options == {"tensor_bits": 8, "accuracy_level": 0,
+                       "advanced_options:quantization_scale_type": 1}
+
+    # The float file does not round between layers, TIDL does: compare with the converted model.
+    batches = [(data[i:i + EXPORT_BATCH],) for i in range(0, BATCH, EXPORT_BATCH)]
+    session = export_module.verification_session(str(path))
+    scale = report.output_scales[0]
+    with torch.no_grad():
+        expected = converted(data).numpy()
+    actual = np.concatenate([session.run(None, {"x": b[0].numpy()})[0] for b in batches])
+    # TIDL puts the output on the grid its Clip range implies: round like it does.
+    lsb = np.abs(np.round(actual / scale) - expected / scale)
+    within = float(np.mean(lsb <= 1.0))
+    agree = float(np.mean(actual.argmax(1) == expected.argmax(1)))
+    print(f"\nlegacy resnet18 vs converted: {100 * within:.2f} % within 1 LSB, max "
+          f"{lsb.max():.2f} LSB, argmax agreement {100 * agree:.1f} %")
+    assert within >= 0.5 and lsb.max() <= 4 and agree >= 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes, verification with teeth, errors
+
+
+@pytest.fixture(scope="module")
+def small_converted():
+    torch.manual_seed(0)
+    data = torch.randn(8, 3, 16, 16)
+    return _convert(_small_cnn(), data), data
+
+
+def test_failed_write_leaves_no_file(small_converted, tmp_path, monkeypatch) -> None:
+    converted, data = small_converted
+
+    def broken_save(model, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module.onnx, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        qf.export_onnx(converted, (data[:1],), tmp_path / "model.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_verification_leaves_previous_file(small_converted, tmp_path, monkeypatch) -> None:
+    converted, data = small_converted
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous good export")
+    # Emit Sigmoid where the model has ReLU: verification must catch it and write nothing.
+    emitters = [(nn.ReLU, export_module._simple("Sigmoid"))] + export_module.MODULE_EMITTERS
+    monkeypatch.setattr(export_module, "MODULE_EMITTERS", emitters)
+    with pytest.raises(qf.ExportError, match="differ"):
+        qf.export_onnx(converted, (data[:1],), path, verify_data=data)
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert path.read_bytes() == b"previous good export"
+
+
+def test_export_without_verification_still_writes_options(small_converted, tmp_path) -> None:
+    converted, data = small_converted
+    report = qf.export_onnx(converted, data[:2], tmp_path / "m.onnx", verify=False)
+    assert not report.verified
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.tidl.json"]
+    model = onnx.load(tmp_path / "m.onnx")
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 16, 16]
+
+
+def test_not_converted_models_are_rejected(small_converted, tmp_path) -> None:
+    converted, data = small_converted
+    with pytest.raises(qf.ExportError, match="converted"):
+        qf.export_onnx(_small_cnn(), (data[:1],), tmp_path / "a.onnx")
+    prepared = qf.prepare(_small_cnn(), (data[:1],))
+    with pytest.raises(qf.ExportError, match="not yet converted"):
+        qf.export_onnx(prepared, (data[:1],), tmp_path / "b.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ((), "non-empty tuple"),
+    ("image", "tensor"),
+    ((torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)), "1 input"),
+    ((torch.randn(3, 16, 16),), "rank-4"),
+    ((torch.zeros(1, 3, 16, 16, dtype=torch.int64),), "dtype"),
+    ((torch.randn(1, 5, 16, 16),), "fails on example_inputs"),
+])
+def test_wrong_example_inputs_are_rejected(small_converted, tmp_path, inputs, message) -> None:
+    converted, _ = small_converted
+    with pytest.raises(qf.ExportError, match=message):
+        qf.export_onnx(converted, inputs, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_verify_data_and_opset_are_rejected(small_converted, tmp_path) -> None:
+    converted, data = small_converted
+    with pytest.raises(qf.ExportError, match="multiple of the batch"):
+        qf.export_onnx(converted, (data[:2],), tmp_path / "m.onnx", verify_data=data[:3])
+    with pytest.raises(qf.ExportError, match="opset"):
+        qf.export_onnx(converted, (data[:1],), tmp_path / "m.onnx", opset=7)
+    assert os.listdir(tmp_path) == []
+
+
+class WithCumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(self.conv(x), dim=1)
+
+
+def test_unknown_op_names_the_node(tmp_path) -> None:
+    data = torch.randn(4, 3, 8, 8)
+    converted = _convert(WithCumsum(), data)
+    with pytest.raises(qf.ExportError, match=r"'cumsum'.*cumsum"):
+        qf.export_onnx(converted, (data[:1],), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
