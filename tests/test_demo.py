@@ -1,0 +1,42 @@
+"""The demo (issue #2): the whole pipeline on scikit-learn's digits, and its command line."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+from quantfx import QuantFxError  # noqa: E402
+from quantfx.cli import main as cli_main  # noqa: E402
+from quantfx.demo import load_demo_data, run_demo  # noqa: E402
+
+
+def test_demo_on_digits_keeps_accuracy_and_prints_table(capsys: pytest.CaptureFixture) -> None:
+    result = run_demo(dataset="digits", epochs=6, qat_epochs=1, calibration_images=256)
+    printed = capsys.readouterr().out
+    float_accuracy = result.accuracy("float training")
+    quantized_accuracy = result.accuracy("quantized eval (converted model)")
+    assert float_accuracy is not None and float_accuracy > 0.9
+    assert quantized_accuracy is not None
+    assert abs(float_accuracy - quantized_accuracy) < 0.03
+    assert "float training" in printed and "quantized eval (converted model)" in printed
+    assert "accuracy" in printed and "time (s)" in printed
+    assert not result.failed, result.table()
+
+
+def test_bad_data_dir_names_the_fix(tmp_path) -> None:
+    with pytest.raises(QuantFxError, match="--data-dir.*dataset-fashion-mnist|dataset-fashion"):
+        load_demo_data("fashion-mnist", str(tmp_path))
+
+
+def test_cli_reports_bad_data_dir_without_traceback(tmp_path, capsys) -> None:
+    assert cli_main(["demo", "--data-dir", str(tmp_path / "missing")]) == 2
+    error = capsys.readouterr().err
+    assert "Fashion-MNIST not found" in error and "Traceback" not in error
+
+
+def test_cli_help_describes_demo(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--data-dir" in capsys.readouterr().out
