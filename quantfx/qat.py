@@ -55,9 +55,10 @@ class QATSchedule:
     """When QAT freezes BatchNorm statistics and then quantizer ranges, plus its weight clipping.
 
     Steps count train-mode forwards of the prepared model (automatic); epochs count calls of
-    `end_qat_epoch(model)`. A freeze happens once the count *exceeds* the given number, so
-    ``freeze_bn_step=100`` updates BN statistics in steps 1..100 and freezes them from step 101.
-    None never freezes by that counter.
+    `end_qat_epoch(model)` (once at the end of each epoch). N means "after N": with
+    ``freeze_bn_step=100`` BN statistics update in steps 1..100 and are frozen from step 101;
+    with ``freeze_bn_epoch=2`` they update in epochs 1 and 2 and are frozen from epoch 3.
+    None never freezes by that counter; 0 freezes at once.
     """
 
     freeze_bn_step: int | None = None
@@ -419,7 +420,7 @@ class QATController(nn.Module):
 
         def due(step_limit: int | None, epoch_limit: int | None) -> bool:
             return (step_limit is not None and step > step_limit) or (
-                epoch_limit is not None and epoch > epoch_limit
+                epoch_limit is not None and epoch >= epoch_limit
             )
 
         if not bool(self.bn_frozen) and due(schedule.freeze_bn_step, schedule.freeze_bn_epoch):

@@ -224,12 +224,12 @@ def test_schedule_freezes_batchnorm_then_ranges_by_step():
 
 
 def test_schedule_by_epoch():
-    schedule = qf.QATSchedule(freeze_bn_epoch=1, freeze_ranges_epoch=2)
+    schedule = qf.QATSchedule(freeze_bn_epoch=2, freeze_ranges_epoch=3)
     qm = qf.prepare_qat(ConvBnReLU(), _batches(1)[0], qf.QuantConfig(qat_schedule=schedule))
     _train(qm, _sgd(qm), _batches(1))
     qf.end_qat_epoch(qm)
     assert not bool(qm.qat_controller.bn_frozen)
-    qf.end_qat_epoch(qm)
+    qf.end_qat_epoch(qm)  # two epochs done: BN frozen from the third
     assert bool(qm.qat_controller.bn_frozen) and not bool(qm.qat_controller.ranges_frozen)
     qf.end_qat_epoch(qm)
     assert bool(qm.qat_controller.ranges_frozen)
