@@ -5,6 +5,7 @@
     cm = qf.convert(qm)                         # integer-exact simulation
 """
 
+from quantfx.analysis.precision import PrecisionReport, compare_bit_depths
 from quantfx.config import QuantConfig
 from quantfx.convert import convert
 from quantfx.errors import (
@@ -28,12 +29,14 @@ __all__ = [
     "ConvertError",
     "ExportError",
     "ExportReport",
+    "PrecisionReport",
     "PrepareError",
     "QATSchedule",
     "QuantConfig",
     "QuantFxError",
     "TraceError",
     "calibrate",
+    "compare_bit_depths",
     "convert",
     "export_onnx",
     "end_qat_epoch",

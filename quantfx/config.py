@@ -12,7 +12,8 @@ from quantfx.errors import ConfigError
 
 SUPPORTED_BITS = (8, 16)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
-WEIGHT_OBSERVERS = ("minmax",)
+WEIGHT_OBSERVERS = ("minmax", "mse")
+LAYER_ALIASES = ("first", "last")
 RANGE_SEARCHES = ("mse", "percentile", "none")
 
 
@@ -32,8 +33,10 @@ class QuantConfig:
     """Give each output channel of a depthwise convolution its own power-of-2 weight scale."""
     activation_observer: str = "histogram"
     """Range estimator for activations: "minmax", "moving_average" or "histogram"."""
-    weight_observer: str = "minmax"
-    """Range estimator for weights (weights are static, so min/max is exact)."""
+    weight_observer: str = "mse"
+    """Weight exponent choice: "minmax" (never clip) or "mse" (the exponent, among the
+    never-clipping one and up to four below it, with the least squared weight error: clipping
+    rare outlier weights when that halves the step for all the others)."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""
@@ -43,6 +46,12 @@ class QuantConfig:
     """Bins of a histogram observer (a power of two, so range doublings merge bins exactly)."""
     moving_average_momentum: float = 0.1
     """Weight of the newest batch in a "moving_average" observer."""
+    bias_calibration: bool = True
+    """After ranges are set, shift each layer's bias so the mean of its quantized output
+    matches the float output's mean per channel (layer by layer, in graph order)."""
+    sixteen_bit_layers: Sequence[str] = field(default_factory=tuple)
+    """Layers kept at 16 bit (weights and outputs): module paths or graph node names of
+    conv/linear layers, or "first" / "last" (TI's advice for regression-style networks)."""
     nonnegative_inputs: bool = False
     """Quantize the network inputs unsigned (e.g. images in [0, 1] that were not normalized)."""
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
@@ -87,6 +96,15 @@ class QuantConfig:
                 raise ConfigError(
                     f"QuantConfig.leaf_modules holds {leaf!r}: give nn.Module subclasses or "
                     "qualified module names such as 'backbone.head'."
+                )
+        if isinstance(self.sixteen_bit_layers, str):
+            self.sixteen_bit_layers = (self.sixteen_bit_layers,)
+        self.sixteen_bit_layers = tuple(self.sixteen_bit_layers)
+        for layer in self.sixteen_bit_layers:
+            if not isinstance(layer, str):
+                raise ConfigError(
+                    f"QuantConfig.sixteen_bit_layers holds {layer!r}: give layer names such as "
+                    "'features.0.0' or the aliases 'first' / 'last'."
                 )
         self.autowrap_functions = tuple(self.autowrap_functions)
         for function in self.autowrap_functions:

@@ -186,7 +186,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
     for node in graph.nodes:
         quantizer = module_of(working, node)
         if isinstance(quantizer, FakeQuantize):
-            exponent = quantizer.observer.exponent(quantizer.qmax)
+            exponent = quantizer.current_exponent()
             set_submodule(
                 working, node.target, Quantize(float(exponent), quantizer.bits, quantizer.signed)
             )
@@ -197,9 +197,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
         layer = module_of(working, node)
         if isinstance(layer, QuantLayer):
             weight_quantizer = layer.weight_quantizer
-            weight_quantizer.exponent.copy_(
-                weight_quantizer.observer.exponent(weight_quantizer.qmax)
-            )
+            weight_quantizer.current_exponent()
             input_exponent = _input_quantizer(working, node).exponent
             set_submodule(
                 working, node.target, QuantizedLayer(layer.layer, weight_quantizer, input_exponent)

@@ -42,6 +42,12 @@ class FakeQuantize(nn.Module):
         """True once the observer has seen at least one tensor."""
         return bool(self.observer.observed)
 
+    def current_exponent(self) -> Tensor:
+        """The exponent to convert with: fresh from the observer while it observes, else frozen."""
+        if bool(self.observer_enabled) and self.observed:
+            return self.compute_exponent()
+        return self.exponent
+
     def compute_exponent(self) -> Tensor:
         """Store and return the observer's proposed exponent(s)."""
         self.exponent.copy_(self.observer.exponent(self.qmax))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantfx.qmath import exponent_for_max
+from quantfx.qmath import exponent_for_max, fake_quantize
 
 SEARCH_DEPTH = 4
 """How many exponents below the never-clipping one an MSE search considers."""
@@ -162,10 +162,47 @@ class HistogramObserver(Observer):
         return float((error * self.histogram).sum())
 
 
+class WeightMSEObserver(MinMaxObserver):
+    """Min/max plus a least-squares exponent search on the (static) weight it saw last.
+
+    Among the never-clipping exponent and up to `SEARCH_DEPTH` below it, keep the one with the
+    smallest squared quantization error, per channel when `axis` is set. A lower exponent
+    saturates a few outlier weights and halves the step of all the others: this is the
+    weight-clipping step, decided by error rather than by a fixed threshold.
+    """
+
+    def update(self, x: Tensor) -> None:
+        super().update(x)
+        self.__dict__["last_weight"] = x.detach()
+
+    def exponent(self, qmax: int) -> Tensor:
+        no_clip = super().exponent(qmax)
+        weight = self.__dict__.get("last_weight")
+        if weight is None:
+            return no_clip
+        best, best_error = no_clip, self._squared_error(weight, no_clip, qmax)
+        for step in range(1, SEARCH_DEPTH + 1):
+            candidate = no_clip - step
+            error = self._squared_error(weight, candidate, qmax)
+            better = error < best_error
+            best = torch.where(better, candidate, best)
+            best_error = torch.where(better, error, best_error)
+        return best
+
+    def _squared_error(self, weight: Tensor, exponent: Tensor, qmax: int) -> Tensor:
+        weight = weight.float()
+        error = (fake_quantize(weight, exponent, -qmax - 1, qmax, self.axis) - weight).pow(2)
+        if self.axis is None:
+            return error.sum().to(torch.float64)
+        return error.transpose(0, self.axis).reshape(error.shape[self.axis], -1).sum(1).double()
+
+
 def make_observer(kind: str, **options) -> Observer:
     """Build an observer by its `QuantConfig` name."""
     if kind == "minmax":
         return MinMaxObserver(axis=options.get("axis"), channels=options.get("channels", 1))
+    if kind == "mse":
+        return WeightMSEObserver(axis=options.get("axis"), channels=options.get("channels", 1))
     if kind == "moving_average":
         return MovingAverageMinMaxObserver(
             momentum=options.get("momentum", 0.1),

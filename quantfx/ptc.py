@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantfx.bias_calibration import calibrate_biases
 from quantfx.config import QuantConfig
 from quantfx.errors import CalibrationError, PrepareError
 from quantfx.frontend import (
@@ -134,19 +135,25 @@ def calibrate(
     """Run `data` through a prepared model to estimate every quantizer's range.
 
     `data` is an iterable of batches: tensors, or tuples whose first items are the model's
-    inputs (a DataLoader of (images, labels) works as is). Returns the same model.
+    inputs (a DataLoader of (images, labels) works as is). With `bias_calibration` on (the
+    default) the batches are kept in memory and run again, once per layer depth, to correct
+    the biases. Returns the same model.
     """
-    check_prepared(model, "calibrate")
+    state = check_prepared(model, "calibrate")
     was_training = model.training
     model.eval()
     set_quant_mode(model, observe=True, quantize=False)
+    kept: list[tuple[torch.Tensor, ...]] = []
     try:
         with torch.no_grad():
             for inputs in iterate_batches(model, data, num_batches, "calibrate"):
                 model(*inputs)
+                kept.append(inputs)
+        for _, quantizer in quantizers(model):
+            if quantizer.observed:
+                quantizer.compute_exponent()
+        if state.config.bias_calibration and state.backend == "ptc":
+            calibrate_biases(model, kept, state.config.progress)
     finally:
         model.train(was_training)
-    for _, quantizer in quantizers(model):
-        if quantizer.observed:
-            quantizer.compute_exponent()
     return model

@@ -93,3 +93,24 @@ def test_state_dict_round_trip():
     restored = HistogramObserver()
     restored.load_state_dict(observer.state_dict())
     assert restored.exponent(127).item() == observer.exponent(127).item()
+
+
+def test_weight_mse_search_never_worse_than_round_up():
+    from quantfx.observers import WeightMSEObserver
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3) * 0.05
+    weight[0, 0, 0, 0] = 1.0  # one outlier weight
+    for axis, channels in ((None, 1), (0, 16)):
+        observer = WeightMSEObserver(axis=axis, channels=channels)
+        observer(weight)
+        chosen = observer.exponent(127)
+        no_clip = MinMaxObserver(axis=axis, channels=channels)
+        no_clip(weight)
+        round_up = no_clip.exponent(127)
+        assert (chosen <= round_up).all()
+        error_chosen = (fake_quantize(weight, chosen, -128, 127, axis) - weight).pow(2).sum()
+        error_round_up = (fake_quantize(weight, round_up, -128, 127, axis) - weight).pow(2).sum()
+        assert error_chosen <= error_round_up
+        if axis is None:
+            assert chosen < round_up  # clipping the lone outlier pays for everyone else

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantfx import modules as qm
-from quantfx.config import QuantConfig
+from quantfx.config import LAYER_ALIASES, QuantConfig
+from quantfx.errors import ConfigError
 from quantfx.fake_quant import FakeQuantize
 from quantfx.observers import make_observer
 from quantfx.passes.graph_utils import is_float_tensor, module_of, unique_submodule_name
+from quantfx.qmath import qrange
 
 QUANTIZER_PREFIX = "quantizers"
 
@@ -203,7 +205,9 @@ def _weight_quantizer(layer: nn.Module, config: QuantConfig) -> FakeQuantize:
     return FakeQuantize(observer, config.weight_bits, signed=True, axis=axis)
 
 
-def activation_quantizer(config: QuantConfig, signed: bool) -> FakeQuantize:
+def activation_quantizer(
+    config: QuantConfig, signed: bool, bits: int | None = None
+) -> FakeQuantize:
     """A fresh activation quantizer built from the config's observer choice."""
     observer = make_observer(
         config.activation_observer,
@@ -212,7 +216,7 @@ def activation_quantizer(config: QuantConfig, signed: bool) -> FakeQuantize:
         search=config.range_search,
         percentile=config.percentile,
     )
-    return FakeQuantize(observer, config.activation_bits, signed=signed)
+    return FakeQuantize(observer, bits or config.activation_bits, signed=signed)
 
 
 def wrap_weight_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int:
@@ -242,6 +246,49 @@ def wrap_weight_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int
     return count
 
 
+def sixteen_bit_layers(graph_module: fx.GraphModule, config: QuantConfig) -> set[fx.Node]:
+    """The layer nodes `config.sixteen_bit_layers` names ("first"/"last", paths, node names)."""
+    wanted = set(config.sixteen_bit_layers)
+    if not wanted:
+        return set()
+    layers = [
+        node
+        for node in graph_module.graph.nodes
+        if isinstance(module_of(graph_module, node), qm.QuantLayer)
+    ]
+    by_name = {node.target: node for node in layers} | {node.name: node for node in layers}
+    unknown = sorted(wanted - set(LAYER_ALIASES) - by_name.keys())
+    if unknown:
+        examples = ", ".join(repr(node.target) for node in layers[:8])
+        raise ConfigError(
+            f"QuantConfig.sixteen_bit_layers names {unknown}, which are not conv/linear layers "
+            f"of this model. Use 'first', 'last' or layer names such as {examples}."
+        )
+    chosen = {by_name[name] for name in wanted & by_name.keys()}
+    if "first" in wanted:
+        chosen.add(layers[0])
+    if "last" in wanted:
+        chosen.add(layers[-1])
+    return chosen
+
+
+def set_bits(quantizer: FakeQuantize, bits: int) -> None:
+    """Change a quantizer's width (its integer range follows)."""
+    quantizer.bits = bits
+    quantizer.qmin, quantizer.qmax = qrange(bits, quantizer.signed)
+
+
+def _output_bits(
+    graph_module: fx.GraphModule, node: fx.Node, wide: set[fx.Node], config: QuantConfig
+) -> int:
+    """16 for the output of a 16-bit layer (after its fused activation), else the default."""
+    if node in wide:
+        return 16
+    if isinstance(module_of(graph_module, node), FUSABLE_ACTIVATIONS) and first_input(node) in wide:
+        return 16
+    return config.activation_bits
+
+
 def _not(excluded: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not excluded
 
@@ -251,6 +298,9 @@ def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.Gr
     graph = graph_module.graph
     on_grid: set[fx.Node] = set()
     nonneg: set[fx.Node] = set()
+    wide = sixteen_bit_layers(graph_module, config)
+    for layer_node in wide:
+        set_bits(module_of(graph_module, layer_node).weight_quantizer, 16)
     for node in list(graph.nodes):
         if node.op == "output":
             continue
@@ -263,7 +313,9 @@ def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.Gr
         if not is_float_tensor(node) or _fused_into_activation(graph_module, node):
             continue
         name = unique_submodule_name(graph_module, f"{QUANTIZER_PREFIX}.{node.name}")
-        graph_module.add_submodule(name, activation_quantizer(config, signed=node not in nonneg))
+        bits = _output_bits(graph_module, node, wide, config)
+        quantizer = activation_quantizer(config, signed=node not in nonneg, bits=bits)
+        graph_module.add_submodule(name, quantizer)
         with graph.inserting_after(node):
             quant_node = graph.call_module(name, args=(node,))
         quant_node.meta = dict(node.meta)

@@ -1,0 +1,1 @@
+"""Diagnostics over quantized models (precision check)."""

@@ -1,0 +1,68 @@
+"""Mixed precision: named / first / last layers at 16 bit, and the 8-vs-16-bit check."""
+
+import pytest
+import torch
+
+import quantfx as qf
+from quantfx.convert import Quantize, QuantizedLayer
+from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
+
+
+def _bits(converted):
+    layers = {name: m.weight_bits for name, m in converted.named_modules()
+              if isinstance(m, QuantizedLayer)}
+    outputs = {name.removeprefix("quantizers."): m.bits for name, m in converted.named_modules()
+               if isinstance(m, Quantize)}
+    return layers, outputs
+
+
+def test_first_and_last_layers_at_16_bit():
+    config = qf.QuantConfig(sixteen_bit_layers=["first", "last"])
+    _, converted = quantize_model(randomize_batchnorm(ConvBnReLU()), config=config)
+    layers, outputs = _bits(converted)
+    assert layers == {"conv1": 16, "conv2": 8, "fc": 16}
+    # conv1's output is quantized after its fused ReLU; fc has no activation
+    assert outputs == {"x": 8, "relu": 16, "relu_1": 8, "pool": 8, "fc": 16}
+    assert converted.get_submodule("conv1").weight_int.dtype == torch.int16
+
+
+def test_layer_by_name():
+    config = qf.QuantConfig(sixteen_bit_layers=["conv2"])
+    _, converted = quantize_model(ConvBnReLU(), config=config)
+    layers, outputs = _bits(converted)
+    assert layers == {"conv1": 8, "conv2": 16, "fc": 8} and outputs["relu_1"] == 16
+
+
+def test_unknown_layer_name_is_an_error_that_lists_layers():
+    config = qf.QuantConfig(sixteen_bit_layers=["backbone.nope"])
+    with pytest.raises(qf.ConfigError, match="conv1"):
+        qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8), config)
+
+
+def test_sixteen_bit_layer_is_closer_to_float():
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    _, eight = quantize_model(model)
+    _, mixed = quantize_model(model, config=qf.QuantConfig(sixteen_bit_layers=["last"]))
+    with torch.no_grad():
+        reference = model(x)
+        assert qf.qmath.sqnr_db(reference, mixed(x)) > qf.qmath.sqnr_db(reference, eight(x))
+
+
+def test_compare_bit_depths_reports_and_explains():
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    reference_input = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(reference_input)
+
+    def evaluate(candidate):
+        if candidate is model:
+            return 100.0
+        with torch.no_grad():
+            return qf.qmath.sqnr_db(reference, candidate(reference_input))
+
+    report = qf.compare_bit_depths(model, data[0], data, evaluate, tolerance=40.0)
+    assert report.float_score == 100.0
+    assert report.int16_score > report.int8_score
+    assert "quantization" in report.verdict and "int16" in str(report)
