@@ -180,6 +180,18 @@ class WeightMSEObserver(MinMaxObserver):
         weight = self.__dict__.get("last_weight")
         if weight is None:
             return no_clip
+        # The search costs a few passes over the weight: reuse it while the weight is unchanged
+        # (the key survives deepcopy, unlike tensor identity or version counters).
+        fingerprint = float(weight.double().sum()), float(weight.double().pow(2).sum())
+        key = (qmax, tuple(weight.shape), fingerprint, tuple(no_clip.flatten().tolist()))
+        cached = self.__dict__.get("searched")
+        if cached is not None and cached[0] == key:
+            return cached[1].clone()
+        best = self._search(weight, no_clip, qmax)
+        self.__dict__["searched"] = (key, best)
+        return best.clone()
+
+    def _search(self, weight: Tensor, no_clip: Tensor, qmax: int) -> Tensor:
         best, best_error = no_clip, self._squared_error(weight, no_clip, qmax)
         for step in range(1, SEARCH_DEPTH + 1):
             candidate = no_clip - step

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from quantfx.passes.graph_utils import module_of
 
@@ -52,15 +52,14 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
             continue
         layer = module_of(graph_module, producer)
         bn = module_of(graph_module, node)
-        was_training = layer.training, bn.training
-        layer.eval()
-        bn.eval()
+        # The layer is this call site's own copy (see unshare): replace its parameters in place
+        # rather than deep-copying it, which costs as much as the rest of prepare.
+        statistics = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         if isinstance(layer, nn.Linear):
-            folded = fuse_linear_bn_eval(layer, bn)
+            weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, *statistics)
         else:
-            folded = fuse_conv_bn_eval(layer, bn)
-        folded.train(was_training[0])
-        set_submodule(graph_module, producer.target, folded)
+            weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *statistics)
+        layer.weight, layer.bias = weight, bias
         producer.meta = dict(node.meta)
         node.replace_all_uses_with(producer)
         graph_module.graph.erase_node(node)
