@@ -6,7 +6,7 @@ interleaved rounds and each reports the median step time; the ratios are against
 Also times the two activation range estimators per call (the EMA min/max QAT uses versus the
 histogram + MSE search PTC uses), which is why QAT uses the EMA.
 
-    /work/venv/bin/python benchmarks/qat_speed.py [--batch 32] [--size 64] [--threads 1]
+    /work/venv/bin/python -m benchmarks.qat_speed [--batch 32] [--size 64] [--threads 1]
 """
 
 from __future__ import annotations

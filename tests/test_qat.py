@@ -351,3 +351,25 @@ def test_prepare_qat_rejects_converted_and_qat_models():
     qm(x)
     with pytest.raises(qf.PrepareError, match="converted"):
         qf.prepare_qat(qf.convert(qm.eval()), x)
+
+
+def test_linear_with_batchnorm1d_folds_and_converts_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    randomize_batchnorm(model)
+    batches = [torch.randn(8, 12) for _ in range(3)]
+    qm = qf.prepare_qat(model, batches[0])
+    assert sum(layer.bn is not None for layer in _qat_layers(qm)) == 1
+    set_quant_mode(qm, observe=False, quantize=False)
+    reference = copy.deepcopy(model).train()
+    torch.testing.assert_close(qm(batches[0]), reference(batches[0]), rtol=1e-4, atol=1e-5)
+    set_quant_mode(qm, observe=True, quantize=True)
+    optimizer = _sgd(qm)
+    for batch in batches:
+        loss = qm(batch).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qm.eval()
+    with torch.no_grad():
+        assert torch.equal(qm(batches[0]), qf.convert(qm)(batches[0]))
