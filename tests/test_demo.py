@@ -40,3 +40,25 @@ def test_cli_help_describes_demo(capsys) -> None:
         cli_main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--data-dir" in capsys.readouterr().out
+
+
+def test_fashion_mnist_reader_on_synthetic_idx_files(tmp_path) -> None:
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from quantfx.demo import FASHION_MNIST_FILES, load_fashion_mnist_tensors
+
+    rng = np.random.default_rng(0)
+    for images_name, labels_name in FASHION_MNIST_FILES.values():
+        pixels = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=5, dtype=np.uint8)
+        with gzip.open(tmp_path / images_name, "wb") as stream:
+            stream.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 5, 28, 28) + pixels.tobytes())
+        with gzip.open(tmp_path / labels_name, "wb") as stream:
+            stream.write(struct.pack(">BBBBI", 0, 0, 8, 1, 5) + labels.tobytes())
+    images, targets = load_fashion_mnist_tensors("test", tmp_path)
+    assert images.shape == (5, 1, 28, 28) and images.dtype.is_floating_point
+    assert targets.dtype.is_floating_point is False and targets.shape == (5,)
+    assert int(targets.max()) < 10
