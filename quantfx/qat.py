@@ -33,6 +33,7 @@ from quantfx.convert import INT32_MAX, INT32_MIN, _fit_bias
 from quantfx.errors import ConfigError, PrepareError
 from quantfx.fake_quant import FakeQuantize
 from quantfx.frontend import (
+    STATE_ATTRIBUTE,
     QuantState,
     attach_state,
     build_graph,
@@ -48,6 +49,7 @@ from quantfx.passes.place import first_input, is_shape_only, place_quantizers
 from quantfx.qmath import dequantize, exponent_for_max, fake_quantize, quantize
 
 CONTROLLER_NAME = "qat_controller"
+PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
 
 
 @dataclass
@@ -558,6 +560,9 @@ def _finish(
     graph.lint()
     graph_module.recompile()
     attach_state(graph_module, state)
+    # GraphModule.__deepcopy__ keeps only attributes listed here: a deep copy of a QAT model
+    # (e.g. for an EMA of its weights) must still be a QAT model that `convert` accepts.
+    graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
     controller.apply_schedule()  # a schedule with 0 freezes at once
     return graph_module.train()
 

@@ -373,3 +373,20 @@ def test_linear_with_batchnorm1d_folds_and_converts_exactly():
     qm.eval()
     with torch.no_grad():
         assert torch.equal(qm(batches[0]), qf.convert(qm)(batches[0]))
+
+
+def test_a_deep_copy_of_a_qat_model_trains_on_and_converts():
+    torch.manual_seed(0)
+    qm = qf.prepare_qat(randomize_batchnorm(ConvBnReLU()), _batches(1)[0])
+    _train(qm, _sgd(qm), _batches(2))
+    twin = copy.deepcopy(qm)
+    _train(twin, _sgd(twin), _batches(1, seed=4))
+    assert int(twin.qat_controller.step) == 3 and int(qm.qat_controller.step) == 2
+    twin_modules = {id(module) for module in twin.modules()}
+    for layer in _qat_layers(twin):  # the copy's layers read the copy's own quantizers
+        assert id(layer.input_quantizer) in twin_modules
+    assert all(id(layer) in twin_modules for layer in twin.qat_controller.layers)
+    twin.eval()
+    x = _batches(1, seed=6)[0]
+    with torch.no_grad():
+        assert torch.equal(twin(x), qf.convert(twin)(x))
