@@ -836,8 +836,16 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], mode: str = Q
     """The ONNX model of converted `model` at the static shapes of `inputs` (no checks on the
     model's stage: `export_onnx` does those). `mode` is "qdq", "clip" or "float"."""
     recorder = _Recorder(model)
-    with torch.no_grad():
-        recorder.run(*inputs)
+    try:
+        with torch.no_grad():
+            recorder.run(*inputs)
+    except Exception as error:  # noqa: BLE001 - the model rejected the inputs
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ExportError(
+            f"the converted model fails on example_inputs of shape(s) {shapes}: "
+            f"{type(error).__name__}: {error}\nFix: pass inputs as the model's forward takes "
+            "them (same number, rank and channel count as at prepare time)."
+        ) from error
     builder = _Builder(model, recorder.records, mode, opset)
     graph_inputs, graph_outputs = [], []
     for node in model.graph.nodes:
@@ -1161,18 +1169,7 @@ def export_onnx(
     )
     chosen_opset = _choose_opset(opset, legacy, needs_int16)
     model.eval()
-    try:
-        onnx_model, bit_widths = build_model(model, inputs, CLIP if legacy else QDQ,
-                                             chosen_opset)
-    except ExportError:
-        raise
-    except Exception as error:  # noqa: BLE001 - the model rejected the inputs
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ExportError(
-            f"the converted model fails on example_inputs of shape(s) {shapes}: "
-            f"{type(error).__name__}: {error}\nFix: pass inputs as the model's forward takes them "
-            "(same number, rank and channel count as at prepare time)."
-        ) from error
+    onnx_model, bit_widths = build_model(model, inputs, CLIP if legacy else QDQ, chosen_opset)
     problems = check_constraints(onnx_model)
     if problems:
         raise ExportError("the exported graph breaks TIDL constraints: " + "; ".join(problems))
