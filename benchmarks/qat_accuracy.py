@@ -20,7 +20,7 @@ eval() is checked to agree with it bit for bit on the first 500 test images.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-tensor-depthwise", action="store_true",
+                        help="one weight scale per depthwise layer (TDA4VM-style), the hard case")
     parser.add_argument("--variants", nargs="+", default=["float", "ptc", "ptc_frozen"],
                         help="QAT variants: float (QAT from float), ptc, ptc_frozen")
     args = parser.parse_args()
@@ -99,7 +101,8 @@ def main() -> None:
 
     images = calibration_subset(1000).tensors[0]
     calibration = [images[i:i + 100] for i in range(0, len(images), 100)]
-    prepared = qf.prepare(model, example, qf.QuantConfig(progress=False))
+    base = qf.QuantConfig(progress=False, per_channel_depthwise=not args.per_tensor_depthwise)
+    prepared = qf.prepare(model, example, base)
     qf.calibrate(prepared, calibration)
     results["PTC"] = accuracy(qf.convert(prepared), test_data)
     print(f"PTC: {results['PTC']:.2f}%", flush=True)
@@ -107,7 +110,7 @@ def main() -> None:
     steps_per_epoch = len(train_data) // 128
     schedule = qf.QATSchedule(freeze_bn_epoch=max(args.qat_epochs - 1, 0),
                               freeze_ranges_step=int((args.qat_epochs - 0.5) * steps_per_epoch))
-    config = qf.QuantConfig(progress=False, qat_schedule=schedule)
+    config = dataclasses.replace(base, qat_schedule=schedule)
     for variant in args.variants:
         start = time.perf_counter()
         if variant == "float":
@@ -122,11 +125,13 @@ def main() -> None:
                 qf.qat.freeze_ranges(qat_model)
                 label += ", frozen PTC ranges"
         print(f"{label}: fine-tuning {args.qat_epochs} epochs at lr {args.qat_lr}", flush=True)
-        results[label] = qat_finetune(copy.deepcopy(qat_model), train_data, test_data,
+        results[label] = qat_finetune(qat_model, train_data, test_data,
                                       args.qat_epochs, args.qat_lr, args.seed)
         print(f"{label}: {results[label]:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"\nFashion-MNIST test accuracy (10k images), {args.model}, int8 power-of-2:")
+    depthwise = "per-tensor" if args.per_tensor_depthwise else "per-channel"
+    print(f"\nFashion-MNIST test accuracy (10k images), {args.model}, int8 power-of-2, "
+          f"{depthwise} depthwise weights:")
     for label, value in results.items():
         delta = "" if label == "float" else f"  ({value - results['float']:+.2f} vs float)"
         print(f"  {label:<36}{value:6.2f}%{delta}")
