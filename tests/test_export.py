@@ -257,6 +257,21 @@ def test_sixteen_bit_layers_from_config_are_listed(tmp_path) -> None:
     assert report.max_lsb_diff <= 1.0
 
 
+def test_qat_model_exports_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(16, 3, 16, 16)
+    prepared = qf.prepare_qat(_small_cnn().train(), (data[:1],), qf.QuantConfig(progress=False))
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+    for batch in data.split(4):
+        loss = prepared(batch).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    converted = qf.convert(prepared.eval())
+    report = qf.export_onnx(converted, (data[:4],), tmp_path / "qat.onnx", verify_data=data)
+    assert report.fraction_identical == 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Legacy (TDA4VM, no QDQ)
 
