@@ -172,6 +172,37 @@ def test_op_zoo_is_bit_exact(tmp_path) -> None:
     assert per_channel[0].attribute[0].i == 0
 
 
+class ResizeNet(nn.Module):
+    """Resize in three modes, GELU/tanh/leaky branches, permute + reshape + strided slicing,
+    stack and a multiplication by a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.second = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.first(x))
+        y = (F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+             + F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
+             + F.interpolate(y, size=(32, 32), mode="nearest"))
+        z = self.second(y)
+        z = F.gelu(z) + F.leaky_relu(z) + torch.tanh(z)
+        z = z.permute(0, 2, 3, 1).reshape(z.shape[0], -1, 8)[:, ::2, :]
+        return torch.stack([z, z * 0.5], dim=-1).flatten(1)
+
+
+@pytest.mark.parametrize("opset", [None, 18, 21])
+def test_resize_and_shape_ops_are_bit_exact_across_opsets(tmp_path, opset) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(8, 3, 16, 16)
+    converted = _convert(ResizeNet(), data)
+    report = qf.export_onnx(converted, (data[:2],), tmp_path / "resize.onnx", opset=opset,
+                            verify_data=data)
+    assert report.opset == (opset or export_module.DEFAULT_QDQ_OPSET)
+    assert report.fraction_identical >= 0.999 and report.max_lsb_diff <= 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # 16 bit
 
