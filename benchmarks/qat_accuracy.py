@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight-clip-std", type=float, default=12.0,
+                        help="QATSchedule.weight_clip_std (one-time clip of folded weights)")
     parser.add_argument("--per-tensor-depthwise", action="store_true",
                         help="one weight scale per depthwise layer (TDA4VM-style), the hard case")
     parser.add_argument("--variants", nargs="+", default=["float", "ptc", "ptc_frozen"],
@@ -109,7 +111,8 @@ def main() -> None:
 
     steps_per_epoch = len(train_data) // 128
     schedule = qf.QATSchedule(freeze_bn_epoch=max(args.qat_epochs - 1, 0),
-                              freeze_ranges_step=int((args.qat_epochs - 0.5) * steps_per_epoch))
+                              freeze_ranges_step=int((args.qat_epochs - 0.5) * steps_per_epoch),
+                              weight_clip_std=args.weight_clip_std)
     config = dataclasses.replace(base, qat_schedule=schedule)
     for variant in args.variants:
         start = time.perf_counter()
