@@ -49,6 +49,9 @@ class QuantConfig:
     bias_calibration: bool = True
     """After ranges are set, shift each layer's bias so the mean of its quantized output
     matches the float output's mean per channel (layer by layer, in graph order)."""
+    bias_calibration_samples: int = 512
+    """How many calibration samples (from the first batches) bias calibration uses: it runs
+    them once per layer depth, and per-channel means settle long before ranges do."""
     sixteen_bit_layers: Sequence[str] = field(default_factory=tuple)
     """Layers kept at 16 bit (weights and outputs): module paths or graph node names of
     conv/linear layers, or "first" / "last" (TI's advice for regression-style networks)."""
@@ -97,6 +100,11 @@ class QuantConfig:
                     f"QuantConfig.leaf_modules holds {leaf!r}: give nn.Module subclasses or "
                     "qualified module names such as 'backbone.head'."
                 )
+        if not isinstance(self.bias_calibration_samples, int) or self.bias_calibration_samples < 1:
+            raise ConfigError(
+                f"QuantConfig.bias_calibration_samples={self.bias_calibration_samples!r} must be "
+                "a positive integer (e.g. 512)."
+            )
         if isinstance(self.sixteen_bit_layers, str):
             self.sixteen_bit_layers = (self.sixteen_bit_layers,)
         self.sixteen_bit_layers = tuple(self.sixteen_bit_layers)

@@ -136,19 +136,23 @@ def calibrate(
 
     `data` is an iterable of batches: tensors, or tuples whose first items are the model's
     inputs (a DataLoader of (images, labels) works as is). With `bias_calibration` on (the
-    default) the batches are kept in memory and run again, once per layer depth, to correct
-    the biases. Returns the same model.
+    default) the first batches (`bias_calibration_samples`) are kept in memory and run again,
+    once per layer depth, to correct the biases. Returns the same model.
     """
     state = check_prepared(model, "calibrate")
     was_training = model.training
     model.eval()
     set_quant_mode(model, observe=True, quantize=False)
     kept: list[tuple[torch.Tensor, ...]] = []
+    kept_samples = 0
+    budget = state.config.bias_calibration_samples if state.config.bias_calibration else 0
     try:
         with torch.no_grad():
             for inputs in iterate_batches(model, data, num_batches, "calibrate"):
                 model(*inputs)
-                kept.append(inputs)
+                if kept_samples < budget:
+                    kept.append(inputs)
+                    kept_samples += inputs[0].shape[0] if inputs[0].dim() else 1
         for _, quantizer in quantizers(model):
             if quantizer.observed:
                 quantizer.compute_exponent()
