@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weight-clip-std", type=float, default=12.0,
+    parser.add_argument("--weight-clip-std", type=float, default=4.0,
                         help="QATSchedule.weight_clip_std (one-time clip of folded weights)")
     parser.add_argument("--per-tensor-depthwise", action="store_true",
                         help="one weight scale per depthwise layer (TDA4VM-style), the hard case")

@@ -71,10 +71,11 @@ class QATSchedule:
     """Epochs (calls of `end_qat_epoch`) after which BN statistics freeze."""
     freeze_ranges_epoch: int | None = None
     """Epochs after which activation ranges freeze."""
-    weight_clip_std: float | None = 12.0
+    weight_clip_std: float | None = 4.0
     """One-time clip at `prepare_qat` of BN-folded weights beyond this many standard deviations
-    (of their tensor, or channel when per-channel): tames extreme outliers that would otherwise
-    waste most of a power-of-2 per-tensor range. None disables it."""
+    (of their tensor, or channel when per-channel): tames outliers that would otherwise waste
+    most of a power-of-2 per-tensor range (measured: per-tensor depthwise MobileNetV2-style QAT
+    89.5% at 12, 91.6% at 4, float 91.5%). None disables it."""
 
     def __post_init__(self) -> None:
         for name in (
