@@ -22,26 +22,37 @@ from benchmarks.training import configure_threads
 MODELS = ("resnet18", "mobilenet_v2")
 BATCH = 64
 SIZE = 112
-REPEATS = 3
+REPEATS = 5
 
 DESCRIPTION = (
     f"Calibration forward (observers recording ranges, under no_grad) vs float forward: median "
-    f"of {REPEATS} timed batches after one warm-up, batch {BATCH}, input {SIZE}x{SIZE}, random "
-    "weights. Ratio > 1 means calibration is slower than inference."
+    f"of {REPEATS} timed batches after one warm-up, "
+    f"float and calibration runs alternating, batch {BATCH}, input {SIZE}x{SIZE}, random "
+    "weights. Ratio > 1 means calibration is slower than inference. quantfx's prepared model "
+    "has BatchNorm folded into the convs, so its forward skips the float model's BN passes."
 )
 
 
-def median_forward_seconds(model: Callable, images: torch.Tensor) -> tuple[float, float]:
-    """Median wall and CPU time of a no-grad forward of `images` after one warm-up pass."""
-    wall, cpu = [], []
+def median_forward_seconds(
+    float_model: Callable, observed_model: Callable, images: torch.Tensor
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (wall, CPU) time of a no-grad forward of each model, after one warm-up pass.
+
+    The two models alternate, so that load from other processes drifting over time affects
+    both alike (this machine is shared).
+    """
+    times: dict[int, tuple[list[float], list[float]]] = {0: ([], []), 1: ([], [])}
     with torch.no_grad():
-        model(images)
+        float_model(images)
+        observed_model(images)
         for _ in range(REPEATS):
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            model(images)
-            wall.append(time.perf_counter() - start_wall)
-            cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+            for index, model in enumerate((float_model, observed_model)):
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                model(images)
+                times[index][0].append(time.perf_counter() - start_wall)
+                times[index][1].append(time.process_time() - start_cpu)
+    return tuple(  # type: ignore[return-value]
+        (statistics.median(wall), statistics.median(cpu)) for wall, cpu in times.values())
 
 
 def torch_ao_observed(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Callable:
@@ -60,7 +71,6 @@ def measure_model(name: str, table: Table) -> list[tuple[str, float]]:
     model = torchvision.models.get_model(name, weights=None).eval()
     images = torch.randn(BATCH, 3, SIZE, SIZE)
     example = (images[:1],)
-    float_wall, float_cpu = median_forward_seconds(model, images)
     observed = {
         "quantfx default (histogram)": qf.prepare(model, example, qf.QuantConfig(progress=False)),
         "quantfx min/max": qf.prepare(
@@ -69,7 +79,7 @@ def measure_model(name: str, table: Table) -> list[tuple[str, float]]:
     }
     ratios = []
     for method, prepared in observed.items():
-        wall, cpu = median_forward_seconds(prepared, images)
+        (float_wall, float_cpu), (wall, cpu) = median_forward_seconds(model, prepared, images)
         table.add(model=name, **{"float forward s": float_wall, "float CPU s": float_cpu,
                                  "method": method, "calibration forward s": wall,
                                  "calibration CPU s": cpu, "ratio (CPU)": cpu / float_cpu,
