@@ -159,6 +159,62 @@ def write_report(results: list[PartResult], part_order: list[str], command: str)
     document["generated_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     JSON_PATH.write_text(json.dumps(document, indent=1, default=str) + "\n")
     MARKDOWN_PATH.write_text(render_markdown(document, part_order))
+    update_readme_summary(document)
+
+
+README_PATH = REPO_ROOT / "README.md"
+SUMMARY_START = "<!-- benchmarks-summary:start -->"
+SUMMARY_END = "<!-- benchmarks-summary:end -->"
+SUMMARY_METHODS = {
+    "float": "float",
+    "quantfx PTC default (histogram+MSE)": "quantfx PTC",
+    "quantfx PTC 16-bit": "quantfx 16-bit",
+    "quantfx QAT (from PTC default)": "quantfx QAT",
+    "ORT on quantfx export (default)": "ORT on quantfx file",
+    "torch.ao FX PTQ (x86)": "torch.ao FX PTQ",
+    "ORT quantize_static MinMax": "ORT quantize_static",
+}
+
+
+def _table(document: dict[str, Any], part: str, title: str) -> dict[str, Any] | None:
+    tables = document.get("parts", {}).get(part, {}).get("tables", [])
+    return next((table for table in tables if table["title"] == title), None)
+
+
+def render_summary(document: dict[str, Any]) -> str:
+    """The README's results section: accuracy per method, coverage, calibration overhead."""
+    lines = [f"From `docs/benchmarks.md` (generated {document.get('generated_at', '')} by "
+             "`python3 -m nox -s bench`; do not edit here).", ""]
+    accuracy = _table(document, "accuracy", "Fashion-MNIST accuracy (top-1 %, 10k test images)")
+    if accuracy:
+        models = list(dict.fromkeys(row["model"] for row in accuracy["rows"]))
+        methods = [m for m in SUMMARY_METHODS if any(r["method"] == m for r in accuracy["rows"])]
+        pivot = Table("Fashion-MNIST top-1 % (int8 unless noted)",
+                      ["model", *[SUMMARY_METHODS[m] for m in methods]])
+        for model in models:
+            cells = {row["method"]: row["accuracy %"] for row in accuracy["rows"]
+                     if row["model"] == model}
+            pivot.add(model=model, **{SUMMARY_METHODS[m]: cells.get(m, "") for m in methods})
+        lines.append(markdown_table(pivot))
+    for part, title in (("coverage", "Coverage summary"),
+                        ("speed", "Calibration forward / float forward")):
+        table = _table(document, part, title)
+        if table:
+            lines.append(markdown_table(Table(**table)))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme_summary(document: dict[str, Any]) -> None:
+    """Replace the README's section between the summary markers with the report's summary."""
+    if not README_PATH.is_file():
+        return
+    text = README_PATH.read_text()
+    if SUMMARY_START not in text or SUMMARY_END not in text:
+        return
+    head, rest = text.split(SUMMARY_START, 1)
+    _, tail = rest.split(SUMMARY_END, 1)
+    summary = render_summary(document)
+    README_PATH.write_text(f"{head}{SUMMARY_START}\n{summary}{SUMMARY_END}{tail}")
 
 
 def render_markdown(document: dict[str, Any], part_order: list[str]) -> str:
