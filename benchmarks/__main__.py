@@ -9,12 +9,15 @@ import time
 
 from benchmarks.report import command_line, markdown_table, write_report
 
-# Part name -> module with `run(progress: bool) -> PartResult`, in report order.
+# Part name -> "module" with `run(progress: bool) -> PartResult`, or "module:function", in
+# report order.
 PARTS = {
     "accuracy": "benchmarks.accuracy",
     "speed": "benchmarks.speed",
     "prepare_speed": "benchmarks.prepare_speed",
     "coverage": "benchmarks.coverage",
+    "qat_step": "benchmarks.deployment:run_qat_step",
+    "onnx_runtime": "benchmarks.deployment:run_onnx_runtime",
 }
 
 
@@ -39,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        result = importlib.import_module(PARTS[name]).run(progress=not args.no_progress)
+        module_name, _, function_name = PARTS[name].partition(":")
+        part = getattr(importlib.import_module(module_name), function_name or "run")
+        result = part(progress=not args.no_progress)
         result.seconds = time.perf_counter() - start
         result.finished_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         results.append(result)

@@ -92,9 +92,27 @@ def build_graph(
     return graph_module, inputs
 
 
+PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
+
+
 def attach_state(graph_module: fx.GraphModule, state: QuantState) -> None:
-    """Record quantfx's state on the model (it survives deepcopy)."""
+    """Record quantfx's state on the model.
+
+    GraphModule.__deepcopy__ keeps only the attributes listed under this meta key, so the state
+    is listed there too: a deep copy of a prepared model (e.g. an EMA copy) is still one.
+    """
     setattr(graph_module, STATE_ATTRIBUTE, state)
+    graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
+
+
+def require_layers(count: int, model: nn.Module) -> None:
+    """Raise a `PrepareError` when tracing reached no conv/linear layer to quantize."""
+    if count == 0:
+        raise PrepareError(
+            f"{type(model).__name__} has no quantizable layer (no Conv1d/Conv2d/Conv3d/Linear "
+            "reached by tracing). If its layers live in a leaf module, do not list it in "
+            "QuantConfig.leaf_modules."
+        )
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantize]]:

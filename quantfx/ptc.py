@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from quantfx.bias_calibration import calibrate_biases
 from quantfx.config import QuantConfig
-from quantfx.errors import CalibrationError, PrepareError
+from quantfx.errors import CalibrationError
 from quantfx.frontend import (
     QuantState,
     attach_state,
@@ -20,6 +20,7 @@ from quantfx.frontend import (
     check_config,
     input_shapes,
     quantizers,
+    require_layers,
     set_quant_mode,
     state_of,
 )
@@ -38,12 +39,7 @@ def prepare(
     config = check_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
-    if wrap_weight_layers(graph_module, config) == 0:
-        raise PrepareError(
-            f"{type(model).__name__} has no quantizable layer (no Conv1d/Conv2d/Conv3d/Linear "
-            "reached by tracing). If its layers live in a leaf module, do not list it in "
-            "QuantConfig.leaf_modules."
-        )
+    require_layers(wrap_weight_layers(graph_module, config), model)
     place_quantizers(graph_module, config)
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, "ptc", "prepared", input_shapes(inputs)))
@@ -140,6 +136,12 @@ def calibrate(
     once per layer depth, to correct the biases. Returns the same model.
     """
     state = check_prepared(model, "calibrate")
+    if state.backend != "ptc":
+        raise CalibrationError(
+            "calibrate is for models returned by quantfx.prepare; a QAT model estimates its "
+            "ranges while it trains. To start QAT from calibrated ranges, calibrate the "
+            "prepared model and pass it to quantfx.prepare_qat."
+        )
     was_training = model.training
     model.eval()
     set_quant_mode(model, observe=True, quantize=False)

@@ -33,12 +33,12 @@ from quantfx.convert import INT32_MAX, INT32_MIN, _fit_bias
 from quantfx.errors import ConfigError, PrepareError
 from quantfx.fake_quant import FakeQuantize
 from quantfx.frontend import (
-    STATE_ATTRIBUTE,
     QuantState,
     attach_state,
     build_graph,
     check_config,
     input_shapes,
+    require_layers,
     state_of,
 )
 from quantfx.modules import WEIGHT_LAYERS, QuantLayer, is_depthwise, layer_forward
@@ -49,7 +49,6 @@ from quantfx.passes.place import first_input, is_shape_only, place_quantizers
 from quantfx.qmath import dequantize, exponent_for_max, fake_quantize, quantize
 
 CONTROLLER_NAME = "qat_controller"
-PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
 
 
 @dataclass
@@ -560,10 +559,7 @@ def _finish(
             controller.activation_quantizers.append(module)
     graph.lint()
     graph_module.recompile()
-    attach_state(graph_module, state)
-    # GraphModule.__deepcopy__ keeps only attributes listed here: a deep copy of a QAT model
-    # (e.g. for an EMA of its weights) must still be a QAT model that `convert` accepts.
-    graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
+    attach_state(graph_module, state)  # survives deepcopy (an EMA copy is still a QAT model)
     controller.apply_schedule()  # a schedule with 0 freezes at once
     return graph_module.train()
 
@@ -583,12 +579,7 @@ def prepare_qat(
     config = check_config(config)
     schedule = _schedule_of(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=True)
-    if _wrap_layers(graph_module, config) == 0:
-        raise PrepareError(
-            f"{type(model).__name__} has no quantizable layer (no Conv1d/Conv2d/Conv3d/Linear "
-            "reached by tracing). If its layers live in a leaf module, do not list it in "
-            "QuantConfig.leaf_modules."
-        )
+    require_layers(_wrap_layers(graph_module, config), model)
     place_quantizers(graph_module, config)
     _replace_activation_quantizers(graph_module, config)
     state = QuantState(config, "qat", "prepared", input_shapes(inputs))

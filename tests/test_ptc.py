@@ -189,3 +189,16 @@ def test_all_errors_share_the_base_class():
         qf.ExportError,
     ):
         assert issubclass(error, qf.QuantFxError)
+
+
+def test_deep_copy_of_a_prepared_model_is_still_prepared():
+    prepared = qf.prepare(ConvBnReLU(), X)
+    qf.calibrate(prepared, [X])
+    copied = copy.deepcopy(prepared)
+    with torch.no_grad():
+        assert torch.equal(qf.convert(copied)(X), qf.convert(prepared)(X))
+
+
+def test_calibrating_a_qat_model_is_an_error():
+    with pytest.raises(qf.CalibrationError, match="prepare_qat"):
+        qf.calibrate(qf.prepare_qat(ConvBnReLU(), X), [X])

@@ -12,6 +12,7 @@ from quantfx.fake_quant import FakeQuantize
 from quantfx.frontend import set_quant_mode
 from quantfx.qat import QATFakeQuantize, QATLayer, freeze_ranges
 from quantfx.qmath import fake_quantize
+from tests.helpers import randomize_batchnorm
 
 torch.set_num_threads(1)
 
@@ -34,19 +35,6 @@ class ConvBnReLU(nn.Module):
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(shape, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(shape, generator=generator) * 0.1)
-    return model
 
 
 def _batches(count: int, shape=(4, 3, 16, 16), seed: int = 0) -> list[torch.Tensor]:
