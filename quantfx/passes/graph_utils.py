@@ -24,15 +24,6 @@ def is_float_tensor(node: Any) -> bool:
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
-def tensor_args(node: fx.Node) -> list[fx.Node]:
-    """The argument nodes of `node` (flattened) that carry float tensors, in order."""
-    found: list[fx.Node] = []
-    fx.node.map_arg(
-        (node.args, node.kwargs), lambda arg: found.append(arg) if is_float_tensor(arg) else None
-    )
-    return found
-
-
 def unique_submodule_name(graph_module: fx.GraphModule, wanted: str) -> str:
     """`wanted` (dots allowed), or with a numeric suffix if that attribute path is taken."""
 
