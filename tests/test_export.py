@@ -446,3 +446,32 @@ def test_unknown_op_names_the_node(tmp_path) -> None:
     with pytest.raises(qf.ExportError, match=r"'cumsum'.*cumsum"):
         qf.export_onnx(converted, (data[:1],), tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+class ChannelsLastNorm(nn.Module):
+    """torchvision's LayerNorm2d pattern (functional layer_norm on permuted features) plus a
+    free layer-scale parameter, as in ConvNeXt."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.norm_weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.norm_bias = nn.Parameter(torch.randn(channels) * 0.1)
+        self.layer_scale = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+        self.head = nn.Linear(channels, 4)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias, 1e-6)
+        x = self.layer_scale * x.permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_layer_norm_and_free_parameters_export_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ChannelsLastNorm().eval()
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(model, inputs)
+    assert any(isinstance(m, nn.LayerNorm) for m in converted.modules())
+    report = qf.export_onnx(converted, (inputs,), str(tmp_path / "norm.onnx"))
+    assert report.max_lsb_diff <= 1

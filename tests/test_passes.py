@@ -190,3 +190,27 @@ def test_depthwise_weights_are_per_channel_by_default():
         ConvBnReLU(), torch.randn(1, 3, 8, 8), QuantConfig(per_channel_depthwise=False)
     )
     assert off.get_submodule("conv2").weight_quantizer.axis is None
+
+
+class FunctionalLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+        self.bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        return F.layer_norm(x, (4,), self.weight, self.bias, 1e-6)
+
+
+def test_functional_layer_norm_becomes_a_module_sharing_its_parameters():
+    model = FunctionalLayerNorm().eval()
+    x = torch.randn(2, 3, 5, 5)
+    graph_module, _ = build_graph(model, (x,), QuantConfig(), training=True)
+    norms = [m for m in graph_module.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 1
+    assert norms[0].weight is graph_module.weight and norms[0].bias is graph_module.bias
+    assert not any(node.op == "get_attr" for node in graph_module.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(graph_module(x), model(x))

@@ -10,6 +10,7 @@ it, int16 and per-channel weights need no exporter support, and nothing in torch
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import operator
@@ -355,6 +356,42 @@ def _emit_batchnorm(b: _Builder, node: fx.Node, bn: nn.modules.batchnorm._BatchN
     b.add("BatchNormalization", [b.tensor_input(node)] + names, [node.name], node.name,
           epsilon=float(bn.eps))
     b.env[node] = node.name
+
+
+def _reduce_mean(b: _Builder, source: str, output: str, axes: list[int]) -> None:
+    if b.opset >= 18:
+        b.add("ReduceMean", [source, b.int64_constant(f"{output}.axes", axes)], [output], output,
+              keepdims=1)
+    else:
+        b.add("ReduceMean", [source], [output], output, axes=axes, keepdims=1)
+
+
+def _emit_layer_norm(b: _Builder, node: fx.Node, norm: nn.LayerNorm) -> None:
+    """LayerNorm as ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div (+ affine): works at any opset.
+
+    (LayerNormalization exists only from opset 17; the result is float and the quantizer that
+    follows rounds it, so float-rounding differences can move an element by 1 LSB.)
+    """
+    rank = len(b.input_info(node).shape)
+    axes = list(range(rank - len(norm.normalized_shape), rank))
+    source, name = b.tensor_input(node), node.name
+    _reduce_mean(b, source, f"{name}.mean", axes)
+    b.add("Sub", [source, f"{name}.mean"], [f"{name}.centered"], f"{name}.centered")
+    b.add("Mul", [f"{name}.centered", f"{name}.centered"], [f"{name}.squared"], f"{name}.squared")
+    _reduce_mean(b, f"{name}.squared", f"{name}.variance", axes)
+    epsilon = b.float_constant(f"{name}.eps", norm.eps)
+    b.add("Add", [f"{name}.variance", epsilon], [f"{name}.variance_eps"], f"{name}.variance_eps")
+    b.add("Sqrt", [f"{name}.variance_eps"], [f"{name}.std"], f"{name}.std")
+    normalized = name if norm.weight is None and norm.bias is None else f"{name}.normalized"
+    b.add("Div", [f"{name}.centered", f"{name}.std"], [normalized], normalized)
+    if normalized != name:
+        weight = b.float_constant(f"{name}.weight", norm.weight.detach().cpu().numpy()
+                                  if norm.weight is not None else np.ones(norm.normalized_shape))
+        bias = b.float_constant(f"{name}.bias", norm.bias.detach().cpu().numpy()
+                                if norm.bias is not None else np.zeros(norm.normalized_shape))
+        b.add("Mul", [normalized, weight], [f"{name}.scaled"], f"{name}.scaled")
+        b.add("Add", [f"{name}.scaled", bias], [name], name)
+    b.env[node] = name
 
 
 def _simple(op_type: str, **attributes: Any) -> Emitter:
@@ -747,6 +784,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module], Emitter]] = [
     (nn.GELU, _emit_gelu),
     (nn.Softmax, _emit_softmax),
     (nn.modules.batchnorm._BatchNorm, _emit_batchnorm),
+    (nn.LayerNorm, _emit_layer_norm),
     (qm.Add, _binary("Add")),
     (qm.Sub, _binary("Sub")),
     (qm.Mul, _binary("Mul")),
@@ -856,8 +894,11 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], mode: str = Q
                                                               list(info.shape)))
             builder.env[node] = node.name
         elif node.op == "get_attr":
-            raise ExportError(f"cannot export node '{node.name}': attribute fetch "
-                              f"'{node.target}' (a free tensor in the graph) is not supported.")
+            value = functools.reduce(getattr, node.target.split("."), model)  # param/buffer
+            if not isinstance(value, torch.Tensor):
+                raise ExportError(f"cannot export node '{node.name}': attribute fetch "
+                                  f"'{node.target}' is not a tensor.")
+            builder.env[node] = builder.constant(node.name, value.detach().cpu().numpy())
         elif node.op == "output":
             outputs = _flatten_outputs(node.args[0])
             for index, out in enumerate(outputs):

@@ -210,6 +210,37 @@ def _holds_node(value: Any) -> bool:
     return bool(found)
 
 
+def _layer_norm_to_module(graph_module: fx.GraphModule, node: fx.Node) -> None:
+    """`F.layer_norm(x, shape, weight, bias, eps)` → `nn.LayerNorm` that *shares* weight/bias.
+
+    The affine parameters arrive as get_attr nodes; the module takes the same Parameter
+    objects, so training updates the model's own parameters.
+    """
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    source, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+    affine = [arg for arg in (weight, bias) if arg is not None]
+    shape = bound.get("normalized_shape")
+    if not is_float_tensor(source) or any(
+        not isinstance(arg, fx.Node) or arg.op != "get_attr" for arg in affine
+    ) or not isinstance(shape, (list, tuple, int)):
+        return
+    if _holds_node(shape):  # e.g. (x.shape[-1],): the trailing dims of the traced input
+        count = 1 if isinstance(shape, int) else len(shape)
+        shape = tuple(source.meta["tensor_meta"].shape[-count:])
+    norm = nn.LayerNorm(shape, eps=bound.get("eps", 1e-5),
+                        elementwise_affine=bool(affine), bias=bias is not None)
+    for attribute, arg in (("weight", weight), ("bias", bias)):
+        if arg is not None:
+            owner, _, leaf = arg.target.rpartition(".")
+            parent = graph_module.get_submodule(owner) if owner else graph_module
+            setattr(norm, attribute, getattr(parent, leaf))
+    replace_with_module(graph_module, node, norm, (source,))
+    for arg in affine:
+        if not arg.users:
+            graph_module.graph.erase_node(arg)
+
+
 def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     """Replace every tabled functional / Tensor-method call by a call of a fresh module.
 
@@ -219,6 +250,9 @@ def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     for module in graph_module.modules():
         set_inplace_false(module)
     for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target is F.layer_norm:
+            _layer_norm_to_module(graph_module, node)
+            continue
         rule = _rule_for(node)
         if rule is None or not is_float_tensor(node):
             continue
