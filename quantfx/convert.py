@@ -21,7 +21,7 @@ from quantfx.frontend import STATE_ATTRIBUTE, QuantState, state_of
 from quantfx.modules import QuantLayer
 from quantfx.passes.fuse import set_submodule
 from quantfx.passes.graph_utils import module_of
-from quantfx.passes.place import first_input, is_shape_only
+from quantfx.passes.place import input_quantizer
 from quantfx.qmath import exponent_for_max, fake_quantize, qrange, quantize, scale_of
 
 INT32_MIN, INT32_MAX = qrange(32, signed=True)
@@ -140,18 +140,14 @@ class QuantizedGraphModule(fx.GraphModule):
 
 
 def _input_quantizer(graph_module: fx.GraphModule, node: fx.Node) -> Quantize:
-    """The frozen quantizer whose grid the data input of `node` lies on."""
-    source = first_input(node)
-    while source is not None and not isinstance(module_of(graph_module, source), Quantize):
-        if not is_shape_only(graph_module, source):
-            raise ConvertError(
-                f"internal: the input of layer '{node.target}' is not quantized (reached "
-                f"'{source.name}'). Please report this model to the quantfx developers."
-            )
-        source = first_input(source)
-    if source is None:
-        raise ConvertError(f"internal: no quantizer found before layer '{node.target}'.")
-    return module_of(graph_module, source)
+    """The frozen quantizer whose grid the data input of layer `node` lies on."""
+    quantizer = input_quantizer(graph_module, node, Quantize)
+    if quantizer is None:
+        raise ConvertError(
+            f"internal: the input of layer '{node.target}' is not quantized. Please report "
+            "this model to the quantfx developers."
+        )
+    return quantizer
 
 
 def convert(model: fx.GraphModule) -> QuantizedGraphModule:

@@ -45,7 +45,7 @@ from quantfx.modules import WEIGHT_LAYERS, QuantLayer, is_depthwise, layer_forwa
 from quantfx.observers import MovingAverageMinMaxObserver, make_observer
 from quantfx.passes.fuse import foldable_pair, set_submodule
 from quantfx.passes.graph_utils import module_of
-from quantfx.passes.place import first_input, is_shape_only, place_quantizers
+from quantfx.passes.place import input_quantizer, place_quantizers
 from quantfx.qmath import dequantize, exponent_for_max, fake_quantize, quantize
 
 CONTROLLER_NAME = "qat_controller"
@@ -471,16 +471,6 @@ def end_qat_epoch(model: nn.Module) -> None:
 # graph construction
 
 
-def _find_input_quantizer(graph_module: fx.GraphModule, node: fx.Node) -> FakeQuantize | None:
-    """The activation quantizer whose grid `node`'s data input lies on (as `convert` finds it)."""
-    source = first_input(node)
-    while source is not None and not isinstance(module_of(graph_module, source), FakeQuantize):
-        if not is_shape_only(graph_module, source):
-            return None
-        source = first_input(source)
-    return None if source is None else module_of(graph_module, source)
-
-
 def _weight_quantizer(layer: nn.Module, config: QuantConfig) -> FakeQuantize:
     depthwise = config.per_channel_depthwise and is_depthwise(layer)
     axis = 0 if depthwise else None
@@ -545,7 +535,7 @@ def _finish(
     for node in graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, QATLayer):
-            quantizer = _find_input_quantizer(graph_module, node)
+            quantizer = input_quantizer(graph_module, node, FakeQuantize)
             if quantizer is None:
                 raise PrepareError(
                     f"internal: the input of layer '{node.target}' has no quantizer. Please "

@@ -152,6 +152,19 @@ def first_input(node: fx.Node) -> fx.Node | None:
     return found[0] if found else None
 
 
+def input_quantizer(
+    graph_module: fx.GraphModule, node: fx.Node, kinds: type | tuple[type, ...]
+) -> nn.Module | None:
+    """The quantizer (of type `kinds`) whose grid `node`'s data input lies on, looking back
+    through shape-only ops; None when the input is not on a quantizer's grid."""
+    source = first_input(node)
+    while source is not None and not isinstance(module_of(graph_module, source), kinds):
+        if not is_shape_only(graph_module, source):
+            return None
+        source = first_input(source)
+    return None if source is None else module_of(graph_module, source)
+
+
 MONOTONE_RESIZE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area")
 """Resize modes that never leave the range of their input (bicubic overshoots)."""
 
