@@ -41,11 +41,11 @@ from quantfx.frontend import (
     require_layers,
     state_of,
 )
-from quantfx.modules import WEIGHT_LAYERS, QuantLayer, is_depthwise, layer_forward
+from quantfx.modules import WEIGHT_LAYERS, QuantLayer, layer_forward
 from quantfx.observers import MovingAverageMinMaxObserver, make_observer
 from quantfx.passes.fuse import foldable_pair, set_submodule
 from quantfx.passes.graph_utils import module_of
-from quantfx.passes.place import input_quantizer, place_quantizers
+from quantfx.passes.place import input_quantizer, place_quantizers, weight_quantizer
 from quantfx.qmath import dequantize, exponent_for_max, fake_quantize, quantize
 
 CONTROLLER_NAME = "qat_controller"
@@ -472,15 +472,8 @@ def end_qat_epoch(model: nn.Module) -> None:
 
 
 def _weight_quantizer(layer: nn.Module, config: QuantConfig) -> FakeQuantize:
-    depthwise = config.per_channel_depthwise and is_depthwise(layer)
-    axis = 0 if depthwise else None
-    channels = layer.weight.shape[0] if depthwise else 1
-    quantizer = FakeQuantize(
-        make_observer("minmax", axis=axis, channels=channels),
-        config.weight_bits,
-        signed=True,
-        axis=axis,
-    )
+    """QAT weights: the never-clipping exponent of the current weight, quantized every forward."""
+    quantizer = weight_quantizer(layer, config, observer_kind="minmax")
     quantizer.set_mode(observe=False, quantize=True)
     return quantizer
 

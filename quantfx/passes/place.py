@@ -210,11 +210,16 @@ def _fused_into_activation(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(module_of(graph_module, user), FUSABLE_ACTIVATIONS)
 
 
-def _weight_quantizer(layer: nn.Module, config: QuantConfig) -> FakeQuantize:
+def weight_quantizer(
+    layer: nn.Module, config: QuantConfig, observer_kind: str | None = None
+) -> FakeQuantize:
+    """The weight quantizer of a conv/linear layer: per channel for depthwise convolutions
+    (when the config says so), observer `observer_kind` or the config's `weight_observer`."""
     depthwise = config.per_channel_depthwise and qm.is_depthwise(layer)
     axis = 0 if depthwise else None
     channels = layer.weight.shape[0] if depthwise else 1
-    observer = make_observer(config.weight_observer, axis=axis, channels=channels)
+    kind = observer_kind or config.weight_observer
+    observer = make_observer(kind, axis=axis, channels=channels)
     return FakeQuantize(observer, config.weight_bits, signed=True, axis=axis)
 
 
@@ -243,7 +248,7 @@ def wrap_weight_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int
         if isinstance(module, qm.WEIGHT_LAYERS):
             owner, _, name = node.target.rpartition(".")
             parent = graph_module.get_submodule(owner) if owner else graph_module
-            setattr(parent, name, qm.QuantLayer(module, _weight_quantizer(module, config)))
+            setattr(parent, name, qm.QuantLayer(module, weight_quantizer(module, config)))
             count += 1
         elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
             module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, qm.QuantLayer)
