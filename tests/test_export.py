@@ -475,3 +475,68 @@ def test_layer_norm_and_free_parameters_export_bit_exact(tmp_path) -> None:
     assert any(isinstance(m, nn.LayerNorm) for m in converted.modules())
     report = qf.export_onnx(converted, (inputs,), str(tmp_path / "norm.onnx"))
     assert report.max_lsb_diff <= 1
+
+
+def _small_vision_transformer() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision zero-initializes the head
+    return model.eval()
+
+
+def test_vision_transformer_attention_exports(tmp_path) -> None:
+    inputs = torch.randn(8, 3, 16, 16)
+    converted = _convert(_small_vision_transformer(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "vit.onnx"))
+    # attention runs in float between quantizers: rounding may move an element by 1 LSB
+    assert report.max_lsb_diff <= 1
+    assert report.fraction_identical >= 0.95
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "vit.onnx")).graph.node}
+    assert {"Softmax", "MatMul"} <= ops
+
+
+class SequenceFirstAttention(nn.Module):
+    """Sequence-first attention with key/value widths that differ from the query's, returning
+    the head-averaged attention weights as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.keys = nn.Conv2d(3, 6, 3, padding=1)
+        self.attention = nn.MultiheadAttention(8, 2, kdim=6, vdim=6)
+
+    def forward(self, x):
+        query = self.conv(x).flatten(2).permute(2, 0, 1)
+        keys = self.keys(x).flatten(2).permute(2, 0, 1)
+        output, weights = self.attention(query, keys, keys)
+        return output, weights
+
+
+def test_sequence_first_attention_with_weights_exports(tmp_path) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 4, 4)
+    converted = _convert(SequenceFirstAttention().eval(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "attention.onnx"))
+    assert report.max_lsb_diff <= 1
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("mask", torch.triu(torch.ones(16, 16, dtype=torch.bool), 1))
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
+
+
+def test_masked_attention_is_refused_by_name(tmp_path) -> None:
+    inputs = torch.randn(4, 3, 4, 4)
+    converted = _convert(MaskedAttention().eval(), inputs)
+    with pytest.raises(qf.ExportError, match="attn_mask"):
+        qf.export_onnx(converted, (inputs[:2],), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
