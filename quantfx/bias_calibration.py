@@ -12,7 +12,9 @@ size beyond float rounding.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -89,13 +91,127 @@ def _run(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> None:
             model(*inputs)
 
 
+def _memory_limit_bytes() -> int:
+    """How much the level-by-level runner may keep alive: a quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(item) for item in value.values())
+    return 0
+
+
+class _MemoryLimitError(Exception):
+    """The live activations of all calibration batches outgrew the runner's memory limit."""
+
+
+class _LevelRunner:
+    """Runs the graph one layer depth at a time over all batches, keeping each batch's live
+    values between levels, so every node runs once (each layer twice: measured, then re-run
+    with its corrected bias) instead of re-running the prefix of the graph for every depth.
+
+    A node runs at level d when it is a layer of depth d or a non-layer node downstream of
+    nothing deeper than d - 1: it then sees every correction above it, exactly as a full
+    forward pass after those corrections would. Values are dropped once their last user has
+    run for good; `_MemoryLimitError` is raised when the kept values pass `limit_bytes`.
+    """
+
+    def __init__(self, model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
+                 layer_depth: dict[str, int], limit_bytes: int) -> None:
+        self.model = model
+        self.limit_bytes = limit_bytes
+        self.nodes = [node for node in model.graph.nodes if node.op != "output"]
+        self.layer_depth = {node: layer_depth[node.target] for node in self.nodes
+                            if node.op == "call_module" and node.target in layer_depth}
+        self.node_depth: dict[fx.Node, int] = {}
+        for node in self.nodes:
+            inputs: list[fx.Node] = []
+            fx.node.map_arg((node.args, node.kwargs), inputs.append)
+            upstream = max((self.node_depth[arg] for arg in inputs), default=0)
+            self.node_depth[node] = self.layer_depth.get(node, upstream)
+        self.pending_users = {node: len(node.users) for node in self.nodes}
+        placeholders = [node for node in self.nodes if node.op == "placeholder"]
+        self.input_position = {node: index for index, node in enumerate(placeholders)}
+        self.done: set[fx.Node] = set()
+        self.environments: list[dict[fx.Node, Any]] = [{} for _ in batches]
+        self.batches = batches
+        self.interpreter = fx.Interpreter(model)
+        self.live_bytes = 0
+
+    def _execute(self, node: fx.Node, environment: dict[fx.Node, Any],
+                 inputs: tuple[Tensor, ...]) -> Any:
+        if node.op == "placeholder":
+            return inputs[self.input_position[node]]
+        self.interpreter.env = environment
+        args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
+        return getattr(self.interpreter, node.op)(node.target, args, kwargs)
+
+    def _store(self, node: fx.Node, index: int, value: Any) -> None:
+        environment = self.environments[index]
+        self.live_bytes += _nbytes(value) - _nbytes(environment.get(node))
+        environment[node] = value
+        if self.live_bytes > self.limit_bytes:
+            raise _MemoryLimitError
+
+    def _finish(self, node: fx.Node) -> None:
+        """`node` ran for good: release inputs no other pending node needs."""
+        self.done.add(node)
+        inputs: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), inputs.append)
+        for source in set(inputs):
+            self.pending_users[source] -= 1
+            if self.pending_users[source] == 0:
+                for environment in self.environments:
+                    self.live_bytes -= _nbytes(environment.pop(source, None))
+
+    def measure(self, depth: int) -> None:
+        """Run every node that level `depth` makes ready (the layers of that depth included,
+        which fire the mean-recording hooks)."""
+        ready = [node for node in self.nodes if node not in self.done and (
+            self.layer_depth.get(node) == depth
+            or (node not in self.layer_depth and self.node_depth[node] < depth))]
+        for index, inputs in enumerate(self.batches):
+            environment = self.environments[index]
+            for node in ready:
+                self._store(node, index, self._execute(node, environment, inputs))
+        for node in ready:
+            if node not in self.layer_depth:
+                self._finish(node)
+
+    def rerun_layers(self, depth: int) -> None:
+        """Recompute the layers of `depth` with their corrected biases."""
+        layers = [node for node, level in self.layer_depth.items() if level == depth]
+        for index, inputs in enumerate(self.batches):
+            environment = self.environments[index]
+            for node in layers:
+                self._store(node, index, self._execute(node, environment, inputs))
+        for node in layers:
+            self._finish(node)
+
+    def release(self) -> None:
+        self.environments = [{} for _ in self.batches]
+        self.interpreter.env = {}
+        self.live_bytes = 0
+
+
 def calibrate_biases(
-    model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]], progress: bool = True
+    model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]], progress: bool = True,
+    memory_limit_bytes: int | None = None,
 ) -> int:
     """Correct the bias of every conv/linear layer of a calibrated prepared model.
 
     Needs frozen ranges (every quantizer's exponent computed). Leaves all quantizers in
-    observe mode afterwards. Returns the number of layers corrected.
+    observe mode afterwards. Returns the number of layers corrected. Depth by depth, each node
+    runs once while the live activations of all batches fit in `memory_limit_bytes` (default:
+    a quarter of physical memory); past that, each depth re-runs the graph from its inputs.
     """
     layers = {
         node.target: module_of(model, node)
@@ -105,6 +221,7 @@ def calibrate_biases(
     if not layers or not batches:
         return 0
     order = list(layers)
+    limit = _memory_limit_bytes() if memory_limit_bytes is None else memory_limit_bytes
     with torch.no_grad():
         set_quant_mode(model, observe=False, quantize=False)
         recorder = _MeanRecorder(layers)
@@ -116,6 +233,7 @@ def calibrate_biases(
         set_quant_mode(model, observe=False, quantize=True)
         depths = layer_depths(model)
         levels = sorted(set(depths.values()))
+        runner: _LevelRunner | None = _LevelRunner(model, batches, depths, limit)
         bar = tqdm(
             levels,
             desc="bias calibration",
@@ -125,13 +243,31 @@ def calibrate_biases(
         )
         for depth in bar:
             level = {name: layers[name] for name in order if depths[name] == depth}
-            recorder = _MeanRecorder(level, stop_after=[n for n in order if n in level][-1])
-            try:
-                _run(model, batches)
-            finally:
-                recorder.remove()
+            if runner is not None:
+                recorder = _MeanRecorder(level)
+                try:
+                    runner.measure(depth)
+                except _MemoryLimitError:
+                    runner.release()
+                    runner = None
+                finally:
+                    recorder.remove()
+            if runner is None:  # too much to keep: run the graph from its inputs
+                recorder = _MeanRecorder(level, stop_after=[n for n in order if n in level][-1])
+                try:
+                    _run(model, batches)
+                finally:
+                    recorder.remove()
             for name, quant_mean in recorder.means().items():
                 _shift_bias(level[name].layer, float_means[name] - quant_mean)
+            if runner is not None:
+                try:
+                    runner.rerun_layers(depth)
+                except _MemoryLimitError:
+                    runner.release()
+                    runner = None
+        if runner is not None:
+            runner.release()
     for _, quantizer in quantizers(model):
         quantizer.set_mode(observe=True, quantize=False)
     return len(layers)

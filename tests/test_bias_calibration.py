@@ -93,3 +93,53 @@ def test_calibrate_keeps_observing_afterwards():
     qf.calibrate(prepared, [torch.randn(2, 3, 8, 8)])
     quantizer = prepared.get_submodule("quantizers.x")
     assert bool(quantizer.observer_enabled) and not bool(quantizer.quant_enabled)
+
+
+def _block(channels_in: int, channels_out: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1),
+                         nn.BatchNorm2d(channels_out), nn.ReLU())
+
+
+class Branchy(nn.Module):
+    """Parallel branches of different depths, a residual add and a concat: layers of one depth
+    feed layers several depths later, which the level-by-level runner must order right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _block(3, 8)
+        self.deep = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
+        self.shallow = _block(8, 8)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        merged = torch.cat([self.deep(stem) + stem, self.shallow(stem)], dim=1)
+        return self.head(merged.mean((2, 3)))
+
+
+def _biases_after_bias_calibration(memory_limit_bytes):
+    from quantfx.bias_calibration import calibrate_biases
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Branchy().eval())
+    data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    prepared = qf.prepare(model, (data[0],), qf.QuantConfig(bias_calibration=False,
+                                                            progress=False))
+    qf.calibrate(prepared, data)
+    calibrate_biases(prepared, [(batch,) for batch in data], progress=False,
+                     memory_limit_bytes=memory_limit_bytes)
+    return {name: value.clone() for name, value in prepared.state_dict().items()
+            if name.endswith("bias")}
+
+
+def test_level_runner_matches_rerunning_the_graph_per_depth():
+    """Keeping activations between depths changes the cost, never the result: bit-identical
+    biases with no memory limit, with none to spare (re-run from the inputs at every depth),
+    and with a limit that is passed part-way."""
+    unlimited = _biases_after_bias_calibration(1 << 40)
+    for limit in (0, 60_000):  # 60 kB: passed while measuring depth 2 of 5
+        limited = _biases_after_bias_calibration(limit)
+        assert unlimited.keys() == limited.keys()
+        for name, bias in unlimited.items():
+            assert torch.equal(bias, limited[name]), (limit, name)
+    assert any(bias.abs().sum() > 0 for bias in unlimited.values())
