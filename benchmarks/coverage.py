@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 import tempfile
@@ -24,9 +25,13 @@ from typing import Any
 from benchmarks.report import PartResult, Table
 from benchmarks.training import CACHE_DIR
 
-PARAMETER_LIMIT_M = 30.0
-"""Models above this many million parameters are skipped (init + export would blow the budget)."""
-MODEL_TIMEOUT_S = 150
+WORKERS = 2
+"""Models checked at once, one thread each (this machine has 2 cores)."""
+ALONE_ABOVE_M = 250.0
+"""Models above this many million parameters run with no other model beside them (memory)."""
+BASE_TIMEOUT_S = 180
+TIMEOUT_S_PER_M = 1.5
+"""A model's time limit: BASE_TIMEOUT_S plus TIMEOUT_S_PER_M per million parameters."""
 INPUT_SIZES = (64, 224)
 CALIBRATION_BATCHES = 2
 BATCH = 2
@@ -38,8 +43,9 @@ DESCRIPTION = (
     "output with the float model's on a calibration batch (random weights, so only a sanity "
     "check: higher is closer). 'ORT identical %' is the share of output elements of quantfx's "
     "exported ONNX that ONNX Runtime computes bit-identical to the converted model, 'max LSB' "
-    f"the largest difference. Models over {PARAMETER_LIMIT_M:.0f} M parameters are skipped for "
-    f"time; each model has a {MODEL_TIMEOUT_S} s limit."
+    f"the largest difference. Each model runs in its own process with a limit of "
+    f"{BASE_TIMEOUT_S} s + {TIMEOUT_S_PER_M} s per million parameters; 'seconds' is its wall "
+    f"time, with {WORKERS} models checked at once."
 )
 
 STAGES = ("float", "prepare", "calibrate", "convert", "export")
@@ -100,6 +106,62 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
+def _pool_upsamples(model: Any, images: Any) -> bool:
+    """Whether an adaptive pool of `model` maps a smaller map to a larger one at this input
+    (VGG's and AlexNet's 7x7/6x6 pools at 64x64): not a whole-window pooling, so the size is
+    too small for the model as designed, and ONNX has no such pool."""
+    import torch
+    from torch import nn
+
+    upsampling = []
+
+    def hook(module: Any, inputs: Any, output: Any) -> None:
+        upsampling.append(any(o > i for i, o in zip(inputs[0].shape[2:], output.shape[2:])))
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()
+               if isinstance(module, (nn.modules.pooling._AdaptiveAvgPoolNd,
+                                      nn.modules.pooling._AdaptiveMaxPoolNd))]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return any(upsampling)
+
+
+def _choose_input(model: Any) -> tuple[Any, Any, str | None]:
+    """(images, float output, "HxW") at the smallest of INPUT_SIZES the model runs at as
+    designed; (None, reason, None) when it runs at none."""
+    import torch
+
+    errors, fallback = [], None
+    for size in INPUT_SIZES:
+        candidate = torch.randn(BATCH, 3, size, size)
+        try:
+            with torch.no_grad():
+                output = _first_tensor(model(candidate))
+        except Exception as error:  # noqa: BLE001
+            errors.append(_describe(error))
+            continue
+        if not _pool_upsamples(model, candidate):
+            return candidate, output, f"{size}x{size}"
+        fallback = fallback or (candidate, output, f"{size}x{size}")
+    return fallback or (None, errors[-1], None)
+
+
+def _reinitialize_zero_layers(model: Any) -> None:
+    """Give zero-initialized weights (torchvision's ViT heads) small random values, so the
+    float output is not all zeros and the SQNR compares something."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.nn.Parameter) and weight.dim() >= 2 and not weight.any():
+                torch.nn.init.normal_(weight, std=0.02)
+
+
 def check_model(name: str) -> dict[str, Any]:
     """Run every stage on torchvision model `name`; the row of the coverage table."""
     import torch
@@ -109,29 +171,13 @@ def check_model(name: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name}
     start = time.perf_counter()
-    parameters = parameter_count(name)
-    if parameters is not None:
-        row["parameters (M)"] = parameters / 1e6
-        if parameters / 1e6 > PARAMETER_LIMIT_M:
-            row["float"] = f"skipped ({parameters / 1e6:.0f} M parameters)"
-            return row
     torch.manual_seed(0)
     model = build(name).eval()
+    _reinitialize_zero_layers(model)
     row["parameters (M)"] = sum(p.numel() for p in model.parameters()) / 1e6
-    images = None
-    float_output = None
-    errors = []
-    for size in INPUT_SIZES:
-        candidate = torch.randn(BATCH, 3, size, size)
-        try:
-            with torch.no_grad():
-                float_output = _first_tensor(model(candidate))
-            images, row["input"] = candidate, f"{size}x{size}"
-            break
-        except Exception as error:  # noqa: BLE001
-            errors.append(_describe(error))
+    images, float_output, row["input"] = _choose_input(model)
     if images is None:
-        row["float"] = errors[-1]
+        row["float"] = float_output
         return row
     row["float"] = "ok"
     example = (images,)
@@ -162,6 +208,10 @@ def check_model(name: str) -> dict[str, Any]:
                 row["max LSB"] = float(report.max_lsb_diff)
     except Exception as error:  # noqa: BLE001 - the failure is the result
         row[stage] = _describe(error)
+        report = getattr(error, "report", None)  # a failed verification keeps its figures
+        if report is not None and report.fraction_identical is not None:
+            row["ORT identical %"] = 100.0 * report.fraction_identical
+            row["max LSB"] = float(report.max_lsb_diff)
         row["traceback"] = traceback.format_exc(limit=-4)
     row["seconds"] = time.perf_counter() - start
     return row
@@ -181,22 +231,37 @@ def _worker(connection: Any) -> None:
 
 
 class _Worker:
-    """One worker process; restarted after a timeout or a crash."""
+    """One worker process checking one model at a time; replaced after a timeout or a crash."""
 
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_worker, args=(child,), daemon=True)
         self.process.start()
+        self.name: str | None = None
+        self.deadline = 0.0
+        self.limit = 0.0
 
-    def check(self, name: str, timeout: float) -> dict[str, Any] | None:
-        """The row of `name`, or None when the worker died or ran out of time."""
+    def start(self, name: str, limit: float) -> None:
+        self.name, self.limit = name, limit
+        self.deadline = time.monotonic() + limit
         self.connection.send(name)
-        if self.connection.poll(timeout):
+
+    def result(self) -> dict[str, Any] | None:
+        """The finished row, or None when the worker died or ran out of time (kill it)."""
+        if self.connection.poll():
             try:
                 return self.connection.recv()
             except EOFError:
-                return None
+                pass
+        return None
+
+    def failure(self) -> str | None:
+        """Why the running check cannot finish, or None while it still may."""
+        if not self.process.is_alive():
+            return "worker crashed (out of memory?)"
+        if time.monotonic() > self.deadline:
+            return f"timed out after {self.limit:.0f} s"
         return None
 
     def stop(self, force: bool = False) -> None:
@@ -205,6 +270,52 @@ class _Worker:
         else:
             self.connection.send(None)
         self.process.join(10)
+
+
+def _time_limit(parameters: int | None) -> float:
+    return BASE_TIMEOUT_S + TIMEOUT_S_PER_M * (parameters or 0) / 1e6
+
+
+def _check_all(names: list[str], sizes: dict[str, int | None], cached: dict[str, Any],
+               save: Any, bar: Any) -> None:
+    """Check `names` (smallest first) on WORKERS processes; a model above ALONE_ABOVE_M runs
+    alone. Each finished row goes into `cached` and is saved at once."""
+    queue = list(names)
+    idle = [_Worker() for _ in range(min(WORKERS, len(queue)))]
+    busy: list[_Worker] = []
+    try:
+        while queue or busy:
+            while queue and idle:
+                alone = [(sizes[name] or 0) / 1e6 > ALONE_ABOVE_M
+                         for name in [queue[0], *(worker.name for worker in busy)]]
+                if busy and any(alone):
+                    break  # a big model runs (or is next): let it have the machine
+                worker = idle.pop()
+                name = queue.pop(0)
+                worker.start(name, _time_limit(sizes[name]))
+                busy.append(worker)
+            multiprocessing.connection.wait([worker.connection for worker in busy]
+                                            + [worker.process.sentinel for worker in busy],
+                                            timeout=1.0)
+            for worker in list(busy):
+                row = worker.result()
+                if row is None:
+                    reason = worker.failure()
+                    if reason is None:
+                        continue
+                    row = {"model": worker.name, "float": reason}
+                    worker.stop(force=True)
+                    busy.remove(worker)
+                    idle.append(_Worker())
+                else:
+                    busy.remove(worker)
+                    idle.append(worker)
+                cached[row["model"]] = row
+                save()
+                bar.update(1)
+    finally:
+        for worker in idle + busy:
+            worker.stop(force=worker in busy)
 
 
 def _source_key() -> str:
@@ -219,9 +330,10 @@ def _source_key() -> str:
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
-    for function in (check_model, build, parameter_count, _first_tensor, _describe):
+    for function in (check_model, build, parameter_count, _first_tensor, _describe,
+                     _choose_input, _pool_upsamples, _reinitialize_zero_layers):
         digest.update(inspect.getsource(function).encode())
-    digest.update(repr((PARAMETER_LIMIT_M, INPUT_SIZES, CALIBRATION_BATCHES, BATCH)).encode())
+    digest.update(repr((INPUT_SIZES, CALIBRATION_BATCHES, BATCH)).encode())
     digest.update(f"{torch.__version__} {torchvision.__version__}".encode())
     return digest.hexdigest()[:16]
 
@@ -235,28 +347,22 @@ def run(progress: bool = True) -> PartResult:
     columns = ["task", "model", "parameters (M)", "input", *STAGES, "SQNR dB",
                "ORT identical %", "max LSB", "seconds"]
     table = Table("Model coverage", columns)
-    worker: _Worker | None = None
     names = model_names()
+    sizes = {name: parameter_count(name) for _, name in names}
     # Smallest models first: if the budget runs out, the most models are done.
-    order = sorted(names, key=lambda item: parameter_count(item[1]) or 0)
-    try:
-        for _, name in tqdm(order, desc="coverage", unit="model",
-                            disable=None if progress else True):
-            if name not in cached:
-                worker = worker or _Worker()
-                row = worker.check(name, MODEL_TIMEOUT_S)
-                if row is None:
-                    reason = ("worker crashed" if not worker.process.is_alive()
-                              else f"timed out after {MODEL_TIMEOUT_S} s")
-                    row = {"model": name, "float": reason}
-                    worker.stop(force=True)
-                    worker = None
-                cached[name] = row
-                CACHE_DIR.mkdir(parents=True, exist_ok=True)
-                cache_path.write_text(json.dumps(cached, indent=1))
-    finally:
-        if worker is not None:
-            worker.stop()
+    order = sorted((name for _, name in names), key=lambda name: sizes[name] or 0)
+    todo = [name for name in order if name not in cached]
+
+    def save() -> None:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        temporary = cache_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(cached, indent=1))
+        temporary.replace(cache_path)
+
+    with tqdm(total=len(names), initial=len(names) - len(todo), desc="coverage", unit="model",
+              disable=None if progress else True) as bar:
+        if todo:
+            _check_all(todo, sizes, cached, save, bar)
     for task, name in names:
         table.add(task=task, **{key: value for key, value in cached[name].items()
                                 if key != "traceback"})

@@ -231,43 +231,49 @@ def calibrate_biases(
             recorder.remove()
         float_means = recorder.means()
         set_quant_mode(model, observe=False, quantize=True)
-        depths = layer_depths(model)
-        levels = sorted(set(depths.values()))
-        runner: _LevelRunner | None = _LevelRunner(model, batches, depths, limit)
-        bar = tqdm(
-            levels,
-            desc="bias calibration",
-            unit="level",
-            leave=False,
-            disable=None if progress else True,
-        )
-        for depth in bar:
-            level = {name: layers[name] for name in order if depths[name] == depth}
+        for layer in layers.values():  # weights stay fixed below: quantize each once
+            layer.weight_cache = []
+        try:
+            depths = layer_depths(model)
+            levels = sorted(set(depths.values()))
+            runner: _LevelRunner | None = _LevelRunner(model, batches, depths, limit)
+            bar = tqdm(
+                levels,
+                desc="bias calibration",
+                unit="level",
+                leave=False,
+                disable=None if progress else True,
+            )
+            for depth in bar:
+                level = {name: layers[name] for name in order if depths[name] == depth}
+                if runner is not None:
+                    recorder = _MeanRecorder(level)
+                    try:
+                        runner.measure(depth)
+                    except _MemoryLimitError:
+                        runner.release()
+                        runner = None
+                    finally:
+                        recorder.remove()
+                if runner is None:  # too much to keep: run the graph from its inputs
+                    recorder = _MeanRecorder(level, stop_after=[n for n in order if n in level][-1])
+                    try:
+                        _run(model, batches)
+                    finally:
+                        recorder.remove()
+                for name, quant_mean in recorder.means().items():
+                    _shift_bias(level[name].layer, float_means[name] - quant_mean)
+                if runner is not None:
+                    try:
+                        runner.rerun_layers(depth)
+                    except _MemoryLimitError:
+                        runner.release()
+                        runner = None
             if runner is not None:
-                recorder = _MeanRecorder(level)
-                try:
-                    runner.measure(depth)
-                except _MemoryLimitError:
-                    runner.release()
-                    runner = None
-                finally:
-                    recorder.remove()
-            if runner is None:  # too much to keep: run the graph from its inputs
-                recorder = _MeanRecorder(level, stop_after=[n for n in order if n in level][-1])
-                try:
-                    _run(model, batches)
-                finally:
-                    recorder.remove()
-            for name, quant_mean in recorder.means().items():
-                _shift_bias(level[name].layer, float_means[name] - quant_mean)
-            if runner is not None:
-                try:
-                    runner.rerun_layers(depth)
-                except _MemoryLimitError:
-                    runner.release()
-                    runner = None
-        if runner is not None:
-            runner.release()
+                runner.release()
+        finally:
+            for layer in layers.values():
+                layer.weight_cache = None
     for _, quantizer in quantizers(model):
         quantizer.set_mode(observe=True, quantize=False)
     return len(layers)

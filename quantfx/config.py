@@ -50,8 +50,9 @@ class QuantConfig:
     """After ranges are set, shift each layer's bias so the mean of its quantized output
     matches the float output's mean per channel (layer by layer, in graph order)."""
     bias_calibration_samples: int = 512
-    """How many calibration samples (from the first batches) bias calibration uses: it runs
-    them once per layer depth, and per-channel means settle long before ranges do."""
+    """How many calibration samples (from the first batches) bias calibration keeps and runs
+    through the model (about two quantized passes); per-channel means settle long before
+    ranges do."""
     sixteen_bit_layers: Sequence[str] = field(default_factory=tuple)
     """Layers kept at 16 bit (weights and outputs): module paths or graph node names of
     conv/linear layers, or "first" / "last" (TI's advice for regression-style networks)."""

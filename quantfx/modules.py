@@ -6,6 +6,8 @@ They compute exactly what the functional they replace computes; the graph rewrit
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -138,7 +140,18 @@ class QuantLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.weight_quantizer = weight_quantizer
+        self.weight_cache: list[Any] | None = None
+        """While a list (bias calibration), [key, quantized weight]: weights and exponents are
+        fixed there, and a large model spends most of its time re-quantizing them."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight_quantizer(self.layer.weight)
+        weight = self.layer.weight
+        if self.weight_cache is None or torch.is_grad_enabled():
+            weight = self.weight_quantizer(weight)
+        else:
+            key = (weight.data_ptr(), weight._version,
+                   *(tensor._version for tensor in self.weight_quantizer.buffers()))
+            if not self.weight_cache or self.weight_cache[0] != key:
+                self.weight_cache[:] = [key, self.weight_quantizer(weight)]
+            weight = self.weight_cache[1]
         return layer_forward(self.layer, x, weight, self.layer.bias)

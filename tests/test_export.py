@@ -540,3 +540,19 @@ def test_masked_attention_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(qf.ExportError, match="attn_mask"):
         qf.export_onnx(converted, (inputs[:2],), tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_failed_verification_names_the_float_ops(tmp_path, monkeypatch) -> None:
+    """When a graph computes ops in float between quantizers, a verification failure says so
+    (and how to check the file instead) rather than asking for a bug report; the figures stay
+    on the error."""
+    inputs = torch.randn(8, 3, 16, 16)
+    converted = _convert(_small_vision_transformer(), inputs)
+    # Emit Sigmoid where the model has GELU: a difference verification must catch.
+    emitters = [(nn.GELU, export_module._simple("Sigmoid"))] + export_module.MODULE_EMITTERS
+    monkeypatch.setattr(export_module, "MODULE_EMITTERS", emitters)
+    with pytest.raises(qf.ExportError, match=r"MultiheadAttention x2.*max_lsb_diff") as caught:
+        qf.export_onnx(converted, (inputs[:2],), tmp_path / "vit.onnx")
+    assert caught.value.report.fraction_identical < 1.0
+    assert "report this model" not in str(caught.value)
+    assert os.listdir(tmp_path) == []

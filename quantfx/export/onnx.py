@@ -1365,9 +1365,36 @@ def _verify_file(model: fx.GraphModule, temporary_model: str, inputs: tuple[Tens
     if not figures["within_tolerance"]:
         allowed = ", ".join(f"{limit:g}" for limit in figures["allowed_lsb_diff"])
         against = "its clip simulation" if legacy else "the converted model"
-        raise ExportError(
+        float_ops = _float_rounding_ops(model)
+        if float_ops:
+            advice = (
+                f"The graph computes {float_ops} in float between quantizers: ONNX Runtime's "
+                "float kernels round differently from PyTorch's, the next quantizer turns that "
+                "into 1-LSB flips, and deep networks amplify them. Check the ONNX file's task "
+                "accuracy instead: export with a larger max_lsb_diff or verify=False."
+            )
+        else:
+            advice = "Please report this model to the quantfx developers."
+        error = ExportError(
             f"ONNX Runtime's outputs differ from {against} by up to {report.max_lsb_diff:g} "
             f"LSB (allowed: {allowed}); {100 * report.fraction_identical:.3f}% of "
-            f"{report.elements_compared} elements are identical. No file was written. Please "
-            "report this model to the quantfx developers."
+            f"{report.elements_compared} elements are identical. No file was written. {advice}"
         )
+        error.report = report  # type: ignore[attr-defined] - the figures, for tools
+        raise error
+
+
+FLOAT_ROUNDING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.MultiheadAttention, nn.GELU, nn.Softmax, nn.Sigmoid, nn.Tanh, nn.SiLU,
+    nn.modules.batchnorm._BatchNorm,
+)
+"""Modules exported as float math whose rounding ONNX Runtime need not reproduce exactly."""
+
+
+def _float_rounding_ops(model: nn.Module) -> str:
+    """'LayerNorm x25, MultiheadAttention x12' for the float-rounding modules of `model`."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, FLOAT_ROUNDING_MODULES):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return ", ".join(f"{name} x{count}" for name, count in counts.items())
