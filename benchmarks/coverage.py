@@ -28,7 +28,7 @@ from benchmarks.training import CACHE_DIR
 WORKERS = 2
 """Models checked at once, one thread each (this machine has 2 cores)."""
 ALONE_ABOVE_M = 250.0
-"""Models above this many million parameters run with no other model beside them (memory)."""
+"""Models above this many million parameters run alone (memory), on WORKERS threads."""
 BASE_TIMEOUT_S = 180
 TIMEOUT_S_PER_M = 1.5
 """A model's time limit: BASE_TIMEOUT_S plus TIMEOUT_S_PER_M per million parameters."""
@@ -45,7 +45,8 @@ DESCRIPTION = (
     "exported ONNX that ONNX Runtime computes bit-identical to the converted model, 'max LSB' "
     f"the largest difference. Each model runs in its own process with a limit of "
     f"{BASE_TIMEOUT_S} s + {TIMEOUT_S_PER_M} s per million parameters; 'seconds' is its wall "
-    f"time, with {WORKERS} models checked at once."
+    f"time, with {WORKERS} models checked at once (those over {ALONE_ABOVE_M:.0f} M parameters "
+    f"alone, on {WORKERS} threads)."
 )
 
 STAGES = ("float", "prepare", "calibrate", "convert", "export")
@@ -106,10 +107,10 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
-def _pool_upsamples(model: Any, images: Any) -> bool:
-    """Whether an adaptive pool of `model` maps a smaller map to a larger one at this input
-    (VGG's and AlexNet's 7x7/6x6 pools at 64x64): not a whole-window pooling, so the size is
-    too small for the model as designed, and ONNX has no such pool."""
+def _run_float(model: Any, images: Any) -> tuple[Any, bool]:
+    """(main output, whether an adaptive pool mapped a smaller map to a larger one). Such a
+    pool (VGG's 7x7 and AlexNet's 6x6 at 64x64) is no whole-window pooling: the input is too
+    small for the model as designed, and ONNX has no such pool."""
     import torch
     from torch import nn
 
@@ -123,11 +124,10 @@ def _pool_upsamples(model: Any, images: Any) -> bool:
                                       nn.modules.pooling._AdaptiveMaxPoolNd))]
     try:
         with torch.no_grad():
-            model(images)
+            return _first_tensor(model(images)), any(upsampling)
     finally:
         for handle in handles:
             handle.remove()
-    return any(upsampling)
 
 
 def _choose_input(model: Any) -> tuple[Any, Any, str | None]:
@@ -139,12 +139,11 @@ def _choose_input(model: Any) -> tuple[Any, Any, str | None]:
     for size in INPUT_SIZES:
         candidate = torch.randn(BATCH, 3, size, size)
         try:
-            with torch.no_grad():
-                output = _first_tensor(model(candidate))
+            output, upsamples = _run_float(model, candidate)
         except Exception as error:  # noqa: BLE001
             errors.append(_describe(error))
             continue
-        if not _pool_upsamples(model, candidate):
+        if not upsamples:
             return candidate, output, f"{size}x{size}"
         fallback = fallback or (candidate, output, f"{size}x{size}")
     return fallback or (None, errors[-1], None)
@@ -162,13 +161,13 @@ def _reinitialize_zero_layers(model: Any) -> None:
                 torch.nn.init.normal_(weight, std=0.02)
 
 
-def check_model(name: str) -> dict[str, Any]:
+def check_model(name: str, threads: int = 1) -> dict[str, Any]:
     """Run every stage on torchvision model `name`; the row of the coverage table."""
     import torch
 
     import quantfx as qf
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     row: dict[str, Any] = {"model": name}
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -200,7 +199,8 @@ def check_model(name: str) -> dict[str, Any]:
         if hasattr(qf, "export_onnx"):
             stage = "export"
             with tempfile.TemporaryDirectory(prefix="quantfx-coverage-") as folder:
-                report = qf.export_onnx(converted, example, Path(folder) / f"{name}.onnx")
+                report = qf.export_onnx(converted, example, Path(folder) / f"{name}.onnx",
+                                        threads=threads)
             row[stage] = "ok"
             if getattr(report, "fraction_identical", None) is not None:
                 row["ORT identical %"] = 100.0 * report.fraction_identical
@@ -220,11 +220,12 @@ def check_model(name: str) -> dict[str, Any]:
 def _worker(connection: Any) -> None:
     """Worker process loop: receive model names, send back rows, until told to stop."""
     while True:
-        name = connection.recv()
-        if name is None:
+        task = connection.recv()
+        if task is None:
             return
+        name, threads = task
         try:
-            row = check_model(name)
+            row = check_model(name, threads)
         except BaseException as error:  # noqa: BLE001 - report, do not die
             row = {"model": name, "float": _describe(error)}
         connection.send(row)
@@ -242,10 +243,10 @@ class _Worker:
         self.deadline = 0.0
         self.limit = 0.0
 
-    def start(self, name: str, limit: float) -> None:
+    def start(self, name: str, limit: float, threads: int) -> None:
         self.name, self.limit = name, limit
         self.deadline = time.monotonic() + limit
-        self.connection.send(name)
+        self.connection.send((name, threads))
 
     def result(self) -> dict[str, Any] | None:
         """The finished row, or None when the worker died or ran out of time (kill it)."""
@@ -292,7 +293,8 @@ def _check_all(names: list[str], sizes: dict[str, int | None], cached: dict[str,
                     break  # a big model runs (or is next): let it have the machine
                 worker = idle.pop()
                 name = queue.pop(0)
-                worker.start(name, _time_limit(sizes[name]))
+                big = (sizes[name] or 0) / 1e6 > ALONE_ABOVE_M
+                worker.start(name, _time_limit(sizes[name]), WORKERS if big else 1)
                 busy.append(worker)
             multiprocessing.connection.wait([worker.connection for worker in busy]
                                             + [worker.process.sentinel for worker in busy],
@@ -331,7 +333,7 @@ def _source_key() -> str:
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     for function in (check_model, build, parameter_count, _first_tensor, _describe,
-                     _choose_input, _pool_upsamples, _reinitialize_zero_layers):
+                     _choose_input, _run_float, _reinitialize_zero_layers):
         digest.update(inspect.getsource(function).encode())
     digest.update(repr((INPUT_SIZES, CALIBRATION_BATCHES, BATCH)).encode())
     digest.update(f"{torch.__version__} {torchvision.__version__}".encode())
