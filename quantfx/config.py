@@ -36,7 +36,8 @@ class QuantConfig:
     weight_observer: str = "mse"
     """Weight exponent choice: "minmax" (never clip) or "mse" (the exponent, among the
     never-clipping one and up to four below it, with the least squared weight error: clipping
-    rare outlier weights when that halves the step for all the others)."""
+    rare outlier weights when that halves the step for all the others). PTC only: QAT always
+    uses the never-clipping exponent of the current weights (training shapes them)."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""

@@ -109,8 +109,8 @@ def require_layers(count: int, model: nn.Module) -> None:
     """Raise a `PrepareError` when tracing reached no conv/linear layer to quantize."""
     if count == 0:
         raise PrepareError(
-            f"{type(model).__name__} has no quantizable layer (no Conv1d/Conv2d/Conv3d/Linear "
-            "reached by tracing). If its layers live in a leaf module, do not list it in "
+            f"{type(model).__name__} has no quantizable layer (no Conv, ConvTranspose or Linear "
+            "layer reached by tracing). If its layers live in a leaf module, do not list it in "
             "QuantConfig.leaf_modules."
         )
 

@@ -108,8 +108,11 @@ class Interpolate(nn.Module):
         )
 
 
-WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + TRANSPOSED_CONVS
 """Layers whose weights quantfx quantizes (BatchNorm already folded into them)."""
+
+_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def is_depthwise(layer: nn.Module) -> bool:
@@ -126,6 +129,10 @@ def layer_forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     """Run a conv or linear `layer` on `x` with the given weight and bias."""
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
+    if isinstance(layer, TRANSPOSED_CONVS):
+        return _TRANSPOSED_FUNCTIONS[len(layer.kernel_size)](
+            x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
+            layer.dilation)
     return layer._conv_forward(x, weight, bias)
 
 

@@ -482,7 +482,8 @@ def _wrap_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int:
     """Replace each conv/linear (+ its BatchNorm) by a `QATLayer`; return how many."""
     count = 0
     for node in list(graph_module.graph.nodes):
-        producer = foldable_pair(graph_module, node)
+        # QATLayer folds BN along weight axis 0: a transposed conv keeps its BN separate.
+        producer = foldable_pair(graph_module, node, transposed=False)
         if producer is not None:
             layer, bn = module_of(graph_module, producer), module_of(graph_module, node)
             set_submodule(
@@ -494,7 +495,7 @@ def _wrap_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int:
             count += 1
     for node in graph_module.graph.nodes:
         module = module_of(graph_module, node)
-        if isinstance(module, WEIGHT_LAYERS):
+        if isinstance(module, WEIGHT_LAYERS) and len(node.args) == 1 and not node.kwargs:
             set_submodule(
                 graph_module, node.target, QATLayer(module, None, _weight_quantizer(module, config))
             )

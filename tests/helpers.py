@@ -52,3 +52,22 @@ def quantizer_modules(model: nn.Module) -> dict:
     return {
         name: module for name, module in model.named_modules() if name.startswith("quantizers.")
     }
+
+
+class TinyDecoder(nn.Module):
+    """An encoder-decoder with transposed convolutions, as segmentation heads upsample: an
+    ungrouped deconv + BN (foldable) and a grouped one with output_padding (not foldable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                                    nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.up2 = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.up1(self.encode(x))))
+        return self.head(self.up2(x))

@@ -556,3 +556,19 @@ def test_failed_verification_names_the_float_ops(tmp_path, monkeypatch) -> None:
     assert caught.value.report.fraction_identical < 1.0
     assert "report this model" not in str(caught.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_transposed_convs_export_bit_exact(tmp_path) -> None:
+    from tests.helpers import TinyDecoder, randomize_batchnorm
+
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(randomize_batchnorm(TinyDecoder().eval()), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "decoder.onnx"),
+                            verify_data=inputs)
+    assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0
+    graph = onnx.load(str(tmp_path / "decoder.onnx")).graph
+    deconvs = [node for node in graph.node if node.op_type == "ConvTranspose"]
+    assert len(deconvs) == 2
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    assert all(producers[node.input[1]] == "DequantizeLinear" for node in deconvs)

@@ -214,3 +214,28 @@ def test_functional_layer_norm_becomes_a_module_sharing_its_parameters():
     assert not any(node.op == "get_attr" for node in graph_module.graph.nodes)
     with torch.no_grad():
         assert torch.equal(graph_module(x), model(x))
+
+
+def test_transposed_convs_fold_batchnorm_and_quantize_their_weights():
+    from tests.helpers import TinyDecoder
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(TinyDecoder().eval())
+    prepared, converted = quantize_model(model, shape=(2, 3, 8, 8))
+    layers = {name: module.layer for name, module in prepared.named_modules()
+              if isinstance(module, qm.QuantLayer)}
+    assert isinstance(layers["up1"], nn.ConvTranspose2d) and layers["up1"].bias is not None
+    assert isinstance(layers["up2"], nn.ConvTranspose2d)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())  # bn1 folded
+    data = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        reference, quantized = model(data), converted(data)
+    sqnr = 10 * torch.log10(reference.pow(2).mean() / (quantized - reference).pow(2).mean())
+    assert sqnr > 25
+
+
+def test_grouped_transposed_conv_keeps_its_batchnorm():
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4))
+    graph, _ = build_graph(model.eval(), (torch.randn(1, 4, 4, 4),), QuantConfig(), False)
+    graph = fold_batchnorm(graph)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in graph.modules())

@@ -378,3 +378,30 @@ def test_a_deep_copy_of_a_qat_model_trains_on_and_converts():
     x = _batches(1, seed=6)[0]
     with torch.no_grad():
         assert torch.equal(twin(x), qf.convert(twin)(x))
+
+
+def test_transposed_convs_train_and_convert_exactly():
+    from tests.helpers import TinyDecoder
+
+    torch.manual_seed(0)
+    batches = _batches(4, shape=(2, 3, 8, 8))
+    qm = qf.prepare_qat(randomize_batchnorm(TinyDecoder()), batches[0])
+    layers = [m for m in qm.modules() if isinstance(m, QATLayer)]
+    assert sum(isinstance(m.layer, nn.ConvTranspose2d) for m in layers) == 2
+    weight_before = next(m for m in layers if isinstance(m.layer, nn.ConvTranspose2d))
+    weight_before = weight_before.layer.weight.detach().clone()
+    optimizer = torch.optim.SGD(qm.parameters(), lr=0.05)
+    qm.train()
+    for batch in batches[:3]:  # a segmentation-style per-pixel loss
+        target = nn.functional.interpolate(batch[:, :2], scale_factor=2.0)
+        loss = (qm(batch) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = next(m for m in layers if isinstance(m.layer, nn.ConvTranspose2d)).layer.weight
+    assert not torch.equal(weight_before, trained)
+    qm.eval()
+    converted = qf.convert(qm)
+    for batch in batches:
+        with torch.no_grad():
+            assert torch.equal(qm(batch), converted(batch))

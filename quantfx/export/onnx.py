@@ -327,7 +327,7 @@ def _emit_quantized_layer(b: _Builder, node: fx.Node, quantized: QuantizedLayer)
                 b.add("Add", [product, bias], [node.name], node.name)
         b.env[node] = node.name
         return
-    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed:
+    if not isinstance(layer, nn.modules.conv._ConvNd):
         raise ExportError(f"layer '{node.target}' ({type(layer).__name__}) has no ONNX emitter.")
     if layer.padding_mode != "zeros":
         raise ExportError(
@@ -337,9 +337,10 @@ def _emit_quantized_layer(b: _Builder, node: fx.Node, quantized: QuantizedLayer)
         )
     weight, bias = _layer_parameters(b, node, quantized)
     inputs = [source, weight] + ([bias] if bias else [])
-    b.add("Conv", inputs, [node.name], node.name, kernel_shape=list(layer.kernel_size),
-          strides=list(layer.stride), pads=_conv_pads(layer), dilations=list(layer.dilation),
-          group=layer.groups)
+    extra = {"output_padding": list(layer.output_padding)} if layer.transposed else {}
+    b.add("ConvTranspose" if layer.transposed else "Conv", inputs, [node.name], node.name,
+          kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+          pads=_conv_pads(layer), dilations=list(layer.dilation), group=layer.groups, **extra)
     b.env[node] = node.name
 
 

@@ -14,6 +14,7 @@ from quantfx.passes.graph_utils import module_of
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def set_submodule(graph_module: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -23,8 +24,10 @@ def set_submodule(graph_module: fx.GraphModule, target: str, module: nn.Module) 
     setattr(parent, name, module)
 
 
-def foldable_pair(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The conv/linear node that BatchNorm `node` can fold into, if any."""
+def foldable_pair(graph_module: fx.GraphModule, node: fx.Node, transposed: bool = True
+                  ) -> fx.Node | None:
+    """The conv/linear node that BatchNorm `node` can fold into, if any (an ungrouped
+    transposed conv too when `transposed`: its output channels are weight axis 1)."""
     bn = module_of(graph_module, node)
     if not isinstance(bn, BATCHNORMS) or not bn.track_running_stats or bn.running_mean is None:
         return None
@@ -32,7 +35,10 @@ def foldable_pair(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | None
     if not isinstance(producer, fx.Node) or len(producer.users) != 1:
         return None
     layer = module_of(graph_module, producer)
-    if not isinstance(layer, FOLDABLE_LAYERS):
+    is_transposed = isinstance(layer, TRANSPOSED_CONVS)
+    if is_transposed and (not transposed or layer.groups != 1):
+        return None
+    if not isinstance(layer, FOLDABLE_LAYERS) and not is_transposed:
         return None
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if channels != bn.num_features:
@@ -58,7 +64,8 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
         if isinstance(layer, nn.Linear):
             weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, *statistics)
         else:
-            weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *statistics)
+            weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *statistics,
+                                                transpose=isinstance(layer, TRANSPOSED_CONVS))
         layer.weight, layer.bias = weight, bias
         producer.meta = dict(node.meta)
         node.replace_all_uses_with(producer)

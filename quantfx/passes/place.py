@@ -245,7 +245,10 @@ def wrap_weight_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int
         module = module_of(graph_module, node)
         if module is None:
             continue
-        if isinstance(module, qm.WEIGHT_LAYERS):
+        if isinstance(module, qm.WEIGHT_LAYERS) and (len(node.args) > 1 or node.kwargs):
+            float_params.append(f"{node.target} ({type(module).__name__} called with "
+                                "output_size)")
+        elif isinstance(module, qm.WEIGHT_LAYERS):
             owner, _, name = node.target.rpartition(".")
             parent = graph_module.get_submodule(owner) if owner else graph_module
             setattr(parent, name, qm.QuantLayer(module, weight_quantizer(module, config)))
