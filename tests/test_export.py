@@ -572,3 +572,29 @@ def test_transposed_convs_export_bit_exact(tmp_path) -> None:
     assert len(deconvs) == 2
     producers = {output: node.op_type for node in graph.node for output in node.output}
     assert all(producers[node.input[1]] == "DequantizeLinear" for node in deconvs)
+
+
+class Products(nn.Module):
+    """Batched products as attention blocks write them: einsum with capital subscripts
+    (MaxViT), matmul and @."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2)  # B C N
+        scores = torch.einsum("B C I, B C J -> B I J", tokens, tokens).softmax(-1)
+        mixed = torch.matmul(tokens, scores)
+        return (mixed @ scores.transpose(1, 2)).mean(-1)
+
+
+def test_einsum_and_matmul_export(tmp_path) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 4, 4)
+    converted = _convert(Products().eval(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "products.onnx"),
+                            verify_data=inputs)
+    assert report.max_lsb_diff <= 1
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "products.onnx")).graph.node]
+    assert ops.count("Einsum") == 1 and ops.count("MatMul") == 2

@@ -870,6 +870,36 @@ def _emit_slice(b: _Builder, node: fx.Node, source: str, index: Any) -> None:
     b.env[node] = node.name
 
 
+def _emit_matmul(b: _Builder, node: fx.Node, module: Any) -> None:
+    """matmul / @ / bmm: float MatMul between quantizers (torch and ONNX broadcast alike)."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    b.add("MatMul", [b.tensor_input(node), b.value(other)], [node.name], node.name)
+    b.env[node] = node.name
+
+
+def _emit_einsum(b: _Builder, node: fx.Node, module: Any) -> None:
+    """torch.einsum as ONNX Einsum (opset >= 12), letters renamed to lowercase: ONNX Runtime
+    accepts only those."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    letters: dict[str, str] = {}
+    renamed = []
+    for character in equation.replace(" ", ""):
+        if character.isalpha():
+            if character not in letters:
+                if len(letters) == 26:
+                    raise ExportError(f"einsum '{node.name}' uses more than 26 subscripts.")
+                letters[character] = chr(ord("a") + len(letters))
+            character = letters[character]
+        renamed.append(character)
+    if b.opset < 12:
+        raise ExportError(f"einsum '{node.name}' needs opset >= 12; export with opset=13.")
+    b.add("Einsum", [b.value(operand) for operand in operands], [node.name], node.name,
+          equation="".join(renamed))
+    b.env[node] = node.name
+
+
 def _emit_expand(b: _Builder, node: fx.Node, module: Any) -> None:
     shape = b.int64_constant(f"{node.name}.shape", b.info(node).shape)
     b.add("Expand", [b.tensor_input(node), shape], [node.name], node.name)
@@ -922,6 +952,9 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     "split": _emit_split, torch.split: _emit_split,
     "expand": _emit_expand, "expand_as": _emit_expand,
     "amax": _emit_amax, torch.amax: _emit_amax,
+    torch.matmul: _emit_matmul, operator.matmul: _emit_matmul, "matmul": _emit_matmul,
+    torch.bmm: _emit_matmul, "bmm": _emit_matmul,
+    torch.einsum: _emit_einsum,
     torch.flatten: _emit_flatten,
     **{target: _emit_reshape for target in RESHAPE_CALLS if target is not torch.flatten},
     **{target: _emit_alias for target in ALIAS_CALLS},
