@@ -598,3 +598,26 @@ def test_einsum_and_matmul_export(tmp_path) -> None:
     assert report.max_lsb_diff <= 1
     ops = [node.op_type for node in onnx.load(str(tmp_path / "products.onnx")).graph.node]
     assert ops.count("Einsum") == 1 and ops.count("MatMul") == 2
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_window_attention_exports(version, tmp_path) -> None:
+    """torchvision Swin (v1 and v2's cosine attention) at a size that needs window padding, a
+    shift mask and odd patch merging; the relative position bias, computed from parameters
+    and buffers, is folded into one constant."""
+    from torchvision.models import swin_transformer as swin
+
+    torch.manual_seed(0)
+    extra = ({"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2}
+             if version == 2 else {})
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2],
+                                 num_heads=[2, 2], window_size=[4, 4], num_classes=5, **extra)
+    inputs = torch.randn(8, 3, 36, 36)
+    converted = _convert(model.eval(), inputs)
+    path = tmp_path / "swin.onnx"
+    report = qf.export_onnx(converted, (inputs[:2],), str(path), verify_data=inputs)
+    assert report.max_lsb_diff <= 1
+    graph = onnx.load(str(path)).graph
+    names = [initializer.name for initializer in graph.initializer]
+    assert not any("relative_position_index" in name for name in names)  # folded away
+    assert sum(node.op_type == "Softmax" for node in graph.node) == 4

@@ -157,6 +157,9 @@ class _Builder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.env: dict[fx.Node, Any] = {}
+        self.constants: dict[fx.Node, Tensor] = {}
+        """Tensors known at export time: parameters, buffers, and nodes computed from them
+        only (folded: they become initializers when a computed node uses them)."""
         self.bit_widths = BitWidths()
         self._names: set[str] = set()
 
@@ -181,8 +184,12 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attributes))
 
     def value(self, arg: Any) -> Any:
-        """The ONNX tensor name (or Python constant) of an FX argument."""
+        """The ONNX tensor name (or Python constant) of an FX argument; a constant tensor
+        becomes an initializer the first time a node uses it."""
         if isinstance(arg, fx.Node):
+            if arg not in self.env and arg in self.constants:
+                array = self.constants[arg].detach().cpu().numpy()
+                self.env[arg] = self.constant(arg.name, array)
             return self.env[arg]
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.value(item) for item in arg)
@@ -900,6 +907,222 @@ def _emit_einsum(b: _Builder, node: fx.Node, module: Any) -> None:
     b.env[node] = node.name
 
 
+def _pad_end(b: _Builder, name: str, source: str, shape: tuple[int, ...],
+             ends: dict[int, int]) -> tuple[str, tuple[int, ...]]:
+    """Zero-pad `source` at the end of the given axes (ONNX Pad), unless nothing to pad."""
+    if not any(ends.values()):
+        return source, shape
+    pads = [0] * len(shape) + [ends.get(axis, 0) for axis in range(len(shape))]
+    b.add("Pad", [source, b.int64_constant(f"{name}.pads", pads)], [name], name)
+    return name, tuple(size + ends.get(axis, 0) for axis, size in enumerate(shape))
+
+
+def _slice(b: _Builder, name: str, source: str, starts: list[int], ends: list[int],
+           axes: list[int], steps: list[int] | None = None) -> str:
+    inputs = [source, b.int64_constant(f"{name}.starts", starts),
+              b.int64_constant(f"{name}.ends", ends), b.int64_constant(f"{name}.axes", axes)]
+    if steps is not None:
+        inputs.append(b.int64_constant(f"{name}.steps", steps))
+    b.add("Slice", inputs, [name], name)
+    return name
+
+
+def _roll(b: _Builder, name: str, source: str, shape: tuple[int, ...], shifts: list[int],
+          axes: list[int]) -> str:
+    """torch.roll as Slice + Concat per axis."""
+    for shift, axis in zip(shifts, axes):
+        shift %= shape[axis]
+        if shift == 0:
+            continue
+        size = shape[axis]
+        tail = _slice(b, f"{name}.axis{axis}.tail", source, [size - shift], [size], [axis])
+        head = _slice(b, f"{name}.axis{axis}.head", source, [0], [size - shift], [axis])
+        b.add("Concat", [tail, head], [f"{name}.axis{axis}"], f"{name}.axis{axis}", axis=axis)
+        source = f"{name}.axis{axis}"
+    return source
+
+
+def _constant_tensor(b: _Builder, node: fx.Node, arg: Any, what: str) -> Tensor | None:
+    if arg is None:
+        return None
+    if isinstance(arg, fx.Node) and arg in b.constants:
+        return b.constants[arg].detach().float()
+    raise ExportError(f"'{node.name}': {what} must be a parameter or buffer to export.")
+
+
+def _emit_patch_merging_pad(b: _Builder, node: fx.Node, module: Any) -> None:
+    """torchvision Swin's `_patch_merging_pad`: pad H, W to even, then the four 2x2
+    phases side by side on the channel axis."""
+    shape = b.input_info(node).shape
+    rank = len(shape)
+    height, width = rank - 3, rank - 2
+    source, _ = _pad_end(b, f"{node.name}.pad", b.tensor_input(node), shape,
+                         {height: shape[height] % 2, width: shape[width] % 2})
+    big = 2 ** 62
+    phases = [_slice(b, f"{node.name}.phase{index}", source, [row, column], [big, big],
+                     [height, width], [2, 2])
+              for index, (row, column) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1)))]
+    b.add("Concat", phases, [node.name], node.name, axis=rank - 1)
+    b.env[node] = node.name
+
+
+def _swin_attention_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int]
+                         ) -> Tensor:
+    """The shifted-window mask of torchvision's `shifted_window_attention`, (nW, N, N)."""
+    mask = torch.zeros(pad_h, pad_w)
+    count = 0
+    for rows in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for columns in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            mask[rows[0]:rows[1], columns[0]:columns[1]] = count
+            count += 1
+    windows = (pad_h // window[0]) * (pad_w // window[1])
+    mask = mask.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
+    mask = mask.permute(0, 2, 1, 3).reshape(windows, window[0] * window[1])
+    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def _emit_shifted_window_attention(b: _Builder, node: fx.Node, module: Any) -> None:
+    """torchvision Swin's `shifted_window_attention` (v1, and v2's cosine attention) in float
+    at the export shapes: pad, roll, window partition, attention with relative position bias
+    and shift mask, window merge, roll back, crop; the mask and logit scale are constants."""
+    import inspect
+
+    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    if arguments["training"]:
+        raise ExportError(f"'{node.name}': export the model in eval mode (training=True).")
+    name = node.name
+    batch, height, width, channels = b.input_info(node).shape
+    window, heads = list(arguments["window_size"]), int(arguments["num_heads"])
+    shift = list(arguments["shift_size"])
+    head_dim = channels // heads
+    pad_r = (window[1] - width % window[1]) % window[1]
+    pad_b = (window[0] - height % window[0]) % window[0]
+    source, padded = _pad_end(b, f"{name}.pad", b.tensor_input(node),
+                              (batch, height, width, channels), {1: pad_b, 2: pad_r})
+    pad_h, pad_w = padded[1], padded[2]
+    if window[0] >= pad_h:
+        shift[0] = 0
+    if window[1] >= pad_w:
+        shift[1] = 0
+    shifted = sum(shift) > 0
+    if shifted:
+        source = _roll(b, f"{name}.roll", source, padded, [-shift[0], -shift[1]], [1, 2])
+    rows, columns = pad_h // window[0], pad_w // window[1]
+    windows, tokens = rows * columns, window[0] * window[1]
+    b.reshape(f"{name}.grid", source, f"{name}.grid",
+              (batch, rows, window[0], columns, window[1], channels))
+    b.add("Transpose", [f"{name}.grid"], [f"{name}.windowed"], f"{name}.windowed",
+          perm=[0, 1, 3, 2, 4, 5])
+    b.reshape(f"{name}.windows", f"{name}.windowed", f"{name}.windows",
+              (batch * windows, tokens, channels))
+    qkv_weight = _constant_tensor(b, node, arguments["qkv_weight"], "qkv_weight")
+    qkv_bias = _constant_tensor(b, node, arguments["qkv_bias"], "qkv_bias")
+    logit_scale = _constant_tensor(b, node, arguments["logit_scale"], "logit_scale")
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        qkv_bias[channels:2 * channels] = 0
+    b.add("MatMul", [f"{name}.windows", b.float_constant(f"{name}.qkv_weight",
+                                                         qkv_weight.t().numpy())],
+          [f"{name}.qkv_product"], f"{name}.qkv_product")
+    qkv = f"{name}.qkv_product"
+    if qkv_bias is not None:
+        b.add("Add", [qkv, b.float_constant(f"{name}.qkv_bias", qkv_bias.numpy())],
+              [f"{name}.qkv"], f"{name}.qkv")
+        qkv = f"{name}.qkv"
+    b.reshape(f"{name}.qkv_heads", qkv, f"{name}.qkv_heads",
+              (batch * windows, tokens, 3, heads, head_dim))
+    b.add("Transpose", [f"{name}.qkv_heads"], [f"{name}.qkv_split"], f"{name}.qkv_split",
+          perm=[2, 0, 3, 1, 4])
+    parts = {}
+    for index, role in enumerate(("query", "key", "value")):
+        piece = _slice(b, f"{name}.{role}_slice", f"{name}.qkv_split", [index], [index + 1],
+                       [0])
+        b.reshape(f"{name}.{role}", piece, f"{name}.{role}",
+                  (batch * windows, heads, tokens, head_dim))
+        parts[role] = f"{name}.{role}"
+    query, key = parts["query"], parts["key"]
+    if logit_scale is not None:  # cosine attention: F.normalize, then a learned scale
+        for role in ("query", "key"):
+            norm = f"{name}.{role}_norm"
+            if b.opset < 18:
+                b.add("ReduceL2", [parts[role]], [norm], norm, axes=[-1], keepdims=1)
+            else:
+                b.add("ReduceL2", [parts[role], b.int64_constant(f"{norm}.axes", [-1])],
+                      [norm], norm, keepdims=1)
+            b.add("Max", [norm, b.float_constant(f"{norm}.eps", 1e-12)], [f"{norm}.safe"],
+                  f"{norm}.safe")
+            b.add("Div", [parts[role], f"{norm}.safe"], [f"{name}.{role}_unit"],
+                  f"{name}.{role}_unit")
+        query, key = f"{name}.query_unit", f"{name}.key_unit"
+        scale_value = torch.clamp(logit_scale, max=math.log(100.0)).exp().numpy()
+    else:
+        b.add("Mul", [query, b.float_constant(f"{name}.scale", head_dim ** -0.5)],
+              [f"{name}.query_scaled"], f"{name}.query_scaled")
+        query = f"{name}.query_scaled"
+    b.add("Transpose", [key], [f"{name}.key_t"], f"{name}.key_t", perm=[0, 1, 3, 2])
+    b.add("MatMul", [query, f"{name}.key_t"], [f"{name}.scores"], f"{name}.scores")
+    scores = f"{name}.scores"
+    if logit_scale is not None:
+        b.add("Mul", [scores, b.float_constant(f"{name}.logit_scale", scale_value)],
+              [f"{name}.scores_scaled"], f"{name}.scores_scaled")
+        scores = f"{name}.scores_scaled"
+    b.add("Add", [scores, b.value(arguments["relative_position_bias"])],
+          [f"{name}.scores_biased"], f"{name}.scores_biased")
+    scores = f"{name}.scores_biased"
+    if shifted:
+        mask = _swin_attention_mask(pad_h, pad_w, window, shift)
+        b.reshape(f"{name}.scores_windows", scores, f"{name}.scores_windows",
+                  (batch, windows, heads, tokens, tokens))
+        b.add("Add", [f"{name}.scores_windows", b.float_constant(
+            f"{name}.mask", mask.reshape(1, windows, 1, tokens, tokens).numpy())],
+              [f"{name}.scores_masked"], f"{name}.scores_masked")
+        b.reshape(f"{name}.scores_flat", f"{name}.scores_masked", f"{name}.scores_flat",
+                  (batch * windows, heads, tokens, tokens))
+        scores = f"{name}.scores_flat"
+    b.add("Softmax", [scores], [f"{name}.probabilities"], f"{name}.probabilities", axis=-1)
+    b.add("MatMul", [f"{name}.probabilities", parts["value"]], [f"{name}.context"],
+          f"{name}.context")
+    b.add("Transpose", [f"{name}.context"], [f"{name}.context_t"], f"{name}.context_t",
+          perm=[0, 2, 1, 3])
+    b.reshape(f"{name}.merged", f"{name}.context_t", f"{name}.merged",
+              (batch * windows, tokens, channels))
+    proj_weight = _constant_tensor(b, node, arguments["proj_weight"], "proj_weight")
+    proj_bias = _constant_tensor(b, node, arguments["proj_bias"], "proj_bias")
+    b.add("MatMul", [f"{name}.merged", b.float_constant(f"{name}.proj_weight",
+                                                        proj_weight.t().numpy())],
+          [f"{name}.projected"], f"{name}.projected")
+    projected = f"{name}.projected"
+    if proj_bias is not None:
+        b.add("Add", [projected, b.float_constant(f"{name}.proj_bias", proj_bias.numpy())],
+              [f"{name}.projected_biased"], f"{name}.projected_biased")
+        projected = f"{name}.projected_biased"
+    b.reshape(f"{name}.ungrid", projected, f"{name}.ungrid",
+              (batch, rows, columns, window[0], window[1], channels))
+    b.add("Transpose", [f"{name}.ungrid"], [f"{name}.unwindowed"], f"{name}.unwindowed",
+          perm=[0, 1, 3, 2, 4, 5])
+    b.reshape(f"{name}.image", f"{name}.unwindowed", f"{name}.image",
+              (batch, pad_h, pad_w, channels))
+    result = f"{name}.image"
+    if shifted:
+        result = _roll(b, f"{name}.unroll", result, padded, shift, [1, 2])
+    if pad_b or pad_r:
+        result = _slice(b, f"{name}.crop", result, [0, 0], [height, width], [1, 2])
+    b.add("Identity", [result], [name], name)
+    b.env[node] = name
+
+
+WRAPPED_EMITTERS: dict[str, Emitter] = {
+    "torchvision.models.swin_transformer._patch_merging_pad": _emit_patch_merging_pad,
+    "torchvision.models.swin_transformer.shifted_window_attention":
+        _emit_shifted_window_attention,
+}
+"""`@torch.fx.wrap` functions of torchvision (leaves in quantfx's graph) -> emitter, by
+qualified name (no torchvision import needed)."""
+
+
 def _emit_expand(b: _Builder, node: fx.Node, module: Any) -> None:
     shape = b.int64_constant(f"{node.name}.shape", b.info(node).shape)
     b.add("Expand", [b.tensor_input(node), shape], [node.name], node.name)
@@ -974,6 +1197,9 @@ def _emitter_for(b: _Builder, node: fx.Node) -> tuple[Emitter, Any]:
             "Replace it by supported layers, or report the op to the quantfx developers."
         )
     emitter = CALL_EMITTERS.get(node.target)
+    if emitter is None and callable(node.target):
+        qualified = f"{getattr(node.target, '__module__', '')}.{node.target.__qualname__}"
+        emitter = WRAPPED_EMITTERS.get(qualified)
     if emitter is None:
         what = node.target if isinstance(node.target, str) else getattr(
             node.target, "__name__", repr(node.target))
@@ -1010,6 +1236,30 @@ def _onnx_dtype(dtype: torch.dtype) -> int:
         dtype, TensorProto.FLOAT)
 
 
+def _is_constant(b: _Builder, node: fx.Node) -> bool:
+    """Whether `node` computes from parameters, buffers and Python values only."""
+    inputs: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), inputs.append)
+    return bool(inputs) and all(
+        arg in b.constants or not isinstance(b.records.get(arg), (TensorInfo, list))
+        for arg in inputs)
+
+
+def _evaluate(model: fx.GraphModule, b: _Builder, node: fx.Node) -> Tensor:
+    """The value of constant `node`, computed as the converted model computes it."""
+    def fetch(arg: fx.Node) -> Any:
+        return b.constants[arg] if arg in b.constants else b.env[arg]
+
+    args = fx.node.map_arg(node.args, fetch)
+    kwargs = fx.node.map_arg(node.kwargs, fetch)
+    with torch.no_grad():
+        if node.op == "call_module":
+            return model.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+
 def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], mode: str = QDQ,
                 opset: int = DEFAULT_QDQ_OPSET) -> tuple[onnx.ModelProto, BitWidths]:
     """The ONNX model of converted `model` at the static shapes of `inputs` (no checks on the
@@ -1039,14 +1289,14 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], mode: str = Q
             if not isinstance(value, torch.Tensor):
                 raise ExportError(f"cannot export node '{node.name}': attribute fetch "
                                   f"'{node.target}' is not a tensor.")
-            builder.env[node] = builder.constant(node.name, value.detach().cpu().numpy())
+            builder.constants[node] = value
         elif node.op == "output":
             outputs = _flatten_outputs(node.args[0])
             for index, out in enumerate(outputs):
                 if not isinstance(out, fx.Node) or not isinstance(recorder.records[out],
                                                                    TensorInfo):
                     raise ExportError(f"model output {index} is not a tensor ({out!r}).")
-                name = builder.env[out]
+                name = builder.value(out)
                 if name in [value.name for value in graph_inputs + graph_outputs]:
                     alias = f"output_{index}"
                     builder.add("Identity", [name], [alias], alias)
@@ -1056,6 +1306,8 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], mode: str = Q
                     name, _onnx_dtype(info.dtype), list(info.shape)))
         elif not isinstance(record, (TensorInfo, list)):
             builder.env[node] = record  # sizes, indices, shape arithmetic: static constants
+        elif isinstance(record, TensorInfo) and _is_constant(builder, node):
+            builder.constants[node] = _evaluate(model, builder, node)
         else:
             emitter, module = _emitter_for(builder, node)
             emitter(builder, node, module)
