@@ -149,7 +149,8 @@ class _LevelRunner:
     def _execute(self, node: fx.Node, environment: dict[fx.Node, Any],
                  inputs: tuple[Tensor, ...]) -> Any:
         if node.op == "placeholder":
-            return inputs[self.input_position[node]]
+            position = self.input_position[node]
+            return inputs[position] if position < len(inputs) else node.args[0]  # its default
         self.interpreter.env = environment
         args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
         return getattr(self.interpreter, node.op)(node.target, args, kwargs)
