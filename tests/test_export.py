@@ -621,3 +621,31 @@ def test_swin_window_attention_exports(version, tmp_path) -> None:
     names = [initializer.name for initializer in graph.initializer]
     assert not any("relative_position_index" in name for name in names)  # folded away
     assert sum(node.op_type == "Softmax" for node in graph.node) == 4
+
+
+class MovingNet(nn.Module):
+    """The data-movement ops: pixel_unshuffle (module and functional), roll, flip, movedim,
+    unbind; each keeps its input's grid, so the export must be bit-exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = torch.cat([self.unshuffle(x), F.pixel_unshuffle(x.flip(3), 2)], dim=1)
+        x = torch.roll(x, shifts=(1, -2), dims=(2, 3)).flip(-1)
+        x = self.head(x).movedim(1, -1)  # N H W C
+        rows = x.unbind(1)
+        return torch.cat([rows[0], rows[-1]], dim=-1)
+
+
+def test_data_movement_ops_are_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(MovingNet().eval(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "moving.onnx"),
+                            verify_data=inputs)
+    assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
@@ -805,6 +806,85 @@ def _emit_transpose(b: _Builder, node: fx.Node, module: Any) -> None:
     b.env[node] = node.name
 
 
+def _call_arguments(node: fx.Node, names: tuple[str, ...], b: _Builder) -> list[Any]:
+    """Positional-or-keyword arguments after the tensor, as static values."""
+    args = [b.value(arg) for arg in node.args[1:]]
+    return [args[index] if index < len(args) else b.value(node.kwargs.get(name))
+            for index, name in enumerate(names)]
+
+
+def _emit_roll(b: _Builder, node: fx.Node, module: Any) -> None:
+    shape = b.input_info(node).shape
+    shifts, dims = _call_arguments(node, ("shifts", "dims"), b)
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        raise ExportError(f"roll '{node.name}' without dims (a roll of the flattened tensor) "
+                          "does not export; give dims.")
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    result = _roll(b, node.name, b.tensor_input(node), shape, shifts,
+                   [dim % len(shape) for dim in dims])
+    b.add("Identity", [result], [node.name], f"{node.name}.identity")
+    b.env[node] = node.name
+
+
+def _emit_flip(b: _Builder, node: fx.Node, module: Any) -> None:
+    shape = b.input_info(node).shape
+    (dims,) = _call_arguments(node, ("dims",), b)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    axes = [dim % len(shape) for dim in dims]
+    _slice(b, node.name, b.tensor_input(node), [-1] * len(axes), [-(2 ** 62)] * len(axes),
+           axes, [-1] * len(axes))
+    b.env[node] = node.name
+
+
+def _emit_movedim(b: _Builder, node: fx.Node, module: Any) -> None:
+    rank = len(b.input_info(node).shape)
+    source, destination = _call_arguments(node, ("source", "destination"), b)
+    sources = [source] if isinstance(source, int) else list(source)
+    destinations = [destination] if isinstance(destination, int) else list(destination)
+    sources = [dim % rank for dim in sources]
+    destinations = [dim % rank for dim in destinations]
+    rest = iter(dim for dim in range(rank) if dim not in sources)
+    placed = dict(zip(destinations, sources))
+    perm = [placed[axis] if axis in placed else next(rest) for axis in range(rank)]
+    b.add("Transpose", [b.tensor_input(node)], [node.name], node.name, perm=perm)
+    b.env[node] = node.name
+
+
+def _emit_unbind(b: _Builder, node: fx.Node, module: Any) -> None:
+    shape = b.input_info(node).shape
+    (dim,) = _call_arguments(node, ("dim",), b)
+    axis = (dim or 0) % len(shape)
+    pieces = [f"{node.name}.piece{index}" for index in range(shape[axis])]
+    if b.opset >= 13:
+        b.add("Split", [b.tensor_input(node), b.int64_constant(
+            f"{node.name}.sizes", [1] * shape[axis])], pieces, node.name, axis=axis)
+    else:
+        b.add("Split", [b.tensor_input(node)], pieces, node.name, axis=axis,
+              split=[1] * shape[axis])
+    outputs = []
+    for index, (piece, record) in enumerate(zip(pieces, b.records[node])):
+        output = f"{node.name}.{index}"
+        b.reshape(output, piece, output, record.shape)
+        outputs.append(output)
+    b.env[node] = outputs
+
+
+def _emit_pixel_unshuffle(b: _Builder, node: fx.Node, module: Any) -> None:
+    """pixel_unshuffle as Reshape/Transpose/Reshape (SpaceToDepth orders channels otherwise)."""
+    factor = module.downscale_factor if module is not None else _call_arguments(
+        node, ("downscale_factor",), b)[0]
+    *lead, channels, height, width = b.input_info(node).shape
+    batch = int(np.prod(lead)) if lead else 1
+    name = node.name
+    b.reshape(f"{name}.split", b.tensor_input(node), f"{name}.split",
+              (batch, channels, height // factor, factor, width // factor, factor))
+    b.add("Transpose", [f"{name}.split"], [f"{name}.moved"], f"{name}.moved",
+          perm=[0, 1, 3, 5, 2, 4])
+    b.reshape(name, f"{name}.moved", name, b.info(node).shape)
+    b.env[node] = name
+
+
 def _emit_split(b: _Builder, node: fx.Node, module: Any) -> None:
     in_shape = b.input_info(node).shape
     pieces = b.records[node]
@@ -1160,6 +1240,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module], Emitter]] = [
     (nn.Flatten, _emit_flatten),
     (nn.Unflatten, _emit_reshape),
     (nn.PixelShuffle, _emit_pixel_shuffle),
+    (nn.PixelUnshuffle, _emit_pixel_unshuffle),
     (nn.ChannelShuffle, _emit_channel_shuffle),
     (ALIAS_MODULES, _emit_alias),
 ]
@@ -1178,6 +1259,11 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     torch.matmul: _emit_matmul, operator.matmul: _emit_matmul, "matmul": _emit_matmul,
     torch.bmm: _emit_matmul, "bmm": _emit_matmul,
     torch.einsum: _emit_einsum,
+    "roll": _emit_roll, torch.roll: _emit_roll,
+    "flip": _emit_flip, torch.flip: _emit_flip,
+    "movedim": _emit_movedim, torch.movedim: _emit_movedim,
+    "unbind": _emit_unbind, torch.unbind: _emit_unbind,
+    F.pixel_unshuffle: _emit_pixel_unshuffle,
     torch.flatten: _emit_flatten,
     **{target: _emit_reshape for target in RESHAPE_CALLS if target is not torch.flatten},
     **{target: _emit_alias for target in ALIAS_CALLS},
