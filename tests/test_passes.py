@@ -239,3 +239,16 @@ def test_grouped_transposed_conv_keeps_its_batchnorm():
     graph, _ = build_graph(model.eval(), (torch.randn(1, 4, 4, 4),), QuantConfig(), False)
     graph = fold_batchnorm(graph)
     assert any(isinstance(m, nn.BatchNorm2d) for m in graph.modules())
+
+
+def test_functional_softmax_with_traced_stacklevel_becomes_a_module():
+    """F.softmax is traced with `_stacklevel=3, dtype=None` keywords (MaxViT's attention):
+    it must still become an nn.Softmax with its own quantizer."""
+
+    class Attention(nn.Module):
+        def forward(self, x):
+            return F.softmax(x @ x.transpose(-2, -1), dim=-1)
+
+    graph, _ = build_graph(Attention(), (torch.randn(2, 4, 8),), QuantConfig(), False)
+    softmaxes = [m for m in graph.modules() if isinstance(m, nn.Softmax)]
+    assert len(softmaxes) == 1 and softmaxes[0].dim == -1

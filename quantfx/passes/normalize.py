@@ -152,6 +152,8 @@ _MUST_BE_DEFAULT = {
     "out": (None,),
     "dtype": (None,),
 }
+_IGNORED_KEYWORDS = {"_stacklevel"}
+"""Keywords that change nothing computed (F.softmax records `_stacklevel=3` when traced)."""
 _TENSOR_KEYWORDS = ("input", "self", "tensors", "other")
 
 
@@ -178,6 +180,8 @@ def _bind(node: fx.Node, rule: Rewrite) -> tuple[tuple, dict[str, Any]] | None:
     if len(args) - operand_count > len(rule.params):
         return None
     for name, value in kwargs.items():
+        if name in _IGNORED_KEYWORDS:
+            continue
         if name not in rule.params and name not in _MUST_BE_DEFAULT and name != "axis":
             return None
         options[name] = value
