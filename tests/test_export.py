@@ -637,7 +637,7 @@ class MovingNet(nn.Module):
         x = self.conv(x)
         x = torch.cat([self.unshuffle(x), F.pixel_unshuffle(x.flip(3), 2)], dim=1)
         x = torch.roll(x, shifts=(1, -2), dims=(2, 3)).flip(-1)
-        x = self.head(x).movedim(1, -1)  # N H W C
+        x = self.head(x).movedim(1, -1).swapaxes(1, 2).swapaxes(1, 2)  # N H W C
         rows = x.unbind(1)
         return torch.cat([rows[0], rows[-1]], dim=-1)
 

@@ -797,8 +797,8 @@ def _emit_transpose(b: _Builder, node: fx.Node, module: Any) -> None:
     elif node.target in ("t", torch.t):
         perm = list(reversed(range(rank)))
     else:
-        first = args[0] if args else node.kwargs.get("dim0")
-        second = args[1] if len(args) > 1 else node.kwargs.get("dim1")
+        first = args[0] if args else node.kwargs.get("dim0", node.kwargs.get("axis0"))
+        second = args[1] if len(args) > 1 else node.kwargs.get("dim1", node.kwargs.get("axis1"))
         perm = list(range(rank))
         first, second = first % rank, second % rank
         perm[first], perm[second] = perm[second], perm[first]
@@ -1250,6 +1250,8 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     operator.getitem: _emit_getitem,
     "__getitem__": _emit_getitem,
     "transpose": _emit_transpose, torch.transpose: _emit_transpose,
+    "swapaxes": _emit_transpose, torch.swapaxes: _emit_transpose,
+    "swapdims": _emit_transpose, torch.swapdims: _emit_transpose,
     "permute": _emit_transpose, torch.permute: _emit_transpose,
     "t": _emit_transpose, torch.t: _emit_transpose,
     "chunk": _emit_split, torch.chunk: _emit_split,
