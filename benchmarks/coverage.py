@@ -294,9 +294,13 @@ def _check_all(names: list[str], sizes: dict[str, int | None], cached: dict[str,
                          for name in [queue[0], *(worker.name for worker in busy)]]
                 if busy and any(alone):
                     break  # a big model runs (or is next): let it have the machine
-                worker = idle.pop()
                 name = queue.pop(0)
                 big = (sizes[name] or 0) / 1e6 > ALONE_ABOVE_M
+                if big:  # idle workers keep the memory of their last model: start afresh
+                    for worker in idle:
+                        worker.stop()
+                    idle = [_Worker()]
+                worker = idle.pop()
                 worker.start(name, _time_limit(sizes[name]), WORKERS if big else 1)
                 busy.append(worker)
             multiprocessing.connection.wait([worker.connection for worker in busy]
@@ -311,10 +315,16 @@ def _check_all(names: list[str], sizes: dict[str, int | None], cached: dict[str,
                     row = {"model": worker.name, "float": reason}
                     worker.stop(force=True)
                     busy.remove(worker)
-                    idle.append(_Worker())
+                    while len(idle) + len(busy) < WORKERS:
+                        idle.append(_Worker())
                 else:
                     busy.remove(worker)
+                    if (sizes[worker.name] or 0) / 1e6 > ALONE_ABOVE_M:
+                        worker.stop()  # it holds a big model's memory: replace it
+                        worker = _Worker()
                     idle.append(worker)
+                    while len(idle) + len(busy) < WORKERS:
+                        idle.append(_Worker())
                 cached[row["model"]] = row
                 save()
                 bar.update(1)
@@ -336,9 +346,10 @@ def _source_key() -> str:
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     for function in (check_model, build, parameter_count, _first_tensor, _describe,
-                     _choose_input, _run_float, _reinitialize_zero_layers):
+                     _choose_input, _run_float, _reinitialize_zero_layers, _check_all):
         digest.update(inspect.getsource(function).encode())
-    digest.update(repr((INPUT_SIZES, CALIBRATION_BATCHES, BATCH)).encode())
+    digest.update(repr((INPUT_SIZES, CALIBRATION_BATCHES, BATCH, WORKERS, ALONE_ABOVE_M,
+                        BASE_TIMEOUT_S, TIMEOUT_S_PER_M)).encode())
     digest.update(f"{torch.__version__} {torchvision.__version__}".encode())
     return digest.hexdigest()[:16]
 
