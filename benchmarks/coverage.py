@@ -252,7 +252,7 @@ class _Worker:
         self.connection.send((name, threads))
 
     def result(self) -> dict[str, Any] | None:
-        """The finished row, or None when the worker died or ran out of time (kill it)."""
+        """The finished row, or None while there is none (see `failure`)."""
         if self.connection.poll():
             try:
                 return self.connection.recv()

@@ -403,6 +403,19 @@ def _emit_layer_norm(b: _Builder, node: fx.Node, norm: nn.LayerNorm) -> None:
     b.env[node] = name
 
 
+def _float_linear(b: _Builder, prefix: str, source: str, weight: Tensor,
+                  bias: Tensor | None) -> str:
+    """`source @ weight.T (+ bias)` in float (a projection inside a float island); returns the
+    result's name, `prefix`."""
+    product = f"{prefix}_product" if bias is not None else prefix
+    weight_name = b.float_constant(f"{prefix}_weight", weight.detach().t().cpu().numpy())
+    b.add("MatMul", [source, weight_name], [product], product)
+    if bias is not None:
+        bias_name = b.float_constant(f"{prefix}_bias", bias.detach().cpu().numpy())
+        b.add("Add", [product, bias_name], [prefix], prefix)
+    return prefix
+
+
 def _mha_argument(node: fx.Node, position: int, keyword: str, default: Any) -> Any:
     if len(node.args) > position:
         return node.args[position]
@@ -450,14 +463,8 @@ def _emit_multihead_attention(b: _Builder, node: fx.Node, attention: nn.Multihea
             b.add("Transpose", [source], [f"{name}.{role}_nle"], f"{name}.{role}_nle",
                   perm=[1, 0, 2])
             source = f"{name}.{role}_nle"
-        weight = b.float_constant(f"{name}.{role}_weight", weights[position].t().cpu().numpy())
-        projected = f"{name}.{role}_projected"
-        if biases[position] is None:
-            b.add("MatMul", [source, weight], [projected], projected)
-        else:
-            b.add("MatMul", [source, weight], [f"{name}.{role}_product"], f"{name}.{role}_product")
-            bias = b.float_constant(f"{name}.{role}_bias", biases[position].cpu().numpy())
-            b.add("Add", [f"{name}.{role}_product", bias], [projected], projected)
+        projected = _float_linear(b, f"{name}.{role}_projected", source, weights[position],
+                                  biases[position])
         batch = batched[position][0] if len(batched[position]) == 3 else 1
         length = batched[position][-2]
         b.reshape(f"{name}.{role}_heads", projected, f"{name}.{role}_heads",
@@ -480,18 +487,9 @@ def _emit_multihead_attention(b: _Builder, node: fx.Node, attention: nn.Multihea
     length = batched[0][-2]
     b.reshape(f"{name}.context_merged", f"{name}.context_nlhd", f"{name}.context_merged",
               (batch, length, embed))
-    out_proj = attention.out_proj
-    b.add("MatMul", [f"{name}.context_merged",
-                     b.float_constant(f"{name}.out_weight", out_proj.weight.detach().t().numpy())],
-          [f"{name}.out_product"], f"{name}.out_product")
-    result = f"{name}.out_product"
-    if out_proj.bias is not None:
-        b.add("Add", [result, b.float_constant(f"{name}.out_bias",
-                                               out_proj.bias.detach().numpy())],
-              [f"{name}.out_biased"], f"{name}.out_biased")
-        result = f"{name}.out_biased"
-    output_shape = b.info(node.args[0]).shape
-    if not attention.batch_first and len(output_shape) == 3:
+    result = _float_linear(b, f"{name}.out", f"{name}.context_merged",
+                           attention.out_proj.weight, attention.out_proj.bias)
+    if not attention.batch_first and len(shapes[0]) == 3:
         b.add("Transpose", [result], [name], name, perm=[1, 0, 2])
     else:
         b.reshape(name, result, name, tuple(shapes[0][:-1]) + (embed,))
@@ -1104,14 +1102,7 @@ def _emit_shifted_window_attention(b: _Builder, node: fx.Node, module: Any) -> N
     if logit_scale is not None and qkv_bias is not None:
         qkv_bias = qkv_bias.clone()
         qkv_bias[channels:2 * channels] = 0
-    b.add("MatMul", [f"{name}.windows", b.float_constant(f"{name}.qkv_weight",
-                                                         qkv_weight.t().numpy())],
-          [f"{name}.qkv_product"], f"{name}.qkv_product")
-    qkv = f"{name}.qkv_product"
-    if qkv_bias is not None:
-        b.add("Add", [qkv, b.float_constant(f"{name}.qkv_bias", qkv_bias.numpy())],
-              [f"{name}.qkv"], f"{name}.qkv")
-        qkv = f"{name}.qkv"
+    qkv = _float_linear(b, f"{name}.qkv", f"{name}.windows", qkv_weight, qkv_bias)
     b.reshape(f"{name}.qkv_heads", qkv, f"{name}.qkv_heads",
               (batch * windows, tokens, 3, heads, head_dim))
     b.add("Transpose", [f"{name}.qkv_heads"], [f"{name}.qkv_split"], f"{name}.qkv_split",
@@ -1171,14 +1162,7 @@ def _emit_shifted_window_attention(b: _Builder, node: fx.Node, module: Any) -> N
               (batch * windows, tokens, channels))
     proj_weight = _constant_tensor(b, node, arguments["proj_weight"], "proj_weight")
     proj_bias = _constant_tensor(b, node, arguments["proj_bias"], "proj_bias")
-    b.add("MatMul", [f"{name}.merged", b.float_constant(f"{name}.proj_weight",
-                                                        proj_weight.t().numpy())],
-          [f"{name}.projected"], f"{name}.projected")
-    projected = f"{name}.projected"
-    if proj_bias is not None:
-        b.add("Add", [projected, b.float_constant(f"{name}.proj_bias", proj_bias.numpy())],
-              [f"{name}.projected_biased"], f"{name}.projected_biased")
-        projected = f"{name}.projected_biased"
+    projected = _float_linear(b, f"{name}.projected", f"{name}.merged", proj_weight, proj_bias)
     b.reshape(f"{name}.ungrid", projected, f"{name}.ungrid",
               (batch, rows, columns, window[0], window[1], channels))
     b.add("Transpose", [f"{name}.ungrid"], [f"{name}.unwindowed"], f"{name}.unwindowed",
