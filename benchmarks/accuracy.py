@@ -27,6 +27,7 @@ from benchmarks.data import calibration_subset, load_fashion_mnist
 from benchmarks.models import MODEL_BUILDERS
 from benchmarks.report import Chart, PartResult, Table
 from benchmarks.training import configure_threads, predict, train_float_with_info
+from quantfx.export.verify import onnxruntime_session
 
 CALIBRATION_IMAGES = 1000
 CALIBRATION_BATCH = 100
@@ -47,31 +48,11 @@ DESCRIPTION = (
 )
 
 
-def ort_session(path: str | Path, threads: int, literal: bool = False) -> Any:
-    """An ONNX Runtime CPU session that does not spin idle threads (fair on a shared machine).
-
-    The default session is what users deploy (all graph optimizations: QDQ pairs fused into
-    integer kernels). `literal=True` runs the file as written (no rewrites, float QDQ math),
-    i.e. exactly the ONNX operators' semantics.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if literal:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def ort_predict(
     path: str | Path, dataset: TensorDataset, threads: int, literal: bool = False
 ) -> torch.Tensor:
     """Top-1 predictions of an ONNX file over `dataset` (batches of its static batch size)."""
-    session = ort_session(path, threads, literal)
+    session = onnxruntime_session(str(path), threads, optimized=not literal)
     model_input = session.get_inputs()[0]
     batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else EVAL_BATCH
     images = dataset.tensors[0].numpy()

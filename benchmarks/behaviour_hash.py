@@ -13,8 +13,10 @@ histogram ranges, MSE weight search, bias calibration), it hashes
 
 Three variants widen the net: `mobilenetv2_style@16bit` (first and last layers at 16 bit,
 int16 Q/DQ), `mobilenetv2_style@qat` (three QAT steps from the float model) and
-`resnet_style@legacy` (the Clip-style file). Run it before and after a change: identical lines mean identical behaviour. Only the public API,
-onnx and onnxruntime are used, so it runs against any quantfx version since export existed.
+`resnet_style@legacy` (the Clip-style file). Run it before and after a change: identical lines
+mean identical behaviour. Only the public API, onnx and onnxruntime are used (and the ORT
+session helper, found where each version has it), so it runs against any quantfx version since
+export existed.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ import tempfile
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torchvision
 
 import quantfx as qf
 from benchmarks.models import MODEL_BUILDERS
+
+try:
+    from quantfx.export.verify import onnxruntime_session
+except ImportError:  # quantfx before the export package (0.1.0)
+    from quantfx.export.onnx import verification_session as onnxruntime_session
 
 TORCHVISION_MODELS = (
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
@@ -63,16 +69,6 @@ def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = torchvision.models.get_model(name, num_classes=10, **options)
     return randomize_batchnorm(model).eval(), (3, 64, 64)
-
-
-def reference_session(path: str) -> ort.InferenceSession:
-    """ONNX Runtime with every graph rewrite off: the operators as the file defines them."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _digest(*chunks: bytes) -> str:
@@ -134,7 +130,7 @@ def fingerprint(name: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{name}.onnx")
         qf.export_onnx(converted, (test_input,), path, legacy=variant == "legacy")
-        session = reference_session(path)
+        session = onnxruntime_session(path)  # reference kernels: no graph rewrites
         feed = {session.get_inputs()[0].name: test_input.numpy()}
         ort_outputs = session.run(None, feed)[0]
         options_path = os.path.splitext(path)[0] + ".tidl.json"
@@ -149,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.behaviour_hash",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the lines to this file")
-    parser.add_argument("models", nargs="*", help="subset of models (default: all 15 and the variants)")
+    parser.add_argument("models", nargs="*",
+                        help="subset of models (default: all 15 and the variants)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     names = args.models or list(TORCHVISION_MODELS) + list(MODEL_BUILDERS) + list(VARIANTS)

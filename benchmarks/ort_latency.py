@@ -26,16 +26,12 @@ import torch
 import torchvision
 
 import quantfx as qf
+from quantfx.export.verify import onnxruntime_session
 
 
 def session(path: str, threads: int) -> ort.InferenceSession:
     """A deployment-style CPU session: all optimizations, no spinning, `threads` intra-op."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(path, threads, optimized=True)
 
 
 def median_latency_ms(sessions: dict[str, ort.InferenceSession], feed: np.ndarray, runs: int,

@@ -27,7 +27,7 @@ from benchmarks import data as data_module
 from benchmarks import models as models_module
 from benchmarks.data import load_fashion_mnist
 from benchmarks.models import build_model
-from quantfx import demo as demo_module
+from quantfx import datasets as datasets_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("QUANTFX_BENCH_CACHE", REPO_ROOT / ".cache" / "quantfx-bench"))
@@ -75,8 +75,9 @@ def _source_hash(config: TrainConfig) -> str:
     digest = hashlib.sha256()
     for module in (sys.modules[__name__], models_module, data_module):
         digest.update(inspect.getsource(module).encode())
-    digest.update(inspect.getsource(demo_module.load_fashion_mnist_tensors).encode())
-    digest.update(f"{demo_module.FASHION_MNIST_MEAN} {demo_module.FASHION_MNIST_STD}".encode())
+    digest.update(inspect.getsource(datasets_module.load_fashion_mnist_tensors).encode())
+    statistics = (datasets_module.FASHION_MNIST_MEAN, datasets_module.FASHION_MNIST_STD)
+    digest.update(f"{statistics[0]} {statistics[1]}".encode())
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     digest.update(torch.__version__.split("+")[0].encode())
     return digest.hexdigest()[:16]

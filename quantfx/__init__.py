@@ -6,7 +6,7 @@
 """
 
 from quantfx.analysis.precision import PrecisionReport, compare_bit_depths
-from quantfx.config import QuantConfig
+from quantfx.config import QATSchedule, QuantConfig
 from quantfx.convert import convert
 from quantfx.errors import (
     CalibrationError,
@@ -19,7 +19,7 @@ from quantfx.errors import (
 )
 from quantfx.export.onnx import ExportReport, export_onnx
 from quantfx.ptc import calibrate, prepare
-from quantfx.qat import QATSchedule, end_qat_epoch, prepare_qat
+from quantfx.qat import end_qat_epoch, prepare_qat
 
 __version__ = "0.1.0"
 

@@ -21,9 +21,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quantfx.frontend import quantizers, set_quant_mode
-from quantfx.modules import QuantLayer
+from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import module_of
+from quantfx.quantizers import set_quant_mode
 
 
 class _StopForwardError(Exception):
@@ -49,7 +49,7 @@ def layer_depths(graph_module: fx.GraphModule) -> dict[str, int]:
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
         depth = max((depth_of_node[arg] for arg in inputs), default=0)
-        if isinstance(module_of(graph_module, node), QuantLayer):
+        if isinstance(module_of(graph_module, node), FakeQuantLayer):
             depth += 1
             layer_depth[node.target] = depth
         depth_of_node[node] = depth
@@ -59,7 +59,7 @@ def layer_depths(graph_module: fx.GraphModule) -> dict[str, int]:
 class _MeanRecorder:
     """Forward hooks that sum each watched layer's output per channel."""
 
-    def __init__(self, layers: dict[str, QuantLayer], stop_after: str | None = None) -> None:
+    def __init__(self, layers: dict[str, FakeQuantLayer], stop_after: str | None = None) -> None:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.handles = [
@@ -68,7 +68,7 @@ class _MeanRecorder:
         ]
 
     def _hook(self, name: str, stop: bool):
-        def record(module: QuantLayer, _inputs, output: Tensor) -> None:
+        def record(module: FakeQuantLayer, _inputs, output: Tensor) -> None:
             sums, count = _channel_sums(output, _channel_axis(module.layer))
             self.sums[name] = self.sums.get(name, 0) + sums
             self.counts[name] = self.counts.get(name, 0) + count
@@ -217,7 +217,7 @@ def calibrate_biases(
     layers = {
         node.target: module_of(model, node)
         for node in model.graph.nodes
-        if isinstance(module_of(model, node), QuantLayer)
+        if isinstance(module_of(model, node), FakeQuantLayer)
     }
     if not layers or not batches:
         return 0
@@ -275,8 +275,7 @@ def calibrate_biases(
         finally:
             for layer in layers.values():
                 layer.weight_cache = None
-    for _, quantizer in quantizers(model):
-        quantizer.set_mode(observe=True, quantize=False)
+    set_quant_mode(model, observe=True, quantize=False)
     return len(layers)
 
 

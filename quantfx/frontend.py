@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,23 +14,11 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.config import QuantConfig
-from quantfx.errors import ConfigError, PrepareError
-from quantfx.fake_quant import FakeQuantize
+from quantfx.errors import PrepareError
 from quantfx.passes.normalize import functionals_to_modules
 from quantfx.passes.unshare import unshare_modules
+from quantfx.state import FLOAT, require_state
 from quantfx.trace import propagate_shapes, trace
-
-STATE_ATTRIBUTE = "_quantfx_state"
-
-
-@dataclass
-class QuantState:
-    """What quantfx remembers about a model it prepared or converted."""
-
-    config: QuantConfig
-    backend: str  # "ptc" or "qat"
-    stage: str  # "prepared" or "converted"
-    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -51,31 +38,13 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     )
 
 
-def check_config(config: QuantConfig | None) -> QuantConfig:
-    """The config to use: the given one, or the defaults."""
-    if config is None:
-        return QuantConfig()
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a quantfx.QuantConfig, got {type(config).__name__}.")
-    return config
-
-
-def state_of(model: Any) -> QuantState | None:
-    """The quantfx state of a prepared or converted model, None for any other object."""
-    return getattr(model, STATE_ATTRIBUTE, None) if isinstance(model, nn.Module) else None
-
-
 def build_graph(
     model: nn.Module, example_inputs: Any, config: QuantConfig, training: bool
 ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     """Copy, trace, shape-propagate, rewrite functionals and un-share modules."""
-    if not isinstance(model, nn.Module):
-        raise PrepareError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if state_of(model) is not None:
-        raise PrepareError(
-            "this model was already prepared or converted by quantfx; prepare the original "
-            "float model instead."
-        )
+    require_state(model, "prepare" if not training else "prepare_qat", PrepareError, (FLOAT,),
+                  "the float model (a torch.nn.Module)",
+                  "Prepare the original float model instead.")
     inputs = as_input_tuple(example_inputs)
     if any(not tensor.is_floating_point() for tensor in inputs):
         raise PrepareError(
@@ -92,19 +61,6 @@ def build_graph(
     return graph_module, inputs
 
 
-PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
-
-
-def attach_state(graph_module: fx.GraphModule, state: QuantState) -> None:
-    """Record quantfx's state on the model.
-
-    GraphModule.__deepcopy__ keeps only the attributes listed under this meta key, so the state
-    is listed there too: a deep copy of a prepared model (e.g. an EMA copy) is still one.
-    """
-    setattr(graph_module, STATE_ATTRIBUTE, state)
-    graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
-
-
 def require_layers(count: int, model: nn.Module) -> None:
     """Raise a `PrepareError` when tracing reached no conv/linear layer to quantize."""
     if count == 0:
@@ -115,18 +71,6 @@ def require_layers(count: int, model: nn.Module) -> None:
         )
 
 
-def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
-    """Every `FakeQuantize` in `model` (activations and weights), with its qualified name."""
-    return [
-        (name, module) for name, module in model.named_modules() if isinstance(module, FakeQuantize)
-    ]
-
-
-def set_quant_mode(model: nn.Module, observe: bool, quantize: bool) -> None:
-    """Switch observing / quantizing for every quantizer of `model`."""
-    for _, quantizer in quantizers(model):
-        quantizer.set_mode(observe, quantize)
-
-
 def input_shapes(inputs: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    """The shapes of the example inputs (kept in the model's state for export's checks)."""
     return [tuple(tensor.shape) for tensor in inputs]

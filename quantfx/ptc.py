@@ -11,21 +11,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantfx.bias_calibration import calibrate_biases
-from quantfx.config import QuantConfig
+from quantfx.config import QuantConfig, resolve_config
 from quantfx.errors import CalibrationError
-from quantfx.frontend import (
-    QuantState,
-    attach_state,
-    build_graph,
-    check_config,
-    input_shapes,
-    quantizers,
-    require_layers,
-    set_quant_mode,
-    state_of,
-)
+from quantfx.frontend import build_graph, input_shapes, require_layers
+from quantfx.layers import FakeQuantLayer
 from quantfx.passes.fuse import fold_batchnorm
-from quantfx.passes.place import place_quantizers, wrap_weight_layers
+from quantfx.passes.place import place_quantizers
+from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
+from quantfx.state import PREPARED, PTC, QAT, QuantState, attach_state, require_state, state_of
+
+QAT_HINT = ("A QAT model estimates its ranges while it trains; to start QAT from calibrated "
+           "ranges, calibrate the prepared model and pass it to quantfx.prepare_qat.")
 
 
 def prepare(
@@ -36,27 +32,15 @@ def prepare(
     BatchNorm is folded into the preceding conv/linear. Forward passes (under `torch.no_grad()`)
     record ranges; `calibrate` is the convenience loop; `convert` freezes the result.
     """
-    config = check_config(config)
+    config = resolve_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
-    require_layers(wrap_weight_layers(graph_module, config), model)
-    place_quantizers(graph_module, config)
+    count = place_quantizers(graph_module, QuantizerFactory(config),
+                             lambda layer, bn, quantizer: FakeQuantLayer(layer, quantizer))
+    require_layers(count, model)
     set_quant_mode(graph_module, observe=True, quantize=False)
-    attach_state(graph_module, QuantState(config, "ptc", "prepared", input_shapes(inputs)))
+    attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
     return graph_module.eval()
-
-
-def check_prepared(model: Any, action: str) -> QuantState:
-    """The state of a prepared (not converted) quantfx model, or a clear error."""
-    state = state_of(model)
-    if state is None:
-        raise CalibrationError(
-            f"{action} needs a model returned by quantfx.prepare or quantfx.prepare_qat, got "
-            f"{type(model).__name__}."
-        )
-    if state.stage != "prepared":
-        raise CalibrationError(f"{action} needs a prepared model; this one is already converted.")
-    return state
 
 
 def batch_inputs(batch: Any, count: int, index: int) -> tuple[torch.Tensor, ...]:
@@ -135,13 +119,10 @@ def calibrate(
     default) the first batches (`bias_calibration_samples`) are kept in memory and run again,
     once per layer depth, to correct the biases. Returns the same model.
     """
-    state = check_prepared(model, "calibrate")
-    if state.backend != "ptc":
-        raise CalibrationError(
-            "calibrate is for models returned by quantfx.prepare; a QAT model estimates its "
-            "ranges while it trains. To start QAT from calibrated ranges, calibrate the "
-            "prepared model and pass it to quantfx.prepare_qat."
-        )
+    given = state_of(model)
+    hint = QAT_HINT if given is not None and given.backend == QAT else ""
+    state = require_state(model, "calibrate", CalibrationError, ((PTC, PREPARED),),
+                          "a model returned by quantfx.prepare", hint)
     was_training = model.training
     model.eval()
     set_quant_mode(model, observe=True, quantize=False)
@@ -155,10 +136,10 @@ def calibrate(
                 if kept_samples < budget:
                     kept.append(inputs)
                     kept_samples += inputs[0].shape[0] if inputs[0].dim() else 1
-        for _, quantizer in quantizers(model):
+        for _, quantizer in calibration_quantizers(model):
             if quantizer.observed:
                 quantizer.compute_exponent()
-        if state.config.bias_calibration and state.backend == "ptc":
+        if state.config.bias_calibration:
             calibrate_biases(model, kept, state.config.progress)
     finally:
         model.train(was_training)

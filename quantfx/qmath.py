@@ -3,12 +3,14 @@
 A quantized tensor is ``q = clamp(round_half_even(x / 2**exponent), qmin, qmax)`` and its
 dequantized value is ``q * 2**exponent``; the zero point is always 0. Because every scale is a
 power of two, quantize/dequantize are exact float operations, which is what lets the PyTorch
-simulation and ONNX Runtime agree bit for bit.
+simulation and ONNX Runtime agree bit for bit. Everything numeric that the back ends share lives
+here: integer codes, the int32 bias grid, the straight-through estimators. No torch.fx.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +24,25 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
+
+
+INT32_MIN, INT32_MAX = qrange(32, signed=True)
+"""Range of the int32 bias codes (at scale input scale x weight scale)."""
+
+
+def is_power_of_two(value: float) -> bool:
+    """Whether `value` is exactly 2**k for an integer k (a valid quantfx scale)."""
+    if not math.isfinite(value) or value <= 0:
+        return False
+    mantissa, _ = math.frexp(value)
+    return mantissa == 0.5
+
+
+def channel_shape(dims: int, axis: int) -> list[int]:
+    """The shape that broadcasts a per-channel vector along `axis` of a `dims`-D tensor."""
+    shape = [1] * dims
+    shape[axis] = -1
+    return shape
 
 
 def exponent_for_max(max_abs: Tensor, qmax: int) -> Tensor:
@@ -39,6 +60,17 @@ def exponent_for_max(max_abs: Tensor, qmax: int) -> Tensor:
     exponent = torch.where(safe <= qmax * torch.exp2(exponent - 1), exponent - 1, exponent)
     exponent = torch.where(positive, exponent, torch.full_like(exponent, EMPTY_TENSOR_EXPONENT))
     return exponent.to(torch.float32)
+
+
+def never_clipping_exponent(weight: Tensor, qmax: int, axis: int | None) -> Tensor:
+    """Never-clipping exponent(s) of `weight`: per tensor, or per channel along axis 0.
+
+    The numbers a fresh min/max observer proposes for the same weight.
+    """
+    magnitude = weight.detach().abs()
+    if axis is None:
+        return exponent_for_max(magnitude.max(), qmax)
+    return exponent_for_max(magnitude.flatten(1).amax(dim=1), qmax)
 
 
 def scale_of(exponent: Tensor) -> Tensor:
@@ -63,24 +95,101 @@ def fake_quantize(
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
-def quantize(x: Tensor, exponent: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
+def _broadcast_scale(exponent: Tensor, like: Tensor, axis: int | None) -> Tensor:
+    scale = scale_of(exponent).to(like.device)
+    return scale if axis is None else scale.reshape(channel_shape(like.dim(), axis))
+
+
+def to_codes(x: Tensor, exponent: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
     """Integer codes of `x` as an int64 tensor (no gradient): the values the engine stores."""
-    scale = scale_of(exponent).to(x.device)
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
+    scale = _broadcast_scale(exponent, x, axis)
     return torch.clamp(torch.round(x.detach() / scale), qmin, qmax).to(torch.int64)
 
 
-def dequantize(q: Tensor, exponent: Tensor, axis: int | None = None) -> Tensor:
-    """Float32 values ``q * 2**exponent`` of integer codes `q`."""
-    scale = scale_of(exponent).to(q.device)
-    if axis is not None:
-        shape = [1] * q.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    return q.to(torch.float32) * scale
+def from_codes(codes: Tensor, exponent: Tensor, axis: int | None = None) -> Tensor:
+    """Float32 values ``codes * 2**exponent`` of integer codes."""
+    return codes.to(torch.float32) * _broadcast_scale(exponent, codes, axis)
+
+
+def fit_bias_exponent(weight_exponent: Tensor, input_exponent: Tensor,
+                      bias: Tensor | None) -> Tensor:
+    """Raise the weight exponent where the int32 bias at input x weight scale would overflow.
+
+    This is what ONNX Runtime's quantizer does silently; doing it here keeps the exported file
+    and the simulation on the same scales (it only triggers for tiny activation scales).
+    """
+    if bias is None:
+        return weight_exponent
+    magnitude = bias.detach().abs()
+    if weight_exponent.dim() == 0:
+        magnitude = magnitude.max()
+    needed = exponent_for_max(magnitude, INT32_MAX) - input_exponent
+    needed = torch.where(magnitude > 0, needed, weight_exponent)
+    return torch.maximum(weight_exponent, needed)
+
+
+# ---------------------------------------------------------------------------- training (STE)
+
+
+class _RoundToGridSTE(torch.autograd.Function):
+    """Round onto a power-of-2 grid exactly as `convert` does, with an identity gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, exponent: Tensor, qmin: int, qmax: int, axis: int | None
+    ) -> Tensor:
+        return from_codes(to_codes(x, exponent, qmin, qmax, axis), exponent, axis).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        return grad, None, None, None, None
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Training-time fake quantization: the values of `fake_quantize`, computed faster.
+
+    torch's fused CPU fake-quant kernel rounds element by element with `nearbyint` (measured
+    here: 28 ms for a 3M-element tensor); multiply, round (half to even), clamp, multiply by a
+    power of 2 give the same bits in about 6 ms. The backward is the clipped STE: the gradient
+    passes where x rounds inside [qmin, qmax] (one fused `hardtanh_backward`), or everywhere
+    when `clip_gradient` is False (weights, whose exponent never clips).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, exponent: Tensor, qmin: int, qmax: int,
+                axis: int | None, clip_gradient: bool) -> Tensor:
+        scale = torch.exp2(exponent.detach().to(x.dtype))
+        if axis is not None:
+            scale = scale.reshape(channel_shape(x.dim(), axis))
+        output = torch.mul(x, torch.reciprocal(scale))
+        output.round_().clamp_(qmin, qmax).mul_(scale)
+        ctx.clip = None
+        if clip_gradient and axis is None:
+            step = float(scale)
+            ctx.clip = ((qmin - 0.5) * step, (qmax + 0.5) * step)
+            ctx.save_for_backward(x)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.clip is None:
+            return grad, None, None, None, None, None
+        (x,) = ctx.saved_tensors
+        low, high = ctx.clip
+        return torch.ops.aten.hardtanh_backward(grad, x, low, high), None, None, None, None, None
+
+
+def fake_quantize_ste(x: Tensor, exponent: Tensor, qmin: int, qmax: int,
+                      axis: int | None = None, clip_gradient: bool = True) -> Tensor:
+    """`fake_quantize` for training: same values, faster on CPU, clipped STE gradient."""
+    if axis is not None and clip_gradient:
+        return fake_quantize(x, exponent, qmin, qmax, axis)
+    return _FakeQuantizeSTE.apply(x, exponent, qmin, qmax, axis, clip_gradient)
+
+
+def bias_to_int32_grid(bias: Tensor, exponent: Tensor, axis: int | None) -> Tensor:
+    """The bias on the int32 grid at `exponent` (input + weight exponent), straight-through."""
+    return _RoundToGridSTE.apply(bias, exponent, INT32_MIN, INT32_MAX, axis)
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:

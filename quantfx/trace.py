@@ -18,32 +18,17 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from quantfx.config import QuantConfig
 from quantfx.errors import PrepareError, TraceError
+from quantfx.ops import DEFAULT_LEAF_MODULES
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _QUANTFX_DIR = os.path.dirname(__file__)
-
-# Modules that torchvision defines and that must stay whole (they hide randomness or
-# data-dependent behaviour behind `self.training`).
-_DEFAULT_LEAF_NAMES = ("torchvision.ops.stochastic_depth.StochasticDepth",)
-
-
-def _default_leaf_types() -> tuple[type[nn.Module], ...]:
-    types: list[type[nn.Module]] = []
-    try:
-        from torchvision.ops import StochasticDepth
-
-        types.append(StochasticDepth)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    return tuple(types)
-
 
 class QuantTracer(fx.Tracer):
     """An fx tracer that also treats the config's leaf classes and names as leaves."""
 
     def __init__(self, config: QuantConfig) -> None:
         super().__init__(autowrap_functions=tuple(config.autowrap_functions))
-        self.leaf_types = _default_leaf_types() + tuple(
+        self.leaf_types = DEFAULT_LEAF_MODULES + tuple(
             leaf for leaf in config.leaf_modules if isinstance(leaf, type)
         )
         self.leaf_names = {leaf for leaf in config.leaf_modules if isinstance(leaf, str)}

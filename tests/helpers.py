@@ -48,7 +48,7 @@ def quantize_model(model: nn.Module, shape=(2, 3, 16, 16), batches: int = 3, con
 
 
 def quantizer_modules(model: nn.Module) -> dict:
-    """name → FakeQuantize/Quantize for the activation quantizers of a prepared/converted model."""
+    """name → activation quantizer of a prepared or converted model."""
     return {
         name: module for name, module in model.named_modules() if name.startswith("quantizers.")
     }

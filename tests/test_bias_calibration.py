@@ -5,7 +5,7 @@ from torch import nn
 
 import quantfx as qf
 from quantfx.bias_calibration import layer_depths
-from quantfx.modules import QuantLayer
+from quantfx.layers import FakeQuantLayer
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 
 
@@ -71,7 +71,7 @@ def _calibrated_state(batch_size, data, seed_model=0):
     exponents = {name: buffer.clone() for name, buffer in converted.named_buffers()
                  if name.endswith("exponent")}
     biases = {name: m.layer.bias.detach().clone() for name, m in prepared.named_modules()
-              if isinstance(m, QuantLayer)}
+              if isinstance(m, FakeQuantLayer)}
     return exponents, biases
 
 

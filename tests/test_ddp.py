@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import quantfx as qf
-from quantfx.qat import QATFakeQuantize
+from quantfx.qat import QATQuantizer
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -60,7 +60,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
         qf.end_qat_epoch(model)
         ranges = {name: (q.observer.min_val.clone(), q.observer.max_val.clone(),
                          q.exponent.clone())
-                  for name, q in qat_model.named_modules() if isinstance(q, QATFakeQuantize)}
+                  for name, q in qat_model.named_modules() if isinstance(q, QATQuantizer)}
         weights = {name: p.detach().clone() for name, p in qat_model.named_parameters()}
         results[rank] = {"ranges": ranges, "weights": weights, "input_max": input_max,
                          "step": int(qat_model.qat_controller.step)}

@@ -22,10 +22,14 @@ from onnx import numpy_helper
 from torch import nn
 
 import quantfx as qf
-from quantfx.convert import Quantize, QuantizedLayer
 from quantfx.export import onnx as export_module
-from quantfx.export.onnx import options_path_for, verify
+from quantfx.export import registry
+from quantfx.export.emitters.activations import unary
+from quantfx.export.onnx import options_path_for
+from quantfx.export.verify import onnxruntime_session, verify
+from quantfx.layers import IntegerLayer
 from quantfx.qmath import qrange
+from quantfx.quantizers import FrozenQuantizer
 
 torch.set_num_threads(1)  # the machine is shared; ORT runs single-threaded too
 
@@ -108,7 +112,7 @@ def test_torchvision_model_matches_onnxruntime(name: str, tmp_path) -> None:
     tensor_names = {out for node in model.graph.node for out in node.output}
     for node in converted.graph.nodes:  # ONNX tensors are named after FX nodes
         if node.op == "call_module" and isinstance(converted.get_submodule(node.target),
-                                                   (Quantize, QuantizedLayer)):
+                                                   (FrozenQuantizer, IntegerLayer)):
             assert node.name in tensor_names
     weights = [t for t in model.graph.initializer if t.name.endswith(".weight_quantized")]
     assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)
@@ -321,7 +325,7 @@ def test_legacy_export_uses_power_of_two_clips(tmp_path) -> None:
     values = _initializers(model)
     quantizers = {node.name: converted.get_submodule(node.target)
                   for node in converted.graph.nodes if node.op == "call_module"
-                  and isinstance(converted.get_submodule(node.target), Quantize)}
+                  and isinstance(converted.get_submodule(node.target), FrozenQuantizer)}
     clips = {node.output[0]: node for node in model.graph.node if node.op_type == "Clip"}
     for name, quantizer in quantizers.items():
         low, high = float(values[clips[name].input[1]]), float(values[clips[name].input[2]])
@@ -336,7 +340,7 @@ def test_legacy_export_uses_power_of_two_clips(tmp_path) -> None:
 
     # The float file does not round between layers, TIDL does: compare with the converted model.
     batches = [(data[i:i + EXPORT_BATCH],) for i in range(0, BATCH, EXPORT_BATCH)]
-    session = export_module.verification_session(str(path))
+    session = onnxruntime_session(str(path))
     scale = report.output_scales[0]
     with torch.no_grad():
         expected = converted(data).numpy()
@@ -380,8 +384,8 @@ def test_failed_verification_leaves_previous_file(small_converted, tmp_path, mon
     path = tmp_path / "model.onnx"
     path.write_bytes(b"previous good export")
     # Emit Sigmoid where the model has ReLU: verification must catch it and write nothing.
-    emitters = [(nn.ReLU, export_module._simple("Sigmoid"))] + export_module.MODULE_EMITTERS
-    monkeypatch.setattr(export_module, "MODULE_EMITTERS", emitters)
+    emitters = [(nn.ReLU, unary("Sigmoid"))] + registry.MODULE_EMITTERS
+    monkeypatch.setattr(registry, "MODULE_EMITTERS", emitters)
     with pytest.raises(qf.ExportError, match="differ"):
         qf.export_onnx(converted, (data[:1],), path, verify_data=data)
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
@@ -549,8 +553,8 @@ def test_failed_verification_names_the_float_ops(tmp_path, monkeypatch) -> None:
     inputs = torch.randn(8, 3, 16, 16)
     converted = _convert(_small_vision_transformer(), inputs)
     # Emit Sigmoid where the model has GELU: a difference verification must catch.
-    emitters = [(nn.GELU, export_module._simple("Sigmoid"))] + export_module.MODULE_EMITTERS
-    monkeypatch.setattr(export_module, "MODULE_EMITTERS", emitters)
+    emitters = [(nn.GELU, unary("Sigmoid"))] + registry.MODULE_EMITTERS
+    monkeypatch.setattr(registry, "MODULE_EMITTERS", emitters)
     with pytest.raises(qf.ExportError, match=r"MultiheadAttention x2.*max_lsb_diff") as caught:
         qf.export_onnx(converted, (inputs[:2],), tmp_path / "vit.onnx")
     assert caught.value.report.fraction_identical < 1.0

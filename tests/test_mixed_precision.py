@@ -4,15 +4,16 @@ import pytest
 import torch
 
 import quantfx as qf
-from quantfx.convert import Quantize, QuantizedLayer
+from quantfx.layers import IntegerLayer
+from quantfx.quantizers import FrozenQuantizer
 from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
 
 
 def _bits(converted):
     layers = {name: m.weight_bits for name, m in converted.named_modules()
-              if isinstance(m, QuantizedLayer)}
+              if isinstance(m, IntegerLayer)}
     outputs = {name.removeprefix("quantizers."): m.bits for name, m in converted.named_modules()
-               if isinstance(m, Quantize)}
+               if isinstance(m, FrozenQuantizer)}
     return layers, outputs
 
 

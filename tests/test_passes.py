@@ -10,9 +10,10 @@ from torch import nn
 import quantfx as qf
 from quantfx import modules as qm
 from quantfx.config import QuantConfig
-from quantfx.fake_quant import FakeQuantize
 from quantfx.frontend import build_graph
+from quantfx.layers import FakeQuantLayer
 from quantfx.passes.fuse import fold_batchnorm
+from quantfx.quantizers import CalibrationQuantizer
 from tests.helpers import ConvBnReLU, quantize_model, quantizer_modules, randomize_batchnorm
 
 
@@ -175,7 +176,8 @@ def test_fused_activation_has_no_quantizer_between_layer_and_activation():
     quantized_inputs = [
         n
         for n in prepared.graph.nodes
-        if n.op == "call_module" and isinstance(prepared.get_submodule(n.target), FakeQuantize)
+        if n.op == "call_module"
+        and isinstance(prepared.get_submodule(n.target), CalibrationQuantizer)
     ]
     sources = {n.args[0].target for n in quantized_inputs}
     assert "conv1" not in sources and "relu" in sources  # conv1+bn1+relu is one layer
@@ -223,7 +225,7 @@ def test_transposed_convs_fold_batchnorm_and_quantize_their_weights():
     model = randomize_batchnorm(TinyDecoder().eval())
     prepared, converted = quantize_model(model, shape=(2, 3, 8, 8))
     layers = {name: module.layer for name, module in prepared.named_modules()
-              if isinstance(module, qm.QuantLayer)}
+              if isinstance(module, FakeQuantLayer)}
     assert isinstance(layers["up1"], nn.ConvTranspose2d) and layers["up1"].bias is not None
     assert isinstance(layers["up2"], nn.ConvTranspose2d)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())  # bn1 folded

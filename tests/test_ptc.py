@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import quantfx as qf
-from quantfx.convert import Quantize, QuantizedLayer
-from quantfx.fake_quant import FakeQuantize
+from quantfx.layers import IntegerLayer
+from quantfx.quantizers import CalibrationQuantizer, FrozenQuantizer
 from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
 
 X = torch.randn(2, 3, 16, 16)
@@ -33,8 +33,8 @@ def test_prepare_leaves_the_users_model_untouched():
 
 def test_converted_model_scales_are_powers_of_two_and_outputs_on_grid():
     _, converted = quantize_model(randomize_batchnorm(ConvBnReLU()))
-    quantizers = [m for m in converted.modules() if isinstance(m, Quantize)]
-    layers = [m for m in converted.modules() if isinstance(m, QuantizedLayer)]
+    quantizers = [m for m in converted.modules() if isinstance(m, FrozenQuantizer)]
+    layers = [m for m in converted.modules() if isinstance(m, IntegerLayer)]
     assert quantizers and len(layers) == 3
     for quantizer in quantizers:
         assert _is_power_of_two(quantizer.scale)
@@ -49,7 +49,7 @@ def test_converted_model_scales_are_powers_of_two_and_outputs_on_grid():
         output = converted(X)
     scale = converted.get_submodule("quantizers.fc").scale
     assert torch.equal(output / scale, torch.round(output / scale))
-    assert not any(isinstance(m, FakeQuantize) for m in converted.modules())
+    assert not any(isinstance(m, CalibrationQuantizer) for m in converted.modules())
 
 
 def test_convert_twice_and_call_twice_are_bit_identical():
@@ -93,7 +93,7 @@ def test_sixteen_bit_is_much_closer_than_eight_bit():
     with torch.no_grad():
         reference = model(X)
         assert qf.qmath.sqnr_db(reference, sixteen(X)) > qf.qmath.sqnr_db(reference, eight(X)) + 30
-    assert {m.bits for m in sixteen.modules() if isinstance(m, Quantize)} == {16}
+    assert {m.bits for m in sixteen.modules() if isinstance(m, FrozenQuantizer)} == {16}
 
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram"])

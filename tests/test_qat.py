@@ -8,10 +8,9 @@ import torchvision
 from torch import nn
 
 import quantfx as qf
-from quantfx.fake_quant import FakeQuantize
-from quantfx.frontend import set_quant_mode
-from quantfx.qat import QATFakeQuantize, QATLayer, freeze_ranges
+from quantfx.qat import QATLayer, QATQuantizer, freeze_ranges
 from quantfx.qmath import fake_quantize
+from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
 from tests.helpers import randomize_batchnorm
 
 torch.set_num_threads(1)
@@ -61,16 +60,16 @@ def _qat_layers(model: nn.Module) -> list[QATLayer]:
     return [module for module in model.modules() if isinstance(module, QATLayer)]
 
 
-def _activation_quantizers(model: nn.Module) -> dict[str, QATFakeQuantize]:
+def _activation_quantizers(model: nn.Module) -> dict[str, QATQuantizer]:
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, QATFakeQuantize)}
+            if isinstance(module, QATQuantizer)}
 
 
 # ---------------------------------------------------------------------------- STE
 
 
 def test_activation_ste_passes_gradient_inside_range_and_blocks_it_where_clipped():
-    quantizer = QATFakeQuantize(bits=8, signed=True)
+    quantizer = QATQuantizer(bits=8, signed=True)
     quantizer.start_from_exponent(-4)  # range [-8, 7.9375], step 1/16
     quantizer.observer_enabled.fill_(False)
     x = torch.tensor([-20.0, -8.0, -1.03, 0.0, 0.51, 7.9, 7.99, 30.0], requires_grad=True)
@@ -178,9 +177,9 @@ def test_bias_of_eval_forward_lies_on_the_int32_grid_of_convert():
     qm = qf.prepare_qat(randomize_batchnorm(ConvBnReLU()), _batches(1)[0])
     _train(qm, _sgd(qm), _batches(2))
     converted = qf.convert(qm.eval())
-    from quantfx.convert import QuantizedLayer
+    from quantfx.layers import IntegerLayer
 
-    layers = [m for m in converted.modules() if isinstance(m, QuantizedLayer)]
+    layers = [m for m in converted.modules() if isinstance(m, IntegerLayer)]
     assert layers and all(layer.bias_int is not None for layer in layers)
     x = _batches(1, seed=5)[0]
     with torch.no_grad():
@@ -266,7 +265,7 @@ def test_qat_from_a_calibrated_prepared_model_starts_at_calibrated_ranges():
     prepared = qf.prepare(model, data[0])
     qf.calibrate(prepared, data)
     calibrated = {name: float(q.exponent) for name, q in prepared.named_modules()
-                  if isinstance(q, FakeQuantize) and name.startswith("quantizers.")}
+                  if isinstance(q, CalibrationQuantizer) and name.startswith("quantizers.")}
     qm = qf.prepare_qat(prepared, data[0])
     assert qm.training
     started = {name: float(q.exponent) for name, q in _activation_quantizers(qm).items()}

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 from quantfx.qmath import (
     EMPTY_TENSOR_EXPONENT,
-    dequantize,
     exponent_for_max,
     fake_quantize,
+    from_codes,
     qrange,
-    quantize,
     sqnr_db,
+    to_codes,
 )
 
 finite_floats = st.floats(min_value=1e-30, max_value=1e30, allow_nan=False, allow_infinity=False)
@@ -63,8 +63,8 @@ def test_fake_quantize_is_round_half_even_and_saturates(values, exponent, bits, 
     expected = torch.clamp(torch.round(x.double() / scale), qmin, qmax) * scale
     result = fake_quantize(x, torch.tensor(float(exponent)), qmin, qmax)
     assert torch.equal(result.double(), expected)
-    codes = quantize(x, torch.tensor(float(exponent)), qmin, qmax)
-    assert torch.equal(dequantize(codes, torch.tensor(float(exponent))).double(), expected)
+    codes = to_codes(x, torch.tensor(float(exponent)), qmin, qmax)
+    assert torch.equal(from_codes(codes, torch.tensor(float(exponent))).double(), expected)
 
 
 def test_round_half_to_even_ties():

@@ -3,19 +3,27 @@
 TIDL's ONNX Runtime / TFLite delegates take their compile options as a flat dict of strings and
 numbers; quantfx writes it as JSON beside the model so that the compile step reads exactly the
 bit widths the model was quantized with. The 16-bit name lists hold ONNX tensor names (the
-output names of layers as they appear in the exported file), read from each quantizer's and
-each layer's own `bits`, so per-layer 16 bit works without any extra configuration.
+output names of layers as they appear in the exported file), read after emission from each
+quantizer's and each layer's own `bits` and the FX-to-ONNX name map, so per-layer 16 bit works
+without any extra configuration.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+import torch.fx as fx
 from onnx import numpy_helper
+
+from quantfx.layers import IntegerLayer
+from quantfx.ops import FUSABLE_ACTIVATIONS
+from quantfx.passes.graph_utils import module_of
+from quantfx.qmath import is_power_of_two
+from quantfx.quantizers import FrozenQuantizer
 
 POWER_OF_2_SCALE_TYPE = 1
 """`advanced_options:quantization_scale_type` for power-of-2 scales (TDA4VM-compatible)."""
@@ -42,6 +50,28 @@ class BitWidths:
         return sorted(name for name, bits in self.param_bits.items() if bits == 16)
 
 
+def bit_widths(model: fx.GraphModule, emitted: Iterable[fx.Node],
+               names: dict[fx.Node, Any]) -> BitWidths:
+    """The bit widths TIDL must be told about, from the converted graph's emitted nodes and
+    their ONNX names: each quantizer's width under the name of the tensor it quantizes, each
+    layer's weight width under its own output name and, when an activation is fused into it,
+    the activation's too (TIDL names a merged conv+relu layer after the relu)."""
+    widths = BitWidths()
+    for node in emitted:
+        module = module_of(model, node)
+        if isinstance(module, FrozenQuantizer):
+            feeder = node.args[0]
+            key = names[feeder] if isinstance(feeder, fx.Node) else node.name
+            widths.feature_bits[key] = module.bits
+        elif isinstance(module, IntegerLayer):
+            widths.param_bits[node.name] = module.weight_bits
+            if len(node.users) == 1:
+                user = next(iter(node.users))
+                if isinstance(module_of(model, user), FUSABLE_ACTIVATIONS):
+                    widths.param_bits[user.name] = module.weight_bits
+    return widths
+
+
 def compile_options(bit_widths: BitWidths, legacy: bool) -> dict[str, Any]:
     """TIDL OSRT compile options for a quantfx export (QDQ, or legacy float with Clip ranges).
 
@@ -65,13 +95,6 @@ def compile_options(bit_widths: BitWidths, legacy: bool) -> dict[str, Any]:
     return options
 
 
-def _is_power_of_two(value: float) -> bool:
-    if not math.isfinite(value) or value <= 0:
-        return False
-    mantissa, _ = math.frexp(value)
-    return mantissa == 0.5
-
-
 def check_constraints(model: onnx.ModelProto) -> list[str]:
     """Problems TIDL would have with `model`: non power-of-2 or non-zero-point-0 Q/DQ, bad Clip
     bounds, dynamic shapes. Returns human-readable messages (empty when the model is clean)."""
@@ -81,7 +104,7 @@ def check_constraints(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             scale = initializers.get(node.input[1])
-            if scale is None or not all(_is_power_of_two(float(s)) for s in np.ravel(scale)):
+            if scale is None or not all(is_power_of_two(float(s)) for s in np.ravel(scale)):
                 problems.append(f"{node.op_type} '{node.name}': scale is not a power of two")
             zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else None
             if zero_point is not None and np.any(zero_point != 0):

@@ -1,4 +1,5 @@
-"""BatchNorm folding: conv/linear followed by BatchNorm becomes one conv/linear (PTC).
+"""BatchNorm folding: conv/linear followed by BatchNorm becomes one conv/linear (PTC), and the
+folding formula QAT applies on the fly.
 
 Folding before quantization is what the engine does: it never sees a BatchNorm after a conv,
 only the folded weights, so the weights must be quantized after folding.
@@ -6,22 +7,34 @@ only the folded weights, so the weights must be quantized after folding.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+from torch import Tensor, nn
 
+from quantfx.ops import BATCHNORMS, FOLDABLE_LAYERS, TRANSPOSED_CONVS
 from quantfx.passes.graph_utils import module_of
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
+def folded_weight_bias(layer: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """`layer`'s weight and bias with `bn` folded in by its running statistics: torch's own
+    fusion formulas (`torch.nn.utils.fusion`), but differentiable (QAT trains through them).
 
-def set_submodule(graph_module: fx.GraphModule, target: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path `target`."""
-    owner, _, name = target.rpartition(".")
-    parent = graph_module.get_submodule(owner) if owner else graph_module
-    setattr(parent, name, module)
+    A conv's output channels are weight axis 0, a transposed conv's axis 1.
+    """
+    weight, bias = layer.weight, layer.bias
+    if bias is None:
+        bias = torch.zeros_like(bn.running_mean)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    if isinstance(layer, nn.Linear):
+        bn_scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
+        return weight * bn_scale.unsqueeze(-1), (bias - bn.running_mean) * bn_scale + beta
+    var_rsqrt = torch.rsqrt(bn.running_var + bn.eps)
+    shape = [1, -1] if isinstance(layer, TRANSPOSED_CONVS) else [-1, 1]
+    shape += [1] * (weight.dim() - 2)
+    folded_weight = (weight * (gamma * var_rsqrt).reshape(shape)).to(weight.dtype)
+    folded_bias = ((bias - bn.running_mean) * var_rsqrt * gamma + beta).to(weight.dtype)
+    return folded_weight, folded_bias
 
 
 def foldable_pair(graph_module: fx.GraphModule, node: fx.Node, transposed: bool = True
@@ -57,16 +70,13 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
         if producer is None:
             continue
         layer = module_of(graph_module, producer)
-        bn = module_of(graph_module, node)
         # The layer is this call site's own copy (see unshare): replace its parameters in place
         # rather than deep-copying it, which costs as much as the rest of prepare.
-        statistics = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        if isinstance(layer, nn.Linear):
-            weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, *statistics)
-        else:
-            weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *statistics,
-                                                transpose=isinstance(layer, TRANSPOSED_CONVS))
-        layer.weight, layer.bias = weight, bias
+        with torch.no_grad():
+            weight, bias = folded_weight_bias(layer, module_of(graph_module, node))
+        bias_trains = layer.bias is not None and layer.bias.requires_grad  # as torch's fusion
+        layer.weight = nn.Parameter(weight, layer.weight.requires_grad)
+        layer.bias = nn.Parameter(bias, bias_trains)
         producer.meta = dict(node.meta)
         node.replace_all_uses_with(producer)
         graph_module.graph.erase_node(node)

@@ -1,4 +1,5 @@
-"""Small helpers every pass uses: node classification and module lookup."""
+"""Small helpers every pass uses: module lookup and replacement, node classification, and the
+one answer to "which quantizer's grid does this value lie on" (for convert, QAT and export)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,29 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from quantfx.ops import SHAPE_ONLY_FUNCTIONS, SHAPE_ONLY_METHODS, SHAPE_ONLY_MODULES
+from quantfx.quantizers import Quantizer
+
 
 def module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The module a `call_module` node calls, or None for other nodes."""
     if node.op != "call_module":
         return None
     return graph_module.get_submodule(node.target)
+
+
+def set_submodule(graph_module: nn.Module, target: str, module: nn.Module) -> None:
+    """Replace (or add) the submodule at dotted path `target`."""
+    owner, _, name = target.rpartition(".")
+    parent = graph_module.get_submodule(owner) if owner else graph_module
+    setattr(parent, name, module)
+
+
+def fetch_attribute(graph_module: nn.Module, target: str) -> Any:
+    """The attribute at dotted path `target` (what a `get_attr` node reads)."""
+    owner, _, name = target.rpartition(".")
+    parent = graph_module.get_submodule(owner) if owner else graph_module
+    return getattr(parent, name)
 
 
 def is_float_tensor(node: Any) -> bool:
@@ -72,3 +90,54 @@ def set_inplace_false(module: nn.Module) -> None:
     """Make activations out-of-place so no quantizer's input is overwritten behind its back."""
     if hasattr(module, "inplace") and isinstance(module.inplace, bool):
         module.inplace = False
+
+
+def first_input(node: fx.Node) -> fx.Node | None:
+    """The first argument of `node` that is a graph node (the data input of most ops)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(node.args, found.append)
+    return found[0] if found else None
+
+
+def is_shape_only(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that only move, select or copy values: their output is on their input's grid."""
+    if node.op == "call_module":
+        return isinstance(module_of(graph_module, node), SHAPE_ONLY_MODULES)
+    if node.op == "call_function":
+        return node.target in SHAPE_ONLY_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in SHAPE_ONLY_METHODS
+    return False
+
+
+def grid_quantizer(graph_module: fx.GraphModule, value: Any) -> Quantizer | None:
+    """The quantizer whose grid `value` lies on: its own node's, or that of the quantizer
+    before the shape-only ops that produced it; None when it is on no quantizer's grid."""
+    while isinstance(value, fx.Node):
+        module = module_of(graph_module, value)
+        if isinstance(module, Quantizer):
+            return module
+        if not is_shape_only(graph_module, value):
+            return None
+        value = first_input(value)
+    return None
+
+
+def input_quantizer(graph_module: fx.GraphModule, node: fx.Node) -> Quantizer | None:
+    """The quantizer of the data input of layer `node` (None if it is not quantized)."""
+    return grid_quantizer(graph_module, first_input(node))
+
+
+def flatten_values(value: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts (a model's outputs), in order."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in flatten_values(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in flatten_values(item)]
+    return [value]
+
+
+def output_quantizers(graph_module: fx.GraphModule) -> list[Quantizer | None]:
+    """The quantizer each model output lies on (through shape-only ops), or None."""
+    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+    return [grid_quantizer(graph_module, value) for value in flatten_values(output.args[0])]

@@ -18,8 +18,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from quantfx import modules as qm
-from quantfx.passes.graph_utils import is_float_tensor, replace_with_module, set_inplace_false
+from quantfx import modules as standins
+from quantfx.passes.graph_utils import (
+    fetch_attribute,
+    is_float_tensor,
+    replace_with_module,
+    set_inplace_false,
+)
 
 UNARY, BINARY, VARIADIC = "unary", "binary", "variadic"
 
@@ -64,22 +69,19 @@ REWRITES: tuple[Rewrite, ...] = (
         lambda a: nn.LeakyReLU(_get(a, "negative_slope", 0.01)),
     ),
     Rewrite((F.softmax, torch.softmax, "softmax"), ("dim",), lambda a: nn.Softmax(a.get("dim"))),
-    Rewrite(
-        (operator.add, operator.iadd, torch.add, "add", "add_"), (), lambda a: qm.Add(), BINARY
-    ),
-    Rewrite(
-        (operator.sub, operator.isub, torch.sub, "sub", "sub_"), (), lambda a: qm.Sub(), BINARY
-    ),
-    Rewrite(
-        (operator.mul, operator.imul, torch.mul, "mul", "mul_"), (), lambda a: qm.Mul(), BINARY
-    ),
+    Rewrite((operator.add, operator.iadd, torch.add, "add", "add_"), (),
+            lambda a: standins.Add(), BINARY),
+    Rewrite((operator.sub, operator.isub, torch.sub, "sub", "sub_"), (),
+            lambda a: standins.Sub(), BINARY),
+    Rewrite((operator.mul, operator.imul, torch.mul, "mul", "mul_"), (),
+            lambda a: standins.Mul(), BINARY),
     Rewrite(
         (torch.cat, torch.concat, torch.concatenate),
         ("dim",),
-        lambda a: qm.Cat(_get(a, "dim", _get(a, "axis", 0))),
+        lambda a: standins.Cat(_get(a, "dim", _get(a, "axis", 0))),
         VARIADIC,
     ),
-    Rewrite((torch.stack,), ("dim",), lambda a: qm.Stack(_get(a, "dim", 0)), VARIADIC),
+    Rewrite((torch.stack,), ("dim",), lambda a: standins.Stack(_get(a, "dim", 0)), VARIADIC),
     Rewrite(
         (torch.flatten, "flatten"),
         ("start_dim", "end_dim"),
@@ -123,12 +125,12 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         (torch.mean, "mean"),
         ("dim", "keepdim"),
-        lambda a: qm.Mean(a.get("dim"), _get(a, "keepdim", False)),
+        lambda a: standins.Mean(a.get("dim"), _get(a, "keepdim", False)),
     ),
     Rewrite(
         (F.interpolate,),
         ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
-        lambda a: qm.Interpolate(
+        lambda a: standins.Interpolate(
             None,
             a.get("scale_factor"),
             _get(a, "mode", "nearest"),
@@ -236,9 +238,7 @@ def _layer_norm_to_module(graph_module: fx.GraphModule, node: fx.Node) -> None:
                         elementwise_affine=bool(affine), bias=bias is not None)
     for attribute, arg in (("weight", weight), ("bias", bias)):
         if arg is not None:
-            owner, _, leaf = arg.target.rpartition(".")
-            parent = graph_module.get_submodule(owner) if owner else graph_module
-            setattr(norm, attribute, getattr(parent, leaf))
+            setattr(norm, attribute, fetch_attribute(graph_module, arg.target))
     replace_with_module(graph_module, node, norm, (source,))
     for arg in affine:
         if not arg.users:

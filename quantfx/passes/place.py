@@ -1,176 +1,50 @@
-"""Quantizer placement per the numerics contract (DESIGN.md).
+"""Quantizer placement per the numerics contract (DESIGN.md), for both back ends.
 
 Every float tensor the engine holds gets a quantizer: network inputs, each layer's output after
 its fused activation, elementwise ops, concat, pooling, resize, activation functions and any op
 quantfx does not know. Shape-only ops (flatten, reshape, max-pool, dropout, ...) keep the
 quantization of their input. A quantizer is unsigned when its tensor is provably non-negative.
-Weights of conv/linear layers get their own quantizer inside a `QuantLayer`.
+Each conv/linear becomes a weight layer (a `FakeQuantLayer`, or a `QATLayer` that also takes its
+BatchNorm) with its own weight quantizer. What kind of quantizer is built is the factory's
+choice; where quantizers go and how wide they are is decided here, once, before any is built.
 """
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from quantfx import modules as qm
+from quantfx import modules as standins
 from quantfx.config import LAYER_ALIASES, QuantConfig
 from quantfx.errors import ConfigError
-from quantfx.fake_quant import FakeQuantize
-from quantfx.observers import make_observer
-from quantfx.passes.graph_utils import is_float_tensor, module_of, unique_submodule_name
-from quantfx.qmath import qrange
+from quantfx.layers import FakeQuantLayer
+from quantfx.ops import (
+    FUSABLE_ACTIVATIONS,
+    FUSE_PRODUCERS,
+    MONOTONE_RESIZE_MODES,
+    NONNEGATIVE_OUTPUT_MODULES,
+    ORDER_PRESERVING_MODULES,
+    UNQUANTIZED_PARAMETER_MODULES,
+    WEIGHT_LAYERS,
+)
+from quantfx.passes.fuse import foldable_pair
+from quantfx.passes.graph_utils import (
+    first_input,
+    is_float_tensor,
+    is_shape_only,
+    module_of,
+    set_submodule,
+    unique_submodule_name,
+)
+from quantfx.quantizers import Quantizer, QuantizerFactory
 
 QUANTIZER_PREFIX = "quantizers"
 
-FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-"""Clipping activations an engine executes inside the preceding layer."""
-FUSE_PRODUCERS = qm.WEIGHT_LAYERS + (
-    qm.QuantLayer,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    qm.Add,
-)
-"""Ops whose output is not quantized when their only user is a fusable activation."""
-
-SHAPE_ONLY_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Flatten,
-    nn.Unflatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.modules.dropout._DropoutNd,
-    nn.Identity,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.ChannelShuffle,
-)
-SHAPE_ONLY_FUNCTIONS: set[Callable] = {
-    operator.getitem,
-    torch.flatten,
-    torch.reshape,
-    torch.permute,
-    torch.transpose,
-    torch.swapaxes,
-    torch.swapdims,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.chunk,
-    torch.split,
-    torch.narrow,
-    torch.flip,
-    torch.roll,
-    torch.t,
-    torch.unbind,
-    torch.movedim,
-    torch.clone,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.pixel_shuffle,
-    F.pixel_unshuffle,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    torch.channel_shuffle,
-}
-SHAPE_ONLY_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "transpose",
-    "swapaxes",
-    "swapdims",
-    "contiguous",
-    "squeeze",
-    "unsqueeze",
-    "expand",
-    "expand_as",
-    "chunk",
-    "split",
-    "unbind",
-    "narrow",
-    "repeat",
-    "t",
-    "flip",
-    "roll",
-    "clone",
-    "detach",
-    "view_as",
-    "reshape_as",
-    "movedim",
-    "unflatten",
-    "__getitem__",
-}
-try:  # torchvision's stochastic depth is identity in eval and a leaf module by default
-    from torchvision.ops import StochasticDepth
-
-    SHAPE_ONLY_MODULES += (StochasticDepth,)
-except ImportError:  # pragma: no cover
-    pass
-
-NONNEGATIVE_OUTPUT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-"""Modules whose output is non-negative whatever their input."""
-ORDER_PRESERVING_MODULES = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    qm.Mean,
-    qm.Cat,
-    qm.Stack,
-    qm.Add,
-    qm.Mul,
-    FakeQuantize,
-)
-"""Modules whose output is non-negative when all their tensor inputs are."""
-
-
-def is_shape_only(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that only move, select or copy values: their output is on their input's grid."""
-    if node.op == "call_module":
-        return isinstance(module_of(graph_module, node), SHAPE_ONLY_MODULES)
-    if node.op == "call_function":
-        return node.target in SHAPE_ONLY_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in SHAPE_ONLY_METHODS
-    return False
-
-
-def first_input(node: fx.Node) -> fx.Node | None:
-    """The first argument of `node` that is a graph node (the data input of most ops)."""
-    found: list[fx.Node] = []
-    fx.node.map_arg(node.args, found.append)
-    return found[0] if found else None
-
-
-def input_quantizer(
-    graph_module: fx.GraphModule, node: fx.Node, kinds: type | tuple[type, ...]
-) -> nn.Module | None:
-    """The quantizer (of type `kinds`) whose grid `node`'s data input lies on, looking back
-    through shape-only ops; None when the input is not on a quantizer's grid."""
-    source = first_input(node)
-    while source is not None and not isinstance(module_of(graph_module, source), kinds):
-        if not is_shape_only(graph_module, source):
-            return None
-        source = first_input(source)
-    return None if source is None else module_of(graph_module, source)
-
-
-MONOTONE_RESIZE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area")
-"""Resize modes that never leave the range of their input (bicubic overshoots)."""
+WeightLayerBuilder = Callable[[nn.Module, nn.Module | None, nn.Module], nn.Module]
+"""(layer, its foldable BatchNorm or None, weight quantizer) -> the prepared weight layer."""
 
 
 def _carries_tensors(node: fx.Node) -> bool:
@@ -189,14 +63,14 @@ def _is_nonnegative(
         return True
     if isinstance(module, nn.Hardtanh):
         return module.min_val >= 0
-    if isinstance(module, qm.Interpolate) and module.mode not in MONOTONE_RESIZE_MODES:
+    if isinstance(module, standins.Interpolate) and module.mode not in MONOTONE_RESIZE_MODES:
         return False
-    if isinstance(module, (qm.Add, qm.Mul)):
+    if isinstance(module, (standins.Add, standins.Mul)):
         numbers = [arg for arg in node.args if isinstance(arg, (int, float))]
         if any(number < 0 for number in numbers):
             return False
     elif not (
-        isinstance(module, ORDER_PRESERVING_MODULES + (qm.Interpolate,))
+        isinstance(module, ORDER_PRESERVING_MODULES + (standins.Interpolate, Quantizer))
         or is_shape_only(graph_module, node)
     ):
         return False
@@ -208,79 +82,28 @@ def _is_nonnegative(
 
 def _fused_into_activation(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     """True when `node` is a layer whose only user is a clipping activation fused into it."""
-    if not isinstance(module_of(graph_module, node), FUSE_PRODUCERS) or len(node.users) != 1:
+    module = module_of(graph_module, node)
+    if isinstance(module, FakeQuantLayer):
+        module = module.layer
+    if not isinstance(module, FUSE_PRODUCERS) or len(node.users) != 1:
         return False
     user = next(iter(node.users))
     return isinstance(module_of(graph_module, user), FUSABLE_ACTIVATIONS)
 
 
-def weight_quantizer(
-    layer: nn.Module, config: QuantConfig, observer_kind: str | None = None
-) -> FakeQuantize:
-    """The weight quantizer of a conv/linear layer: per channel for depthwise convolutions
-    (when the config says so), observer `observer_kind` or the config's `weight_observer`."""
-    depthwise = config.per_channel_depthwise and qm.is_depthwise(layer)
-    axis = 0 if depthwise else None
-    channels = layer.weight.shape[0] if depthwise else 1
-    kind = observer_kind or config.weight_observer
-    observer = make_observer(kind, axis=axis, channels=channels)
-    return FakeQuantize(observer, config.weight_bits, signed=True, axis=axis)
+def weight_layer_nodes(graph_module: fx.GraphModule) -> list[fx.Node]:
+    """The conv/linear calls that get quantized weights (a transposed conv called with an
+    `output_size` keeps float weights), in graph order."""
+    return [node for node in graph_module.graph.nodes
+            if isinstance(module_of(graph_module, node), WEIGHT_LAYERS)
+            and len(node.args) == 1 and not node.kwargs]
 
 
-def activation_quantizer(
-    config: QuantConfig, signed: bool, bits: int | None = None
-) -> FakeQuantize:
-    """A fresh activation quantizer built from the config's observer choice."""
-    observer = make_observer(
-        config.activation_observer,
-        momentum=config.moving_average_momentum,
-        bins=config.histogram_bins,
-        search=config.range_search,
-        percentile=config.percentile,
-    )
-    return FakeQuantize(observer, bits or config.activation_bits, signed=signed)
-
-
-def wrap_weight_layers(graph_module: fx.GraphModule, config: QuantConfig) -> int:
-    """Put every conv/linear call into a `QuantLayer` with a weight quantizer; return the count."""
-    count = 0
-    float_params: list[str] = []
-    for node in graph_module.graph.nodes:
-        module = module_of(graph_module, node)
-        if module is None:
-            continue
-        if isinstance(module, qm.WEIGHT_LAYERS) and (len(node.args) > 1 or node.kwargs):
-            float_params.append(f"{node.target} ({type(module).__name__} called with "
-                                "output_size)")
-        elif isinstance(module, qm.WEIGHT_LAYERS):
-            owner, _, name = node.target.rpartition(".")
-            parent = graph_module.get_submodule(owner) if owner else graph_module
-            setattr(parent, name, qm.QuantLayer(module, weight_quantizer(module, config)))
-            count += 1
-        elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
-            module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, qm.QuantLayer)
-        ):
-            float_params.append(f"{node.target} ({type(module).__name__})")
-    if float_params:
-        warnings.warn(
-            "quantfx quantizes only the outputs (not the weights) of: "
-            + ", ".join(float_params)
-            + ". Their weights stay float; TIDL may run them in float or reject them.",
-            stacklevel=3,
-        )
-    return count
-
-
-def sixteen_bit_layers(graph_module: fx.GraphModule, config: QuantConfig) -> set[fx.Node]:
+def sixteen_bit_layers(layers: list[fx.Node], config: QuantConfig) -> set[fx.Node]:
     """The layer nodes `config.sixteen_bit_layers` names ("first"/"last", paths, node names)."""
     wanted = set(config.sixteen_bit_layers)
     if not wanted:
         return set()
-    layers = [
-        node
-        for node in graph_module.graph.nodes
-        if isinstance(module_of(graph_module, node), qm.QuantLayer)
-    ]
     by_name = {node.target: node for node in layers} | {node.name: node for node in layers}
     unknown = sorted(wanted - set(LAYER_ALIASES) - by_name.keys())
     if unknown:
@@ -290,17 +113,55 @@ def sixteen_bit_layers(graph_module: fx.GraphModule, config: QuantConfig) -> set
             f"of this model. Use 'first', 'last' or layer names such as {examples}."
         )
     chosen = {by_name[name] for name in wanted & by_name.keys()}
-    if "first" in wanted:
+    if layers and "first" in wanted:
         chosen.add(layers[0])
-    if "last" in wanted:
+    if layers and "last" in wanted:
         chosen.add(layers[-1])
     return chosen
 
 
-def set_bits(quantizer: FakeQuantize, bits: int) -> None:
-    """Change a quantizer's width (its integer range follows)."""
-    quantizer.bits = bits
-    quantizer.qmin, quantizer.qmax = qrange(bits, quantizer.signed)
+def _warn_float_parameters(graph_module: fx.GraphModule, wrapped: set[fx.Node]) -> None:
+    """Say which modules keep float parameters (TIDL may run them in float or reject them)."""
+    float_params: list[str] = []
+    for node in graph_module.graph.nodes:
+        module = module_of(graph_module, node)
+        if module is None or node in wrapped:
+            continue
+        if isinstance(module, WEIGHT_LAYERS):
+            float_params.append(f"{node.target} ({type(module).__name__} called with "
+                                "output_size)")
+        elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
+                module, UNQUANTIZED_PARAMETER_MODULES):
+            float_params.append(f"{node.target} ({type(module).__name__})")
+    if float_params:
+        warnings.warn(
+            "quantfx quantizes only the outputs (not the weights) of: "
+            + ", ".join(float_params)
+            + ". Their weights stay float; TIDL may run them in float or reject them.",
+            stacklevel=5,  # the caller of prepare / prepare_qat
+        )
+
+
+def wrap_weight_layers(graph_module: fx.GraphModule, layers: list[fx.Node], wide: set[fx.Node],
+                       factory: QuantizerFactory, build: WeightLayerBuilder,
+                       fold_bn: bool) -> None:
+    """Replace each layer node's module by `build(layer, bn, weight quantizer)`; with `fold_bn`
+    a BatchNorm that folds into the layer (not a transposed conv's) moves into it."""
+    for node in layers:
+        layer = module_of(graph_module, node)
+        bn = None
+        users = list(node.users)
+        if fold_bn and len(users) == 1 and foldable_pair(graph_module, users[0],
+                                                         transposed=False) is node:
+            bn_node = users[0]
+            bn = module_of(graph_module, bn_node)
+            node.meta = dict(bn_node.meta)
+            bn_node.replace_all_uses_with(node)
+            graph_module.graph.erase_node(bn_node)
+        quantizer = factory.weight(layer, 16 if node in wide else factory.config.weight_bits)
+        set_submodule(graph_module, node.target, build(layer, bn, quantizer))
+    _warn_float_parameters(graph_module, set(layers))
+    graph_module.delete_all_unused_submodules()
 
 
 def _output_bits(
@@ -318,14 +179,13 @@ def _not(excluded: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not excluded
 
 
-def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
-    """Insert activation quantizers per the numerics contract and weight quantizers per layer."""
+def place_activation_quantizers(graph_module: fx.GraphModule, wide: set[fx.Node],
+                                factory: QuantizerFactory) -> None:
+    """Insert a quantizer after every float tensor the engine holds (see the module text)."""
+    config = factory.config
     graph = graph_module.graph
     on_grid: set[fx.Node] = set()
     nonneg: set[fx.Node] = set()
-    wide = sixteen_bit_layers(graph_module, config)
-    for layer_node in wide:
-        set_bits(module_of(graph_module, layer_node).weight_quantizer, 16)
     for node in list(graph.nodes):
         if node.op == "output":
             continue
@@ -339,8 +199,7 @@ def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.Gr
             continue
         name = unique_submodule_name(graph_module, f"{QUANTIZER_PREFIX}.{node.name}")
         bits = _output_bits(graph_module, node, wide, config)
-        quantizer = activation_quantizer(config, signed=node not in nonneg, bits=bits)
-        graph_module.add_submodule(name, quantizer)
+        graph_module.add_submodule(name, factory.activation(bits, signed=node not in nonneg))
         with graph.inserting_after(node):
             quant_node = graph.call_module(name, args=(node,))
         quant_node.meta = dict(node.meta)
@@ -348,6 +207,16 @@ def place_quantizers(graph_module: fx.GraphModule, config: QuantConfig) -> fx.Gr
         on_grid.add(quant_node)
         if node in nonneg:
             nonneg.add(quant_node)
-    graph.lint()
+
+
+def place_quantizers(graph_module: fx.GraphModule, factory: QuantizerFactory,
+                     build: WeightLayerBuilder, fold_bn: bool = False) -> int:
+    """Wrap every conv/linear as a weight layer and quantize every activation the engine holds;
+    returns the number of weight layers. Widths (8/16) are decided first, from the config."""
+    layers = weight_layer_nodes(graph_module)
+    wide = sixteen_bit_layers(layers, factory.config)
+    wrap_weight_layers(graph_module, layers, wide, factory, build, fold_bn)
+    place_activation_quantizers(graph_module, wide, factory)
+    graph_module.graph.lint()
     graph_module.recompile()
-    return graph_module
+    return len(layers)

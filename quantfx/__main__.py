@@ -1,0 +1,7 @@
+"""`python -m quantfx`: the `quantfx` command line."""
+
+import sys
+
+from quantfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""Elementwise arithmetic, concatenation and the batched products of attention blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx as fx
+
+from quantfx import modules as standins
+from quantfx.errors import ExportError
+from quantfx.export.builder import Builder
+
+EINSUM_OPSET = 12
+
+
+def binary(op_type: str) -> Callable[[Builder, fx.Node, Any], None]:
+    """An emitter of a two-operand op (Add, Sub, Mul); a Python number becomes a constant."""
+    def emit(b: Builder, node: fx.Node, module: Any) -> None:
+        b.emit(node, op_type, [b.operand(node, 0), b.operand(node, 1)])
+    return emit
+
+
+def emit_cat(b: Builder, node: fx.Node, module: standins.Cat) -> None:
+    rank = len(b.info(node).shape)
+    b.emit(node, "Concat", [b.value(arg) for arg in node.args], axis=module.dim % rank)
+
+
+def emit_stack(b: Builder, node: fx.Node, module: standins.Stack) -> None:
+    axis = module.dim % len(b.info(node).shape)
+    pieces = []
+    for index, arg in enumerate(node.args):
+        shape = list(b.info(arg).shape)
+        shape.insert(axis, 1)
+        piece = f"{node.name}.unsqueeze{index}"
+        b.reshape(piece, b.value(arg), piece, tuple(shape))
+        pieces.append(piece)
+    b.emit(node, "Concat", pieces, axis=axis)
+
+
+def emit_matmul(b: Builder, node: fx.Node, module: Any) -> None:
+    """matmul / @ / bmm: float MatMul between quantizers (torch and ONNX broadcast alike)."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    b.emit(node, "MatMul", [b.tensor_input(node), b.value(other)])
+
+
+def emit_einsum(b: Builder, node: fx.Node, module: Any) -> None:
+    """torch.einsum as ONNX Einsum (opset >= 12), letters renamed to lowercase: ONNX Runtime
+    accepts only those."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    letters: dict[str, str] = {}
+    renamed = []
+    for character in equation.replace(" ", ""):
+        if character.isalpha():
+            if character not in letters:
+                if len(letters) == 26:
+                    raise ExportError(f"einsum '{node.name}' uses more than 26 subscripts.")
+                letters[character] = chr(ord("a") + len(letters))
+            character = letters[character]
+        renamed.append(character)
+    if b.opset < EINSUM_OPSET:
+        raise ExportError(f"einsum '{node.name}' needs opset >= {EINSUM_OPSET}; export with "
+                          "opset=13.")
+    b.emit(node, "Einsum", [b.value(operand) for operand in operands],
+           equation="".join(renamed))

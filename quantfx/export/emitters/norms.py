@@ -1,0 +1,53 @@
+"""Normalizations that run in float between quantizers: BatchNorm (when it could not be folded)
+and LayerNorm (written out step by step, so any opset has it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from quantfx.errors import ExportError
+from quantfx.export.builder import Builder
+
+
+def emit_batchnorm(b: Builder, node: fx.Node, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ExportError(f"BatchNorm '{node.target}' has no running statistics to export.")
+    channels = bn.num_features
+    weight = bn.weight if bn.weight is not None else torch.ones(channels)
+    bias = bn.bias if bn.bias is not None else torch.zeros(channels)
+    names = []
+    for suffix, tensor in (("weight", weight), ("bias", bias), ("running_mean", bn.running_mean),
+                           ("running_var", bn.running_var)):
+        names.append(b.float_constant(f"{node.name}.{suffix}", tensor.detach().cpu().numpy()))
+    b.emit(node, "BatchNormalization", [b.tensor_input(node)] + names, epsilon=float(bn.eps))
+
+
+def emit_layer_norm(b: Builder, node: fx.Node, norm: nn.LayerNorm) -> None:
+    """LayerNorm as ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div (+ affine): works at any opset.
+
+    (LayerNormalization exists only from opset 17; the result is float and the quantizer that
+    follows rounds it, so float-rounding differences can move an element by 1 LSB.)
+    """
+    rank = len(b.input_info(node).shape)
+    axes = list(range(rank - len(norm.normalized_shape), rank))
+    source, name = b.tensor_input(node), node.name
+    b.reduce("ReduceMean", source, f"{name}.mean", axes)
+    b.add("Sub", [source, f"{name}.mean"], [f"{name}.centered"], f"{name}.centered")
+    b.add("Mul", [f"{name}.centered", f"{name}.centered"], [f"{name}.squared"], f"{name}.squared")
+    b.reduce("ReduceMean", f"{name}.squared", f"{name}.variance", axes)
+    epsilon = b.float_constant(f"{name}.eps", norm.eps)
+    b.add("Add", [f"{name}.variance", epsilon], [f"{name}.variance_eps"], f"{name}.variance_eps")
+    b.add("Sqrt", [f"{name}.variance_eps"], [f"{name}.std"], f"{name}.std")
+    normalized = name if norm.weight is None and norm.bias is None else f"{name}.normalized"
+    b.add("Div", [f"{name}.centered", f"{name}.std"], [normalized], normalized)
+    if normalized != name:
+        weight = b.float_constant(f"{name}.weight", norm.weight.detach().cpu().numpy()
+                                  if norm.weight is not None else np.ones(norm.normalized_shape))
+        bias = b.float_constant(f"{name}.bias", norm.bias.detach().cpu().numpy()
+                                if norm.bias is not None else np.zeros(norm.normalized_shape))
+        b.add("Mul", [normalized, weight], [f"{name}.scaled"], f"{name}.scaled")
+        b.add("Add", [f"{name}.scaled", bias], [name], name)
+    b.env[node] = name

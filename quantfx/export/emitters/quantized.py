@@ -1,0 +1,119 @@
+"""Quantizers and integer layers: QuantizeLinear/DequantizeLinear pairs (or legacy Clip ranges),
+and Conv / ConvTranspose / Gemm / MatMul on dequantized integer weights and int32 biases."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+from torch import Tensor, nn
+
+from quantfx.errors import ExportError
+from quantfx.export.builder import Builder
+from quantfx.layers import IntegerLayer
+from quantfx.qmath import is_power_of_two, scale_of
+from quantfx.quantizers import FrozenQuantizer
+
+NUMPY_INT_TYPES = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16,
+                   (16, False): np.uint16}
+"""(bits, signed) of an activation quantizer -> the integer type of its Q/DQ zero point."""
+NUMPY_CODE_TYPES = {8: np.int8, 16: np.int16, 32: np.int32}
+"""Bits of a weight (8/16) or bias (32) -> the type of its integer initializer."""
+
+
+def emit_quantize(b: Builder, node: fx.Node, quantizer: FrozenQuantizer) -> None:
+    source = b.tensor_input(node)
+    scale = quantizer.scale
+    if not is_power_of_two(scale):
+        raise ExportError(f"quantizer '{node.target}' has scale {scale!r}, not a power of two.")
+    if b.legacy:
+        b.clip(node.name, source, node.name, quantizer.qmin * scale, quantizer.qmax * scale)
+    else:
+        dtype = NUMPY_INT_TYPES[(quantizer.bits, quantizer.signed)]
+        scale_name = b.float_constant(f"{node.name}.scale", scale)
+        zero_name = b.constant(f"{node.name}.zero_point", np.zeros((), dtype=dtype))
+        quantized = f"{node.name}.{np.dtype(dtype).name}"
+        b.add("QuantizeLinear", [source, scale_name, zero_name], [quantized],
+              f"{node.name}.quantize")
+        b.add("DequantizeLinear", [quantized, scale_name, zero_name], [node.name],
+              f"{node.name}.dequantize")
+    b.env[node] = node.name
+
+
+def _dequantized_constant(b: Builder, name: str, codes: Tensor, exponent: Tensor,
+                          bits: int, grid_values: Tensor) -> str:
+    """A weight or bias: integer initializer + DequantizeLinear (QDQ), or float grid values."""
+    if b.legacy:
+        return b.constant(name, grid_values.detach().cpu().numpy().astype(np.float32))
+    dtype = NUMPY_CODE_TYPES[bits]
+    scale = scale_of(exponent).detach().cpu().numpy().astype(np.float32)
+    per_channel = exponent.dim() > 0
+    scale_name = b.constant(f"{name}_scale", scale if per_channel else scale.reshape(()))
+    zero_name = b.constant(f"{name}_zero_point", np.zeros(scale.shape if per_channel else (),
+                                                          dtype=dtype))
+    codes_name = b.constant(f"{name}_quantized", codes.detach().cpu().numpy().astype(dtype))
+    attributes = {"axis": 0} if per_channel else {}
+    b.add("DequantizeLinear", [codes_name, scale_name, zero_name], [name], f"{name}.dequantize",
+          **attributes)
+    return name
+
+
+def _layer_parameters(b: Builder, node: fx.Node, integer: IntegerLayer,
+                      transpose_weight: bool = False) -> tuple[str, str | None]:
+    layer = integer.layer
+    weight_codes, weight_grid = integer.weight_int, layer.weight
+    if transpose_weight:
+        weight_codes, weight_grid = weight_codes.t(), weight_grid.t()
+    weight = _dequantized_constant(b, f"{node.name}.weight", weight_codes,
+                                   integer.weight_exponent, integer.weight_bits, weight_grid)
+    bias = None
+    if integer.bias_int is not None:
+        bias = _dequantized_constant(b, f"{node.name}.bias", integer.bias_int,
+                                     integer.bias_exponent, 32, layer.bias)
+    return weight, bias
+
+
+def conv_pads(layer: nn.modules.conv._ConvNd) -> list[int]:
+    """ONNX `pads` (begins, then ends) of a conv, "same" padding included."""
+    rank = len(layer.kernel_size)
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return [0] * (2 * rank)
+        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        begins = [total // 2 for total in totals]
+        return begins + [total - begin for total, begin in zip(totals, begins)]
+    return list(layer.padding) * 2
+
+
+def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
+    if len(b.input_info(node).shape) == 2:
+        weight, bias = _layer_parameters(b, node, integer)
+        b.emit(node, "Gemm", [source, weight] + ([bias] if bias else []), transB=1)
+        return
+    weight, bias = _layer_parameters(b, node, integer, transpose_weight=True)
+    product = f"{node.name}.matmul" if bias else node.name
+    b.add("MatMul", [source, weight], [product], f"{node.name}.matmul")
+    if bias:
+        b.add("Add", [product, bias], [node.name], node.name)
+    b.env[node] = node.name
+
+
+def emit_integer_layer(b: Builder, node: fx.Node, integer: IntegerLayer) -> None:
+    layer = integer.layer
+    source = b.tensor_input(node)
+    if isinstance(layer, nn.Linear):
+        _emit_linear(b, node, integer, source)
+        return
+    if not isinstance(layer, nn.modules.conv._ConvNd):
+        raise ExportError(f"layer '{node.target}' ({type(layer).__name__}) has no ONNX emitter.")
+    if layer.padding_mode != "zeros":
+        raise ExportError(
+            f"conv '{node.target}' uses padding_mode='{layer.padding_mode}'; TIDL and this "
+            "exporter support zero padding only. Pad explicitly (F.pad) or use "
+            "padding_mode='zeros'."
+        )
+    weight, bias = _layer_parameters(b, node, integer)
+    extra = {"output_padding": list(layer.output_padding)} if layer.transposed else {}
+    b.emit(node, "ConvTranspose" if layer.transposed else "Conv",
+           [source, weight] + ([bias] if bias else []), kernel_shape=list(layer.kernel_size),
+           strides=list(layer.stride), pads=conv_pads(layer), dilations=list(layer.dilation),
+           group=layer.groups, **extra)

@@ -1,0 +1,148 @@
+"""Which emitter writes which FX node: plain ordered tables, first match wins.
+
+Adding an op is one emitter function (in the `emitters` module of its family), one row here
+and one test. Shape-only ops are read from `quantfx.ops`, so placement and export cannot
+disagree about them.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from quantfx import modules as standins
+from quantfx.errors import ExportError
+from quantfx.export.builder import Builder
+from quantfx.export.emitters import (
+    activations,
+    arithmetic,
+    attention,
+    indexing,
+    norms,
+    pooling,
+    quantized,
+    shapes,
+    swin,
+)
+from quantfx.layers import IntegerLayer
+from quantfx.ops import DROPOUT_FUNCTIONS, IDENTITY_CALLS, IDENTITY_MODULES, RESHAPE_CALLS
+from quantfx.quantizers import FrozenQuantizer
+
+Emitter = Callable[[Builder, fx.Node, Any], None]
+"""(builder, FX node, the node's module or None) -> None; sets builder.env[node]."""
+
+MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitter]] = [
+    (FrozenQuantizer, quantized.emit_quantize),
+    (IntegerLayer, quantized.emit_integer_layer),
+    (nn.ReLU, activations.unary("Relu")),
+    (nn.ReLU6, activations.emit_relu6),
+    (nn.Hardtanh, activations.emit_hardtanh),
+    (nn.LeakyReLU, activations.emit_leaky_relu),
+    (nn.Hardswish, activations.emit_hardswish),
+    (nn.Hardsigmoid, activations.emit_hardsigmoid),
+    (nn.Sigmoid, activations.unary("Sigmoid")),
+    (nn.Tanh, activations.unary("Tanh")),
+    (nn.SiLU, activations.emit_silu),
+    (nn.GELU, activations.emit_gelu),
+    (nn.Softmax, activations.emit_softmax),
+    (nn.modules.batchnorm._BatchNorm, norms.emit_batchnorm),
+    (nn.LayerNorm, norms.emit_layer_norm),
+    (nn.MultiheadAttention, attention.emit_multihead_attention),
+    (standins.Add, arithmetic.binary("Add")),
+    (standins.Sub, arithmetic.binary("Sub")),
+    (standins.Mul, arithmetic.binary("Mul")),
+    (standins.Stack, arithmetic.emit_stack),
+    (standins.Cat, arithmetic.emit_cat),
+    (standins.Mean, pooling.emit_mean),
+    (standins.Interpolate, pooling.emit_interpolate),
+    (nn.modules.pooling._AvgPoolNd, pooling.emit_avgpool),
+    (nn.modules.pooling._MaxPoolNd, pooling.emit_maxpool),
+    (nn.modules.pooling._AdaptiveAvgPoolNd,
+     pooling.adaptive_pool("GlobalAveragePool", "AveragePool")),
+    (nn.modules.pooling._AdaptiveMaxPoolNd, pooling.adaptive_pool("GlobalMaxPool", "MaxPool")),
+    (nn.Flatten, shapes.emit_flatten),
+    (nn.Unflatten, shapes.emit_reshape),
+    (nn.PixelShuffle, shapes.emit_pixel_shuffle),
+    (nn.PixelUnshuffle, shapes.emit_pixel_unshuffle),
+    (nn.ChannelShuffle, shapes.emit_channel_shuffle),
+    (IDENTITY_MODULES, shapes.emit_identity),
+]
+"""Module type -> emitter, first match wins (so subclasses go before their bases)."""
+
+CALL_EMITTERS: dict[Any, Emitter] = {
+    operator.getitem: indexing.emit_getitem, "__getitem__": indexing.emit_getitem,
+    "chunk": indexing.emit_split, torch.chunk: indexing.emit_split,
+    "split": indexing.emit_split, torch.split: indexing.emit_split,
+    "unbind": indexing.emit_unbind, torch.unbind: indexing.emit_unbind,
+    "narrow": indexing.emit_narrow, torch.narrow: indexing.emit_narrow,
+    "roll": indexing.emit_roll, torch.roll: indexing.emit_roll,
+    "flip": indexing.emit_flip, torch.flip: indexing.emit_flip,
+    "transpose": shapes.emit_transpose, torch.transpose: shapes.emit_transpose,
+    "swapaxes": shapes.emit_transpose, torch.swapaxes: shapes.emit_transpose,
+    "swapdims": shapes.emit_transpose, torch.swapdims: shapes.emit_transpose,
+    "permute": shapes.emit_transpose, torch.permute: shapes.emit_transpose,
+    "t": shapes.emit_transpose, torch.t: shapes.emit_transpose,
+    "movedim": shapes.emit_movedim, torch.movedim: shapes.emit_movedim,
+    "expand": shapes.emit_expand, "expand_as": shapes.emit_expand,
+    "repeat": shapes.emit_repeat,
+    F.pixel_shuffle: shapes.emit_pixel_shuffle,
+    F.pixel_unshuffle: shapes.emit_pixel_unshuffle,
+    torch.channel_shuffle: shapes.emit_channel_shuffle,
+    torch.flatten: shapes.emit_flatten,
+    **{target: shapes.emit_reshape for target in RESHAPE_CALLS if target is not torch.flatten},
+    **{target: shapes.emit_identity for target in IDENTITY_CALLS},
+    **{target: shapes.emit_dropout_call for target in DROPOUT_FUNCTIONS},
+    F.max_pool1d: pooling.emit_max_pool_call, F.max_pool2d: pooling.emit_max_pool_call,
+    F.max_pool3d: pooling.emit_max_pool_call,
+    "amax": pooling.emit_amax, torch.amax: pooling.emit_amax,
+    torch.matmul: arithmetic.emit_matmul, operator.matmul: arithmetic.emit_matmul,
+    "matmul": arithmetic.emit_matmul, torch.bmm: arithmetic.emit_matmul,
+    "bmm": arithmetic.emit_matmul,
+    torch.einsum: arithmetic.emit_einsum,
+}
+"""Function or Tensor-method name -> emitter for call_function / call_method nodes."""
+
+WRAPPED_EMITTERS: dict[str, Emitter] = {
+    "torchvision.models.swin_transformer._patch_merging_pad": swin.emit_patch_merging_pad,
+    "torchvision.models.swin_transformer.shifted_window_attention":
+        swin.emit_shifted_window_attention,
+}
+"""`@torch.fx.wrap` functions of torchvision (leaves in quantfx's graph) -> emitter, by
+qualified name (no torchvision import needed)."""
+
+
+def qualified_name(target: Any) -> str:
+    """`module.qualname` of a function (how WRAPPED_EMITTERS knows it)."""
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+
+
+def emitter_for(b: Builder, node: fx.Node) -> tuple[Emitter, Any]:
+    """The emitter of `node` and its module (None for calls), or an ExportError naming it."""
+    if node.op == "call_module":
+        module = b.module.get_submodule(node.target)
+        for module_type, emitter in MODULE_EMITTERS:
+            if isinstance(module, module_type):
+                return emitter, module
+        raise ExportError(
+            f"cannot export node '{node.name}': module '{node.target}' of type "
+            f"{type(module).__module__}.{type(module).__name__} has no ONNX emitter in quantfx. "
+            "Replace it by supported layers, or report the op to the quantfx developers."
+        )
+    emitter = CALL_EMITTERS.get(node.target)
+    if emitter is None and callable(node.target):
+        emitter = WRAPPED_EMITTERS.get(qualified_name(node.target))
+    if emitter is None:
+        what = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__name__", repr(node.target))
+        raise ExportError(
+            f"cannot export node '{node.name}': {node.op} '{what}' has no ONNX emitter in "
+            "quantfx. Rewrite it with supported ops (or wrap it in a supported module), or "
+            "report the op to the quantfx developers."
+        )
+    return emitter, None

@@ -1,0 +1,116 @@
+"""The weight layers of the three model stages, and how a conv/linear runs on given weights.
+
+- `FakeQuantLayer` (prepared, PTC): the float layer, its weight rounded through a weight
+  quantizer on every forward; its bias stays float until `convert`.
+- `quantfx.qat.QATLayer` (prepared, QAT; a `FakeQuantLayer`): also folds BatchNorm on the fly.
+- `IntegerLayer` (converted): the integers the engine stores (int8/int16 weights, int32 bias)
+  and the layer run on their exact float values.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantfx.ops import TRANSPOSED_CONVS
+from quantfx.qmath import INT32_MAX, INT32_MIN, fit_bias_exponent, from_codes, to_codes
+
+_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A convolution where every input channel has its own filter group."""
+    return (
+        isinstance(layer, nn.modules.conv._ConvNd)
+        and not layer.transposed
+        and layer.groups > 1
+        and layer.groups == layer.in_channels
+    )
+
+
+def layer_forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Run a conv or linear `layer` on `x` with the given weight and bias."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, TRANSPOSED_CONVS):
+        return _TRANSPOSED_FUNCTIONS[len(layer.kernel_size)](
+            x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
+            layer.dilation)
+    return layer._conv_forward(x, weight, bias)
+
+
+class FakeQuantLayer(nn.Module):
+    """A conv/linear layer whose weight goes through `weight_quantizer` on every forward.
+
+    The bias stays float here; `convert` puts it on the int32 grid of input scale x weight
+    scale, which is negligible next to the weight's rounding during calibration.
+    """
+
+    def __init__(self, layer: nn.Module, weight_quantizer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.weight_quantizer = weight_quantizer
+        self.weight_cache: list[Any] | None = None
+        """While a list (bias calibration), [key, quantized weight]: weights and exponents are
+        fixed there, and a large model spends most of its time re-quantizing them."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.layer.weight
+        if self.weight_cache is None or torch.is_grad_enabled():
+            weight = self.weight_quantizer(weight)
+        else:
+            key = (weight.data_ptr(), weight._version,
+                   *(tensor._version for tensor in self.weight_quantizer.buffers()))
+            if not self.weight_cache or self.weight_cache[0] != key:
+                self.weight_cache[:] = [key, self.weight_quantizer(weight)]
+            weight = self.weight_cache[1]
+        return layer_forward(self.layer, x, weight, self.layer.bias)
+
+
+class IntegerLayer(nn.Module):
+    """A conv/linear layer with integer weights and int32 bias, run on the grid values.
+
+    Buffers hold what the engine stores: `weight_int` (int8/int16 codes), `weight_exponent`
+    (one per output channel for depthwise), `bias_int` (int32 codes at `bias_exponent` =
+    input exponent + weight exponent) and `input_exponent`.
+    """
+
+    def __init__(
+        self, layer: nn.Module, weight_quantizer: nn.Module, input_exponent: Tensor
+    ) -> None:
+        super().__init__()
+        self.weight_bits = weight_quantizer.bits
+        self.axis = weight_quantizer.axis
+        weight = layer.weight.detach()
+        weight_exponent = fit_bias_exponent(
+            weight_quantizer.exponent.detach().clone(), input_exponent.detach(), layer.bias
+        )
+        weight_int = to_codes(
+            weight, weight_exponent, weight_quantizer.qmin, weight_quantizer.qmax, self.axis
+        )
+        bias_exponent = input_exponent.detach() + weight_exponent
+        self.register_buffer("input_exponent", input_exponent.detach().clone())
+        self.register_buffer("weight_exponent", weight_exponent)
+        self.register_buffer("bias_exponent", bias_exponent)
+        int_type = torch.int8 if self.weight_bits == 8 else torch.int16
+        self.register_buffer("weight_int", weight_int.to(int_type))
+        self.layer = copy.deepcopy(layer)
+        self.layer.weight = nn.Parameter(
+            from_codes(weight_int, weight_exponent, self.axis), requires_grad=False
+        )
+        if layer.bias is not None:
+            bias_axis = 0 if bias_exponent.dim() else None
+            bias_int = to_codes(layer.bias.detach(), bias_exponent, INT32_MIN, INT32_MAX,
+                                bias_axis)
+            self.register_buffer("bias_int", bias_int.to(torch.int32))
+            self.layer.bias = nn.Parameter(from_codes(bias_int, bias_exponent, bias_axis),
+                                           requires_grad=False)
+        else:
+            self.register_buffer("bias_int", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)

@@ -1,0 +1,97 @@
+"""`QATController`: counts train-mode forwards (and epochs) and applies the `QATSchedule`.
+
+It is the first node of a QAT graph (no inputs, no users), so it runs once per forward; its
+counters live in buffers, so `state_dict()` round-trips the schedule's progress.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantfx.config import QATSchedule
+from quantfx.errors import ConfigError
+
+CONTROLLER_NAME = "qat_controller"
+
+
+class QATController(nn.Module):
+    """Counts train-mode forwards (and epochs) in buffers and applies the `QATSchedule`."""
+
+    _is_impure = True  # keep fx's dead-code elimination away from it
+
+    def __init__(self, schedule: QATSchedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("epoch", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("bn_frozen", torch.tensor(False))
+        self.register_buffer("ranges_frozen", torch.tensor(False))
+        self.__dict__["layers"] = []  # plain references: the graph module owns these modules
+        self.__dict__["activation_quantizers"] = []
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule}"
+
+    def forward(self) -> None:
+        if self.training:
+            self.step += 1
+            self.apply_schedule()
+
+    def end_epoch(self) -> None:
+        """Count one finished epoch and apply epoch-based freezes."""
+        self.epoch += 1
+        self.apply_schedule()
+
+    def apply_schedule(self) -> None:
+        """Freeze BN statistics / ranges once their step or epoch count is exceeded."""
+        step, epoch, schedule = int(self.step), int(self.epoch), self.schedule
+
+        def due(step_limit: int | None, epoch_limit: int | None) -> bool:
+            return (step_limit is not None and step > step_limit) or (
+                epoch_limit is not None and epoch >= epoch_limit
+            )
+
+        if not bool(self.bn_frozen) and due(schedule.freeze_bn_step, schedule.freeze_bn_epoch):
+            freeze_batchnorm(self)
+        if not bool(self.ranges_frozen) and due(
+            schedule.freeze_ranges_step, schedule.freeze_ranges_epoch
+        ):
+            freeze_ranges(self)
+
+
+def controller_of(model: nn.Module) -> QATController:
+    """The controller of a QAT model (or of its DDP wrapper), or a clear error."""
+    if isinstance(model, QATController):
+        return model
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    controller = getattr(module, CONTROLLER_NAME, None)
+    if not isinstance(controller, QATController):
+        raise ConfigError(
+            f"expected a model returned by quantfx.prepare_qat (or its DDP wrapper), got "
+            f"{type(module).__name__}."
+        )
+    return controller
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Freeze BN statistics of every QAT layer now (the schedule does this automatically)."""
+    controller = controller_of(model)
+    for layer in controller.layers:
+        layer.freeze_bn()
+    controller.bn_frozen.fill_(True)
+
+
+def freeze_ranges(model: nn.Module) -> None:
+    """Freeze every activation range now: exponents stop following the data."""
+    controller = controller_of(model)
+    for quantizer in controller.activation_quantizers:
+        if quantizer.observed:
+            quantizer.compute_exponent()
+        quantizer.observer_enabled.fill_(False)
+    controller.ranges_frozen.fill_(True)
+
+
+def end_qat_epoch(model: nn.Module) -> None:
+    """Tell a QAT model that one epoch finished (call once per epoch for epoch schedules)."""
+    controller_of(model).end_epoch()

@@ -1,0 +1,120 @@
+"""`prepare_qat`: a float (or calibrated) model becomes a train-mode GraphModule that the user's
+own loop fine-tunes through power-of-2 fake quantizers.
+
+What a training forward does: each conv/linear (+ its BatchNorm) is a `QATLayer` that folds BN
+on the fly; activations go through `QATQuantizer`s (PACT2's running-average range, rounded up
+to a power of 2, clipped STE, all-reduced across DDP ranks); a `QATController` node counts
+train-mode forwards and applies the `QATSchedule`. Every piece of state lives in buffers, so
+`state_dict()` round-trips QAT exactly, and `eval()` computes what `convert` will.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from quantfx.config import QuantConfig, resolve_config
+from quantfx.errors import PrepareError
+from quantfx.frontend import build_graph, input_shapes, require_layers
+from quantfx.layers import FakeQuantLayer
+from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
+from quantfx.passes.place import place_quantizers
+from quantfx.qat.controller import CONTROLLER_NAME, QATController
+from quantfx.qat.layer import QATLayer
+from quantfx.quantizers import CalibrationQuantizer, QATQuantizer, QuantizerFactory
+from quantfx.state import (
+    FLOAT,
+    PREPARED,
+    PTC,
+    QAT,
+    QuantState,
+    attach_state,
+    require_state,
+)
+
+
+def prepare_qat(
+    model: nn.Module, example_inputs: Any, config: QuantConfig | None = None
+) -> fx.GraphModule:
+    """A train-mode copy of `model` that trains through power-of-2 fake quantizers (QAT).
+
+    `model` is a float model, or a model returned by `quantfx.prepare` (calibrated or not):
+    then its BN stays folded and its calibrated ranges are the starting ranges. Train it with
+    your usual loop; `eval()` and `quantfx.convert` then give identical integer-exact results.
+    """
+    state = require_state(model, "prepare_qat", PrepareError, (FLOAT, (PTC, PREPARED)),
+                          "a float model or one returned by quantfx.prepare",
+                          "Start from the float model (or the prepared one) instead.")
+    if state is not None:
+        return _prepare_from_ptc(model, state)
+    config = resolve_config(config)
+    graph_module, inputs = build_graph(model, example_inputs, config, training=True)
+    count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), QATLayer,
+                             fold_bn=True)
+    require_layers(count, model)
+    return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)))
+
+
+def _prepare_from_ptc(model: fx.GraphModule, state: QuantState) -> fx.GraphModule:
+    """QAT from a `prepare`d (ideally calibrated) model: BN stays folded, ranges carry over."""
+    config = state.config
+    factory = QuantizerFactory(config, qat=True)
+    graph_module = copy.deepcopy(model)
+    for node in graph_module.graph.nodes:
+        module = module_of(graph_module, node)
+        if isinstance(module, FakeQuantLayer):
+            quantizer = factory.weight(module.layer, module.weight_quantizer.bits)
+            set_submodule(graph_module, node.target, QATLayer(module.layer, None, quantizer))
+        elif isinstance(module, CalibrationQuantizer):
+            started = factory.activation(module.bits, module.signed)
+            if module.observed:
+                started.start_from_exponent(float(module.observer.exponent(module.qmax)))
+            set_submodule(graph_module, node.target, started)
+    return _finish(graph_module, QuantState(config, QAT, PREPARED, list(state.input_shapes)))
+
+
+def _finish(graph_module: fx.GraphModule, state: QuantState) -> fx.GraphModule:
+    """Link layers to their input quantizers, clip weight outliers, add the schedule
+    controller, go to train mode."""
+    schedule = state.config.schedule
+    controller = QATController(schedule)
+    graph_module.add_submodule(CONTROLLER_NAME, controller)
+    graph = graph_module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before():
+        graph.call_module(CONTROLLER_NAME, args=())
+    for node in graph.nodes:
+        module = module_of(graph_module, node)
+        if isinstance(module, QATLayer):
+            quantizer = input_quantizer(graph_module, node)
+            if quantizer is None:
+                raise PrepareError(
+                    f"internal: the input of layer '{node.target}' has no quantizer. Please "
+                    "report this model to the quantfx developers."
+                )
+            module.__dict__["input_quantizer"] = quantizer
+            controller.layers.append(module)
+            if schedule.weight_clip_std is not None:
+                module.clip_weight_outliers(schedule.weight_clip_std)
+        elif isinstance(module, QATQuantizer):
+            controller.activation_quantizers.append(module)
+    graph.lint()
+    graph_module.recompile()
+    attach_state(graph_module, state)  # survives deepcopy (an EMA copy is still a QAT model)
+    controller.apply_schedule()  # a schedule with 0 freezes at once
+    return graph_module.train()
+
+
+def lower_qat_layers(graph_module: fx.GraphModule) -> None:
+    """For `convert`: drop the controller, fold each `QATLayer` into a plain `FakeQuantLayer`."""
+    for node in list(graph_module.graph.nodes):
+        module = module_of(graph_module, node)
+        if isinstance(module, QATController):
+            graph_module.graph.erase_node(node)
+        elif isinstance(module, QATLayer):
+            set_submodule(graph_module, node.target, module.to_fake_quant_layer())
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()

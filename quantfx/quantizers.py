@@ -1,0 +1,199 @@
+"""Quantizer modules, one per tensor the engine holds in fixed point, and the one factory that
+builds them.
+
+- `CalibrationQuantizer` (prepared, PTC): an observer plus a power-of-2 quantizer. Two switches
+  decide what a forward does: `observer_enabled` (record ranges) and `quant_enabled` (round to
+  the grid). Calibration observes with quantization off; bias calibration quantizes.
+- `QATQuantizer` (prepared, QAT): a moving average of each batch's min/max (all-reduced across
+  DDP ranks), rounded up to a power of 2, with the clipped straight-through estimator.
+- `FrozenQuantizer` (converted): a fixed exponent; rounds half to even and saturates.
+
+`QuantizerFactory` is where every one of them is made: placement asks it for an activation or a
+weight quantizer and it builds the PTC or the QAT kind from the `QuantConfig`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from quantfx.config import QuantConfig
+from quantfx.layers import is_depthwise
+from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer
+from quantfx.qmath import fake_quantize, fake_quantize_ste, qrange, scale_of
+
+
+class Quantizer(nn.Module):
+    """One tensor's grid: `bits` wide, signed or unsigned, per tensor or per channel along
+    `axis`; its exponent(s) live in the `exponent` buffer."""
+
+    def __init__(self, bits: int, signed: bool, axis: int | None = None,
+                 channels: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.bits = bits
+        self.signed = signed
+        self.axis = axis
+        self.qmin, self.qmax = qrange(bits, signed)
+        self.register_buffer("exponent", torch.zeros(channels))
+
+    @property
+    def scale(self) -> float:
+        """The power-of-2 scale of a per-tensor quantizer."""
+        return float(scale_of(self.exponent))
+
+    def kind(self) -> str:
+        """"int8", "uint16", ..."""
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+
+class FrozenQuantizer(Quantizer):
+    """A converted activation quantizer: round half to even at scale 2**exponent, saturate."""
+
+    def __init__(self, exponent: float, bits: int, signed: bool) -> None:
+        super().__init__(bits, signed)
+        self.exponent.fill_(float(exponent))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind()}, scale=2**{int(self.exponent)}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quantize(x, self.exponent, self.qmin, self.qmax)
+
+
+class CalibrationQuantizer(Quantizer):
+    """An observer plus a quantizer; every piece of state in buffers (state_dict round-trips)."""
+
+    def __init__(
+        self, observer: Observer, bits: int, signed: bool, axis: int | None = None
+    ) -> None:
+        super().__init__(bits, signed, axis, tuple(observer.min_val.shape))
+        self.observer = observer
+        self.register_buffer("observer_enabled", torch.tensor(True))
+        self.register_buffer("quant_enabled", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return self.kind() + ("" if self.axis is None else f", axis={self.axis}")
+
+    @property
+    def observed(self) -> bool:
+        """True once the observer has seen at least one tensor."""
+        return bool(self.observer.observed)
+
+    def current_exponent(self) -> Tensor:
+        """The exponent to convert with: fresh from the observer while it observes, else frozen."""
+        if bool(self.observer_enabled) and self.observed:
+            return self.compute_exponent()
+        return self.exponent
+
+    def compute_exponent(self) -> Tensor:
+        """Store and return the observer's proposed exponent(s)."""
+        self.exponent.copy_(self.observer.exponent(self.qmax))
+        return self.exponent
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(self.observer_enabled):
+            self.observer(x)
+            if not bool(self.quant_enabled):
+                return x
+            self.compute_exponent()
+        elif not bool(self.quant_enabled):
+            return x
+        return fake_quantize(x, self.exponent, self.qmin, self.qmax, self.axis)
+
+    def set_mode(self, observe: bool, quantize: bool) -> None:
+        """Switch observing and quantizing on or off."""
+        self.observer_enabled.fill_(observe)
+        self.quant_enabled.fill_(quantize)
+
+
+def _reduce_min_max(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """Global min/max over all DDP ranks (identity when torch.distributed is not running)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return low, high
+    pair = torch.stack([-low, high])
+    dist.all_reduce(pair, op=dist.ReduceOp.MAX)
+    return -pair[0], pair[1]
+
+
+class QATQuantizer(CalibrationQuantizer):
+    """Activation quantizer for QAT: moving-average range (DDP-reduced), STE fake quantization.
+
+    Ranges update only in train mode with `observer_enabled`; `eval()` uses the current exponent.
+    """
+
+    def __init__(self, bits: int, signed: bool, momentum: float = 0.1) -> None:
+        super().__init__(MovingAverageMinMaxObserver(momentum=momentum), bits, signed)
+        self.set_mode(observe=True, quantize=True)
+
+    def start_from_exponent(self, exponent: float) -> None:
+        """Start the running range at the clip value of `exponent` (e.g. from calibration)."""
+        clip = self.qmax * 2.0 ** float(exponent)
+        self.observer.min_val.fill_(-clip if self.signed else 0.0)
+        self.observer.max_val.fill_(clip)
+        self.observer.observed.fill_(True)
+        self.compute_exponent()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and bool(self.observer_enabled) and x.numel() > 0:
+            low, high = torch.aminmax(x.detach().float())
+            low, high = _reduce_min_max(low, high)
+            self.observer(torch.stack([low, high]))
+            self.compute_exponent()
+        if not bool(self.quant_enabled) or not bool(self.observer.observed):
+            return x
+        if self.training:
+            return fake_quantize_ste(x, self.exponent, self.qmin, self.qmax)
+        return fake_quantize(x, self.exponent, self.qmin, self.qmax)
+
+
+class QuantizerFactory:
+    """Builds every quantizer of a prepared model, of the kind its back end needs.
+
+    PTC (`qat=False`): activations get the config's observer (histogram by default), weights
+    the config's weight observer, per channel for depthwise convs when the config says so. QAT:
+    activations get a `QATQuantizer`; weights a quantizer that rounds on every forward at the
+    exponent the layer derives from its current (BN-folded) weight.
+    """
+
+    def __init__(self, config: QuantConfig, qat: bool = False) -> None:
+        self.config = config
+        self.qat = qat
+
+    def activation(self, bits: int, signed: bool) -> CalibrationQuantizer:
+        """The quantizer of one activation tensor."""
+        config = self.config
+        if self.qat:
+            return QATQuantizer(bits, signed, config.moving_average_momentum)
+        observer = make_observer(
+            config.activation_observer,
+            momentum=config.moving_average_momentum,
+            bins=config.histogram_bins,
+            search=config.range_search,
+            percentile=config.percentile,
+        )
+        return CalibrationQuantizer(observer, bits, signed=signed)
+
+    def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
+        """The quantizer of a conv/linear layer's weight."""
+        depthwise = self.config.per_channel_depthwise and is_depthwise(layer)
+        axis = 0 if depthwise else None
+        channels = layer.weight.shape[0] if depthwise else 1
+        kind = "minmax" if self.qat else self.config.weight_observer
+        quantizer = CalibrationQuantizer(make_observer(kind, axis=axis, channels=channels), bits,
+                                         signed=True, axis=axis)
+        if self.qat:
+            quantizer.set_mode(observe=False, quantize=True)
+        return quantizer
+
+
+def calibration_quantizers(model: nn.Module) -> list[tuple[str, CalibrationQuantizer]]:
+    """Every observing quantizer of `model` (activations and weights), with its name."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, CalibrationQuantizer)]
+
+
+def set_quant_mode(model: nn.Module, observe: bool, quantize: bool) -> None:
+    """Switch observing / quantizing for every observing quantizer of `model`."""
+    for _, quantizer in calibration_quantizers(model):
+        quantizer.set_mode(observe, quantize)

@@ -1,0 +1,74 @@
+"""What quantfx remembers about a model it prepared or converted, and the one stage check.
+
+Every public function starts by asking `require_state` whether it got the kind of model it works
+on; the error it raises names what it got and what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from quantfx.config import QuantConfig
+from quantfx.errors import QuantFxError
+
+STATE_ATTRIBUTE = "_quantfx_state"
+PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
+
+PTC, QAT = "ptc", "qat"
+PREPARED, CONVERTED = "prepared", "converted"
+FLOAT = (None, None)
+"""The (backend, stage) of a model quantfx has not touched."""
+
+
+@dataclass
+class QuantState:
+    """The config a model was built with, its back end and stage, and its input shapes."""
+
+    config: QuantConfig
+    backend: str  # PTC or QAT
+    stage: str  # PREPARED or CONVERTED
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+def state_of(model: Any) -> QuantState | None:
+    """The quantfx state of a prepared or converted model, None for any other object."""
+    return getattr(model, STATE_ATTRIBUTE, None) if isinstance(model, nn.Module) else None
+
+
+def attach_state(graph_module: fx.GraphModule, state: QuantState) -> None:
+    """Record quantfx's state on the model.
+
+    GraphModule.__deepcopy__ keeps only the attributes listed under this meta key, so the state
+    is listed there too: a deep copy of a prepared model (e.g. an EMA copy) is still one.
+    """
+    setattr(graph_module, STATE_ATTRIBUTE, state)
+    graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
+
+
+def describe(model: Any) -> str:
+    """What kind of model `model` is, in words a user recognizes."""
+    state = state_of(model)
+    if state is None:
+        kind = type(model).__name__
+        return f"a {kind} (not a quantfx model)" if isinstance(model, nn.Module) else f"a {kind}"
+    if state.stage == CONVERTED:
+        return "a model already converted by quantfx.convert"
+    if state.backend == QAT:
+        return "a QAT model already prepared by quantfx.prepare_qat (not yet converted)"
+    return "a model already prepared by quantfx.prepare (not yet converted)"
+
+
+def require_state(model: Any, action: str, error: type[QuantFxError],
+                  accepted: tuple[tuple[str | None, str | None], ...], needs: str,
+                  fix: str = "") -> QuantState | None:
+    """The state of `model` if its (backend, stage) is one of `accepted` (`FLOAT` for a plain
+    model), else `error`: "<action> needs <needs>, got <what it got>. <fix>"."""
+    state = state_of(model)
+    key = FLOAT if state is None else (state.backend, state.stage)
+    if key not in accepted or (state is None and not isinstance(model, nn.Module)):
+        raise error(f"{action} needs {needs}, got {describe(model)}. {fix}".rstrip())
+    return state
