@@ -7,7 +7,6 @@ Run with `pytest -s tests/test_export.py` to see the per-model agreement table.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -28,18 +27,13 @@ from quantfx.export.emitters.activations import unary
 from quantfx.export.onnx import options_path_for
 from quantfx.export.verify import onnxruntime_session, verify
 from quantfx.layers import IntegerLayer
-from quantfx.qmath import qrange
+from quantfx.qmath import is_power_of_two, qrange
 from quantfx.quantizers import FrozenQuantizer
 
 torch.set_num_threads(1)  # the machine is shared; ORT runs single-threaded too
 
 BATCH = 64
 EXPORT_BATCH = 8
-
-
-def _is_power_of_two(value: float) -> bool:
-    mantissa, _ = math.frexp(float(value))
-    return value > 0 and mantissa == 0.5
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -56,9 +50,17 @@ def _check_qdq_scales(model: onnx.ModelProto) -> int:
         count += 1
         scale = values[node.input[1]]
         assert scale.dtype == np.float32
-        assert all(_is_power_of_two(s) for s in np.ravel(scale)), node.name
+        assert all(is_power_of_two(float(s)) for s in np.ravel(scale)), node.name
         assert np.all(values[node.input[2]] == 0), node.name
     return count
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 FAST = {"bias_calibration": False, "progress": False}
@@ -102,8 +104,7 @@ def test_torchvision_model_matches_onnxruntime(name: str, tmp_path) -> None:
 
     # The report covers the example inputs plus the 64 verification inputs.
     assert report.verified and report.elements_compared == (BATCH + EXPORT_BATCH) * 10
-    assert report.fraction_identical >= 0.999
-    assert report.max_lsb_diff <= 1.0
+    assert report.fraction_identical == 1.0 and report.max_lsb_diff == 0.0
     assert report.argmax_agreement == 1.0
 
     model = onnx.load(path)
@@ -118,9 +119,13 @@ def test_torchvision_model_matches_onnxruntime(name: str, tmp_path) -> None:
     assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)
     assert os.path.exists(options_path_for(path))
 
-    # What a deployment session (all ORT optimizations, integer QDQ kernels) computes.
+    # What a deployment session (all ORT optimizations, integer QDQ kernels) computes: exact
+    # too on CPUs with VNNI; without it ORT's u8s8 kernels saturate pair sums (docs/export.md).
     batches = [(data[i:i + EXPORT_BATCH],) for i in range(0, BATCH, EXPORT_BATCH)]
     optimized = verify(converted, str(path), batches, optimized=True)
+    assert optimized["elements_compared"] == BATCH * 10
+    if _cpu_has_vnni():
+        assert optimized["fraction_identical"] == 1.0 and optimized["max_lsb_diff"] == 0.0
     print(f"\n| {name} | {100 * report.fraction_identical:.3f} % | {report.max_lsb_diff:g} | "
           f"{100 * report.argmax_agreement:.1f} % | {100 * optimized['fraction_identical']:.3f} % "
           f"| {optimized['max_lsb_diff']:g} |")
@@ -167,7 +172,7 @@ def test_op_zoo_is_bit_exact(tmp_path) -> None:
     data = torch.randn(32, 3, 16, 16)
     converted = _convert(ZooNet(), data)
     report = qf.export_onnx(converted, (data[:4],), tmp_path / "zoo.onnx", verify_data=data)
-    assert report.max_lsb_diff <= 1.0 and report.fraction_identical >= 0.99
+    assert report.max_lsb_diff == 0.0 and report.fraction_identical == 1.0
     model = onnx.load(tmp_path / "zoo.onnx")
     _check_qdq_scales(model)
     per_channel = [n for n in model.graph.node
@@ -331,7 +336,7 @@ def test_legacy_export_uses_power_of_two_clips(tmp_path) -> None:
         low, high = float(values[clips[name].input[1]]), float(values[clips[name].input[2]])
         assert low <= 0.0 < high
         assert low == quantizer.qmin * quantizer.scale and high == quantizer.qmax * quantizer.scale
-        assert _is_power_of_two(high / quantizer.qmax)
+        assert is_power_of_two(high / quantizer.qmax)
     assert all(values[t.name].dtype == np.float32 for t in model.graph.initializer
                if t.name.endswith(".weight"))
     options = json.loads(Path(options_path_for(path)).read_text())
@@ -351,7 +356,9 @@ def test_legacy_export_uses_power_of_two_clips(tmp_path) -> None:
     agree = float(np.mean(actual.argmax(1) == expected.argmax(1)))
     print(f"\nlegacy resnet18 vs converted: {100 * within:.2f} % within 1 LSB, max "
           f"{lsb.max():.2f} LSB, argmax agreement {100 * agree:.1f} %")
-    assert within >= 0.5 and lsb.max() <= 4 and agree >= 0.9
+    # Measured: 86 % within 1 LSB, at most 3 LSB, argmax 100 %.
+    assert within >= 0.75 and lsb.max() <= 4 and agree >= 0.95
+    assert report.max_lsb_diff <= 1.0  # the file against its own clip simulation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,3 +660,35 @@ def test_data_movement_ops_are_bit_exact(tmp_path) -> None:
     report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "moving.onnx"),
                             verify_data=inputs)
     assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0
+
+
+class MoreShapeOps(nn.Module):
+    """The shape-only calls every exporter row must cover: narrow, repeat, functional pixel and
+    channel shuffles, F.max_pool1d, functional dropout in eval mode, contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = torch.narrow(x, 2, 1, 6).narrow(3, 0, 6)
+        x = F.pixel_shuffle(torch.channel_shuffle(x, 2), 2)  # 2 x 12 x 12
+        x = F.dropout(x.repeat(1, 4, 1, 1), 0.5, training=self.training).contiguous()
+        rows = F.max_pool1d(x.flatten(2), 2)  # N C L
+        return self.head(rows.reshape(x.shape[0], 8, 6, 12))
+
+
+def test_more_shape_ops_are_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(MoreShapeOps().eval(), inputs)
+    quantizers = [name for name, _ in converted.named_modules() if name.startswith("quantizers.")]
+    assert quantizers == ["quantizers.x", "quantizers.conv", "quantizers.head"]  # shape-only
+    report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "more.onnx"),
+                            verify_data=inputs)
+    assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "more.onnx")).graph.node}
+    assert {"Slice", "Tile", "DepthToSpace", "MaxPool"} <= ops
+    assert "Dropout" not in ops

@@ -1,7 +1,6 @@
 """prepare / calibrate / convert: the public API, the numerics contract and the errors."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -9,15 +8,11 @@ from torch import nn
 
 import quantfx as qf
 from quantfx.layers import IntegerLayer
+from quantfx.qmath import exponent_for_max, is_power_of_two
 from quantfx.quantizers import CalibrationQuantizer, FrozenQuantizer
 from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
 
-X = torch.randn(2, 3, 16, 16)
-
-
-def _is_power_of_two(value: float) -> bool:
-    mantissa, _ = math.frexp(value)
-    return value > 0 and mantissa == 0.5
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(42))
 
 
 def test_prepare_leaves_the_users_model_untouched():
@@ -37,7 +32,7 @@ def test_converted_model_scales_are_powers_of_two_and_outputs_on_grid():
     layers = [m for m in converted.modules() if isinstance(m, IntegerLayer)]
     assert quantizers and len(layers) == 3
     for quantizer in quantizers:
-        assert _is_power_of_two(quantizer.scale)
+        assert is_power_of_two(quantizer.scale)
     for layer in layers:
         for exponent in (
             layer.weight_exponent.flatten().tolist() + layer.bias_exponent.flatten().tolist()
@@ -80,6 +75,7 @@ def test_plain_forward_passes_calibrate():
 
 
 def test_quantized_output_is_close_to_float():
+    torch.manual_seed(0)
     model = randomize_batchnorm(ConvBnReLU(16)).eval()
     _, converted = quantize_model(model, batches=8)
     with torch.no_grad():
@@ -87,6 +83,7 @@ def test_quantized_output_is_close_to_float():
 
 
 def test_sixteen_bit_is_much_closer_than_eight_bit():
+    torch.manual_seed(0)
     model = randomize_batchnorm(ConvBnReLU(16)).eval()
     _, eight = quantize_model(model)
     _, sixteen = quantize_model(model, config=qf.QuantConfig(activation_bits=16, weight_bits=16))
@@ -96,13 +93,40 @@ def test_sixteen_bit_is_much_closer_than_eight_bit():
     assert {m.bits for m in sixteen.modules() if isinstance(m, FrozenQuantizer)} == {16}
 
 
-@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram"])
-@pytest.mark.parametrize("search", ["mse", "percentile", "none"])
-def test_every_observer_choice_runs(observer, search):
-    config = qf.QuantConfig(activation_observer=observer, range_search=search)
-    _, converted = quantize_model(ConvBnReLU(), config=config)
+def _input_exponent_expected(observer: str, search: str, batches: list) -> tuple[float, float]:
+    """(lowest, highest) exponent the input quantizer may get for these batches."""
+    no_clip = float(exponent_for_max(torch.cat(batches).abs().max(), 127))
+    if observer == "moving_average":
+        low, high = torch.aminmax(batches[0])
+        for batch in batches[1:]:
+            low, high = low + 0.1 * (batch.min() - low), high + 0.1 * (batch.max() - high)
+        exponent = float(exponent_for_max(torch.maximum(low.abs(), high.abs()), 127))
+        return exponent, exponent
+    if observer == "minmax" or search == "none":
+        return no_clip, no_clip
+    return no_clip - 4, no_clip  # a search may clip, at most SEARCH_DEPTH steps
+
+
+@pytest.mark.parametrize("observer,search", [
+    ("minmax", "mse"), ("moving_average", "mse"),
+    ("histogram", "mse"), ("histogram", "percentile"), ("histogram", "none"),
+])
+def test_every_observer_choice_gives_the_exponent_it_promises(observer, search):
+    config = qf.QuantConfig(activation_observer=observer, range_search=search, percentile=99.0,
+                            progress=False)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 3, 16, 16, generator=generator) * (1 + index) for index in range(3)]
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    prepared = qf.prepare(model, batches[0], config)
+    qf.calibrate(prepared, batches)
+    converted = qf.convert(prepared)
+    lowest, highest = _input_exponent_expected(observer, search, batches)
+    exponent = float(converted.get_submodule("quantizers.x").exponent)
+    assert lowest <= exponent <= highest
+    if observer == "histogram" and search == "percentile":  # keeping 99 % must clip here
+        assert exponent < highest
     with torch.no_grad():
-        assert torch.isfinite(converted(X)).all()
+        assert qf.qmath.sqnr_db(model(batches[2]), converted(batches[2])) > 15.0
 
 
 def test_calibrate_accepts_dataloader_style_batches():

@@ -266,6 +266,7 @@ def test_qat_from_a_calibrated_prepared_model_starts_at_calibrated_ranges():
     qf.calibrate(prepared, data)
     calibrated = {name: float(q.exponent) for name, q in prepared.named_modules()
                   if isinstance(q, CalibrationQuantizer) and name.startswith("quantizers.")}
+    before = {key: value.clone() for key, value in prepared.state_dict().items()}
     qm = qf.prepare_qat(prepared, data[0])
     assert qm.training
     started = {name: float(q.exponent) for name, q in _activation_quantizers(qm).items()}
@@ -278,8 +279,11 @@ def test_qat_from_a_calibrated_prepared_model_starts_at_calibrated_ranges():
     converted = qf.convert(qm)
     with torch.no_grad():
         assert torch.equal(qm(data[1]), converted(data[1]))
-    assert prepared.quantizers is not None  # the PTC model itself is left as it was
+    # the PTC model itself is left as it was, and still converts as before
     assert not any(isinstance(m, QATLayer) for m in prepared.modules())
+    after = prepared.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], value) for key, value in before.items())
 
 
 def test_freeze_ranges_right_after_ptc_keeps_calibrated_exponents():
