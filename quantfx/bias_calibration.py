@@ -224,6 +224,9 @@ def calibrate_biases(
     order = list(layers)
     limit = _memory_limit_bytes() if memory_limit_bytes is None else memory_limit_bytes
     with torch.no_grad():
+        for layer in layers.values():  # every calibration starts from the float biases
+            if layer.float_bias is not None:
+                layer.layer.bias.data.copy_(layer.float_bias)
         set_quant_mode(model, observe=False, quantize=False)
         recorder = _MeanRecorder(layers)
         try:

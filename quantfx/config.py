@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from torch import nn
 
+from quantfx.checks import (
+    as_tuple,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keywords,
+    check_number,
+)
 from quantfx.errors import ConfigError
 
 SUPPORTED_BITS = (8, 16)
@@ -14,8 +25,29 @@ ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 LAYER_ALIASES = ("first", "last")
 RANGE_SEARCHES = ("mse", "percentile", "none")
+GRAPH_FIELDS = ("activation_bits", "weight_bits", "sixteen_bit_layers", "per_channel_depthwise",
+                "nonnegative_inputs", "leaf_modules", "autowrap_functions")
+"""The `QuantConfig` fields that decide the prepared graph: where quantizers go, how wide."""
 
 
+def _checked_keywords(cls: type) -> type:
+    """Make an unknown or surplus argument of the dataclass `cls` a `ConfigError`."""
+    init = cls.__init__
+    names = [item.name for item in fields(cls)]
+
+    @functools.wraps(init)
+    def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        check_keywords(kwargs, names, cls.__name__)
+        if len(args) > len(names):
+            raise ConfigError(f"{cls.__name__} takes at most {len(names)} positional "
+                              f"arguments, got {len(args)}; name the options instead.")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+    return cls
+
+
+@_checked_keywords
 @dataclass
 class QATSchedule:
     """When QAT freezes BatchNorm statistics and then quantizer ranges, plus its weight clipping.
@@ -46,27 +78,17 @@ class QATSchedule:
 
     def validate(self) -> None:
         """Raise `ConfigError` on any invalid field (run again wherever the schedule is used)."""
-        for name in (
-            "freeze_bn_step",
-            "freeze_ranges_step",
-            "freeze_bn_epoch",
-            "freeze_ranges_epoch",
-        ):
+        for name in ("freeze_bn_step", "freeze_ranges_step", "freeze_bn_epoch",
+                     "freeze_ranges_epoch"):
             value = getattr(self, name)
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 0
-            ):
-                raise ConfigError(
-                    f"QATSchedule.{name}={value!r} must be a non-negative integer or None "
-                    "(e.g. freeze_bn_step=2000)."
-                )
-        clip = self.weight_clip_std
-        if clip is not None and (not isinstance(clip, (int, float)) or clip <= 1.0):
-            raise ConfigError(
-                f"QATSchedule.weight_clip_std={clip!r} must be a number > 1 (e.g. 12.0) or None."
-            )
+            if value is not None:
+                check_int(value, f"QATSchedule.{name}", 0, example=f"{name}=2000, or None")
+        if self.weight_clip_std is not None:
+            check_number(self.weight_clip_std, "QATSchedule.weight_clip_std", 1.0, low_open=True,
+                         example="4.0, or None to keep every weight")
 
 
+@_checked_keywords
 @dataclass
 class QuantConfig:
     """Every quantization choice in one place.
@@ -131,57 +153,43 @@ class QuantConfig:
         a field changed after construction is checked where it is used."""
         for name in ("activation_bits", "weight_bits"):
             value = getattr(self, name)
-            if value not in SUPPORTED_BITS:
+            if isinstance(value, bool) or value not in SUPPORTED_BITS or not isinstance(value, int):
                 raise ConfigError(
                     f"QuantConfig.{name}={value!r} is not supported: TIDL-class engines run 8 or "
-                    f"16 bit fixed point. Use one of {SUPPORTED_BITS}."
+                    f"16 bit fixed point. Use one of {SUPPORTED_BITS} (an int)."
                 )
-        _check_choice("activation_observer", self.activation_observer, ACTIVATION_OBSERVERS)
-        _check_choice("weight_observer", self.weight_observer, WEIGHT_OBSERVERS)
-        _check_choice("range_search", self.range_search, RANGE_SEARCHES)
-        if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(
-                f"QuantConfig.percentile={self.percentile!r} must be in (50, 100], e.g. 99.99."
-            )
+        for name in ("per_channel_depthwise", "bias_calibration", "nonnegative_inputs",
+                     "progress"):
+            check_bool(getattr(self, name), f"QuantConfig.{name}")
+        check_choice(self.activation_observer, "QuantConfig.activation_observer",
+                     ACTIVATION_OBSERVERS)
+        check_choice(self.weight_observer, "QuantConfig.weight_observer", WEIGHT_OBSERVERS)
+        check_choice(self.range_search, "QuantConfig.range_search", RANGE_SEARCHES)
+        check_number(self.percentile, "QuantConfig.percentile", 50.0, 100.0, low_open=True,
+                     example="99.99")
         bins = self.histogram_bins
-        if not isinstance(bins, int) or bins < 64 or bins & (bins - 1):
+        check_int(bins, "QuantConfig.histogram_bins", 64, example="2048")
+        if bins & (bins - 1):
             raise ConfigError(
                 f"QuantConfig.histogram_bins={bins!r} must be a power of two >= 64 (e.g. 2048)."
             )
-        if not 0.0 < self.moving_average_momentum <= 1.0:
-            raise ConfigError(
-                f"QuantConfig.moving_average_momentum={self.moving_average_momentum!r} must be "
-                "in (0, 1]."
-            )
-        self.leaf_modules = tuple(self.leaf_modules)
-        for leaf in self.leaf_modules:
-            if not (
-                isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))
-            ):
-                raise ConfigError(
-                    f"QuantConfig.leaf_modules holds {leaf!r}: give nn.Module subclasses or "
-                    "qualified module names such as 'backbone.head'."
-                )
-        if not isinstance(self.bias_calibration_samples, int) or self.bias_calibration_samples < 1:
-            raise ConfigError(
-                f"QuantConfig.bias_calibration_samples={self.bias_calibration_samples!r} must be "
-                "a positive integer (e.g. 512)."
-            )
-        if isinstance(self.sixteen_bit_layers, str):
-            self.sixteen_bit_layers = (self.sixteen_bit_layers,)
-        self.sixteen_bit_layers = tuple(self.sixteen_bit_layers)
-        for layer in self.sixteen_bit_layers:
-            if not isinstance(layer, str):
-                raise ConfigError(
-                    f"QuantConfig.sixteen_bit_layers holds {layer!r}: give layer names such as "
-                    "'features.0.0' or the aliases 'first' / 'last'."
-                )
-        self.autowrap_functions = tuple(self.autowrap_functions)
-        for function in self.autowrap_functions:
-            if not callable(function):
-                raise ConfigError(
-                    f"QuantConfig.autowrap_functions holds {function!r}, which is not callable."
-                )
+        check_number(self.moving_average_momentum, "QuantConfig.moving_average_momentum", 0.0,
+                     1.0, low_open=True, example="0.1")
+        check_int(self.bias_calibration_samples, "QuantConfig.bias_calibration_samples", 1,
+                  example="512")
+        self.leaf_modules = as_tuple(
+            self.leaf_modules, "QuantConfig.leaf_modules",
+            lambda item: isinstance(item, str) or (isinstance(item, type)
+                                                   and issubclass(item, nn.Module)),
+            "nn.Module subclasses or qualified module names such as 'backbone.head'")
+        self.sixteen_bit_layers = as_tuple(
+            self.sixteen_bit_layers, "QuantConfig.sixteen_bit_layers",
+            lambda item: isinstance(item, str),
+            "layer names such as 'features.0.0' or the aliases 'first' / 'last'")
+        self.autowrap_functions = as_tuple(
+            self.autowrap_functions, "QuantConfig.autowrap_functions",
+            lambda item: callable(item) and not isinstance(item, type),
+            "functions (to be traced as single calls, like @torch.fx.wrap ones)")
         if self.qat_schedule is not None:
             if not isinstance(self.qat_schedule, QATSchedule):
                 raise ConfigError(
@@ -191,11 +199,6 @@ class QuantConfig:
             self.qat_schedule.validate()
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {choices}.")
-
-
 def resolve_config(config: QuantConfig | None) -> QuantConfig:
     """The config a public function works with: the given one (checked again), or the defaults."""
     if config is None:
@@ -203,4 +206,4 @@ def resolve_config(config: QuantConfig | None) -> QuantConfig:
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a quantfx.QuantConfig, got {type(config).__name__}.")
     config.validate()
-    return config
+    return dataclasses.replace(config)  # a copy: changing the user's object later changes nothing

@@ -10,6 +10,7 @@ an integer engine (and ONNX Runtime on the exported file) computes.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch.fx as fx
 
@@ -46,17 +47,32 @@ class QuantizedGraphModule(fx.GraphModule):
         setattr(copied, STATE_ATTRIBUTE, copy.deepcopy(getattr(self, STATE_ATTRIBUTE), memo))
         return copied.eval()
 
+    def __reduce__(self) -> tuple:
+        """Pickle (torch.save) as fx does, then rebuild this class around the result."""
+        rebuild, arguments = super().__reduce__()
+        return _rebuild_converted, (rebuild, arguments, type(self).__name__)
 
-def _freeze_quantizers(working: fx.GraphModule) -> None:
+
+def _rebuild_converted(rebuild: Any, arguments: tuple, name: str) -> QuantizedGraphModule:
+    plain = rebuild(*arguments)
+    converted = QuantizedGraphModule(plain, plain.graph, name)
+    setattr(converted, STATE_ATTRIBUTE, getattr(plain, STATE_ATTRIBUTE))
+    return converted.eval()
+
+
+def _freeze_quantizers(working: fx.GraphModule, backend: str) -> None:
     """Every activation quantizer of the graph becomes a `FrozenQuantizer` at its exponent."""
     missing = [node.target for node in working.graph.nodes
                if isinstance(module_of(working, node), CalibrationQuantizer)
                and not module_of(working, node).observed]
     if missing:
+        fix = ("Train the QAT model first (train-mode forward passes set its ranges), or start "
+               "QAT from a calibrated quantfx.prepare model." if backend == QAT else
+               "Run quantfx.calibrate(model, data) (or forward passes under torch.no_grad()) "
+               "before convert.")
         raise ConvertError(
             f"{len(missing)} quantizer(s) never saw data (first: '{missing[0]}'), so their "
-            "ranges are unknown. Run quantfx.calibrate(model, data) (or forward passes under "
-            "torch.no_grad()) before convert."
+            f"ranges are unknown. {fix}"
         )
     for node in working.graph.nodes:
         quantizer = module_of(working, node)
@@ -64,6 +80,16 @@ def _freeze_quantizers(working: fx.GraphModule) -> None:
             exponent = quantizer.current_exponent()
             set_submodule(working, node.target,
                           FrozenQuantizer(float(exponent), quantizer.bits, quantizer.signed))
+
+
+def observe_weight(layer: FakeQuantLayer) -> None:
+    """Let an observing weight quantizer see the layer's current weight and take its exponent:
+    the exponent then follows from the weight alone (a model restored from a state_dict
+    converts to the same integers as the one that was saved)."""
+    quantizer = layer.weight_quantizer
+    if bool(quantizer.observer_enabled):
+        quantizer.observer(layer.layer.weight.detach())
+    quantizer.current_exponent()
 
 
 def convert(model: fx.GraphModule) -> QuantizedGraphModule:
@@ -74,12 +100,12 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
     state = require_state(model, "convert", ConvertError, ((PTC, PREPARED), (QAT, PREPARED)),
                           "a model returned by quantfx.prepare or quantfx.prepare_qat")
     working = copy.deepcopy(model).eval()
-    _freeze_quantizers(working)
+    _freeze_quantizers(working, state.backend)
     lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below
     for node in working.graph.nodes:
         layer = module_of(working, node)
         if isinstance(layer, FakeQuantLayer):
-            layer.weight_quantizer.current_exponent()
+            observe_weight(layer)
             quantizer = input_quantizer(working, node)
             if not isinstance(quantizer, FrozenQuantizer):
                 raise ConvertError(

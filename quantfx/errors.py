@@ -33,3 +33,7 @@ class ConvertError(QuantFxError):
 
 class ExportError(QuantFxError):
     """The model cannot be exported, or the exported file does not match PyTorch."""
+
+
+class InputError(QuantFxError, TypeError):
+    """A tensor given to a quantfx model (or to calibrate) has the wrong dtype, device or shape."""

@@ -6,19 +6,27 @@ The user's model object is never modified: everything happens on a deep copy.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from quantfx.config import QuantConfig
 from quantfx.errors import PrepareError
+from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.passes.normalize import functionals_to_modules
 from quantfx.passes.unshare import unshare_modules
 from quantfx.state import FLOAT, require_state
-from quantfx.trace import propagate_shapes, trace
+from quantfx.trace import concrete_defaults, propagate_shapes, trace
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+""""Module attributes holding the hooks a forward or backward would call."""
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -46,19 +54,59 @@ def build_graph(
                   "the float model (a torch.nn.Module)",
                   "Prepare the original float model instead.")
     inputs = as_input_tuple(example_inputs)
-    if any(not tensor.is_floating_point() for tensor in inputs):
-        raise PrepareError(
-            "example_inputs must be floating-point tensors (the float model's inputs)."
-        )
-    working = copy.deepcopy(model)
+    dtype, device = parameter_dtype_device(model)
+    check_input_tensors(inputs, dtype, "example input", PrepareError)
+    working = copy.deepcopy(model).eval()
+    materialize_reparametrizations(working)
+    drop_hooks(working)
     working.train(training)
-    graph_module = trace(working, config)
-    device = next(iter(working.parameters()), torch.empty(0)).device
+    graph_module = trace(working, config, concrete_defaults(working, len(inputs)))
+    graph_module._tracer_cls = None  # a reloaded (unpickled) model re-traces with fx's own
     inputs = tuple(tensor.to(device) for tensor in inputs)
     propagate_shapes(graph_module, inputs)
     functionals_to_modules(graph_module)
     unshare_modules(graph_module)
     return graph_module, inputs
+
+
+def materialize_reparametrizations(model: nn.Module) -> list[str]:
+    """Turn weight_norm / spectral_norm (hooks or parametrizations) into plain weights with the
+    values the eval-mode model uses: the engine stores one weight, and quantfx quantizes it.
+    Returns the names of the modules changed."""
+    changed = []
+    for name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                torch.nn.utils.remove_weight_norm(module, hook.name)
+                changed.append(name)
+            elif isinstance(hook, SpectralNorm):
+                torch.nn.utils.remove_spectral_norm(module, hook.name)
+                changed.append(name)
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+            changed.append(name)
+    return changed
+
+
+def drop_hooks(model: nn.Module) -> None:
+    """Remove the user's forward/backward hooks from the copy quantfx traces, with a warning:
+    tracing does not see hooks, so they would fire at the wrong places in the quantized model
+    (and not during calibration)."""
+    dropped = []
+    for name, module in model.named_modules():
+        for attribute in HOOK_DICTS:
+            hooks = getattr(module, attribute, None)
+            if hooks:
+                dropped.append(f"{attribute.strip('_').replace('_', ' ')[:-1]} on "
+                               f"'{name or type(model).__name__}'")
+                hooks.clear()
+    if dropped:
+        warnings.warn(
+            f"quantfx does not carry hooks into the quantized model and dropped "
+            f"{len(dropped)}: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}. "
+            "Your model keeps them; apply their effect outside the quantized model, or move "
+            "it into forward so tracing sees it.", stacklevel=4)
 
 
 def require_layers(count: int, model: nn.Module) -> None:

@@ -43,6 +43,16 @@ def layer_forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     return layer._conv_forward(x, weight, bias)
 
 
+def with_bias(layer: nn.Module) -> nn.Module:
+    """`layer` with a zero bias if it had none (bias calibration needs one to correct)."""
+    if layer.bias is None:
+        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype,
+                                              device=layer.weight.device),
+                                  requires_grad=layer.weight.requires_grad)
+    return layer
+
+
 class FakeQuantLayer(nn.Module):
     """A conv/linear layer whose weight goes through `weight_quantizer` on every forward.
 
@@ -54,6 +64,9 @@ class FakeQuantLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.weight_quantizer = weight_quantizer
+        self.register_buffer("float_bias", None if layer.bias is None
+                             else layer.bias.detach().clone())
+        """The bias before bias calibration: every calibration starts again from it."""
         self.weight_cache: list[Any] | None = None
         """While a list (bias calibration), [key, quantized weight]: weights and exponents are
         fixed there, and a large model spends most of its time re-quantizing them."""

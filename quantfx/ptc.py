@@ -11,12 +11,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantfx.bias_calibration import calibrate_biases
+from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
-from quantfx.errors import CalibrationError
+from quantfx.errors import CalibrationError, QuantFxError
 from quantfx.frontend import build_graph, input_shapes, require_layers
-from quantfx.layers import FakeQuantLayer
+from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
+from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.passes.fuse import fold_batchnorm
 from quantfx.passes.place import place_quantizers
+from quantfx.passes.unshare import untie_parameters
 from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
 from quantfx.state import PREPARED, PTC, QAT, QuantState, attach_state, require_state, state_of
 
@@ -35,8 +38,12 @@ def prepare(
     config = resolve_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
-    count = place_quantizers(graph_module, QuantizerFactory(config),
-                             lambda layer, bn, quantizer: FakeQuantLayer(layer, quantizer))
+    untie_parameters(graph_module)  # each call site is its own engine layer, with its own bias
+
+    def weight_layer(layer: nn.Module, bn: None, quantizer: nn.Module) -> FakeQuantLayer:
+        return FakeQuantLayer(with_bias(layer) if config.bias_calibration else layer, quantizer)
+
+    count = place_quantizers(graph_module, QuantizerFactory(config), weight_layer)
     require_layers(count, model)
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
@@ -47,43 +54,37 @@ def batch_inputs(batch: Any, count: int, index: int) -> tuple[torch.Tensor, ...]
     """The model inputs inside one calibration batch (a tensor, or a tuple like (x, label))."""
     if isinstance(batch, torch.Tensor):
         items: tuple = (batch,)
-    elif isinstance(batch, (tuple, list)) and len(batch) >= count:
+    elif isinstance(batch, (tuple, list)):
         items = tuple(batch[:count])
     else:
         raise CalibrationError(
             f"calibration batch {index} is a {type(batch).__name__}; give tensors, or tuples "
             f"whose first {count} item(s) are the model's inputs (e.g. (images, labels))."
         )
-    for position, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise CalibrationError(
-                f"calibration batch {index}, item {position} is a {type(item).__name__}, "
-                "not a tensor."
-            )
-        if item.is_floating_point() and not torch.isfinite(item).all():
-            raise CalibrationError(
-                f"calibration batch {index} holds NaN or Inf values: ranges estimated from it "
-                "would be meaningless. Clean the data (or drop the batch) and calibrate again."
-            )
+    if len(items) != count:
+        raise CalibrationError(
+            f"calibration batch {index} holds {len(items)} tensor(s) but the model was prepared "
+            f"with {count} input(s): give tuples whose first {count} items are its inputs.")
     return items
 
 
 def iterate_batches(
     model: fx.GraphModule, data: Iterable, num_batches: int | None, description: str
 ) -> Iterable[tuple[torch.Tensor, ...]]:
-    """Yield each batch's inputs (on the model's device), with a progress bar."""
+    """Yield each batch's inputs (checked, on the model's device), with a progress bar."""
     state = state_of(model)
-    count = len(state.input_shapes) if state else 1
+    shapes = state.input_shapes
     if isinstance(data, torch.Tensor):
         data = [data]
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise CalibrationError(
-            f"num_batches must be a positive integer or None, got {num_batches!r}."
-        )
+    if num_batches is not None:
+        check_int(num_batches, "num_batches", 1, CalibrationError, "10, or None for all")
     try:
         total = len(data) if num_batches is None else min(num_batches, len(data))
     except TypeError:
         total = num_batches
+    if isinstance(data, (str, bytes, dict)):
+        raise CalibrationError(f"calibration data must be an iterable of batches (e.g. a "
+                               f"DataLoader or a list of tensors), got {type(data).__name__}.")
     try:
         iterator = iter(data)
     except TypeError as error:
@@ -91,22 +92,37 @@ def iterate_batches(
             f"calibration data must be an iterable of batches (e.g. a DataLoader), got "
             f"{type(data).__name__}."
         ) from error
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    progress = state.config.progress if state else True
+    dtype, device = parameter_dtype_device(model)
     seen = 0
-    with tqdm(
-        total=total, desc=description, unit="batch", disable=None if progress else True, leave=False
-    ) as bar:
+    with tqdm(total=total, desc=description, unit="batch", leave=False,
+              disable=None if state.config.progress else True) as bar:
         for index, batch in enumerate(iterator):
             if num_batches is not None and index >= num_batches:
                 break
-            yield tuple(item.to(device) for item in batch_inputs(batch, count, index))
+            items = batch_inputs(batch, len(shapes), index)
+            check_calibration_batch(items, shapes, dtype, index)
+            yield index, tuple(item.to(device) for item in items)
             seen += 1
             bar.update(1)
     if seen == 0:
         raise CalibrationError(
             "calibration data is empty: give at least one batch (a few hundred images is typical)."
         )
+
+
+def _run_batch(model: fx.GraphModule, inputs: tuple[torch.Tensor, ...], index: int) -> None:
+    try:
+        model(*inputs)
+    except QuantFxError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the model rejected the user's batch
+        shapes = ", ".join(describe_tensor(tensor) for tensor in inputs)
+        expected = ", ".join(str(shape) for shape in state_of(model).input_shapes)
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        raise CalibrationError(
+            f"the model fails on calibration batch {index} ({shapes}): "
+            f"{type(error).__name__}: {message}\nFix: give batches shaped like the example "
+            f"inputs ({expected}), with the same preprocessing.") from error
 
 
 def calibrate(
@@ -131,8 +147,8 @@ def calibrate(
     budget = state.config.bias_calibration_samples if state.config.bias_calibration else 0
     try:
         with torch.no_grad():
-            for inputs in iterate_batches(model, data, num_batches, "calibrate"):
-                model(*inputs)
+            for index, inputs in iterate_batches(model, data, num_batches, "calibrate"):
+                _run_batch(model, inputs, index)
                 if kept_samples < budget:
                     kept.append(inputs)
                     kept_samples += inputs[0].shape[0] if inputs[0].dim() else 1

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from quantfx.config import QuantConfig
+from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
 from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer
 from quantfx.qmath import fake_quantize, fake_quantize_ste, qrange, scale_of
@@ -58,6 +59,7 @@ class FrozenQuantizer(Quantizer):
         return f"{self.kind()}, scale=2**{int(self.exponent)}"
 
     def forward(self, x: Tensor) -> Tensor:
+        check_quantizer_input(x, self.exponent)
         return fake_quantize(x, self.exponent, self.qmin, self.qmax)
 
 
@@ -92,6 +94,7 @@ class CalibrationQuantizer(Quantizer):
         return self.exponent
 
     def forward(self, x: Tensor) -> Tensor:
+        check_quantizer_input(x, self.exponent)
         if bool(self.observer_enabled):
             self.observer(x)
             if not bool(self.quant_enabled):
@@ -135,6 +138,7 @@ class QATQuantizer(CalibrationQuantizer):
         self.compute_exponent()
 
     def forward(self, x: Tensor) -> Tensor:
+        check_quantizer_input(x, self.exponent)
         if self.training and bool(self.observer_enabled) and x.numel() > 0:
             low, high = torch.aminmax(x.detach().float())
             low, high = _reduce_min_max(low, high)

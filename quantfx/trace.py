@@ -6,6 +6,10 @@ user's source that failed, and says which of the two fixes applies.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
+import io
 import os
 import traceback
 from collections.abc import Sequence
@@ -17,7 +21,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from quantfx.config import QuantConfig
-from quantfx.errors import PrepareError, TraceError
+from quantfx.errors import ConfigError, PrepareError, TraceError
 from quantfx.ops import DEFAULT_LEAF_MODULES
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -26,7 +30,10 @@ _QUANTFX_DIR = os.path.dirname(__file__)
 class QuantTracer(fx.Tracer):
     """An fx tracer that also treats the config's leaf classes and names as leaves."""
 
-    def __init__(self, config: QuantConfig) -> None:
+    def __init__(self, config: QuantConfig | None = None) -> None:
+        # config may be None: torch.fx re-creates the tracer class with no arguments when a
+        # pickled GraphModule is loaded (torch.save / torch.load of a prepared model).
+        config = config if config is not None else QuantConfig()
         super().__init__(autowrap_functions=tuple(config.autowrap_functions))
         self.leaf_types = DEFAULT_LEAF_MODULES + tuple(
             leaf for leaf in config.leaf_modules if isinstance(leaf, type)
@@ -57,11 +64,36 @@ def _user_frame(error: BaseException) -> traceback.FrameSummary | None:
     return None
 
 
-def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
+def _check_leaf_names(model: nn.Module, config: QuantConfig) -> None:
+    names = {name for name, _ in model.named_modules()}
+    for leaf in config.leaf_modules:
+        if isinstance(leaf, str) and leaf not in names:
+            close = difflib.get_close_matches(leaf, sorted(names), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"QuantConfig.leaf_modules names {leaf!r}, which is not a module "
+                              f"of {type(model).__name__}.{hint}")
+
+
+def concrete_defaults(model: nn.Module, given: int) -> dict[str, Any]:
+    """The forward parameters after the `given` example inputs that have defaults, with those
+    defaults: traced as constants, so `if y is not None` and `scale=2.0` take their default
+    branch and value (and need no input in the exported file)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return {}
+    positional = [p for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: p.default for p in positional[given:] if p.default is not p.empty}
+
+
+def trace(model: nn.Module, config: QuantConfig,
+          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace `model` into a GraphModule, or raise `TraceError` saying where and how to fix it."""
+    _check_leaf_names(model, config)
     tracer = QuantTracer(config)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as error:  # noqa: BLE001 - any failure inside user code is re-raised
         module_name, module_type = (
             tracer.scope_stack[-1] if tracer.scope_stack else ("", type(model).__name__)
@@ -75,40 +107,79 @@ def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         line = (
             f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
         )
+        leaf_advice = (
+            f", or keep the whole module opaque with QuantConfig(leaf_modules=[{module_name!r}])"
+            if module_name else
+            " (the failing code is in the model's own forward, which cannot be a leaf module)")
         raise TraceError(
             f"torch.fx cannot trace {where}{line}\n"
-            f"  {type(error).__name__}: {error}\n"
+            f"  {type(error).__name__}: {_first_line(error)}\n"
             "Fix: move the untraceable code (data-dependent control flow, asserts, Python "
             "calls on tensor values) into a function decorated with @torch.fx.wrap (or list it "
-            "in QuantConfig(autowrap_functions=...)), or keep the whole module opaque with "
-            f"QuantConfig(leaf_modules=[{module_type if not module_name else repr(module_name)}])."
+            f"in QuantConfig(autowrap_functions=...)){leaf_advice}."
         ) from error
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, shortened: torch's messages can run for pages."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+class _ShapeRecorder(ShapeProp):
+    """ShapeProp that remembers which node it was running (and prints nothing on failure)."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.current = node
+        return super().run_node(node)
+
+
+def _node_description(graph_module: fx.GraphModule, node: fx.Node | None) -> str:
+    if node is None:
+        return ""
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        return f" in module '{node.target}' ({type(module).__name__})"
+    target = node.target if isinstance(node.target, str) else getattr(
+        node.target, "__name__", str(node.target))
+    return f" at {node.op} '{target}' (node '{node.name}')"
 
 
 def propagate_shapes(graph_module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Run the graph on `example_inputs` once, recording each node's tensor metadata.
 
     The metadata (`node.meta['tensor_meta']`) tells the passes which nodes carry float
-    tensors, and gives the exporter static shapes.
+    tensors, and gives the exporter static shapes. A failure is a `PrepareError` that names
+    where the model failed and the reason torch gave, in one line.
     """
     placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
-    if len(example_inputs) > len(placeholders):
+    required = [node for node in placeholders if not node.args]
+    if not len(required) <= len(example_inputs) <= len(placeholders):
+        names = ", ".join(node.target for node in placeholders)
         raise PrepareError(
-            f"example_inputs has {len(example_inputs)} tensors but the model's forward takes "
-            f"{len(placeholders)} input(s) ({', '.join(node.target for node in placeholders)})."
+            f"example_inputs holds {len(example_inputs)} tensor(s) but the model's forward "
+            f"takes {len(required)}" + (f" to {len(placeholders)}" if len(placeholders)
+                                        > len(required) else "")
+            + f" input(s) ({names}): give one tensor per input, in order, as a tuple."
         )
     was_training = graph_module.training
     graph_module.eval()
+    recorder = _ShapeRecorder(graph_module)
     try:
-        with torch.no_grad():
-            ShapeProp(graph_module).propagate(*example_inputs)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            recorder.propagate(*example_inputs)
     except Exception as error:  # noqa: BLE001 - the user's model rejected the inputs
+        cause = error.__cause__ or error
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
         raise PrepareError(
-            f"the model fails on example_inputs of shape(s) {shapes}: "
-            f"{type(error).__name__}: {error}\n"
+            f"the model fails on example_inputs of shape(s) {shapes}"
+            f"{_node_description(graph_module, recorder.current)}: "
+            f"{type(cause).__name__}: {_first_line(cause)}\n"
             "Fix: pass example_inputs exactly as the model's forward takes them (a tensor or a "
             "tuple of tensors with a batch dimension, e.g. torch.randn(1, 3, 224, 224))."
         ) from error

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from quantfx.config import QuantConfig
+from quantfx.checks import check_number
+from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError
 from quantfx.ptc import calibrate, prepare
@@ -51,6 +52,15 @@ def _verdict(float_score: float, int8_score: float, int16_score: float, toleranc
     )
 
 
+def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
+    score = evaluate(model)
+    try:
+        return check_number(score, f"evaluate({what})")
+    except ConfigError:
+        raise ConfigError(f"evaluate returned {score!r} for {what}; it must return a finite "
+                          "number (higher is better), e.g. top-1 accuracy in %.") from None
+
+
 def compare_bit_depths(
     model: nn.Module,
     example_inputs: Any,
@@ -66,15 +76,26 @@ def compare_bit_depths(
     """
     if not callable(evaluate):
         raise ConfigError("evaluate must be a callable taking a model and returning a score.")
-    base = config or QuantConfig()
-    batches = list(calibration_data)
-    float_score = float(evaluate(model.eval()))
+    check_number(tolerance, "tolerance", 0.0, example="1.0 (in the units of evaluate)")
+    base = resolve_config(config)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    try:
+        batches = list(calibration_data)
+    except TypeError as error:
+        raise ConfigError(f"calibration_data must be an iterable of batches, got "
+                          f"{type(calibration_data).__name__}.") from error
+    was_training = model.training
+    try:
+        float_score = _score(evaluate, model.eval(), "the float model")
+    finally:
+        model.train(was_training)  # the user's model is left as it was
     scores = []
     for bits in (8, 16):
         variant = replace(base, activation_bits=bits, weight_bits=bits, sixteen_bit_layers=())
         prepared = prepare(model, example_inputs, variant)
         calibrate(prepared, batches)
-        scores.append(float(evaluate(convert(prepared))))
+        scores.append(_score(evaluate, convert(prepared), f"the {bits}-bit model"))
     int8_score, int16_score = scores
     verdict = _verdict(float_score, int8_score, int16_score, tolerance)
     return PrecisionReport(float_score, int8_score, int16_score, tolerance, verdict)

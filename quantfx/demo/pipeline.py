@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import quantfx as qf
+from quantfx.checks import check_bool, check_int
 from quantfx.datasets import DATASETS, DemoData, load_demo_data
 from quantfx.demo.model import DemoNet, accuracy_of, predict, seed_everything, train_epochs
-from quantfx.errors import ConfigError
 from quantfx.export.verify import onnxruntime_session
 
 
@@ -123,10 +124,14 @@ def run_demo(
     Returns the measurements (the printed table is `result.table()`). A failure of the ONNX
     export or QAT stages is recorded in the table (and the exit status), not raised.
     """
-    if epochs is not None and epochs < 1:
-        raise ConfigError(f"epochs must be at least 1, got {epochs}.")
-    if calibration_images < 1:
-        raise ConfigError(f"calibration_images must be at least 1, got {calibration_images}.")
+    if epochs is not None:
+        check_int(epochs, "epochs", 1)
+    for name, value, minimum in (("qat_epochs", qat_epochs, 0),
+                                 ("calibration_images", calibration_images, 1),
+                                 ("batch_size", batch_size, 1), ("seed", seed, 0),
+                                 ("threads", threads, 1)):
+        check_int(value, name, minimum)
+    check_bool(verbose, "verbose")
     torch.set_num_threads(max(1, min(threads, 2)))
     log: Callable[[str], None] = (
         (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
@@ -245,6 +250,19 @@ def _qat_stages(
             stages.set_accuracy(accuracy_of(predictions, data.test), "int8 after QAT")
 
 
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer of at least `minimum` (a bad value is a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The demo's options (shared by `python -m quantfx.demo` and `quantfx demo`)."""
     parser.add_argument("--dataset", choices=DATASETS, default="auto",
@@ -252,15 +270,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="folder with the four Fashion-MNIST IDX gz files "
                              "(train-images-idx3-ubyte.gz, ...)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=_count(1), default=None,
                         help="float training epochs (default: 20 on digits, 3 on Fashion-MNIST)")
-    parser.add_argument("--qat-epochs", type=int, default=1,
+    parser.add_argument("--qat-epochs", type=_count(0), default=1,
                         help="QAT fine-tune epochs (0 skips QAT)")
-    parser.add_argument("--calibration-images", type=int, default=1000,
+    parser.add_argument("--calibration-images", type=_count(1), default=1000,
                         help="training images used for calibration")
-    parser.add_argument("--batch-size", type=int, default=64, help="training/calibration batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, split and order")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--batch-size", type=_count(1), default=64,
+                        help="training/calibration batch")
+    parser.add_argument("--seed", type=_count(0), default=0,
+                        help="seed of weights, split and order")
+    parser.add_argument("--threads", type=_count(1), default=1,
                         help="torch CPU threads, at most 2 (1 is fastest on a busy shared "
                              "machine)")
     parser.add_argument("--quiet", action="store_true", help="print only the table")

@@ -130,7 +130,9 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
     graph_outputs: list[onnx.ValueInfoProto] = []
     for node in model.graph.nodes:
         record = records.get(node)
-        if node.op == "placeholder":
+        if node.op == "placeholder" and not isinstance(record, TensorInfo):
+            b.env[node] = record  # an input left at its (non-tensor) default: a constant
+        elif node.op == "placeholder":
             graph_inputs.append(helper.make_tensor_value_info(
                 node.name, _onnx_dtype(record.dtype), list(record.shape)))
             b.env[node] = node.name

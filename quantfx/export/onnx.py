@@ -8,21 +8,23 @@ This module holds the entry point, its report and its argument checks; the graph
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-import torch
 import torch.fx as fx
 from torch import Tensor
 
+from quantfx.checks import check_bool, check_int, check_number
 from quantfx.errors import ExportError
 from quantfx.export.files import check_destination, options_path_for, staged_files
 from quantfx.export.graph import build_model
 from quantfx.export.tidl import bit_widths, check_constraints, compile_options
 from quantfx.export.verify import clip_simulation, disagreement, verification_batches, verify
+from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import IntegerLayer
 from quantfx.quantizers import FrozenQuantizer
 from quantfx.state import CONVERTED, PTC, QAT, require_state
@@ -84,23 +86,40 @@ def _check_inputs(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, .
             f"{type(example_inputs).__name__}. Example: (torch.randn(1, 3, 224, 224),)"
         )
     placeholders = [node for node in model.graph.nodes if node.op == "placeholder"]
-    if len(example_inputs) != len(placeholders):
+    required = [node for node in placeholders if not node.args]  # no default value
+    if not len(required) <= len(example_inputs) <= len(placeholders):
         raise ExportError(
-            f"the model takes {len(placeholders)} input(s) "
-            f"({', '.join(node.name for node in placeholders)}) but example_inputs holds "
+            f"the model takes {len(required)} input(s) "
+            f"({', '.join(node.name for node in required)}) but example_inputs holds "
             f"{len(example_inputs)} tensor(s)."
         )
+    dtype, _ = parameter_dtype_device(model)
+    check_input_tensors(example_inputs, dtype, "example input", ExportError)
     for index, (tensor, shape) in enumerate(zip(example_inputs, state.input_shapes)):
-        if not tensor.is_floating_point():
-            raise ExportError(f"example input {index} has dtype {tensor.dtype}; give the float "
-                              "tensors the model takes.")
         if tensor.dim() != len(shape):
             raise ExportError(
                 f"example input {index} has shape {tuple(tensor.shape)} but the model was "
                 f"prepared with rank-{len(shape)} inputs {shape}; give the same layout (with a "
                 "batch dimension)."
             )
-    return tuple(t.detach().to(torch.float32) for t in example_inputs)
+    return tuple(t.detach().cpu() for t in example_inputs)
+
+
+def _check_options(path: Any, opset: Any, verify: Any, legacy: Any, max_lsb_diff: Any,
+                   threads: Any) -> str:
+    """Type-check export_onnx's options; returns `path` as a string."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"path must be a file path (str or os.PathLike), got "
+                          f"{type(path).__name__}. Example: 'out/model.onnx'.")
+    check_bool(verify, "verify", ExportError)
+    check_bool(legacy, "legacy", ExportError)
+    if opset is not None:
+        check_int(opset, "opset", error=ExportError, example="13, or None for the default")
+    if max_lsb_diff is not None:
+        check_number(max_lsb_diff, "max_lsb_diff", 0.0, error=ExportError,
+                     example="1.0, or None for the default")
+    check_int(threads, "threads", 1, error=ExportError, example="1")
+    return os.fspath(path)
 
 
 def _choose_opset(opset: int | None, legacy: bool, needs_int16: bool) -> int:
@@ -143,14 +162,14 @@ def export_onnx(
     export leaves no file behind.
     """
     inputs = _check_inputs(model, example_inputs)
-    path = os.fspath(path)
+    path = _check_options(path, opset, verify, legacy, max_lsb_diff, threads)
     needs_int16 = any(
         (isinstance(module, FrozenQuantizer) and module.bits == 16)
         or (isinstance(module, IntegerLayer) and module.weight_bits == 16)
         for module in model.modules()
     )
     chosen_opset = _choose_opset(opset, legacy, needs_int16)
-    model.eval()
+    model = _on_cpu(model)
     built = build_model(model, inputs, legacy, chosen_opset)
     problems = check_constraints(built.model)
     if problems:
@@ -165,15 +184,28 @@ def export_onnx(
     )
     check_destination(path, "model")
     check_destination(options_path, "TIDL options")
-    with staged_files(path, options_path) as (temporary_model, temporary_options):
-        onnx.save(built.model, temporary_model)
-        with open(temporary_options, "w", encoding="utf-8") as handle:
-            json.dump(options, handle, indent=2)
-            handle.write("\n")
-        if verify:
-            _verify_file(model, temporary_model, inputs, verify_data, legacy, max_lsb_diff,
-                         threads, report)
+    try:
+        with staged_files(path, options_path) as (temporary_model, temporary_options):
+            onnx.save(built.model, temporary_model)
+            with open(temporary_options, "w", encoding="utf-8") as handle:
+                json.dump(options, handle, indent=2)
+                handle.write("\n")
+            if verify:
+                _verify_file(model, temporary_model, inputs, verify_data, legacy, max_lsb_diff,
+                             threads, report)
+    except OSError as error:
+        raise ExportError(f"could not write {path!r} (or its options file): "
+                          f"{error.strerror or error}. Nothing was written.") from error
     return report
+
+
+def _on_cpu(model: fx.GraphModule) -> fx.GraphModule:
+    """The converted model in eval mode on the CPU (a copy if it lives elsewhere): export and
+    ONNX Runtime verification run there."""
+    _, device = parameter_dtype_device(model)
+    if device.type == "cpu":
+        return model.eval()
+    return copy.deepcopy(model).cpu().eval()
 
 
 def _verify_file(model: fx.GraphModule, temporary_model: str, inputs: tuple[Tensor, ...],

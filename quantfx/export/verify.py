@@ -61,11 +61,18 @@ def verification_batches(inputs: tuple[Tensor, ...], data: Any) -> list[tuple[Te
         extra = [tuple(data)]
     else:
         try:
-            extra = [(item,) if isinstance(item, Tensor) else tuple(item)[:count]
-                     for item in data]
+            batches = list(data)
         except TypeError as error:
             raise ExportError(f"verify_data must be a tensor, a tuple of tensors or an iterable "
                               f"of batches, got {type(data).__name__}.") from error
+        extra = []
+        for index, item in enumerate(batches):
+            items = (item,) if isinstance(item, Tensor) else item
+            if not isinstance(items, (tuple, list)) or not all(
+                    isinstance(t, Tensor) for t in items[:count]):
+                raise ExportError(f"verify_data batch {index} is a {type(item).__name__}; give "
+                                  "tensors, or tuples whose first items are the model's inputs.")
+            extra.append(tuple(items)[:count])
     shapes = [tuple(t.shape) for t in inputs]
     batches = [inputs]
     for batch in extra:
@@ -79,6 +86,9 @@ def _split_to_export_batch(batch: tuple[Tensor, ...], shapes: list[tuple[int, ..
     if len(batch) != len(shapes):
         raise ExportError(f"verify_data batches need {len(shapes)} tensor(s), got {len(batch)}.")
     for tensor, shape in zip(batch, shapes):
+        if not tensor.is_floating_point():
+            raise ExportError(f"verify_data holds a {tensor.dtype} tensor; give the float "
+                              "tensors the model takes.")
         if tuple(tensor.shape[1:]) != shape[1:] or tensor.shape[0] % shape[0]:
             raise ExportError(
                 f"verify_data tensor of shape {tuple(tensor.shape)} does not fit the exported "
@@ -86,7 +96,7 @@ def _split_to_export_batch(batch: tuple[Tensor, ...], shapes: list[tuple[int, ..
                 f"size {shape[0]}."
             )
     pieces = batch[0].shape[0] // shapes[0][0]
-    return [tuple(t.split(shape[0])[index] for t, shape in zip(batch, shapes))
+    return [tuple(t.detach().cpu().split(shape[0])[index] for t, shape in zip(batch, shapes))
             for index in range(pieces)]
 
 

@@ -40,3 +40,20 @@ def unshare_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
             node.target = name
     graph_module.recompile()
     return graph_module
+
+
+def untie_parameters(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Give every call site its own copy of any Parameter it shares with another (PTC: the
+    engine runs each site as its own layer, and bias calibration corrects each on its own)."""
+    seen: set[int] = set()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        for module in graph_module.get_submodule(node.target).modules():
+            for name, parameter in list(module.named_parameters(recurse=False)):
+                if id(parameter) in seen:
+                    setattr(module, name, nn.Parameter(parameter.detach().clone(),
+                                                       parameter.requires_grad))
+                else:
+                    seen.add(id(parameter))
+    return graph_module

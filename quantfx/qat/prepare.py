@@ -16,8 +16,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from quantfx.config import QuantConfig, resolve_config
-from quantfx.errors import PrepareError
+from quantfx.config import GRAPH_FIELDS, QuantConfig, resolve_config
+from quantfx.errors import ConfigError, PrepareError
 from quantfx.frontend import build_graph, input_shapes, require_layers
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
@@ -49,7 +49,7 @@ def prepare_qat(
                           "a float model or one returned by quantfx.prepare",
                           "Start from the float model (or the prepared one) instead.")
     if state is not None:
-        return _prepare_from_ptc(model, state)
+        return _prepare_from_ptc(model, state, _config_for_prepared(state.config, config))
     config = resolve_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=True)
     count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), QATLayer,
@@ -58,9 +58,25 @@ def prepare_qat(
     return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)))
 
 
-def _prepare_from_ptc(model: fx.GraphModule, state: QuantState) -> fx.GraphModule:
+def _config_for_prepared(prepared: QuantConfig, given: QuantConfig | None) -> QuantConfig:
+    """The config QAT from a prepared model runs with: the given one (its schedule, momentum,
+    progress), which must agree with the prepared model's on everything that shaped it."""
+    if given is None:
+        return prepared
+    given = resolve_config(given)
+    differing = [name for name in GRAPH_FIELDS if getattr(given, name) != getattr(prepared, name)]
+    if differing:
+        raise ConfigError(
+            f"prepare_qat keeps the quantizers of the prepared model it is given, but config "
+            f"differs from the one it was prepared with in {', '.join(differing)}. Prepare the "
+            "float model with this config (quantfx.prepare(model, inputs, config)), or pass the "
+            "float model to prepare_qat.")
+    return given
+
+
+def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
+                      config: QuantConfig) -> fx.GraphModule:
     """QAT from a `prepare`d (ideally calibrated) model: BN stays folded, ranges carry over."""
-    config = state.config
     factory = QuantizerFactory(config, qat=True)
     graph_module = copy.deepcopy(model)
     for node in graph_module.graph.nodes:

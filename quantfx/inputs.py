@@ -1,0 +1,89 @@
+"""Checks of the tensors a user hands quantfx: example inputs (prepare, export), calibration
+batches, and what a prepared or converted model receives on each forward.
+
+Each check says what was wrong, what was expected and the fix, before torch fails somewhere
+deep inside with a message about a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantfx.errors import CalibrationError, InputError, QuantFxError
+
+
+def parameter_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of `model`'s floating-point parameters (float32 on the CPU if it
+    has none)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return torch.float32, torch.device("cpu")
+
+
+def describe_tensor(tensor: Tensor) -> str:
+    """"float32 (2, 3, 16, 16) on cpu": what a user needs to see of a wrong tensor."""
+    return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)} on {tensor.device}"
+
+
+def check_input_tensors(tensors: Sequence[Any], dtype: torch.dtype, what: str,
+                        error: type[QuantFxError]) -> None:
+    """Every item is a non-empty tensor of the model's float dtype (`what` names them)."""
+    for index, tensor in enumerate(tensors):
+        name = f"{what} {index}" if len(tensors) > 1 or index else what
+        if not isinstance(tensor, Tensor):
+            raise error(f"{name} is a {type(tensor).__name__}, not a tensor; give the tensors "
+                        "the model's forward takes.")
+        if not tensor.is_floating_point():
+            raise error(
+                f"{name} is {describe_tensor(tensor)}: quantfx models take the float tensors the "
+                f"float model takes (they quantize their inputs themselves). Convert it, e.g. "
+                f"x.to(torch.{str(dtype).removeprefix('torch.')}) with the model's "
+                "normalization.")
+        if tensor.dtype != dtype:
+            raise error(
+                f"{name} is {describe_tensor(tensor)} but the model's parameters are "
+                f"{str(dtype).removeprefix('torch.')}: give "
+                f"x.to(torch.{str(dtype).removeprefix('torch.')}).")
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            raise error(f"{name} is {describe_tensor(tensor)}: it needs a batch dimension with "
+                        "at least one sample (e.g. shape (1, 3, 224, 224)).")
+
+
+def check_calibration_batch(items: tuple[Tensor, ...], shapes: list[tuple[int, ...]],
+                            dtype: torch.dtype, index: int) -> None:
+    """One calibration batch against the example inputs the model was prepared with."""
+    check_input_tensors(items, dtype, f"calibration batch {index}, input", CalibrationError)
+    for position, (tensor, shape) in enumerate(zip(items, shapes)):
+        if tensor.dim() != len(shape):
+            raise CalibrationError(
+                f"calibration batch {index}, input {position} has shape {tuple(tensor.shape)} "
+                f"but the model was prepared with a rank-{len(shape)} input {shape}: give "
+                "batches laid out like the example inputs (with a batch dimension).")
+        if not torch.isfinite(tensor).all():
+            raise CalibrationError(
+                f"calibration batch {index} holds NaN or Inf values: ranges estimated from it "
+                "would be meaningless. Clean the data (or drop the batch) and calibrate again.")
+    sizes = {tensor.shape[0] for tensor in items}
+    if len(sizes) > 1:
+        raise CalibrationError(f"calibration batch {index} mixes batch sizes {sorted(sizes)} "
+                               "across its inputs; give each input the same number of samples.")
+
+
+def check_quantizer_input(x: Any, exponent: Tensor) -> None:
+    """What a quantizer (the first op on each model input) must receive: a float tensor on the
+    model's device."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = describe_tensor(x) if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(
+            f"a quantfx model got {got} where it quantizes a float tensor: pass the float "
+            "tensors the float model takes (it quantizes its inputs itself), e.g. x.float() with "
+            "the same normalization as at calibration.")
+    if x.device != exponent.device:
+        raise InputError(
+            f"a quantfx model on {exponent.device} got a tensor on {x.device}: move the data "
+            f"(x.to('{exponent.device}')) or the model (model.to('{x.device}')).")
