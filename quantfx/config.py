@@ -153,7 +153,7 @@ class QuantConfig:
         a field changed after construction is checked where it is used."""
         for name in ("activation_bits", "weight_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or value not in SUPPORTED_BITS or not isinstance(value, int):
+            if not isinstance(value, int) or isinstance(value, bool) or value not in SUPPORTED_BITS:
                 raise ConfigError(
                     f"QuantConfig.{name}={value!r} is not supported: TIDL-class engines run 8 or "
                     f"16 bit fixed point. Use one of {SUPPORTED_BITS} (an int)."

@@ -15,6 +15,7 @@ from typing import Any
 import torch.fx as fx
 
 from quantfx.errors import ConvertError
+from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, IntegerLayer
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
 from quantfx.qat import lower_qat_layers
@@ -115,6 +116,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
             set_submodule(working, node.target,
                           IntegerLayer(layer.layer, layer.weight_quantizer, quantizer.exponent))
     working.delete_all_unused_submodules()
+    working.to(parameter_dtype_device(model)[1])  # the frozen quantizers join the model
     converted = QuantizedGraphModule(working, working.graph, type(model).__name__)
     setattr(converted, STATE_ATTRIBUTE,
             QuantState(state.config, state.backend, CONVERTED, list(state.input_shapes)))

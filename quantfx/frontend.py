@@ -56,7 +56,7 @@ def build_graph(
     inputs = as_input_tuple(example_inputs)
     dtype, device = parameter_dtype_device(model)
     check_input_tensors(inputs, dtype, "example input", PrepareError)
-    working = copy.deepcopy(model).eval()
+    working = private_copy(model).eval()
     materialize_reparametrizations(working)
     drop_hooks(working)
     working.train(training)
@@ -67,6 +67,30 @@ def build_graph(
     functionals_to_modules(graph_module)
     unshare_modules(graph_module)
     return graph_module, inputs
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` that shares nothing quantfx changes later with the original.
+
+    Two things defeat a plain deepcopy: a computed (non-leaf) tensor kept as an attribute (the
+    `weight` of an old-style weight_norm / spectral_norm right after a forward with grad on)
+    cannot be deep-copied, so it is copied detached; and a parametrized module's class is shared
+    by its copies, so removing a parametrization from the copy would remove it from the user's
+    module too: the copy gets a class of its own.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    working = copy.deepcopy(model, memo)
+    for module in working.modules():
+        if parametrize.is_parametrized(module):
+            shared = type(module)
+            attributes = {key: value for key, value in vars(shared).items()
+                          if key not in ("__dict__", "__weakref__")}
+            module.__class__ = type(shared.__name__, shared.__bases__, attributes)
+    return working
 
 
 def materialize_reparametrizations(model: nn.Module) -> list[str]:

@@ -122,7 +122,8 @@ class HistogramObserver(Observer):
 
     def bin_centers(self) -> Tensor:
         width = 2.0 ** int(self.range_exponent) / self.bins
-        return (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+        device = self.histogram.device
+        return (torch.arange(self.bins, dtype=torch.float64, device=device) + 0.5) * width
 
     def exponent(self, qmax: int) -> Tensor:
         no_clip = super().exponent(qmax)
@@ -140,7 +141,8 @@ class HistogramObserver(Observer):
         wanted = cumulative[-1] * (self.percentile / 100.0)
         index = int(torch.searchsorted(cumulative, wanted).clamp(max=self.bins - 1))
         width = 2.0 ** int(self.range_exponent) / self.bins
-        return exponent_for_max(torch.tensor((index + 1) * width), qmax)
+        return exponent_for_max(torch.tensor((index + 1) * width, device=self.histogram.device),
+                                qmax)
 
     def expected_error(self, exponent: Tensor, qmax: int) -> float:
         """Sum of squared quantization errors of the histogram's values at scale 2**exponent.

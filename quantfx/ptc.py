@@ -45,6 +45,7 @@ def prepare(
 
     count = place_quantizers(graph_module, QuantizerFactory(config), weight_layer)
     require_layers(count, model)
+    graph_module.to(inputs[0].device)  # the new quantizers go where the model lives
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
     return graph_module.eval()

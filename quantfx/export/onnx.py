@@ -182,6 +182,7 @@ def export_onnx(
         tidl_options=options, sixteen_bit_features=widths.sixteen_bit_features(),
         sixteen_bit_params=widths.sixteen_bit_params(),
     )
+    batches = verification_batches(inputs, verify_data)  # checked even when verify=False
     check_destination(path, "model")
     check_destination(options_path, "TIDL options")
     try:
@@ -191,8 +192,8 @@ def export_onnx(
                 json.dump(options, handle, indent=2)
                 handle.write("\n")
             if verify:
-                _verify_file(model, temporary_model, inputs, verify_data, legacy, max_lsb_diff,
-                             threads, report)
+                _verify_file(model, temporary_model, batches, legacy, max_lsb_diff, threads,
+                             report)
     except OSError as error:
         raise ExportError(f"could not write {path!r} (or its options file): "
                           f"{error.strerror or error}. Nothing was written.") from error
@@ -208,10 +209,9 @@ def _on_cpu(model: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(model).cpu().eval()
 
 
-def _verify_file(model: fx.GraphModule, temporary_model: str, inputs: tuple[Tensor, ...],
-                 verify_data: Any, legacy: bool, max_lsb_diff: float | None, threads: int,
-                 report: ExportReport) -> None:
-    batches = verification_batches(inputs, verify_data)
+def _verify_file(model: fx.GraphModule, temporary_model: str,
+                 batches: list[tuple[Tensor, ...]], legacy: bool, max_lsb_diff: float | None,
+                 threads: int, report: ExportReport) -> None:
     reference = clip_simulation(model) if legacy else model
     figures = verify(model, temporary_model, batches, reference, threads, max_lsb_diff)
     report.verified = True

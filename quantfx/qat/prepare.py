@@ -13,12 +13,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from quantfx.config import GRAPH_FIELDS, QuantConfig, resolve_config
 from quantfx.errors import ConfigError, PrepareError
 from quantfx.frontend import build_graph, input_shapes, require_layers
+from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
 from quantfx.passes.place import place_quantizers
@@ -55,7 +57,8 @@ def prepare_qat(
     count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), QATLayer,
                              fold_bn=True)
     require_layers(count, model)
-    return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)))
+    return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)),
+                   inputs[0].device)
 
 
 def _config_for_prepared(prepared: QuantConfig, given: QuantConfig | None) -> QuantConfig:
@@ -89,12 +92,14 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
             if module.observed:
                 started.start_from_exponent(float(module.observer.exponent(module.qmax)))
             set_submodule(graph_module, node.target, started)
-    return _finish(graph_module, QuantState(config, QAT, PREPARED, list(state.input_shapes)))
+    return _finish(graph_module, QuantState(config, QAT, PREPARED, list(state.input_shapes)),
+                   parameter_dtype_device(model)[1])
 
 
-def _finish(graph_module: fx.GraphModule, state: QuantState) -> fx.GraphModule:
+def _finish(graph_module: fx.GraphModule, state: QuantState,
+            device: torch.device) -> fx.GraphModule:
     """Link layers to their input quantizers, clip weight outliers, add the schedule
-    controller, go to train mode."""
+    controller, move what was added to the model's device, go to train mode."""
     schedule = state.config.schedule
     controller = QATController(schedule)
     graph_module.add_submodule(CONTROLLER_NAME, controller)
@@ -119,6 +124,7 @@ def _finish(graph_module: fx.GraphModule, state: QuantState) -> fx.GraphModule:
             controller.activation_quantizers.append(module)
     graph.lint()
     graph_module.recompile()
+    graph_module.to(device)
     attach_state(graph_module, state)  # survives deepcopy (an EMA copy is still a QAT model)
     controller.apply_schedule()  # a schedule with 0 freezes at once
     return graph_module.train()
