@@ -21,10 +21,12 @@ from quantfx.errors import (
 from quantfx.export.onnx import ExportReport, export_onnx
 from quantfx.ptc import calibrate, prepare
 from quantfx.qat import end_qat_epoch, prepare_qat
-
-__version__ = "0.1.0"
+from quantfx.tidl.checker import TidlReport, check_tidl
+from quantfx.tidl.profiles import TARGETS
+from quantfx.version import __version__
 
 __all__ = [
+    "__version__",
     "CalibrationError",
     "ConfigError",
     "ConvertError",
@@ -36,8 +38,11 @@ __all__ = [
     "QATSchedule",
     "QuantConfig",
     "QuantFxError",
+    "TARGETS",
+    "TidlReport",
     "TraceError",
     "calibrate",
+    "check_tidl",
     "compare_bit_depths",
     "convert",
     "export_onnx",

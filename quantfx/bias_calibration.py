@@ -150,6 +150,8 @@ class _LevelRunner:
                  inputs: tuple[Tensor, ...]) -> Any:
         if node.op == "placeholder":
             position = self.input_position[node]
+            if str(node.target).startswith("*"):  # forward(self, *inputs)
+                return tuple(inputs[position:])
             return inputs[position] if position < len(inputs) else node.args[0]  # its default
         self.interpreter.env = environment
         args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)

@@ -19,14 +19,16 @@ from quantfx.checks import (
     check_number,
 )
 from quantfx.errors import ConfigError
+from quantfx.tidl.profiles import PROFILES, TARGETS, DeviceProfile
 
 SUPPORTED_BITS = (8, 16)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 LAYER_ALIASES = ("first", "last")
 RANGE_SEARCHES = ("mse", "percentile", "none")
-GRAPH_FIELDS = ("activation_bits", "weight_bits", "sixteen_bit_layers", "per_channel_depthwise",
-                "nonnegative_inputs", "leaf_modules", "autowrap_functions")
+GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
+                "per_channel_depthwise", "nonnegative_inputs", "leaf_modules",
+                "autowrap_functions")
 """The `QuantConfig` fields that decide the prepared graph: where quantizers go, how wide."""
 
 
@@ -97,12 +99,17 @@ class QuantConfig:
     per-channel weights for depthwise convolutions and histogram-searched activation ranges.
     """
 
+    target: str = "generic"
+    """The device the model is for: "generic" (any QDQ runtime), "tda4vm", "am62a", "am67a",
+    "am68a" or "am69a". It sets what the device needs (quantfx.tidl.profiles): bias width,
+    per-channel rules, the export's options file and the TIDL checker's rules."""
     activation_bits: int = 8
     """Bits of every activation quantizer (8 or 16)."""
     weight_bits: int = 8
     """Bits of every weight quantizer (8 or 16)."""
-    per_channel_depthwise: bool = True
-    """Give each output channel of a depthwise convolution its own power-of-2 weight scale."""
+    per_channel_depthwise: bool | None = None
+    """Give each output channel of a depthwise convolution its own power-of-2 weight scale;
+    None: the target's default (True, except on "tda4vm", which runs per-tensor weights)."""
     activation_observer: str = "histogram"
     """Range estimator for activations: "minmax", "moving_average" or "histogram"."""
     weight_observer: str = "mse"
@@ -144,6 +151,18 @@ class QuantConfig:
         self.validate()
 
     @property
+    def profile(self) -> DeviceProfile:
+        """What the target device needs (`quantfx.tidl.profiles`)."""
+        return PROFILES[self.target]
+
+    @property
+    def depthwise_per_channel(self) -> bool:
+        """Whether depthwise convolutions get per-channel weight scales (resolved)."""
+        if self.per_channel_depthwise is None:
+            return self.profile.per_channel_depthwise
+        return self.per_channel_depthwise
+
+    @property
     def schedule(self) -> QATSchedule:
         """The QAT schedule to use: `qat_schedule`, or the defaults."""
         return self.qat_schedule if self.qat_schedule is not None else QATSchedule()
@@ -158,9 +177,15 @@ class QuantConfig:
                     f"QuantConfig.{name}={value!r} is not supported: TIDL-class engines run 8 or "
                     f"16 bit fixed point. Use one of {SUPPORTED_BITS} (an int)."
                 )
-        for name in ("per_channel_depthwise", "bias_calibration", "nonnegative_inputs",
-                     "progress"):
+        check_choice(self.target, "QuantConfig.target", TARGETS)
+        for name in ("bias_calibration", "nonnegative_inputs", "progress"):
             check_bool(getattr(self, name), f"QuantConfig.{name}")
+        if self.per_channel_depthwise is not None:
+            check_bool(self.per_channel_depthwise, "QuantConfig.per_channel_depthwise")
+            if self.per_channel_depthwise and not self.profile.per_channel_weights:
+                raise ConfigError(
+                    f"QuantConfig(target={self.target!r}) runs per-tensor weights only "
+                    f"({self.profile.description}); use per_channel_depthwise=False or None.")
         check_choice(self.activation_observer, "QuantConfig.activation_observer",
                      ACTIVATION_OBSERVERS)
         check_choice(self.weight_observer, "QuantConfig.weight_observer", WEIGHT_OBSERVERS)

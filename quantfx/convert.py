@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from quantfx.errors import ConvertError
@@ -28,6 +29,7 @@ from quantfx.state import (
     STATE_ATTRIBUTE,
     QuantState,
     require_state,
+    unwrap,
 )
 
 
@@ -41,6 +43,12 @@ class QuantizedGraphModule(fx.GraphModule):
                 "(prepare_qat) and convert again."
             )
         return super().train(False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run with autocast off: the simulation is integer-exact only in float32."""
+        device = next((t.device.type for t in self.buffers()), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> QuantizedGraphModule:
         plain = fx.GraphModule.__deepcopy__(self, memo)
@@ -98,8 +106,13 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
 
     The prepared model is left as it was; converting twice gives identical models.
     """
+    model = unwrap(model)
     state = require_state(model, "convert", ConvertError, ((PTC, PREPARED), (QAT, PREPARED)),
                           "a model returned by quantfx.prepare or quantfx.prepare_qat")
+    if state.calibration_failed:
+        raise ConvertError("the last quantfx.calibrate call on this model stopped with an "
+                           "error, so its ranges and biases are incomplete: fix the data and "
+                           "calibrate again before convert.")
     working = copy.deepcopy(model).eval()
     _freeze_quantizers(working, state.backend)
     lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below
@@ -113,8 +126,9 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
                     f"internal: the input of layer '{node.target}' is not quantized. Please "
                     "report this model to the quantfx developers."
                 )
-            set_submodule(working, node.target,
-                          IntegerLayer(layer.layer, layer.weight_quantizer, quantizer.exponent))
+            set_submodule(working, node.target, IntegerLayer(
+                layer.layer, layer.weight_quantizer, quantizer.exponent,
+                state.config.profile.bias_bits))
     working.delete_all_unused_submodules()
     working.to(parameter_dtype_device(model)[1])  # the frozen quantizers join the model
     converted = QuantizedGraphModule(working, working.graph, type(model).__name__)

@@ -65,6 +65,9 @@ def fashion_mnist_dir(data_dir: str | os.PathLike | None) -> Path:
     """The folder holding the four Fashion-MNIST IDX files, or a `ConfigError` saying how to
     get them."""
     folder = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
+    if folder.is_file():
+        raise ConfigError(f"--data-dir {folder} is a file; give the folder that holds the four "
+                          "Fashion-MNIST IDX gz files.")
     wanted = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
     missing = [name for name in wanted if not (folder / name).is_file()]
     if missing:

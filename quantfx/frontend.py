@@ -19,7 +19,10 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from quantfx.config import QuantConfig
 from quantfx.errors import PrepareError
+from quantfx.export.registry import unexportable
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
+from quantfx.passes.functional_layers import functional_layers_to_modules
+from quantfx.passes.inplace import functionalize_in_place_ops
 from quantfx.passes.normalize import functionals_to_modules
 from quantfx.passes.unshare import unshare_modules
 from quantfx.state import FLOAT, require_state
@@ -54,19 +57,45 @@ def build_graph(
                   "the float model (a torch.nn.Module)",
                   "Prepare the original float model instead.")
     inputs = as_input_tuple(example_inputs)
+    check_no_inference_mode("prepare_qat" if training else "prepare")
     dtype, device = parameter_dtype_device(model)
+    if dtype != torch.float32:
+        raise PrepareError(
+            f"quantfx quantizes float32 models (the fixed-point simulation is exact in "
+            f"float32), and this one's parameters are {str(dtype).removeprefix('torch.')}: "
+            "prepare model.float() with float32 example inputs.")
     check_input_tensors(inputs, dtype, "example input", PrepareError)
     working = private_copy(model).eval()
     materialize_reparametrizations(working)
     drop_hooks(working)
-    working.train(training)
-    graph_module = trace(working, config, concrete_defaults(working, len(inputs)))
+    concrete = concrete_defaults(working, len(inputs))
+    graph_module = trace(working, config, concrete)
+    if training:
+        training_graph = trace(working.train(), config, concrete)
+        if training_graph.code != graph_module.code:
+            warnings.warn(
+                f"{type(model).__name__}.forward depends on self.training (it traces "
+                "differently in train and eval mode). QAT traces it in train mode, so the QAT "
+                "model (and the model convert makes of it) computes what training computes, "
+                "in eval mode too: move training-only outputs out of forward, or keep that part "
+                "in a leaf module.", stacklevel=3)
+        graph_module = training_graph
     graph_module._tracer_cls = None  # a reloaded (unpickled) model re-traces with fx's own
     inputs = tuple(tensor.to(device) for tensor in inputs)
     propagate_shapes(graph_module, inputs)
+    functionalize_in_place_ops(graph_module)
+    functional_layers_to_modules(graph_module)
     functionals_to_modules(graph_module)
     unshare_modules(graph_module)
     return graph_module, inputs
+
+
+def check_no_inference_mode(action: str) -> None:
+    """Buffers made under torch.inference_mode() cannot be updated outside it later."""
+    if torch.is_inference_mode_enabled():
+        raise PrepareError(f"{action} was called inside torch.inference_mode(): the quantizers' "
+                           "state could not be updated afterwards. Call it outside (calibrate "
+                           "and evaluate under torch.no_grad() instead).")
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -131,6 +160,17 @@ def drop_hooks(model: nn.Module) -> None:
             f"{len(dropped)}: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}. "
             "Your model keeps them; apply their effect outside the quantized model, or move "
             "it into forward so tracing sees it.", stacklevel=4)
+
+
+def warn_unexportable(graph_module: fx.GraphModule) -> None:
+    """Say at prepare which ops export_onnx will refuse (before the user calibrates)."""
+    missing = unexportable(graph_module)
+    if missing:
+        warnings.warn(
+            f"quantfx can prepare, calibrate and convert this model, but export_onnx has no "
+            f"ONNX emitter for: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
+            "Rewrite those ops with supported ones (docs/export.md lists them) or report "
+            "them to the quantfx developers.", stacklevel=3)
 
 
 def require_layers(count: int, model: nn.Module) -> None:

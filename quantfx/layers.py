@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantfx.ops import TRANSPOSED_CONVS
-from quantfx.qmath import INT32_MAX, INT32_MIN, fit_bias_exponent, from_codes, to_codes
+from quantfx.qmath import fit_bias_exponent, from_codes, qrange, to_codes
 
 _TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -92,16 +92,17 @@ class IntegerLayer(nn.Module):
     input exponent + weight exponent) and `input_exponent`.
     """
 
-    def __init__(
-        self, layer: nn.Module, weight_quantizer: nn.Module, input_exponent: Tensor
-    ) -> None:
+    def __init__(self, layer: nn.Module, weight_quantizer: nn.Module, input_exponent: Tensor,
+                 bias_bits: int = 32) -> None:
         super().__init__()
         self.weight_bits = weight_quantizer.bits
         self.axis = weight_quantizer.axis
+        self.bias_bits = bias_bits
+        """The width the engine keeps the bias in (its codes are stored as int32 either way)."""
         weight = layer.weight.detach()
         weight_exponent = fit_bias_exponent(
-            weight_quantizer.exponent.detach().clone(), input_exponent.detach(), layer.bias
-        )
+            weight_quantizer.exponent.detach().clone(), input_exponent.detach(), layer.bias,
+            bias_bits)
         weight_int = to_codes(
             weight, weight_exponent, weight_quantizer.qmin, weight_quantizer.qmax, self.axis
         )
@@ -117,8 +118,8 @@ class IntegerLayer(nn.Module):
         )
         if layer.bias is not None:
             bias_axis = 0 if bias_exponent.dim() else None
-            bias_int = to_codes(layer.bias.detach(), bias_exponent, INT32_MIN, INT32_MAX,
-                                bias_axis)
+            bias_int = to_codes(layer.bias.detach(), bias_exponent,
+                                *qrange(bias_bits, signed=True), bias_axis)
             self.register_buffer("bias_int", bias_int.to(torch.int32))
             self.layer.bias = nn.Parameter(from_codes(bias_int, bias_exponent, bias_axis),
                                            requires_grad=False)

@@ -10,6 +10,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+ONE_SIXTH = 0.1666666716337204
+"""1/6 rounded to float32: the `alpha` ONNX HardSigmoid / HardSwish multiply by."""
+
+
+def hard_sigmoid(x: Tensor) -> Tensor:
+    """``clamp(x * alpha + 0.5, 0, 1)`` with alpha = float32(1/6), in ONNX's float steps."""
+    return torch.clamp(x * ONE_SIXTH + 0.5, 0.0, 1.0)
+
+
+class HardSigmoid(nn.Module):
+    """torch's hardsigmoid in the float steps of ONNX HardSigmoid, so the exported single op
+    computes exactly what this computes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return hard_sigmoid(x)
+
+
+class HardSwish(nn.Module):
+    """``x * hard_sigmoid(x)``: torch's hardswish in the float steps of ONNX HardSwish."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * hard_sigmoid(x)
+
 
 class Add(nn.Module):
     """Elementwise ``a + b`` (either may be a number)."""

@@ -48,7 +48,8 @@ FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 FUSE_PRODUCERS = WEIGHT_LAYERS + BATCHNORMS + (standins.Add,)
 """Ops (or the layers wrapping them) whose output is not quantized when their only user is a
 fusable activation."""
-NONNEGATIVE_OUTPUT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+NONNEGATIVE_OUTPUT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, standins.HardSigmoid,
+                              nn.Softmax)
 """Modules whose output is non-negative whatever their input."""
 ORDER_PRESERVING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,

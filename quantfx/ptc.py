@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,7 +15,7 @@ from quantfx.bias_calibration import calibrate_biases
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.errors import CalibrationError, QuantFxError
-from quantfx.frontend import build_graph, input_shapes, require_layers
+from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.passes.fuse import fold_batchnorm
@@ -45,6 +46,7 @@ def prepare(
 
     count = place_quantizers(graph_module, QuantizerFactory(config), weight_layer)
     require_layers(count, model)
+    warn_unexportable(graph_module)
     graph_module.to(inputs[0].device)  # the new quantizers go where the model lives
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
@@ -95,6 +97,7 @@ def iterate_batches(
         ) from error
     dtype, device = parameter_dtype_device(model)
     seen = 0
+    warned = False
     with tqdm(total=total, desc=description, unit="batch", leave=False,
               disable=None if state.config.progress else True) as bar:
         for index, batch in enumerate(iterator):
@@ -102,6 +105,14 @@ def iterate_batches(
                 break
             items = batch_inputs(batch, len(shapes), index)
             check_calibration_batch(items, shapes, dtype, index)
+            if state.config.nonnegative_inputs and not warned and any(
+                    bool((item < 0).any()) for item in items):
+                warned = True
+                warnings.warn(
+                    f"calibration batch {index} has negative inputs although "
+                    "QuantConfig(nonnegative_inputs=True) quantizes the inputs unsigned: they "
+                    "will be clipped to 0. Leave nonnegative_inputs off for normalized data.",
+                    stacklevel=4)
             yield index, tuple(item.to(device) for item in items)
             seen += 1
             bar.update(1)
@@ -146,18 +157,20 @@ def calibrate(
     kept: list[tuple[torch.Tensor, ...]] = []
     kept_samples = 0
     budget = state.config.bias_calibration_samples if state.config.bias_calibration else 0
+    state.calibration_failed = True  # until this call finishes
     try:
         with torch.no_grad():
             for index, inputs in iterate_batches(model, data, num_batches, "calibrate"):
                 _run_batch(model, inputs, index)
                 if kept_samples < budget:
-                    kept.append(inputs)
-                    kept_samples += inputs[0].shape[0] if inputs[0].dim() else 1
+                    kept.append(tuple(tensor[:budget - kept_samples] for tensor in inputs))
+                    kept_samples += kept[-1][0].shape[0]
         for _, quantizer in calibration_quantizers(model):
             if quantizer.observed:
                 quantizer.compute_exponent()
         if state.config.bias_calibration:
             calibrate_biases(model, kept, state.config.progress)
+        state.calibration_failed = False
     finally:
         model.train(was_training)
     return model

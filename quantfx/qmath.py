@@ -26,10 +26,6 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-INT32_MIN, INT32_MAX = qrange(32, signed=True)
-"""Range of the int32 bias codes (at scale input scale x weight scale)."""
-
-
 def is_power_of_two(value: float) -> bool:
     """Whether `value` is exactly 2**k for an integer k (a valid quantfx scale)."""
     if not math.isfinite(value) or value <= 0:
@@ -112,18 +108,19 @@ def from_codes(codes: Tensor, exponent: Tensor, axis: int | None = None) -> Tens
 
 
 def fit_bias_exponent(weight_exponent: Tensor, input_exponent: Tensor,
-                      bias: Tensor | None) -> Tensor:
-    """Raise the weight exponent where the int32 bias at input x weight scale would overflow.
+                      bias: Tensor | None, bias_bits: int = 32) -> Tensor:
+    """Raise the weight exponent where the bias at input x weight scale would overflow its
+    `bias_bits`-wide integer (32, or 16 for engines that keep biases in 16 bit).
 
-    This is what ONNX Runtime's quantizer does silently; doing it here keeps the exported file
-    and the simulation on the same scales (it only triggers for tiny activation scales).
+    ONNX Runtime's quantizer does this silently for int32, TDA4VM's TIDL for its 16-bit
+    biases; doing it here keeps the exported file and the simulation on the same scales.
     """
     if bias is None:
         return weight_exponent
     magnitude = bias.detach().abs()
     if weight_exponent.dim() == 0:
         magnitude = magnitude.max()
-    needed = exponent_for_max(magnitude, INT32_MAX) - input_exponent
+    needed = exponent_for_max(magnitude, qrange(bias_bits, signed=True)[1]) - input_exponent
     needed = torch.where(magnitude > 0, needed, weight_exponent)
     return torch.maximum(weight_exponent, needed)
 
@@ -187,9 +184,11 @@ def fake_quantize_ste(x: Tensor, exponent: Tensor, qmin: int, qmax: int,
     return _FakeQuantizeSTE.apply(x, exponent, qmin, qmax, axis, clip_gradient)
 
 
-def bias_to_int32_grid(bias: Tensor, exponent: Tensor, axis: int | None) -> Tensor:
-    """The bias on the int32 grid at `exponent` (input + weight exponent), straight-through."""
-    return _RoundToGridSTE.apply(bias, exponent, INT32_MIN, INT32_MAX, axis)
+def bias_to_grid(bias: Tensor, exponent: Tensor, axis: int | None, bits: int = 32) -> Tensor:
+    """The bias on the `bits`-wide integer grid at `exponent` (input + weight exponent),
+    straight-through."""
+    low, high = qrange(bits, signed=True)
+    return _RoundToGridSTE.apply(bias, exponent, low, high, axis)
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:

@@ -180,7 +180,7 @@ class QuantizerFactory:
 
     def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
         """The quantizer of a conv/linear layer's weight."""
-        depthwise = self.config.per_channel_depthwise and is_depthwise(layer)
+        depthwise = self.config.depthwise_per_channel and is_depthwise(layer)
         axis = 0 if depthwise else None
         channels = layer.weight.shape[0] if depthwise else 1
         kind = "minmax" if self.qat else self.config.weight_observer

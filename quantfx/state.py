@@ -32,6 +32,8 @@ class QuantState:
     backend: str  # PTC or QAT
     stage: str  # PREPARED or CONVERTED
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    calibration_failed: bool = False
+    """A `calibrate` call stopped with an error: ranges and biases are incomplete."""
 
 
 def state_of(model: Any) -> QuantState | None:
@@ -47,6 +49,15 @@ def attach_state(graph_module: fx.GraphModule, state: QuantState) -> None:
     """
     setattr(graph_module, STATE_ATTRIBUTE, state)
     graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside a DistributedDataParallel / DataParallel / AveragedModel wrapper."""
+    while isinstance(model, nn.Module) and state_of(model) is None and isinstance(
+            getattr(model, "module", None), nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "AveragedModel"):
+        model = model.module
+    return model
 
 
 def describe(model: Any) -> str:

@@ -84,7 +84,9 @@ def concrete_defaults(model: nn.Module, given: int) -> dict[str, Any]:
         return {}
     positional = [p for p in parameters
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {p.name: p.default for p in positional[given:] if p.default is not p.empty}
+    keyword_only = [p for p in parameters if p.kind == p.KEYWORD_ONLY]
+    return {p.name: p.default for p in positional[given:] + keyword_only
+            if p.default is not p.empty}
 
 
 def trace(model: nn.Module, config: QuantConfig,

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from quantfx.checks import check_number
@@ -54,6 +56,9 @@ def _verdict(float_score: float, int8_score: float, int16_score: float, toleranc
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
     score = evaluate(model)
+    one_number = isinstance(score, torch.Tensor) and score.numel() == 1
+    if one_number or isinstance(score, (np.floating, np.integer)):
+        score = score.item()  # a 0-d tensor or a numpy scalar is a number too
     try:
         return check_number(score, f"evaluate({what})")
     except ConfigError:

@@ -43,6 +43,9 @@ def check_destination(path: str, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write the {what} into {folder!r}: the folder is not "
                           "writable. Choose another path.")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ExportError(f"the {what} file {path!r} exists and is read-only: make it writable "
+                          "or choose another path.")
 
 
 @contextlib.contextmanager
@@ -58,8 +61,10 @@ def staged_files(*finals: str) -> Iterator[list[str]]:
             os.close(handle)
             temporaries.append(temporary)
         yield temporaries
-        mode = 0o666 & ~_umask()
+        new_file_mode = 0o666 & ~_umask()
         for temporary, final in zip(temporaries, finals):
+            # open() keeps an existing file's mode, and gives a new one 0666 minus the umask
+            mode = os.stat(final).st_mode & 0o7777 if os.path.exists(final) else new_file_mode
             os.chmod(temporary, mode)
             os.replace(temporary, final)
     finally:

@@ -19,8 +19,17 @@ from torch import Tensor
 
 from quantfx.errors import ExportError
 from quantfx.export.builder import Builder, TensorInfo
+from quantfx.export.emitters.quantized import requantize
 from quantfx.export.registry import emitter_for
-from quantfx.passes.graph_utils import fetch_attribute, flatten_values
+from quantfx.passes.graph_utils import (
+    builds_a_tuple,
+    fetch_attribute,
+    grid_quantizer,
+    is_shape_only,
+    output_values,
+)
+from quantfx.quantizers import FrozenQuantizer
+from quantfx.tidl.profiles import NO_QDQ_OPS
 
 MAX_IR_VERSION = 10
 """The newest ONNX IR version TIDL's tools (ONNX 1.14 / ORT 1.23) are validated with."""
@@ -96,17 +105,18 @@ def _record(model: fx.GraphModule, inputs: tuple[Tensor, ...]) -> dict[fx.Node, 
             recorder.run(*inputs)
     except Exception as error:  # noqa: BLE001 - the model rejected the inputs
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
         raise ExportError(
             f"the converted model fails on example_inputs of shape(s) {shapes}: "
-            f"{type(error).__name__}: {error}\nFix: pass inputs as the model's forward takes "
+            f"{type(error).__name__}: {reason}\nFix: pass inputs as the model's forward takes "
             "them (same number, rank and channel count as at prepare time)."
         ) from error
     return recorder.records
 
 
-def _graph_outputs(b: Builder, node: fx.Node, taken: list[str]) -> list[onnx.ValueInfoProto]:
+def _graph_outputs(b: Builder, taken: list[str]) -> list[onnx.ValueInfoProto]:
     outputs = []
-    for index, out in enumerate(flatten_values(node.args[0])):
+    for index, out in enumerate(output_values(b.module)):
         if not isinstance(out, fx.Node) or not isinstance(b.records[out], TensorInfo):
             raise ExportError(f"model output {index} is not a tensor ({out!r}).")
         name = b.value(out)
@@ -120,6 +130,24 @@ def _graph_outputs(b: Builder, node: fx.Node, taken: list[str]) -> list[onnx.Val
     return outputs
 
 
+def _requantize_grid_keeping_ops(b: Builder, model: fx.GraphModule, node: fx.Node,
+                                 written: list[onnx.NodeProto]) -> None:
+    """A shape-only FX node keeps its input's grid, so the simulation needs no quantizer after
+    it; when it is written with ONNX ops TIDL wants Q/DQ after (MaxPool, Concat, Tile, ...),
+    add that Q/DQ on the same grid (an exact identity), so TIDL holds the tensor as quantfx
+    does."""
+    if all(item.op_type in NO_QDQ_OPS for item in written):
+        return
+    quantizer = grid_quantizer(model, node)
+    if not isinstance(quantizer, FrozenQuantizer):
+        return
+    value = b.env[node]
+    names = value if isinstance(value, list) else [value]
+    produced = {output for item in written for output in item.output}
+    renamed = [requantize(b, name, quantizer) if name in produced else name for name in names]
+    b.env[node] = renamed if isinstance(value, list) else renamed[0]
+
+
 def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
                 opset: int) -> BuiltGraph:
     """The ONNX model of converted `model` at the static shapes of `inputs` (no checks on the
@@ -130,7 +158,13 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
     graph_outputs: list[onnx.ValueInfoProto] = []
     for node in model.graph.nodes:
         record = records.get(node)
-        if node.op == "placeholder" and not isinstance(record, TensorInfo):
+        if node.op == "placeholder" and isinstance(record, list):  # forward(self, *inputs)
+            names = [f"{node.name}_{index}" for index in range(len(record))]
+            graph_inputs += [helper.make_tensor_value_info(name, _onnx_dtype(info.dtype),
+                                                           list(info.shape))
+                             for name, info in zip(names, record)]
+            b.env[node] = names
+        elif node.op == "placeholder" and not isinstance(record, TensorInfo):
             b.env[node] = record  # an input left at its (non-tensor) default: a constant
         elif node.op == "placeholder":
             graph_inputs.append(helper.make_tensor_value_info(
@@ -143,15 +177,20 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
                                   f"'{node.target}' is not a tensor.")
             b.constants[node] = value
         elif node.op == "output":
-            graph_outputs = _graph_outputs(b, node, [value.name for value in graph_inputs])
+            graph_outputs = _graph_outputs(b, [value.name for value in graph_inputs])
+        elif builds_a_tuple(node):
+            continue  # a namedtuple of outputs: its fields are the graph's outputs
         elif not isinstance(record, (TensorInfo, list)):
             b.env[node] = record  # sizes, indices, shape arithmetic: static constants
         elif isinstance(record, TensorInfo) and _is_constant(b, node):
             b.constants[node] = _evaluate(model, b, node)
         else:
             emitter, module = emitter_for(b, node)
+            first = len(b.nodes)
             emitter(b, node, module)
             b.emitted.append(node)
+            if not legacy and is_shape_only(model, node):
+                _requantize_grid_keeping_ops(b, model, node, b.nodes[first:])
     graph = helper.make_graph(b.nodes, type(model).__name__, graph_inputs, graph_outputs,
                               b.initializers)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],

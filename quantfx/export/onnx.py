@@ -23,14 +23,27 @@ from quantfx.errors import ExportError
 from quantfx.export.files import check_destination, options_path_for, staged_files
 from quantfx.export.graph import build_model
 from quantfx.export.tidl import bit_widths, check_constraints, compile_options
-from quantfx.export.verify import clip_simulation, disagreement, verification_batches, verify
+from quantfx.export.verify import (
+    clip_simulation,
+    cpu_dot_product_extension,
+    disagreement,
+    verification_batches,
+    verify,
+)
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import IntegerLayer
 from quantfx.quantizers import FrozenQuantizer
-from quantfx.state import CONVERTED, PTC, QAT, require_state
+from quantfx.state import CONVERTED, PTC, QAT, require_state, state_of, unwrap
+from quantfx.tidl.checker import TidlReport, check_model
+from quantfx.tidl.profiles import DeviceProfile
+from quantfx.version import __version__
 
-DEFAULT_QDQ_OPSET = 13
-"""Lowest opset with per-channel DequantizeLinear (depthwise weights): the widest TIDL support."""
+DEFAULT_QDQ_OPSET = 18
+"""What TI's own exporters write (edgeai-modeloptimization v3: 18, v2: 17), inside the range
+TIDL validates (11.0: up to 19, 11.2: 21); HardSwish is one op from 14. Every profile's default
+(`quantfx.tidl.profiles`)."""
+MIN_QDQ_OPSET = 13
+"""Lowest opset with per-channel DequantizeLinear (depthwise weights)."""
 DEFAULT_LEGACY_OPSET = 11
 """TDA4VM-era TIDL imports opset 11 float models (Clip takes its bounds as inputs from 11)."""
 INT16_QDQ_OPSET = 21
@@ -60,15 +73,37 @@ class ExportReport:
     argmax_agreement: float | None = None
     """Share of rows whose argmax agrees (2-D outputs only: classifiers)."""
     output_scales: list[float | None] = field(default_factory=list)
+    optimized_fraction_identical: float | None = None
+    """The same comparison in ONNX Runtime's deployment session (all graph optimizations, its
+    integer kernels) on this CPU: exact with VNNI, not always without (docs/export.md)."""
+    optimized_max_lsb_diff: float | None = None
+    cpu_dot_product: str | None = None
+    """This CPU's integer dot-product extension ("avx512_vnni", ...), or None."""
+    optimized_error: str | None = None
+    """Why ONNX Runtime's deployment session could not run the file, if it could not (its
+    graph optimizer, e.g. on some opset-21 Q/DQ around transposes; the file itself passed)."""
+    target: str = "generic"
+    tidl: TidlReport | None = None
+    """What TIDL would run on the accelerator for `target` (`quantfx.check_tidl`)."""
 
     def summary(self) -> str:
-        """One line for logs and tables."""
+        """A few lines for logs: agreement in both ONNX Runtime sessions, TIDL's verdict."""
+        tidl = f"\n  TIDL {self.tidl.summary()}" if self.tidl is not None else ""
         if not self.verified:
-            return f"{self.path}: opset {self.opset}, not verified"
+            return f"{self.path}: opset {self.opset}, not verified{tidl}"
         argmax = "n/a" if self.argmax_agreement is None else f"{100 * self.argmax_agreement:.2f}%"
+        optimized = ""
+        if self.optimized_error is not None:
+            optimized = f"\n  ONNX Runtime optimized session failed: {self.optimized_error}"
+        if self.optimized_fraction_identical is not None:
+            optimized = (f"\n  ONNX Runtime optimized session on this CPU "
+                         f"({self.cpu_dot_product or 'no VNNI'}): "
+                         f"{100 * self.optimized_fraction_identical:.3f}% bit-identical, max "
+                         f"{self.optimized_max_lsb_diff:g} LSB")
         return (f"{self.path}: opset {self.opset}, {self.elements_compared} elements, "
-                f"{100 * self.fraction_identical:.3f}% bit-identical, "
-                f"max {self.max_lsb_diff:g} LSB, argmax agreement {argmax}")
+                f"{100 * self.fraction_identical:.3f}% bit-identical in ONNX Runtime's reference "
+                f"kernels, max {self.max_lsb_diff:g} LSB, argmax agreement {argmax}"
+                f"{optimized}{tidl}")
 
 
 def _check_inputs(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, ...]:
@@ -111,27 +146,31 @@ def _check_options(path: Any, opset: Any, verify: Any, legacy: Any, max_lsb_diff
     if not isinstance(path, (str, os.PathLike)):
         raise ExportError(f"path must be a file path (str or os.PathLike), got "
                           f"{type(path).__name__}. Example: 'out/model.onnx'.")
+    if "\0" in os.fspath(path):
+        raise ExportError(f"path {os.fspath(path)!r} holds a NUL character.")
     check_bool(verify, "verify", ExportError)
     check_bool(legacy, "legacy", ExportError)
     if opset is not None:
         check_int(opset, "opset", error=ExportError, example="13, or None for the default")
-    if max_lsb_diff is not None:
+    if max_lsb_diff is not None and max_lsb_diff != float("inf"):  # inf: never refuse
         check_number(max_lsb_diff, "max_lsb_diff", 0.0, error=ExportError,
-                     example="1.0, or None for the default")
+                     example="1.0, float('inf') to never refuse, or None for the default")
     check_int(threads, "threads", 1, error=ExportError, example="1")
-    return os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
+    return os.path.realpath(path) if os.path.islink(path) else path  # write through a link
 
 
-def _choose_opset(opset: int | None, legacy: bool, needs_int16: bool) -> int:
+def _choose_opset(opset: int | None, legacy: bool, needs_int16: bool,
+                  profile: DeviceProfile) -> int:
     if opset is None:
-        default = DEFAULT_LEGACY_OPSET if legacy else DEFAULT_QDQ_OPSET
+        default = DEFAULT_LEGACY_OPSET if legacy else profile.default_opset
         return max(default, INT16_QDQ_OPSET) if needs_int16 and not legacy else default
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset={opset!r} is not supported; use {MIN_OPSET}..{MAX_OPSET} (or "
                           "None for the TIDL default).")
-    if not legacy and opset < 13:
-        raise ExportError(f"QDQ export needs opset >= 13 (per-channel DequantizeLinear), got "
-                          f"{opset}. Use opset=None or legacy=True.")
+    if not legacy and opset < MIN_QDQ_OPSET:
+        raise ExportError(f"QDQ export needs opset >= {MIN_QDQ_OPSET} (per-channel "
+                          f"DequantizeLinear), got {opset}. Use opset=None or legacy=True.")
     if needs_int16 and not legacy and opset < INT16_QDQ_OPSET:
         raise ExportError(
             f"this model has 16-bit tensors, whose QuantizeLinear/DequantizeLinear need opset "
@@ -151,6 +190,7 @@ def export_onnx(
     legacy: bool = False,
     max_lsb_diff: float | None = None,
     threads: int = 1,
+    strict_tidl: bool = False,
 ) -> ExportReport:
     """Write converted `model` to `path` as QDQ ONNX (or, with `legacy=True`, float ONNX with
     Clip ranges for pre-QDQ TIDL) and its TIDL options to `<path stem>.tidl.json`.
@@ -159,29 +199,39 @@ def export_onnx(
     run in ONNX Runtime on `example_inputs` (and `verify_data`) and compared with `model`; if an
     output differs by more than `max_lsb_diff` LSBs (default: 1 for 8-bit outputs, 32 for
     16-bit ones) nothing is written and `ExportError` is raised. Writes are atomic: a failed
-    export leaves no file behind.
+    export leaves no file behind. The file is checked against TIDL's rules for the model's
+    `QuantConfig.target` (`report.tidl`); with `strict_tidl` a node that would fall back to
+    the ARM cores is an `ExportError` instead of a line in the report.
     """
+    model = unwrap(model)
     inputs = _check_inputs(model, example_inputs)
     path = _check_options(path, opset, verify, legacy, max_lsb_diff, threads)
+    check_bool(strict_tidl, "strict_tidl", ExportError)
+    profile = state_of(model).config.profile
     needs_int16 = any(
         (isinstance(module, FrozenQuantizer) and module.bits == 16)
         or (isinstance(module, IntegerLayer) and module.weight_bits == 16)
         for module in model.modules()
     )
-    chosen_opset = _choose_opset(opset, legacy, needs_int16)
+    chosen_opset = _choose_opset(opset, legacy, needs_int16, profile)
     model = _on_cpu(model)
     built = build_model(model, inputs, legacy, chosen_opset)
     problems = check_constraints(built.model)
     if problems:
         raise ExportError("the exported graph breaks TIDL constraints: " + "; ".join(problems))
     widths = bit_widths(model, built.emitted, built.names)
-    options = compile_options(widths, legacy)
+    options = compile_options(widths, legacy, profile)
+    _record_target(built.model, profile)
     options_path = options_path_for(path)
     report = ExportReport(
         path=path, options_path=options_path, opset=chosen_opset, legacy=legacy,
         tidl_options=options, sixteen_bit_features=widths.sixteen_bit_features(),
-        sixteen_bit_params=widths.sixteen_bit_params(),
+        sixteen_bit_params=widths.sixteen_bit_params(), target=profile.name,
+        tidl=check_model(built.model, profile.name),
     )
+    if strict_tidl and not report.tidl.fully_offloaded:
+        raise ExportError(f"strict_tidl: {report.tidl.summary()}. Nothing was written; the "
+                          "reasons are in quantfx.check_tidl(...) of a non-strict export.")
     batches = verification_batches(inputs, verify_data)  # checked even when verify=False
     check_destination(path, "model")
     check_destination(options_path, "TIDL options")
@@ -209,6 +259,14 @@ def _on_cpu(model: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(model).cpu().eval()
 
 
+def _record_target(model: onnx.ModelProto, profile: DeviceProfile) -> None:
+    """Which device and TIDL tools version the file was written for, in its metadata."""
+    entries = {"quantfx.version": __version__, "quantfx.target": profile.name}
+    if profile.tidl:
+        entries["quantfx.tidl_tools_version"] = profile.tidl_tools_version
+    onnx.helper.set_model_props(model, entries)
+
+
 def _verify_file(model: fx.GraphModule, temporary_model: str,
                  batches: list[tuple[Tensor, ...]], legacy: bool, max_lsb_diff: float | None,
                  threads: int, report: ExportReport) -> None:
@@ -224,3 +282,13 @@ def _verify_file(model: fx.GraphModule, temporary_model: str,
         error = disagreement(figures, model, legacy)
         error.report = report  # type: ignore[attr-defined] - the figures, for tools
         raise error
+    if not legacy:  # what a deployment session on this CPU computes, reported as measured
+        report.cpu_dot_product = cpu_dot_product_extension()
+        try:
+            optimized = verify(model, temporary_model, batches, reference, threads,
+                               max_lsb_diff, optimized=True)
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime's optimizer, not the file
+            report.optimized_error = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            return
+        report.optimized_fraction_identical = optimized["fraction_identical"]
+        report.optimized_max_lsb_diff = optimized["max_lsb_diff"]

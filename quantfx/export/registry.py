@@ -30,9 +30,10 @@ from quantfx.export.emitters import (
     shapes,
     swin,
 )
-from quantfx.layers import IntegerLayer
+from quantfx.layers import FakeQuantLayer, IntegerLayer
 from quantfx.ops import DROPOUT_FUNCTIONS, IDENTITY_CALLS, IDENTITY_MODULES, RESHAPE_CALLS
-from quantfx.quantizers import FrozenQuantizer
+from quantfx.passes.graph_utils import is_float_tensor
+from quantfx.quantizers import FrozenQuantizer, Quantizer
 
 Emitter = Callable[[Builder, fx.Node, Any], None]
 """(builder, FX node, the node's module or None) -> None; sets builder.env[node]."""
@@ -44,6 +45,8 @@ MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitt
     (nn.ReLU6, activations.emit_relu6),
     (nn.Hardtanh, activations.emit_hardtanh),
     (nn.LeakyReLU, activations.emit_leaky_relu),
+    (standins.HardSwish, activations.emit_hard_swish),
+    (standins.HardSigmoid, activations.emit_hard_sigmoid),
     (nn.Hardswish, activations.emit_hardswish),
     (nn.Hardsigmoid, activations.emit_hardsigmoid),
     (nn.Sigmoid, activations.unary("Sigmoid")),
@@ -105,6 +108,18 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     "matmul": arithmetic.emit_matmul, torch.bmm: arithmetic.emit_matmul,
     "bmm": arithmetic.emit_matmul,
     torch.einsum: arithmetic.emit_einsum,
+    **{target: arithmetic.call_binary("Div") for target in (
+        operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide")},
+    **{target: arithmetic.call_binary("Max") for target in (torch.maximum, "maximum")},
+    **{target: arithmetic.call_binary("Min") for target in (torch.minimum, "minimum")},
+    **{target: arithmetic.call_unary("Neg") for target in (operator.neg, torch.neg, "neg")},
+    **{target: arithmetic.call_unary("Abs") for target in (torch.abs, "abs", "abs_")},
+    **{target: arithmetic.call_unary("Exp") for target in (torch.exp, "exp", "exp_")},
+    **{target: arithmetic.call_unary("Log") for target in (torch.log, "log", "log_")},
+    **{target: arithmetic.call_unary("Sqrt") for target in (torch.sqrt, "sqrt", "sqrt_")},
+    **{target: arithmetic.emit_pow for target in (operator.pow, torch.pow, "pow", "pow_")},
+    **{target: arithmetic.emit_clamp for target in (
+        torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_")},
 }
 """Function or Tensor-method name -> emitter for call_function / call_method nodes."""
 
@@ -146,3 +161,26 @@ def emitter_for(b: Builder, node: fx.Node) -> tuple[Emitter, Any]:
             "report the op to the quantfx developers."
         )
     return emitter, None
+
+
+def unexportable(graph_module: fx.GraphModule) -> list[str]:
+    """'cumsum (node cumsum)' for each tensor-computing node of a prepared graph that no
+    emitter can write: said at prepare, so a user learns it before calibrating."""
+    found = []
+    for node in graph_module.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if not is_float_tensor(node) and not isinstance(node.meta.get("tensor_meta"), list):
+            continue
+        if node.op == "call_module":
+            module = graph_module.get_submodule(node.target)
+            if isinstance(module, (FakeQuantLayer, Quantizer)) or any(
+                    isinstance(module, kind) for kind, _ in MODULE_EMITTERS):
+                continue
+            found.append(f"{type(module).__name__} (module '{node.target}')")
+        elif node.target not in CALL_EMITTERS and not (
+                callable(node.target) and qualified_name(node.target) in WRAPPED_EMITTERS):
+            what = node.target if isinstance(node.target, str) else getattr(
+                node.target, "__name__", repr(node.target))
+            found.append(f"{what} (node '{node.name}')")
+    return found

@@ -24,9 +24,11 @@ from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.qmath import is_power_of_two
 from quantfx.quantizers import FrozenQuantizer
+from quantfx.tidl.profiles import PROFILES, DeviceProfile
 
 POWER_OF_2_SCALE_TYPE = 1
-"""`advanced_options:quantization_scale_type` for power-of-2 scales (TDA4VM-compatible)."""
+"""`advanced_options:quantization_scale_type` for power-of-2 scales (TDA4VM-compatible): what
+the legacy Clip-range files need on every device [T11.2 QAT section]."""
 
 
 @dataclass
@@ -72,16 +74,20 @@ def bit_widths(model: fx.GraphModule, emitted: Iterable[fx.Node],
     return widths
 
 
-def compile_options(bit_widths: BitWidths, legacy: bool) -> dict[str, Any]:
-    """TIDL OSRT compile options for a quantfx export (QDQ, or legacy float with Clip ranges).
+def compile_options(bit_widths: BitWidths, legacy: bool,
+                    profile: DeviceProfile = PROFILES["generic"]) -> dict[str, Any]:
+    """TIDL OSRT compile options for a quantfx export (QDQ, or legacy float with Clip ranges),
+    for the target device's `profile`.
 
     `accuracy_level: 0` tells TIDL not to calibrate again: the ranges are in the file (as
-    Q/DQ scales, or as Clip bounds in the legacy format).
+    Q/DQ scales, or as Clip bounds in the legacy format). The scale type is the device's
+    (1 power-of-2 on TDA4VM, 4 on the MMAv2 SoCs, TI's own presets for QDQ models [BM, TR]).
     """
     options: dict[str, Any] = {
         "tensor_bits": bit_widths.tensor_bits(),
         "accuracy_level": 0,
-        "advanced_options:quantization_scale_type": POWER_OF_2_SCALE_TYPE,
+        "advanced_options:quantization_scale_type":
+            POWER_OF_2_SCALE_TYPE if legacy else profile.scale_type,
     }
     if not legacy:
         options["advanced_options:prequantized_model"] = 1

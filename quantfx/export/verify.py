@@ -24,6 +24,17 @@ SIXTEEN_BIT_TOLERANCE_LSB = 32.0
 products are not exact, so PyTorch and ONNX Runtime round them differently."""
 
 
+def cpu_dot_product_extension() -> str | None:
+    """The x86 integer dot-product extension of this CPU ("avx512_vnni", "avx_vnni"), or None:
+    without one, ONNX Runtime's optimized u8s8 kernels saturate int16 pair sums."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return None
+    return next((flag for flag in ("avx512_vnni", "avx_vnni") if flag in flags), None)
+
+
 def onnxruntime_session(path: str, threads: int = 1, optimized: bool = False) -> Any:
     """An ONNX Runtime CPU session; by default one that executes the file as written.
 
@@ -86,9 +97,9 @@ def _split_to_export_batch(batch: tuple[Tensor, ...], shapes: list[tuple[int, ..
     if len(batch) != len(shapes):
         raise ExportError(f"verify_data batches need {len(shapes)} tensor(s), got {len(batch)}.")
     for tensor, shape in zip(batch, shapes):
-        if not tensor.is_floating_point():
-            raise ExportError(f"verify_data holds a {tensor.dtype} tensor; give the float "
-                              "tensors the model takes.")
+        if tensor.dtype != torch.float32:
+            raise ExportError(f"verify_data holds a {str(tensor.dtype).removeprefix('torch.')} "
+                              "tensor; give the float32 tensors the model takes.")
         if tuple(tensor.shape[1:]) != shape[1:] or tensor.shape[0] % shape[0]:
             raise ExportError(
                 f"verify_data tensor of shape {tuple(tensor.shape)} does not fit the exported "
@@ -121,6 +132,13 @@ def verify(model: fx.GraphModule, path: str, batches: list[tuple[Tensor, ...]],
     """
     session = onnxruntime_session(path, threads, optimized)
     input_names = [value.name for value in session.get_inputs()]
+    batches = [(batch,) if isinstance(batch, Tensor) else tuple(batch) for batch in batches]
+    for batch in batches:
+        shapes = [tuple(t.shape) for t in batch]
+        wanted = [tuple(value.shape) for value in session.get_inputs()]
+        if shapes != wanted:
+            raise ExportError(f"verify: a batch has shape(s) {shapes} but the file takes "
+                              f"{wanted} (its static shapes).")
     quantizers = output_quantizers(model)
     scales = [q.scale if q is not None else None for q in quantizers]
     allowed = [max_lsb_diff if max_lsb_diff is not None else default_tolerance(q)

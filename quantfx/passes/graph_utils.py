@@ -137,7 +137,26 @@ def flatten_values(value: Any) -> list[Any]:
     return [value]
 
 
+def builds_a_tuple(node: Any) -> bool:
+    """A call of a namedtuple class (a model returning one): a container, not an op."""
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and isinstance(node.target, type) and issubclass(node.target, tuple)
+            and not node.kwargs)
+
+
+def output_values(graph_module: fx.GraphModule) -> list[Any]:
+    """The model's outputs, flattened as the outputs of a call are (namedtuples included)."""
+    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+
+    def leaves(value: Any) -> list[Any]:
+        if builds_a_tuple(value):
+            return [leaf for arg in value.args for leaf in leaves(arg)]
+        return [leaf for item in flatten_values(value) for leaf in
+                (leaves(item) if builds_a_tuple(item) else [item])]
+
+    return leaves(output.args[0])
+
+
 def output_quantizers(graph_module: fx.GraphModule) -> list[Quantizer | None]:
     """The quantizer each model output lies on (through shape-only ops), or None."""
-    output = next(node for node in graph_module.graph.nodes if node.op == "output")
-    return [grid_quantizer(graph_module, value) for value in flatten_values(output.args[0])]
+    return [grid_quantizer(graph_module, value) for value in output_values(graph_module)]

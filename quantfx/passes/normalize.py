@@ -1,4 +1,5 @@
-"""Functionals and tensor ops become modules, one instance per call site.
+"""Functionals and tensor ops become modules, one instance per call site (and a few modules
+become stand-ins that compute in the float steps of the ONNX op they export as).
 
 Driven by a plain table of rewrites (`REWRITES`): which callables or Tensor methods a row
 covers, the names of their non-tensor arguments, and how to build the module from them.
@@ -20,10 +21,11 @@ from torch import nn
 
 from quantfx import modules as standins
 from quantfx.passes.graph_utils import (
-    fetch_attribute,
     is_float_tensor,
+    module_of,
     replace_with_module,
     set_inplace_false,
+    set_submodule,
 )
 
 UNARY, BINARY, VARIADIC = "unary", "binary", "variadic"
@@ -57,8 +59,8 @@ REWRITES: tuple[Rewrite, ...] = (
         ("min_val", "max_val", "inplace"),
         lambda a: nn.Hardtanh(_get(a, "min_val", -1.0), _get(a, "max_val", 1.0)),
     ),
-    Rewrite((F.hardswish, "hardswish"), ("inplace",), lambda a: nn.Hardswish()),
-    Rewrite((F.hardsigmoid, "hardsigmoid"), ("inplace",), lambda a: nn.Hardsigmoid()),
+    Rewrite((F.hardswish, "hardswish"), ("inplace",), lambda a: standins.HardSwish()),
+    Rewrite((F.hardsigmoid, "hardsigmoid"), ("inplace",), lambda a: standins.HardSigmoid()),
     Rewrite((torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"), (), lambda a: nn.Sigmoid()),
     Rewrite((torch.tanh, F.tanh, "tanh", "tanh_"), (), lambda a: nn.Tanh()),
     Rewrite((F.silu, "silu"), ("inplace",), lambda a: nn.SiLU()),
@@ -142,6 +144,13 @@ REWRITES: tuple[Rewrite, ...] = (
     ),
 )
 
+MODULE_REWRITES: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
+    nn.Hardswish: lambda module: standins.HardSwish(),
+    nn.Hardsigmoid: lambda module: standins.HardSigmoid(),
+}
+"""Modules replaced by a stand-in that computes the same function in the float steps of the
+single ONNX op it exports as (so the file needs no float intermediate tensors)."""
+
 _BY_TARGET: dict[Any, Rewrite] = {}
 for _rewrite in REWRITES:
     for _target in _rewrite.targets:
@@ -216,35 +225,6 @@ def _holds_node(value: Any) -> bool:
     return bool(found)
 
 
-def _layer_norm_to_module(graph_module: fx.GraphModule, node: fx.Node) -> None:
-    """`F.layer_norm(x, shape, weight, bias, eps)` → `nn.LayerNorm` that *shares* weight/bias.
-
-    The affine parameters arrive as get_attr nodes; the module takes the same Parameter
-    objects, so training updates the model's own parameters.
-    """
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    bound = dict(zip(names, node.args)) | dict(node.kwargs)
-    source, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
-    affine = [arg for arg in (weight, bias) if arg is not None]
-    shape = bound.get("normalized_shape")
-    if not is_float_tensor(source) or any(
-        not isinstance(arg, fx.Node) or arg.op != "get_attr" for arg in affine
-    ) or not isinstance(shape, (list, tuple, int)):
-        return
-    if _holds_node(shape):  # e.g. (x.shape[-1],): the trailing dims of the traced input
-        count = 1 if isinstance(shape, int) else len(shape)
-        shape = tuple(source.meta["tensor_meta"].shape[-count:])
-    norm = nn.LayerNorm(shape, eps=bound.get("eps", 1e-5),
-                        elementwise_affine=bool(affine), bias=bias is not None)
-    for attribute, arg in (("weight", weight), ("bias", bias)):
-        if arg is not None:
-            setattr(norm, attribute, fetch_attribute(graph_module, arg.target))
-    replace_with_module(graph_module, node, norm, (source,))
-    for arg in affine:
-        if not arg.users:
-            graph_module.graph.erase_node(arg)
-
-
 def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     """Replace every tabled functional / Tensor-method call by a call of a fresh module.
 
@@ -254,8 +234,9 @@ def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     for module in graph_module.modules():
         set_inplace_false(module)
     for node in list(graph_module.graph.nodes):
-        if node.op == "call_function" and node.target is F.layer_norm:
-            _layer_norm_to_module(graph_module, node)
+        module = module_of(graph_module, node)
+        if type(module) in MODULE_REWRITES:
+            set_submodule(graph_module, node.target, MODULE_REWRITES[type(module)](module))
             continue
         rule = _rule_for(node)
         if rule is None or not is_float_tensor(node):

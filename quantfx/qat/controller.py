@@ -66,6 +66,8 @@ def controller_of(model: nn.Module) -> QATController:
         return model
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     controller = getattr(module, CONTROLLER_NAME, None)
+    if not isinstance(controller, QATController) and isinstance(module, nn.Module):
+        controller = next((m for m in module.children() if isinstance(m, QATController)), None)
     if not isinstance(controller, QATController):
         raise ConfigError(
             f"expected a model returned by quantfx.prepare_qat (or its DDP wrapper), got "
@@ -85,6 +87,13 @@ def freeze_batchnorm(model: nn.Module) -> None:
 def freeze_ranges(model: nn.Module) -> None:
     """Freeze every activation range now: exponents stop following the data."""
     controller = controller_of(model)
+    unseen = sum(1 for quantizer in controller.activation_quantizers if not quantizer.observed)
+    if unseen:
+        raise ConfigError(
+            f"freezing the QAT ranges now would freeze {unseen} quantizer(s) that never saw "
+            "data, which would then never quantize. Freeze after some training steps (a "
+            "QATSchedule freeze_ranges_step/epoch > 0), or start QAT from a calibrated "
+            "quantfx.prepare model.")
     for quantizer in controller.activation_quantizers:
         if quantizer.observed:
             quantizer.compute_exponent()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.passes.fuse import folded_weight_bias
 from quantfx.qmath import (
-    bias_to_int32_grid,
+    bias_to_grid,
     channel_shape,
     fake_quantize,
     fake_quantize_ste,
@@ -50,9 +50,10 @@ class QATLayer(FakeQuantLayer):
     """
 
     def __init__(self, layer: nn.Module, bn: nn.Module | None, weight_quantizer: Quantizer,
-                 input_quantizer: Quantizer | None = None) -> None:
+                 input_quantizer: Quantizer | None = None, bias_bits: int = 32) -> None:
         super().__init__(layer, weight_quantizer)
         self.bn = bn
+        self.bias_bits = bias_bits
         self.register_buffer("bn_frozen", torch.tensor(False))
         self.__dict__["input_quantizer"] = input_quantizer
 
@@ -92,9 +93,10 @@ class QATLayer(FakeQuantLayer):
                                            self.weight_quantizer.axis)
         input_ready = quantizer is not None and bool(quantizer.quant_enabled) and quantizer.observed
         if bias is not None and input_ready:
-            exponent = fit_bias_exponent(exponent, quantizer.exponent, bias)
+            exponent = fit_bias_exponent(exponent, quantizer.exponent, bias, self.bias_bits)
             bias_exponent = quantizer.exponent + exponent
-            bias = bias_to_int32_grid(bias, bias_exponent, 0 if bias_exponent.dim() else None)
+            bias = bias_to_grid(bias, bias_exponent, 0 if bias_exponent.dim() else None,
+                                self.bias_bits)
         return layer_forward(self.layer, x, self._quantize_weight(weight, exponent), bias)
 
     def _forward_live_bn(self, x: Tensor) -> Tensor:

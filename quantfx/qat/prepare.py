@@ -19,10 +19,22 @@ from torch import nn
 
 from quantfx.config import GRAPH_FIELDS, QuantConfig, resolve_config
 from quantfx.errors import ConfigError, PrepareError
-from quantfx.frontend import build_graph, input_shapes, require_layers
-from quantfx.inputs import parameter_dtype_device
+from quantfx.frontend import (
+    as_input_tuple,
+    build_graph,
+    check_no_inference_mode,
+    input_shapes,
+    require_layers,
+    warn_unexportable,
+)
+from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer
-from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
+from quantfx.passes.graph_utils import (
+    input_quantizer,
+    module_of,
+    set_submodule,
+    unique_submodule_name,
+)
 from quantfx.passes.place import place_quantizers
 from quantfx.qat.controller import CONTROLLER_NAME, QATController
 from quantfx.qat.layer import QATLayer
@@ -51,12 +63,19 @@ def prepare_qat(
                           "a float model or one returned by quantfx.prepare",
                           "Start from the float model (or the prepared one) instead.")
     if state is not None:
+        check_no_inference_mode("prepare_qat")
+        dtype, _ = parameter_dtype_device(model)
+        check_input_tensors(as_input_tuple(example_inputs), dtype, "example input", PrepareError)
         return _prepare_from_ptc(model, state, _config_for_prepared(state.config, config))
     config = resolve_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=True)
-    count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), QATLayer,
+    def qat_layer(layer: nn.Module, bn: nn.Module | None, quantizer: nn.Module) -> QATLayer:
+        return QATLayer(layer, bn, quantizer, bias_bits=config.profile.bias_bits)
+
+    count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), qat_layer,
                              fold_bn=True)
     require_layers(count, model)
+    warn_unexportable(graph_module)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)),
                    inputs[0].device)
 
@@ -86,7 +105,8 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
         module = module_of(graph_module, node)
         if isinstance(module, FakeQuantLayer):
             quantizer = factory.weight(module.layer, module.weight_quantizer.bits)
-            set_submodule(graph_module, node.target, QATLayer(module.layer, None, quantizer))
+            set_submodule(graph_module, node.target, QATLayer(
+                module.layer, None, quantizer, bias_bits=config.profile.bias_bits))
         elif isinstance(module, CalibrationQuantizer):
             started = factory.activation(module.bits, module.signed)
             if module.observed:
@@ -102,11 +122,12 @@ def _finish(graph_module: fx.GraphModule, state: QuantState,
     controller, move what was added to the model's device, go to train mode."""
     schedule = state.config.schedule
     controller = QATController(schedule)
-    graph_module.add_submodule(CONTROLLER_NAME, controller)
+    name = unique_submodule_name(graph_module, CONTROLLER_NAME)  # the model may have one
+    graph_module.add_submodule(name, controller)
     graph = graph_module.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before():
-        graph.call_module(CONTROLLER_NAME, args=())
+        graph.call_module(name, args=())
     for node in graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, QATLayer):
@@ -126,6 +147,11 @@ def _finish(graph_module: fx.GraphModule, state: QuantState,
     graph_module.recompile()
     graph_module.to(device)
     attach_state(graph_module, state)  # survives deepcopy (an EMA copy is still a QAT model)
+    if 0 in (schedule.freeze_ranges_step, schedule.freeze_ranges_epoch) and any(
+            not quantizer.observed for quantizer in controller.activation_quantizers):
+        raise ConfigError(
+            "QATSchedule freezes the ranges at step/epoch 0, before they saw any data, so they "
+            "would never quantize: freeze later, or pass a calibrated quantfx.prepare model.")
     controller.apply_schedule()  # a schedule with 0 freezes at once
     return graph_module.train()
 

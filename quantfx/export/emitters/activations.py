@@ -9,6 +9,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from quantfx import modules as standins
 from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
 
@@ -44,6 +45,8 @@ def _relu6_of_shifted(b: Builder, node: fx.Node, source: str) -> str:
 
 
 def emit_hardswish(b: Builder, node: fx.Node, module: nn.Module) -> None:
+    """An nn.Hardswish subclass quantfx did not replace: torch's float steps, decomposed.
+    (ONNX HardSwish computes ..., see below.)"""
     # ONNX HardSwish computes x * max(0, min(1, x/6 + 1/2)): different float rounding from
     # torch's x * min(max(x + 3, 0), 6) / 6, so emit torch's steps.
     source = b.tensor_input(node)
@@ -56,6 +59,31 @@ def emit_hardswish(b: Builder, node: fx.Node, module: nn.Module) -> None:
 def emit_hardsigmoid(b: Builder, node: fx.Node, module: nn.Module) -> None:
     clipped = _relu6_of_shifted(b, node, b.tensor_input(node))
     b.emit(node, "Div", [clipped, b.float_constant(f"{node.name}.six", 6.0)])
+
+
+HARD_SWISH_OPSET = 14
+"""ONNX HardSwish exists from opset 14."""
+
+
+def emit_hard_sigmoid(b: Builder, node: fx.Node, module: standins.HardSigmoid) -> None:
+    """One HardSigmoid (alpha 1/6, beta 1/2): the stand-in computes its exact float steps."""
+    b.emit(node, "HardSigmoid", [b.tensor_input(node)], alpha=standins.ONE_SIXTH, beta=0.5)
+
+
+def emit_hard_swish(b: Builder, node: fx.Node, module: standins.HardSwish) -> None:
+    """One HardSwish from opset 14 (TIDL runs it as one layer, Q/DQ only around it); below,
+    ONNX's own steps x * Clip(x * alpha + 1/2, 0, 1)."""
+    source = b.tensor_input(node)
+    if b.opset >= HARD_SWISH_OPSET:
+        b.emit(node, "HardSwish", [source])
+        return
+    name = node.name
+    b.add("Mul", [source, b.float_constant(f"{name}.alpha", standins.ONE_SIXTH)],
+          [f"{name}.scaled"], f"{name}.scaled")
+    b.add("Add", [f"{name}.scaled", b.float_constant(f"{name}.half", 0.5)],
+          [f"{name}.shifted"], f"{name}.shifted")
+    b.clip(f"{name}.gate", f"{name}.shifted", f"{name}.gate", 0.0, 1.0)
+    b.emit(node, "Mul", [source, f"{name}.gate"])
 
 
 def emit_silu(b: Builder, node: fx.Node, module: nn.Module) -> None:

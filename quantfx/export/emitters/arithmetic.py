@@ -65,3 +65,49 @@ def emit_einsum(b: Builder, node: fx.Node, module: Any) -> None:
                           "opset=13.")
     b.emit(node, "Einsum", [b.value(operand) for operand in operands],
            equation="".join(renamed))
+
+
+def call_binary(op_type: str) -> Callable[[Builder, fx.Node, Any], None]:
+    """A two-operand function or Tensor method left as a call (x / 3, torch.maximum(a, b))."""
+    def emit(b: Builder, node: fx.Node, module: Any) -> None:
+        b.emit(node, op_type, [b.operand(node, 0), b.operand(node, 1)])
+    return emit
+
+
+def call_unary(op_type: str) -> Callable[[Builder, fx.Node, Any], None]:
+    """A one-operand function or Tensor method (-x, x.abs(), torch.exp(x))."""
+    def emit(b: Builder, node: fx.Node, module: Any) -> None:
+        b.emit(node, op_type, [b.tensor_input(node)])
+    return emit
+
+
+def emit_pow(b: Builder, node: fx.Node, module: Any) -> None:
+    """x ** p: torch computes p = 2, 3, 0.5 and -1 as x*x, x*x*x, sqrt and reciprocal, so
+    those are written the same way (bit-exact); other exponents as Pow."""
+    exponent = b.value(node.args[1]) if len(node.args) > 1 else node.kwargs.get("exponent")
+    source = b.tensor_input(node)
+    if exponent == 2:
+        b.emit(node, "Mul", [source, source])
+    elif exponent == 3:
+        b.add("Mul", [source, source], [f"{node.name}.square"], f"{node.name}.square")
+        b.emit(node, "Mul", [f"{node.name}.square", source])
+    elif exponent == 0.5:
+        b.emit(node, "Sqrt", [source])
+    elif exponent == -1:
+        b.emit(node, "Reciprocal", [source])
+    else:
+        b.emit(node, "Pow", [source, b.operand(node, 1)])
+
+
+def emit_clamp(b: Builder, node: fx.Node, module: Any) -> None:
+    """torch.clamp / clip with constant bounds as Clip (a missing bound stays open)."""
+    low, high = b.call_arguments(node, ("min", "max"))
+    if any(isinstance(bound, str) for bound in (low, high)):
+        raise ExportError(f"clamp '{node.name}' has tensor bounds; only constant bounds export.")
+    inputs = [b.tensor_input(node)]
+    for suffix, bound in (("min", low), ("max", high)):
+        inputs.append("" if bound is None else b.float_constant(f"{node.name}.{suffix}",
+                                                                float(bound)))
+    while inputs[-1] == "":
+        inputs.pop()
+    b.emit(node, "Clip", inputs)

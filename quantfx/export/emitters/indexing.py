@@ -65,10 +65,8 @@ def emit_roll(b: Builder, node: fx.Node, module: Any) -> None:
                           "does not export; give dims.")
     shifts = [shifts] if isinstance(shifts, int) else list(shifts)
     dims = [dims] if isinstance(dims, int) else list(dims)
-    result = b.roll(node.name, b.tensor_input(node), shape, shifts,
-                    [dim % len(shape) for dim in dims])
-    b.add("Identity", [result], [node.name], f"{node.name}.identity")
-    b.env[node] = node.name
+    b.env[node] = b.roll(node.name, b.tensor_input(node), shape, shifts,
+                         [dim % len(shape) for dim in dims])
 
 
 def emit_getitem(b: Builder, node: fx.Node, module: Any) -> None:

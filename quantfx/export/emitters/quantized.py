@@ -20,6 +20,18 @@ NUMPY_CODE_TYPES = {8: np.int8, 16: np.int16, 32: np.int32}
 """Bits of a weight (8/16) or bias (32) -> the type of its integer initializer."""
 
 
+def _qdq_pair(b: Builder, prefix: str, source: str, output: str,
+              quantizer: FrozenQuantizer) -> None:
+    """QuantizeLinear -> DequantizeLinear on `quantizer`'s grid, named after `prefix`."""
+    dtype = NUMPY_INT_TYPES[(quantizer.bits, quantizer.signed)]
+    scale_name = b.float_constant(f"{prefix}.scale", quantizer.scale)
+    zero_name = b.constant(f"{prefix}.zero_point", np.zeros((), dtype=dtype))
+    quantized = f"{prefix}.{np.dtype(dtype).name}"
+    b.add("QuantizeLinear", [source, scale_name, zero_name], [quantized], f"{prefix}.quantize")
+    b.add("DequantizeLinear", [quantized, scale_name, zero_name], [output],
+          f"{prefix}.dequantize")
+
+
 def emit_quantize(b: Builder, node: fx.Node, quantizer: FrozenQuantizer) -> None:
     source = b.tensor_input(node)
     scale = quantizer.scale
@@ -28,15 +40,16 @@ def emit_quantize(b: Builder, node: fx.Node, quantizer: FrozenQuantizer) -> None
     if b.legacy:
         b.clip(node.name, source, node.name, quantizer.qmin * scale, quantizer.qmax * scale)
     else:
-        dtype = NUMPY_INT_TYPES[(quantizer.bits, quantizer.signed)]
-        scale_name = b.float_constant(f"{node.name}.scale", scale)
-        zero_name = b.constant(f"{node.name}.zero_point", np.zeros((), dtype=dtype))
-        quantized = f"{node.name}.{np.dtype(dtype).name}"
-        b.add("QuantizeLinear", [source, scale_name, zero_name], [quantized],
-              f"{node.name}.quantize")
-        b.add("DequantizeLinear", [quantized, scale_name, zero_name], [node.name],
-              f"{node.name}.dequantize")
+        _qdq_pair(b, node.name, source, node.name, quantizer)
     b.env[node] = node.name
+
+
+def requantize(b: Builder, name: str, quantizer: FrozenQuantizer) -> str:
+    """Q/DQ on the grid `name` already lies on (an exact identity): for a grid-keeping op TIDL
+    wants Q/DQ after (MaxPool, Concat, Tile, ...). Returns the dequantized tensor's name."""
+    output = f"{name}.requantized"
+    _qdq_pair(b, f"{name}.requantize", name, output, quantizer)
+    return output
 
 
 def _dequantized_constant(b: Builder, name: str, codes: Tensor, exponent: Tensor,
@@ -57,12 +70,10 @@ def _dequantized_constant(b: Builder, name: str, codes: Tensor, exponent: Tensor
     return name
 
 
-def _layer_parameters(b: Builder, node: fx.Node, integer: IntegerLayer,
-                      transpose_weight: bool = False) -> tuple[str, str | None]:
+def _layer_parameters(b: Builder, node: fx.Node, integer: IntegerLayer
+                      ) -> tuple[str, str | None]:
     layer = integer.layer
     weight_codes, weight_grid = integer.weight_int, layer.weight
-    if transpose_weight:
-        weight_codes, weight_grid = weight_codes.t(), weight_grid.t()
     weight = _dequantized_constant(b, f"{node.name}.weight", weight_codes,
                                    integer.weight_exponent, integer.weight_bits, weight_grid)
     bias = None
@@ -85,15 +96,18 @@ def conv_pads(layer: nn.modules.conv._ConvNd) -> list[int]:
 
 
 def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
-    if len(b.input_info(node).shape) == 2:
-        weight, bias = _layer_parameters(b, node, integer)
+    """Gemm; a Linear on (..., features) runs as Reshape -> 2-D Gemm -> Reshape, so the layer
+    is one node (TIDL's inner product) with no float tensor between its product and bias."""
+    weight, bias = _layer_parameters(b, node, integer)
+    in_shape = b.input_info(node).shape
+    if len(in_shape) == 2:
         b.emit(node, "Gemm", [source, weight] + ([bias] if bias else []), transB=1)
         return
-    weight, bias = _layer_parameters(b, node, integer, transpose_weight=True)
-    product = f"{node.name}.matmul" if bias else node.name
-    b.add("MatMul", [source, weight], [product], f"{node.name}.matmul")
-    if bias:
-        b.add("Add", [product, bias], [node.name], node.name)
+    rows = int(np.prod(in_shape[:-1]))
+    b.reshape(f"{node.name}.rows", source, f"{node.name}.rows", (rows, in_shape[-1]))
+    b.add("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []),
+          [f"{node.name}.gemm"], f"{node.name}.gemm", transB=1)
+    b.reshape(node.name, f"{node.name}.gemm", node.name, b.info(node).shape)
     b.env[node] = node.name
 
 

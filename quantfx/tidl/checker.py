@@ -1,0 +1,260 @@
+"""`check_tidl`: for an exported ONNX file, what a TIDL device runs on its accelerator.
+
+Node by node: offloaded, or falling back to the ARM cores and why (the rule of TI's operator
+table it breaks, with the document); then what TIDL's quantization needs of the whole graph:
+Q/DQ on every tensor it holds in fixed point (except the documented fusions), 8-bit Q/DQ for
+pre-quantized import, biases within the device's width, per-channel weights only where the
+device takes them, the opset TI validated.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from quantfx.errors import ConfigError
+from quantfx.tidl.profiles import (
+    FUSE_INTO_ACTIVATION,
+    FUSED_ACTIVATIONS,
+    NO_QDQ_OPS,
+    PROFILES,
+    TARGETS,
+)
+from quantfx.tidl.rules import FALLBACK, QUANTIZATION, WARNING, Finding, Graph, check_node
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+FUSIONS = {
+    "SiLU": collections.Counter({"Sigmoid": 1, "Mul": 1}),
+    "GELU": collections.Counter({"Mul": 3, "Erf": 1, "Add": 1}),
+    "LayerNorm": collections.Counter({"ReduceMean": 2, "Sub": 1, "Mul": 1, "Add": 1, "Sqrt": 1,
+                                      "Div": 1}),
+    "LayerNorm (affine)": collections.Counter({"ReduceMean": 2, "Sub": 1, "Mul": 2, "Add": 2,
+                                               "Sqrt": 1, "Div": 1}),
+}
+"""Patterns TIDL runs as one layer with Q/DQ only at the end [T11.2 quantization.md]: op
+counts of the nodes joined by unquantized tensors (shape-only ops left out)."""
+MAX_VALIDATED_OPSET = 21
+
+
+@dataclass
+class TidlReport:
+    """What `check_tidl` found, node by node and for the graph."""
+
+    target: str
+    opset: int
+    nodes: list[tuple[str, str, bool]] = field(default_factory=list)
+    """(node name, op type, offloaded) of every node other than Q/DQ."""
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def offloaded(self) -> int:
+        return sum(1 for _, _, offloaded in self.nodes if offloaded)
+
+    @property
+    def fully_offloaded(self) -> bool:
+        """True when every node runs on the accelerator."""
+        return self.offloaded == self.total
+
+    def warnings(self) -> list[Finding]:
+        return [finding for finding in self.findings if finding.severity == WARNING]
+
+    def summary(self) -> str:
+        """One line: offloaded / total, what falls back, how many warnings."""
+        fallback = collections.Counter(op for _, op, offloaded in self.nodes if not offloaded)
+        falls = (", ".join(f"{op} x{count}" for op, count in fallback.most_common())
+                 if fallback else "none")
+        return (f"{self.target}: {self.offloaded}/{self.total} nodes offloaded to the "
+                f"accelerator (ARM fallback: {falls}); {len(self.warnings())} warning(s)")
+
+    def __str__(self) -> str:
+        lines = [self.summary()] + [f"  {finding}" for finding in self.findings]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        rows = ["| node | op | runs on | why |", "|---|---|---|---|"]
+        reasons = collections.defaultdict(list)
+        for finding in self.findings:
+            reasons[finding.node].append(f"{finding.rule} [{finding.source}]")
+        for name, op, offloaded in self.nodes:
+            where = "accelerator" if offloaded else "ARM"
+            rows.append(f"| {name} | {op} | {where} | {'; '.join(reasons.get(name, []))} |")
+        return f"{self.summary()}\n\n" + "\n".join(rows) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "opset": self.opset, "offloaded": self.offloaded,
+                "total": self.total, "summary": self.summary(),
+                "findings": [vars(finding) for finding in self.findings]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _on_grid(name: str, graph: Graph, memo: dict[str, bool]) -> bool:
+    """Whether tensor `name` is held on a quantization grid: a DequantizeLinear output or a
+    constant, or a shape-only op's output whose input is on a grid."""
+    if name in memo:
+        return memo[name]
+    producer = graph.producers.get(name)
+    if producer is None:
+        result = graph.is_constant(name)
+    elif producer.op_type == "DequantizeLinear":
+        result = True
+    elif producer.op_type in NO_QDQ_OPS:
+        result = _on_grid(producer.input[0], graph, memo)
+    else:
+        consumers = graph.consumers.get(name, [])
+        result = bool(consumers) and all(c.op_type == "QuantizeLinear" for c in consumers)
+    memo[name] = result
+    return result
+
+
+def _key(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _unquantized_regions(graph: Graph) -> list[tuple[list[onnx.NodeProto], list[str]]]:
+    """Groups of nodes joined by float tensors without Q/DQ, with those tensors."""
+    memo: dict[str, bool] = {}
+    outputs = {value.name for value in graph.model.graph.output}
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    loose: list[str] = []
+    for node in graph.model.graph.node:
+        if node.op_type in QDQ_OPS + tuple(NO_QDQ_OPS):
+            continue
+        for tensor in node.output:
+            if tensor in outputs or _on_grid(tensor, graph, memo):
+                continue
+            loose.append(tensor)
+            for user in _users_through_shape_ops(tensor, graph):
+                parent[find(_key(user))] = find(_key(node))
+            find(_key(node))
+    regions: dict[str, tuple[list[onnx.NodeProto], list[str]]] = {}
+    by_key = {_key(node): node for node in graph.model.graph.node}
+    for name in parent:
+        nodes, _ = regions.setdefault(find(name), ([], []))
+        nodes.append(by_key[name])
+    for tensor in loose:
+        regions[find(_key(graph.producers[tensor]))][1].append(tensor)
+    return list(regions.values())
+
+
+def _users_through_shape_ops(tensor: str, graph: Graph) -> list[onnx.NodeProto]:
+    users = []
+    for user in graph.consumers.get(tensor, []):
+        if user.op_type in NO_QDQ_OPS:
+            users += _users_through_shape_ops(user.output[0], graph)
+        elif user.op_type != "QuantizeLinear":
+            users.append(user)
+    return users
+
+
+def _qdq_findings(graph: Graph) -> list[Finding]:
+    """Float tensors TIDL would have to quantize itself (undocumented: it picks a scale)."""
+    findings = []
+    for nodes, tensors in _unquantized_regions(graph):
+        kinds = collections.Counter(node.op_type for node in nodes)
+        if len(nodes) == 2 and {n.op_type for n in nodes} & FUSED_ACTIVATIONS and (
+                {n.op_type for n in nodes} & FUSE_INTO_ACTIVATION):
+            continue  # conv/add/bn + relu: one layer, Q/DQ after the activation
+        if kinds in FUSIONS.values():
+            continue
+        for tensor in tensors:
+            findings.append(Finding(
+                WARNING, tensor, f"float tensor without Q/DQ ({graph.producers[tensor].op_type} "
+                "output): TIDL would choose its own scale, and the device would no longer "
+                "compute what quantfx simulated", QUANTIZATION))
+    return findings
+
+
+def _quantization_findings(graph: Graph) -> list[Finding]:
+    findings = []
+    profile = graph.profile
+    bias_limit = 2 ** (profile.bias_bits - 1) - 1
+    for node in graph.model.graph.node:
+        if node.op_type not in QDQ_OPS:
+            continue
+        zero = graph.constants.get(node.input[2]) if len(node.input) > 2 else None
+        scale = graph.constants.get(node.input[1])
+        if zero is not None and zero.dtype.itemsize == 2 and profile.tidl and (
+                not profile.int16_qdq_importable):
+            findings.append(Finding(WARNING, node.name, "16-bit Q/DQ: pre-quantized import is "
+                                    "documented as 8-bit only; the layer is also named in the "
+                                    "options' 16-bit lists", "T11.0 docs"))
+        per_channel = scale is not None and scale.size > 1
+        users = graph.consumers.get(node.output[0], [])
+        weight_of = [user for user in users if len(user.input) > 1 and user.input[1]
+                     == node.output[0]]
+        if per_channel and node.op_type == "QuantizeLinear":
+            findings.append(Finding(FALLBACK, node.name, "per-channel activation Q/DQ (TIDL: "
+                                    "default axis 1 only)", "T11.2 operators.md"))
+        if per_channel and weight_of and not profile.per_channel_weights:
+            findings.append(Finding(WARNING, node.name, f"per-channel weights on "
+                                    f"{profile.name}, which runs power-of-2 per-tensor weights",
+                                    "MO README"))
+        codes = graph.constants.get(node.input[0])
+        bias_of = [user for user in users if len(user.input) > 2 and user.input[2]
+                   == node.output[0] and user.op_type in ("Conv", "ConvTranspose", "Gemm")]
+        if bias_of and codes is not None and codes.size and int(abs(codes).max()) > bias_limit:
+            findings.append(Finding(WARNING, node.name, f"bias codes up to "
+                                    f"{int(abs(codes).max())} exceed {profile.bias_bits} bit: "
+                                    "TIDL clips them and changes the weight scale", "BM"))
+    return findings
+
+
+def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
+    """The TIDL report of an ONNX model for `target` (a name of `quantfx.tidl.profiles`)."""
+    if target not in PROFILES:
+        raise ConfigError(f"target={target!r} is not one of {TARGETS}.")
+    if not model.graph.value_info:
+        model = onnx.shape_inference.infer_shapes(model)
+    graph = Graph.of(model, PROFILES[target])
+    opset = next((item.version for item in model.opset_import if item.domain in ("", "ai.onnx")),
+                 0)
+    report = TidlReport(target, opset)
+    if opset > MAX_VALIDATED_OPSET:
+        report.findings.append(Finding(WARNING, "model", f"opset {opset} is newer than TIDL "
+                                       f"validated ({MAX_VALIDATED_OPSET})", "T11.2"))
+    for node in model.graph.node:
+        if node.op_type in QDQ_OPS:
+            continue
+        found = check_node(node, graph)
+        report.findings += found
+        report.nodes.append((node.name or node.output[0], node.op_type,
+                             not any(f.severity == FALLBACK for f in found)))
+    if any(node.op_type in QDQ_OPS for node in model.graph.node):
+        report.findings += _qdq_findings(graph) + _quantization_findings(graph)
+    return report
+
+
+def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str = "generic") -> TidlReport:
+    """What TIDL would do with an exported model (a path or an `onnx.ModelProto`) on `target`.
+
+    Returns a `TidlReport`: `summary()`, `str()` (every finding), `to_markdown()` (a table of
+    every node), `to_json()`; `fully_offloaded` says whether everything runs on the
+    accelerator.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return check_model(model, target)
+    if not isinstance(model, (str, os.PathLike)) or not os.path.isfile(model):
+        raise ConfigError(f"check_tidl needs an ONNX file path or an onnx.ModelProto, got "
+                          f"{model!r}.")
+    try:
+        loaded = onnx.load(os.fspath(model))
+    except Exception as error:  # noqa: BLE001 - not an ONNX file
+        raise ConfigError(f"{os.fspath(model)!r} is not an ONNX model: {error}") from error
+    return check_model(loaded, target)
