@@ -18,6 +18,7 @@ PARTS = {
     "coverage": "benchmarks.coverage",
     "qat_step": "benchmarks.deployment:run_qat_step",
     "onnx_runtime": "benchmarks.deployment:run_onnx_runtime",
+    "tidl_profiles": "benchmarks.tidl_profiles",
 }
 
 

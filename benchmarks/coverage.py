@@ -45,7 +45,9 @@ DESCRIPTION = (
     "calibration batch (random weights, so only a sanity check: higher is closer). 'ORT "
     "identical %' is the share of output elements of quantfx's exported ONNX that ONNX Runtime "
     "computes bit-identical to the converted model, 'max LSB' the largest difference (export "
-    "fails above 1 LSB: nothing is written); 'ORT bit-identical' in the summary counts the "
+    "fails above 1 LSB: nothing is written); 'offloaded tda4vm / am68a' are the nodes TIDL's "
+    "rules for that device would run on the accelerator, out of all non-Q/DQ nodes "
+    "(quantfx.check_tidl of the exported file); 'ORT bit-identical' in the summary counts the "
     "models at 100 %. Each model runs in its own process with a limit of "
     f"{BASE_TIMEOUT_S} s + {TIMEOUT_S_PER_M} s per million parameters; 'seconds' is its wall "
     f"time, with {WORKERS} models checked at once (those over {ALONE_ABOVE_M:.0f} M parameters "
@@ -53,6 +55,8 @@ DESCRIPTION = (
 )
 
 STAGES = ("float", "prepare", "calibrate", "convert", "export")
+OFFLOAD_TARGETS = ("tda4vm", "am68a")
+"""Devices whose TIDL rules the exported file is checked against (nodes offloaded / total)."""
 
 
 def model_names() -> list[tuple[str, str]]:
@@ -164,6 +168,21 @@ def _reinitialize_zero_layers(model: Any) -> None:
                 torch.nn.init.normal_(weight, std=0.02)
 
 
+def _offload(row: dict[str, Any], converted: Any, example: Any, path: Path) -> None:
+    """Nodes offloaded / total under each of OFFLOAD_TARGETS' TIDL rules (the operator rules
+    that decide offloading depend on the graph, not on the profile the file was made with)."""
+    import quantfx as qf
+
+    try:
+        if not path.exists():
+            qf.export_onnx(converted, example, path, verify=False)
+        for target in OFFLOAD_TARGETS:
+            tidl = qf.check_tidl(path, target)
+            row[f"offloaded {target}"] = f"{tidl.offloaded}/{tidl.total}"
+    except Exception:  # noqa: BLE001 - a model that does not export has no file to check
+        pass
+
+
 def check_model(name: str, threads: int = 1) -> dict[str, Any]:
     """Run every stage on torchvision model `name`; the row of the coverage table."""
     import torch
@@ -202,8 +221,11 @@ def check_model(name: str, threads: int = 1) -> dict[str, Any]:
         if hasattr(qf, "export_onnx"):
             stage = "export"
             with tempfile.TemporaryDirectory(prefix="quantfx-coverage-") as folder:
-                report = qf.export_onnx(converted, example, Path(folder) / f"{name}.onnx",
-                                        threads=threads)
+                path = Path(folder) / f"{name}.onnx"
+                try:
+                    report = qf.export_onnx(converted, example, path, threads=threads)
+                finally:  # a file refused by verification is checked for TIDL all the same
+                    _offload(row, converted, example, path)
             row[stage] = "ok"
             if getattr(report, "fraction_identical", None) is not None:
                 row["ORT identical %"] = 100.0 * report.fraction_identical
@@ -361,7 +383,8 @@ def run(progress: bool = True) -> PartResult:
     cache_path = CACHE_DIR / f"coverage-{_source_key()}.json"
     cached: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     columns = ["task", "model", "parameters (M)", "input", *STAGES, "SQNR dB",
-               "ORT identical %", "max LSB", "seconds"]
+               "ORT identical %", "max LSB",
+               *(f"offloaded {target}" for target in OFFLOAD_TARGETS), "seconds"]
     table = Table("Model coverage", columns)
     names = model_names()
     sizes = {name: parameter_count(name) for _, name in names}

@@ -692,3 +692,17 @@ def test_more_shape_ops_are_bit_exact(tmp_path) -> None:
     ops = {node.op_type for node in onnx.load(str(tmp_path / "more.onnx")).graph.node}
     assert {"Slice", "Tile", "DepthToSpace", "MaxPool"} <= ops
     assert "Dropout" not in ops
+
+
+def test_report_carries_the_deployment_sessions_agreement_on_this_cpu(small_converted,
+                                                                      tmp_path) -> None:
+    from quantfx.export.verify import cpu_dot_product_extension
+
+    converted, data = small_converted
+    report = qf.export_onnx(converted, (data[:2],), tmp_path / "m.onnx", verify_data=data)
+    assert report.cpu_dot_product == cpu_dot_product_extension()
+    assert report.optimized_fraction_identical is not None, report.optimized_error
+    assert 0.0 <= report.optimized_fraction_identical <= 1.0
+    if _cpu_has_vnni():
+        assert report.optimized_fraction_identical == 1.0
+    assert "optimized session" in report.summary() and "TIDL generic" in report.summary()

@@ -1,0 +1,293 @@
+"""TIDL fidelity: each checker rule on a hand-built ONNX graph that breaks it and one that
+keeps it, device profiles (bias width, options, per-channel rules), and exports of real
+models that TIDL holds exactly as quantfx simulates them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+
+import quantfx as qf
+from quantfx.export.files import options_path_for
+from quantfx.tidl.checker import check_model
+from tests.helpers import ConvBnReLU, randomize_batchnorm
+
+FLOAT = TensorProto.FLOAT
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=18) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(np.asarray(v), n) for n, v in initializers])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _one(op, attributes=None, shape=(1, 8, 16, 16), extra=(), initializers=(), opset=18):
+    node = helper.make_node(op, ["x", *extra], ["y"], name="node", **(attributes or {}))
+    return _model([node], [("x", list(shape))], ["y"], initializers, opset)
+
+
+def _fallbacks(model, target="generic"):
+    return [f.rule for f in check_model(model, target).findings if f.severity == "fallback"]
+
+
+def _warnings(model, target="generic"):
+    return [f.rule for f in check_model(model, target).findings if f.severity == "warning"]
+
+
+def _conv(kernel, stride, group=1, channels=8):
+    weight = np.zeros((8, channels // group, *kernel), np.float32)
+    return _one("Conv", {"kernel_shape": list(kernel), "strides": [stride, stride],
+                         "group": group}, (1, channels, 32, 32), ["w"], [("w", weight)])
+
+
+# ------------------------------------------------------------------------------- operator rules
+
+RULES = [  # (what, graph that breaks the rule, graph that keeps it, target)
+    ("unsupported op", _one("Einsum", {"equation": "nchw->nchw"}), _one("Relu"), "generic"),
+    ("stride H != W", _one("Conv", {"kernel_shape": [3, 3], "strides": [1, 2]},
+                           (1, 8, 16, 16), ["w"], [("w", np.zeros((8, 8, 3, 3), np.float32))]),
+     _conv((3, 3), 2), "generic"),
+    ("depthwise kernel", _conv((9, 9), 1, group=8), _conv((3, 3), 1, group=8), "generic"),
+    ("3x3 stride 3", _conv((3, 3), 3), _conv((3, 3), 2), "am62a"),
+    ("ConvTranspose kernel", _one("ConvTranspose", {"kernel_shape": [5, 5], "strides": [2, 2]},
+                                  extra=["w"], initializers=[("w", np.zeros((8, 8, 5, 5),
+                                                                           np.float32))]),
+     _one("ConvTranspose", {"kernel_shape": [4, 4], "strides": [2, 2]}, extra=["w"],
+          initializers=[("w", np.zeros((8, 8, 4, 4), np.float32))]), "generic"),
+    ("global pool area", _one("GlobalAveragePool", shape=(1, 8, 64, 64)),
+     _one("GlobalAveragePool", shape=(1, 8, 16, 16)), "generic"),
+    ("softmax axis", _one("Softmax", {"axis": 1}), _one("Softmax", {"axis": -1}), "generic"),
+    ("concat axis", _model([helper.make_node("Concat", ["x", "x"], ["y"], name="c", axis=0)],
+                           [("x", [1, 8, 4, 4])], ["y"]),
+     _model([helper.make_node("Concat", ["x", "x"], ["y"], name="c", axis=1)],
+            [("x", [1, 8, 4, 4])], ["y"]), "generic"),
+    ("resize factor", _one("Resize", {"mode": "nearest", "coordinate_transformation_mode":
+                                      "asymmetric"}, extra=["", "s"],
+                           initializers=[("s", np.array([1, 1, 3, 3], np.float32))]),
+     _one("Resize", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"},
+          extra=["", "s"], initializers=[("s", np.array([1, 1, 2, 2], np.float32))]),
+     "generic"),
+    ("pad on channels", _one("Pad", extra=["p"], initializers=[
+        ("p", np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))]),
+     _one("Pad", extra=["p"], initializers=[("p", np.array([0, 0, 1, 1, 0, 0, 1, 1],
+                                                           np.int64))]), "generic"),
+    ("reflect pad", _one("Pad", {"mode": "reflect"}, extra=["p"], initializers=[
+        ("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))]),
+     _one("Pad", extra=["p"], initializers=[("p", np.array([0, 0, 1, 1, 0, 0, 1, 1],
+                                                           np.int64))]), "generic"),
+    ("gemm transA", _one("Gemm", {"transA": 1}, (8, 4), ["w"], [("w", np.zeros((8, 3),
+                                                                               np.float32))]),
+     _one("Gemm", {"transB": 1}, (4, 8), ["w"], [("w", np.zeros((3, 8), np.float32))]),
+     "generic"),
+    ("reduce max axis", _one("ReduceMax", {"keepdims": 1}, extra=["a"],
+                             initializers=[("a", np.array([3], np.int64))]),
+     _one("ReduceMax", {"keepdims": 1}, extra=["a"], initializers=[("a", np.array([2],
+                                                                                  np.int64))]),
+     "generic"),
+    ("clip bounds", _one("Clip", extra=["lo", "hi"], initializers=[
+        ("lo", np.float32(0.5)), ("hi", np.float32(6))]),
+     _one("Clip", extra=["lo", "hi"], initializers=[("lo", np.float32(0)),
+                                                     ("hi", np.float32(6))]), "generic"),
+    ("cast inside", _model([helper.make_node("Relu", ["x"], ["r"], name="r"),
+                            helper.make_node("Cast", ["r"], ["c"], name="c", to=FLOAT),
+                            helper.make_node("Relu", ["c"], ["y"], name="y")],
+                           [("x", [1, 4])], ["y"]),
+     _model([helper.make_node("Cast", ["x"], ["y"], name="c", to=FLOAT)], [("x", [1, 4])],
+            ["y"]), "generic"),
+    ("erf alone", _one("Erf"), _model([
+        helper.make_node("Mul", ["x", "k"], ["s"], name="s"),
+        helper.make_node("Erf", ["s"], ["e"], name="e"),
+        helper.make_node("Add", ["e", "one"], ["y"], name="y")], [("x", [1, 4])], ["y"],
+        [("k", np.float32(0.7)), ("one", np.float32(1))]), "generic"),
+]
+
+
+@pytest.mark.parametrize("what, broken, kept, target", RULES, ids=[r[0] for r in RULES])
+def test_each_operator_rule_flags_what_breaks_it_and_passes_what_keeps_it(what, broken, kept,
+                                                                         target):
+    assert _fallbacks(broken, target), what
+    assert not _fallbacks(kept, target), (what, _fallbacks(kept, target))
+    report = check_model(broken, target)
+    assert not report.fully_offloaded and "ARM fallback" in report.summary()
+    assert all(f.source for f in report.findings)
+
+
+def test_pool_outside_the_validated_kernels_is_a_warning():
+    odd = _one("MaxPool", {"kernel_shape": [4, 4], "strides": [4, 4]})
+    assert _warnings(odd) and not _fallbacks(odd)
+    assert not _warnings(_one("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2]}))
+
+
+# ------------------------------------------------------------------------------ quantization
+
+def _qdq(name, source, output, dtype=np.int8, scale=0.125):
+    return ([helper.make_node("QuantizeLinear", [source, f"{name}.s", f"{name}.z"], [f"{name}.q"],
+                              name=f"{name}.quantize"),
+             helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.s", f"{name}.z"],
+                              [output], name=f"{name}.dequantize")],
+            [(f"{name}.s", np.float32(scale)), (f"{name}.z", np.zeros((), dtype))])
+
+
+def _qdq_chain(middle, dtype=np.int8):
+    """x -> Q/DQ -> `middle` nodes (reading 'a', writing 'b') -> Q/DQ -> y."""
+    first, first_init = _qdq("in", "x", "a", dtype)
+    last, last_init = _qdq("out", "b", "y", dtype)
+    nodes, initializers = middle
+    return _model(first + nodes + last, [("x", [1, 4, 8, 8])], ["y"],
+                  first_init + last_init + initializers)
+
+
+def test_a_float_tensor_without_qdq_is_flagged_and_documented_fusions_are_not():
+    unquantized = _qdq_chain(([helper.make_node("Sigmoid", ["a"], ["t"], name="t"),
+                               helper.make_node("Tanh", ["t"], ["b"], name="b")], []))
+    assert any("without Q/DQ" in rule for rule in _warnings(unquantized))
+    silu = _qdq_chain(([helper.make_node("Sigmoid", ["a"], ["t"], name="t"),
+                        helper.make_node("Mul", ["a", "t"], ["b"], name="b")], []))
+    relu = _qdq_chain(([helper.make_node("Add", ["a", "a"], ["t"], name="t"),
+                        helper.make_node("Relu", ["t"], ["b"], name="b")], []))
+    shape = _qdq_chain(([helper.make_node("Reshape", ["a", "shape"], ["t"], name="t"),
+                         helper.make_node("Relu", ["t"], ["b"], name="b")],
+                        [("shape", np.array([1, 4, 64], np.int64))]))
+    for clean in (silu, relu, shape):
+        assert not any("without Q/DQ" in rule for rule in _warnings(clean))
+
+
+def test_sixteen_bit_qdq_is_a_warning_on_tidl_devices_only():
+    wide = _qdq_chain(([helper.make_node("Relu", ["a"], ["b"], name="b")], []), np.int16)
+    assert any("16-bit Q/DQ" in rule for rule in _warnings(wide, "tda4vm"))
+    assert not any("16-bit Q/DQ" in rule for rule in _warnings(wide, "generic"))
+
+
+def _conv_with_bias(bias_codes, weight_scale):
+    weight, weight_init = [helper.make_node(
+        "DequantizeLinear", ["w.q", "w.s", "w.z"], ["w"], name="w.dequantize", axis=0)], [
+        ("w.q", np.ones((4, 4, 1, 1), np.int8)), ("w.s", np.asarray(weight_scale, np.float32)),
+        ("w.z", np.zeros(np.shape(weight_scale), np.int8))]
+    bias, bias_init = [helper.make_node(
+        "DequantizeLinear", ["bq", "bs", "bz"], ["bias"], name="bias.dequantize")], [
+        ("bq", np.full(4, bias_codes, np.int32)), ("bs", np.float32(2.0 ** -10)),
+        ("bz", np.zeros((), np.int32))]
+    conv = helper.make_node("Conv", ["a", "w", "bias"], ["b"], name="conv", kernel_shape=[1, 1])
+    return _qdq_chain((weight + bias + [conv], weight_init + bias_init))
+
+
+def test_bias_range_and_per_channel_weights_follow_the_device():
+    big = _conv_with_bias(40_000, 2.0 ** -7)
+    assert any("exceed 16 bit" in rule for rule in _warnings(big, "tda4vm"))
+    assert not any("exceed" in rule for rule in _warnings(big, "am68a"))
+    assert not any("exceed" in rule for rule in _warnings(_conv_with_bias(30_000, 2.0 ** -7),
+                                                          "tda4vm"))
+    per_channel = _conv_with_bias(10, np.full(4, 2.0 ** -7))
+    assert any("per-channel weights" in rule for rule in _warnings(per_channel, "tda4vm"))
+    assert not any("per-channel" in rule for rule in _warnings(per_channel, "am68a"))
+
+
+def test_opset_newer_than_validated_is_a_warning():
+    assert any("opset 22" in rule for rule in _warnings(_one("Relu", opset=22)))
+
+
+# --------------------------------------------------------------------------- profiles, export
+
+def _calibrated(model, config, shape=(2, 3, 16, 16)):
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randn(shape, generator=generator) for _ in range(2)]
+    prepared = qf.prepare(model.eval(), data[0][:1], config)
+    qf.calibrate(prepared, data)
+    return qf.convert(prepared), data[0]
+
+
+def test_profiles_set_bias_width_weights_and_options(tmp_path):
+    model = randomize_batchnorm(ConvBnReLU(8))
+    for target, scale_type, per_channel in (("generic", 1, True), ("tda4vm", 1, False),
+                                            ("am68a", 4, True)):
+        converted, x = _calibrated(model, qf.QuantConfig(target=target, progress=False))
+        path = tmp_path / f"{target}.onnx"
+        report = qf.export_onnx(converted, x, path)
+        options = json.loads(Path(options_path_for(path)).read_text())
+        assert options["advanced_options:quantization_scale_type"] == scale_type
+        assert options["advanced_options:prequantized_model"] == 1
+        assert report.target == target and report.opset == 18 and report.tidl is not None
+        assert (converted.get_submodule("conv2").weight_exponent.dim() == 1) == per_channel
+        metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert metadata["quantfx.target"] == target
+        assert ("quantfx.tidl_tools_version" in metadata) == (target != "generic")
+    with pytest.raises(qf.ConfigError, match="per-tensor weights only"):
+        qf.QuantConfig(target="tda4vm", per_channel_depthwise=True)
+
+
+def test_tda4vm_keeps_biases_in_16_bit():
+    class BigBias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            with torch.no_grad():
+                self.conv.bias.fill_(50.0)  # 50 at a fine input x weight scale: > 2**15 codes
+
+        def forward(self, x):
+            return self.conv(x)
+
+    codes = {}
+    for target in ("generic", "tda4vm"):
+        converted, _ = _calibrated(BigBias(), qf.QuantConfig(target=target, progress=False))
+        codes[target] = int(converted.get_submodule("conv").bias_int.abs().max())
+    assert codes["generic"] > 2**15 - 1 >= codes["tda4vm"]
+
+
+def test_strict_tidl_refuses_an_export_that_falls_back(tmp_path):
+    class WithAbs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).abs()
+
+    converted, x = _calibrated(WithAbs(), qf.QuantConfig(progress=False))
+    assert not qf.export_onnx(converted, x, tmp_path / "a.onnx").tidl.fully_offloaded
+    with pytest.raises(qf.ExportError, match="strict_tidl.*Abs"):
+        qf.export_onnx(converted, x, tmp_path / "b.onnx", strict_tidl=True)
+    assert not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                                  "regnet_x_400mf"])
+def test_zoo_exports_hold_every_tensor_tidl_holds(name, tmp_path):
+    """No float tensor between quantizers except the documented fusions, every node offloaded
+    on the MMAv2 devices, still bit-exact in ONNX Runtime's reference kernels."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.get_model(name, num_classes=10))
+    converted, x = _calibrated(model, qf.QuantConfig(target="am68a", progress=False,
+                                                     bias_calibration=False), (2, 3, 64, 64))
+    report = qf.export_onnx(converted, x, tmp_path / f"{name}.onnx")
+    assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0
+    assert not [f for f in report.tidl.findings if "without Q/DQ" in f.rule], report.tidl
+    assert report.tidl.fully_offloaded, report.tidl
+
+
+def test_check_command_exits_1_on_fallback_and_0_when_offloaded(tmp_path):
+    bad, good = tmp_path / "bad.onnx", tmp_path / "good.onnx"
+    onnx.save(_one("Einsum", {"equation": "nchw->nchw"}), bad)
+    onnx.save(_one("Relu"), good)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "quantfx", "check", *args],
+                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+
+    failing = run(str(bad), "--target", "am68a")
+    assert failing.returncode == 1 and "Einsum" in failing.stdout
+    assert run(str(good), "--format", "markdown").returncode == 0
+    missing = run(str(tmp_path / "nope.onnx"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
