@@ -27,7 +27,8 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 LAYER_ALIASES = ("first", "last")
 RANGE_SEARCHES = ("mse", "percentile", "none")
 GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
-                "per_channel_depthwise", "nonnegative_inputs", "leaf_modules",
+                "per_channel_depthwise", "per_channel_weights", "nonnegative_inputs",
+                "leaf_modules",
                 "autowrap_functions")
 """The `QuantConfig` fields that decide the prepared graph: where quantizers go, how wide."""
 
@@ -110,6 +111,10 @@ class QuantConfig:
     per_channel_depthwise: bool | None = None
     """Give each output channel of a depthwise convolution its own power-of-2 weight scale;
     None: the target's default (True, except on "tda4vm", which runs per-tensor weights)."""
+    per_channel_weights: bool | None = None
+    """Give each output channel of *every* convolution (not transposed) its own power-of-2
+    weight scale; None: the target's default (on for the AM6xA SoCs, off for "generic" and
+    "tda4vm")."""
     activation_observer: str = "histogram"
     """Range estimator for activations: "minmax", "moving_average" or "histogram"."""
     weight_observer: str = "mse"
@@ -163,6 +168,13 @@ class QuantConfig:
         return self.per_channel_depthwise
 
     @property
+    def convs_per_channel(self) -> bool:
+        """Whether every conv gets per-channel weight scales (resolved)."""
+        if self.per_channel_weights is None:
+            return self.profile.per_channel_convs
+        return self.per_channel_weights
+
+    @property
     def schedule(self) -> QATSchedule:
         """The QAT schedule to use: `qat_schedule`, or the defaults."""
         return self.qat_schedule if self.qat_schedule is not None else QATSchedule()
@@ -180,12 +192,15 @@ class QuantConfig:
         check_choice(self.target, "QuantConfig.target", TARGETS)
         for name in ("bias_calibration", "nonnegative_inputs", "progress"):
             check_bool(getattr(self, name), f"QuantConfig.{name}")
-        if self.per_channel_depthwise is not None:
-            check_bool(self.per_channel_depthwise, "QuantConfig.per_channel_depthwise")
-            if self.per_channel_depthwise and not self.profile.per_channel_weights:
+        for name in ("per_channel_depthwise", "per_channel_weights"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_bool(value, f"QuantConfig.{name}")
+            if value and not self.profile.per_channel_weights:
                 raise ConfigError(
                     f"QuantConfig(target={self.target!r}) runs per-tensor weights only "
-                    f"({self.profile.description}); use per_channel_depthwise=False or None.")
+                    f"({self.profile.description}); use {name}=False or None.")
         check_choice(self.activation_observer, "QuantConfig.activation_observer",
                      ACTIVATION_OBSERVERS)
         check_choice(self.weight_observer, "QuantConfig.weight_observer", WEIGHT_OBSERVERS)

@@ -127,3 +127,36 @@ class Interpolate(nn.Module):
             recompute_scale_factor=self.recompute_scale_factor,
             antialias=self.antialias,
         )
+
+
+class Pad(nn.Module):
+    """`F.pad` that only moves values: zero, reflect, replicate or circular padding. Zero is on
+    every grid, so the output keeps its input's quantizer (a shape-only op)."""
+
+    def __init__(self, pad: tuple[int, ...], mode: str = "constant") -> None:
+        super().__init__()
+        self.pad = tuple(int(p) for p in pad)
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}, mode={self.mode!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pad, mode=self.mode)
+
+
+class ConstantPad(nn.Module):
+    """Constant padding with a non-zero value, which need not lie on the input's grid: its
+    output gets a quantizer of its own."""
+
+    def __init__(self, pad: tuple[int, ...], value: float) -> None:
+        super().__init__()
+        self.pad = tuple(int(p) for p in pad)
+        self.mode = "constant"
+        self.value = float(value)
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}, value={self.value}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pad, mode="constant", value=self.value)

@@ -78,7 +78,7 @@ RESHAPE_CALLS: set[Any] = {
 SHAPE_ONLY_MODULES: tuple[type[nn.Module], ...] = IDENTITY_MODULES + (
     nn.Flatten, nn.Unflatten,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, standins.Pad,
 )
 """Modules that only move, select or copy values: their output is on their input's grid."""
 SHAPE_ONLY_FUNCTIONS: set[Callable] = {

@@ -180,9 +180,11 @@ class QuantizerFactory:
 
     def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
         """The quantizer of a conv/linear layer's weight."""
-        depthwise = self.config.depthwise_per_channel and is_depthwise(layer)
-        axis = 0 if depthwise else None
-        channels = layer.weight.shape[0] if depthwise else 1
+        conv = isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed
+        per_channel = (self.config.depthwise_per_channel and is_depthwise(layer)) or (
+            self.config.convs_per_channel and conv)
+        axis = 0 if per_channel else None
+        channels = layer.weight.shape[0] if per_channel else 1
         kind = "minmax" if self.qat else self.config.weight_observer
         quantizer = CalibrationQuantizer(make_observer(kind, axis=axis, channels=channels), bits,
                                          signed=True, axis=axis)

@@ -706,3 +706,43 @@ def test_report_carries_the_deployment_sessions_agreement_on_this_cpu(small_conv
     if _cpu_has_vnni():
         assert report.optimized_fraction_identical == 1.0
     assert "optimized session" in report.summary() and "TIDL generic" in report.summary()
+
+
+class TFPadded(nn.Module):
+    """A TensorFlow port: TF 'SAME' padding written as ZeroPad2d / F.pad before stride-2 convs,
+    ReLU6, and the other pad modes (reflect, replicate, conv padding_mode, a non-zero fill)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, 2),
+                                  nn.BatchNorm2d(8), nn.ReLU6())
+        self.depthwise = nn.Conv2d(8, 8, 3, 2, groups=8)
+        self.mixed = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.edge = nn.ReplicationPad2d((1, 0, 0, 1))
+        self.fill = nn.ConstantPad2d(1, 0.5)
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu6(self.depthwise(F.pad(x, (0, 1, 0, 1))))
+        return self.head(self.fill(self.edge(self.mixed(x))))
+
+
+def test_padding_is_shape_only_and_exports_bit_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 32, 32)
+    from tests.helpers import randomize_batchnorm
+
+    converted = _convert(randomize_batchnorm(TFPadded()).eval(), inputs)
+    quantizers = {name: module for name, module in converted.named_modules()
+                  if name.startswith("quantizers.")}
+    assert not any("pad" in name for name in quantizers)  # zero pads keep their input's grid
+    assert not quantizers["quantizers.stem_3"].signed  # ReLU6 -> ZeroPad2d stays unsigned
+    assert "quantizers.fill" in quantizers  # a 0.5 fill is not on the grid: quantized
+    report = qf.export_onnx(converted, (inputs[:2],), tmp_path / "tf.onnx", verify_data=inputs)
+    assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0
+    pads = [n for n in onnx.load(str(tmp_path / "tf.onnx")).graph.node if n.op_type == "Pad"]
+    assert len(pads) == 5
+    zero_pads = [n for n in pads if all(a.s != b"reflect" and a.s != b"edge" for a in n.attribute)
+                 and len(n.input) == 2]
+    assert {p.name for p in zero_pads} == {"stem_0", "pad"}

@@ -59,6 +59,7 @@ VALIDITY = {
     "weight_bits": lambda v: _is_int(v) and v in (8, 16),
     "target": lambda v: isinstance(v, str) and v in qf.TARGETS,
     "per_channel_depthwise": lambda v: v is None or isinstance(v, bool),
+    "per_channel_weights": lambda v: v is None or isinstance(v, bool),
     "bias_calibration": lambda v: isinstance(v, bool),
     "nonnegative_inputs": lambda v: isinstance(v, bool),
     "progress": lambda v: isinstance(v, bool),

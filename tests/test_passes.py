@@ -259,3 +259,13 @@ def test_functional_softmax_with_traced_stacklevel_becomes_a_module():
     graph, _ = build_graph(Attention(), (torch.randn(2, 4, 8),), QuantConfig(), False)
     softmaxes = [m for m in graph.modules() if isinstance(m, nn.Softmax)]
     assert len(softmaxes) == 1 and softmaxes[0].dim == -1
+
+
+def test_per_channel_weights_for_every_conv():
+    on = qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8), QuantConfig(per_channel_weights=True))
+    assert on.get_submodule("conv1").weight_quantizer.axis == 0
+    assert on.get_submodule("fc").weight_quantizer.axis is None  # linear stays per tensor
+    am68a = qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8), QuantConfig(target="am68a"))
+    assert am68a.get_submodule("conv1").weight_quantizer.axis == 0  # the MMAv2 default
+    with pytest.raises(qf.ConfigError, match="per-tensor weights only"):
+        QuantConfig(target="tda4vm", per_channel_weights=True)

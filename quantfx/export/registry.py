@@ -74,6 +74,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitt
     (nn.PixelShuffle, shapes.emit_pixel_shuffle),
     (nn.PixelUnshuffle, shapes.emit_pixel_unshuffle),
     (nn.ChannelShuffle, shapes.emit_channel_shuffle),
+    ((standins.Pad, standins.ConstantPad), shapes.emit_pad),
     (IDENTITY_MODULES, shapes.emit_identity),
 ]
 """Module type -> emitter, first match wins (so subclasses go before their bases)."""
@@ -167,8 +168,14 @@ def unexportable(graph_module: fx.GraphModule) -> list[str]:
     """'cumsum (node cumsum)' for each tensor-computing node of a prepared graph that no
     emitter can write: said at prepare, so a user learns it before calibrating."""
     found = []
+    data_dependent: set[fx.Node] = set()  # what export cannot fold into a constant
     for node in graph_module.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
+        inputs: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), inputs.append)
+        if node.op == "placeholder" or any(arg in data_dependent for arg in inputs):
+            data_dependent.add(node)
+        if node.op not in ("call_module", "call_function", "call_method") or (
+                node not in data_dependent):
             continue
         if not is_float_tensor(node) and not isinstance(node.meta.get("tensor_meta"), list):
             continue

@@ -9,6 +9,7 @@ not a tensor shape, an `out=` argument) is left as it is; placement still quanti
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from quantfx.passes.graph_utils import (
     replace_with_module,
     set_inplace_false,
     set_submodule,
+    unique_submodule_name,
 )
 
 UNARY, BINARY, VARIADIC = "unary", "binary", "variadic"
@@ -71,6 +73,8 @@ REWRITES: tuple[Rewrite, ...] = (
         lambda a: nn.LeakyReLU(_get(a, "negative_slope", 0.01)),
     ),
     Rewrite((F.softmax, torch.softmax, "softmax"), ("dim",), lambda a: nn.Softmax(a.get("dim"))),
+    Rewrite((F.pad,), ("pad", "mode", "value"),
+            lambda a: pad_module(a["pad"], _get(a, "mode", "constant"), a.get("value"))),
     Rewrite((operator.add, operator.iadd, torch.add, "add", "add_"), (),
             lambda a: standins.Add(), BINARY),
     Rewrite((operator.sub, operator.isub, torch.sub, "sub", "sub_"), (),
@@ -144,9 +148,28 @@ REWRITES: tuple[Rewrite, ...] = (
     ),
 )
 
+PAD_MODES = {nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect",
+             nn.ReflectionPad3d: "reflect", nn.ReplicationPad1d: "replicate",
+             nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate",
+             nn.CircularPad1d: "circular", nn.CircularPad2d: "circular",
+             nn.CircularPad3d: "circular", nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant",
+             nn.ZeroPad3d: "constant", nn.ConstantPad1d: "constant",
+             nn.ConstantPad2d: "constant", nn.ConstantPad3d: "constant"}
+"""torch's padding modules and the F.pad mode each is."""
+
+
+def pad_module(pad: tuple[int, ...], mode: str, value: float | None) -> nn.Module:
+    """The stand-in of one padding: shape-only unless it fills with a non-zero constant."""
+    if mode == "constant" and value not in (None, 0, 0.0):
+        return standins.ConstantPad(pad, value)
+    return standins.Pad(pad, mode)
+
+
 MODULE_REWRITES: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
     nn.Hardswish: lambda module: standins.HardSwish(),
     nn.Hardsigmoid: lambda module: standins.HardSigmoid(),
+    **{kind: lambda module: pad_module(module.padding, PAD_MODES[type(module)],
+                                       getattr(module, "value", 0.0)) for kind in PAD_MODES},
 }
 """Modules replaced by a stand-in that computes the same function in the float steps of the
 single ONNX op it exports as (so the file needs no float intermediate tensors)."""
@@ -225,6 +248,30 @@ def _holds_node(value: Any) -> bool:
     return bool(found)
 
 
+def explicit_conv_padding(graph_module: fx.GraphModule) -> None:
+    """A conv with padding_mode reflect/replicate/circular becomes a `Pad` (shape-only, exported
+    as ONNX Pad) before the same conv with zero padding, which is what ONNX Conv can do."""
+    convs = [node for node in graph_module.graph.nodes
+             if isinstance(module_of(graph_module, node), nn.modules.conv._ConvNd)
+             and module_of(graph_module, node).padding_mode != "zeros"]
+    pads: dict[int, standins.Pad] = {}
+    for node in convs:
+        conv = module_of(graph_module, node)
+        if id(conv) not in pads:  # the first call site of a shared conv changes it
+            pads[id(conv)] = standins.Pad(conv._reversed_padding_repeated_twice,
+                                          PADDING_MODES[conv.padding_mode])
+            conv.padding_mode = "zeros"
+            conv.padding = (0,) * len(conv.kernel_size)
+        name = unique_submodule_name(graph_module, f"{node.target}_pad")
+        graph_module.add_submodule(name, copy.copy(pads[id(conv)]))
+        with graph_module.graph.inserting_before(node):
+            padded = graph_module.graph.call_module(name, (node.args[0],))
+        node.args = (padded, *node.args[1:])
+
+
+PADDING_MODES = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
 def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     """Replace every tabled functional / Tensor-method call by a call of a fresh module.
 
@@ -233,6 +280,7 @@ def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     """
     for module in graph_module.modules():
         set_inplace_false(module)
+    explicit_conv_padding(graph_module)
     for node in list(graph_module.graph.nodes):
         module = module_of(graph_module, node)
         if type(module) in MODULE_REWRITES:

@@ -44,6 +44,9 @@ class DeviceProfile:
     only [MO]; MMAv2 SoCs take per-channel weights [T11.2]."""
     per_channel_weights: bool
     """Whether per-channel weight scales are accepted at all."""
+    per_channel_convs: bool = False
+    """Default of `QuantConfig.per_channel_weights` (every conv per output channel): on for the
+    MMAv2 SoCs, which take per-channel weights for Conv [T11.2 quantization.md]."""
     default_opset: int = 18
     """TI's exporters write opset 17/18 (MO v2: 17, v3: 18); 11.0 validated up to 19, 11.2 21."""
     int16_qdq_importable: bool = False
@@ -73,17 +76,18 @@ PROFILES: dict[str, DeviceProfile] = {
     "am62a": DeviceProfile(
         "am62a", "TI AM62A (C7x + MMAv2, no LUT activations)", tidl=True, scale_type=4,
         bias_bits=32, per_channel_depthwise=True, per_channel_weights=True,
-        no_3x3_stride_3=True, conv_transpose_16bit=False, lut_activations=False),
+        per_channel_convs=True, no_3x3_stride_3=True, conv_transpose_16bit=False,
+        lut_activations=False),
     "am67a": DeviceProfile(
         "am67a", "TI AM67A / J722S (C7x + MMAv2)", tidl=True, scale_type=4, bias_bits=32,
-        per_channel_depthwise=True, per_channel_weights=True, no_3x3_stride_3=True,
-        conv_transpose_16bit=False),
+        per_channel_depthwise=True, per_channel_weights=True, per_channel_convs=True,
+        no_3x3_stride_3=True, conv_transpose_16bit=False),
     "am68a": DeviceProfile(
         "am68a", "TI AM68A / J721S2 (C7x + MMAv2)", tidl=True, scale_type=4, bias_bits=32,
-        per_channel_depthwise=True, per_channel_weights=True),
+        per_channel_depthwise=True, per_channel_weights=True, per_channel_convs=True),
     "am69a": DeviceProfile(
         "am69a", "TI AM69A / J784S4 (4x C7x + MMAv2)", tidl=True, scale_type=4, bias_bits=32,
-        per_channel_depthwise=True, per_channel_weights=True),
+        per_channel_depthwise=True, per_channel_weights=True, per_channel_convs=True),
 }
 TARGETS = tuple(PROFILES)
 

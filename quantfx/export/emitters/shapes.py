@@ -135,3 +135,27 @@ def emit_channel_shuffle(b: Builder, node: fx.Node, module: Any) -> None:
     b.add("Transpose", [grouped], [swapped], swapped, perm=perm)
     b.reshape(node.name, swapped, node.name, (batch, channels, *rest))
     b.env[node] = node.name
+
+
+ONNX_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge",
+                  "circular": "wrap"}
+WRAP_PAD_OPSET = 19
+"""ONNX Pad's "wrap" (torch's circular) mode exists from opset 19."""
+
+
+def emit_pad(b: Builder, node: fx.Node, module: Any) -> None:
+    """F.pad / nn.*Pad*d as ONNX Pad: torch lists (begin, end) pairs from the last dim back,
+    ONNX all begins then all ends, first dim first."""
+    rank = len(b.input_info(node).shape)
+    pairs = [module.pad[index:index + 2] for index in range(0, len(module.pad), 2)]
+    begins, ends = [0] * rank, [0] * rank
+    for offset, (begin, end) in enumerate(pairs):
+        begins[rank - 1 - offset], ends[rank - 1 - offset] = begin, end
+    mode = ONNX_PAD_MODES[module.mode]
+    if mode == "wrap" and b.opset < WRAP_PAD_OPSET:
+        raise ExportError(f"circular pad '{node.target}' needs opset >= {WRAP_PAD_OPSET}; "
+                          f"export with opset={WRAP_PAD_OPSET}.")
+    inputs = [b.tensor_input(node), b.int64_constant(f"{node.name}.pads", begins + ends)]
+    if getattr(module, "value", 0.0):
+        inputs.append(b.float_constant(f"{node.name}.value", module.value))
+    b.emit(node, "Pad", inputs, mode=mode)
