@@ -117,6 +117,12 @@ class QuantConfig:
     "tda4vm")."""
     activation_observer: str = "histogram"
     """Range estimator for activations: "minmax", "moving_average" or "histogram"."""
+    equalization: bool | None = None
+    """Cross-layer equalization before PTC (`quantfx.passes.equalize`): rescale consecutive
+    layers' channels (through ReLU) so their weight ranges match, and move biases it makes large
+    into the next layer; the float function is unchanged. None: on when depthwise weights are
+    per tensor (`per_channel_depthwise` off, e.g. on TDA4VM), where one scale must fit every
+    channel."""
     weight_observer: str = "mse"
     """Weight exponent choice: "minmax" (never clip) or "mse" (the exponent, among the
     never-clipping one and up to four below it, with the least squared weight error: clipping
@@ -168,6 +174,13 @@ class QuantConfig:
         return self.per_channel_depthwise
 
     @property
+    def equalizes(self) -> bool:
+        """Whether PTC applies cross-layer equalization (resolved)."""
+        if self.equalization is None:
+            return not self.depthwise_per_channel
+        return self.equalization
+
+    @property
     def convs_per_channel(self) -> bool:
         """Whether every conv gets per-channel weight scales (resolved)."""
         if self.per_channel_weights is None:
@@ -190,6 +203,8 @@ class QuantConfig:
                     f"16 bit fixed point. Use one of {SUPPORTED_BITS} (an int)."
                 )
         check_choice(self.target, "QuantConfig.target", TARGETS)
+        if self.equalization is not None:
+            check_bool(self.equalization, "QuantConfig.equalization")
         for name in ("bias_calibration", "nonnegative_inputs", "progress"):
             check_bool(getattr(self, name), f"QuantConfig.{name}")
         for name in ("per_channel_depthwise", "per_channel_weights"):

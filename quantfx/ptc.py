@@ -18,6 +18,7 @@ from quantfx.errors import CalibrationError, QuantFxError
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
+from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import fold_batchnorm
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
@@ -39,7 +40,9 @@ def prepare(
     config = resolve_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
-    untie_parameters(graph_module)  # each call site is its own engine layer, with its own bias
+    untie_parameters(graph_module)
+    if config.equalizes:
+        equalize(graph_module)  # each call site is its own engine layer, with its own bias
 
     def weight_layer(layer: nn.Module, bn: None, quantizer: nn.Module) -> FakeQuantLayer:
         return FakeQuantLayer(with_bias(layer) if config.bias_calibration else layer, quantizer)

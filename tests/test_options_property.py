@@ -60,6 +60,7 @@ VALIDITY = {
     "target": lambda v: isinstance(v, str) and v in qf.TARGETS,
     "per_channel_depthwise": lambda v: v is None or isinstance(v, bool),
     "per_channel_weights": lambda v: v is None or isinstance(v, bool),
+    "equalization": lambda v: v is None or isinstance(v, bool),
     "bias_calibration": lambda v: isinstance(v, bool),
     "nonnegative_inputs": lambda v: isinstance(v, bool),
     "progress": lambda v: isinstance(v, bool),

@@ -269,3 +269,48 @@ def test_per_channel_weights_for_every_conv():
     assert am68a.get_submodule("conv1").weight_quantizer.axis == 0  # the MMAv2 default
     with pytest.raises(qf.ConfigError, match="per-tensor weights only"):
         QuantConfig(target="tda4vm", per_channel_weights=True)
+
+
+ZOO = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+       "shufflenet_v2_x0_5", "efficientnet_b0", "squeezenet1_0", "mnasnet0_5", "densenet121",
+       "googlenet", "resnext50_32x4d"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_equalization_leaves_the_float_function_unchanged(name):
+    import torchvision
+
+    from quantfx.passes.equalize import equalize
+    from quantfx.passes.unshare import untie_parameters
+
+    torch.manual_seed(0)
+    options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = randomize_batchnorm(torchvision.models.get_model(name, num_classes=10, **options))
+    x = torch.randn(2, 3, 64, 64)
+    graph, _ = build_graph(model.eval(), (x,), QuantConfig(), training=False)
+    untie_parameters(fold_batchnorm(graph))
+    with torch.no_grad():
+        before = graph(x)
+        pairs = equalize(graph)
+        after = graph(x)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-5
+    if name not in ("regnet_x_400mf", "squeezenet1_0", "efficientnet_b0", "resnext50_32x4d"):
+        assert pairs > 0  # something was equalized
+
+
+def test_equalization_evens_out_channel_ranges():
+    from quantfx.passes.equalize import equalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[2].weight[3].mul_(100.0)  # one depthwise channel 100x the others
+    graph, _ = build_graph(model, (torch.randn(1, 3, 8, 8),), QuantConfig(), training=False)
+    ranges = graph.get_submodule("2").weight.abs().flatten(1).amax(1)
+    assert float(ranges.max() / ranges.median()) > 50
+    equalize(graph)
+    ranges = graph.get_submodule("2").weight.abs().flatten(1).amax(1)
+    assert float(ranges.max() / ranges.median()) < 5  # the 100x spread over three layers
+    assert float(graph.get_submodule("2").bias.abs().max()) == 0.0  # absorbed into the 1x1
