@@ -5,6 +5,7 @@
     cm = qf.convert(qm)                         # integer-exact simulation
 """
 
+from quantfx.analysis.doctor import DoctorReport, doctor
 from quantfx.analysis.precision import PrecisionReport, compare_bit_depths
 from quantfx.config import QATSchedule, QuantConfig
 from quantfx.convert import convert
@@ -30,6 +31,7 @@ __all__ = [
     "CalibrationError",
     "ConfigError",
     "ConvertError",
+    "DoctorReport",
     "ExportError",
     "ExportReport",
     "InputError",
@@ -45,6 +47,7 @@ __all__ = [
     "check_tidl",
     "compare_bit_depths",
     "convert",
+    "doctor",
     "export_onnx",
     "end_qat_epoch",
     "prepare",

@@ -1,0 +1,277 @@
+"""`doctor`: "is my model ready to quantize?" in one call, as TI's guides would answer it.
+
+Checks a float model (and its optimizer) against what the guides say users get wrong before
+quantization starts: convs without BatchNorm, weight decay missing on biases / BN / depthwise
+weights, non-SGD optimizers, depthwise layers, weights with extreme outlier channels after BN
+folding, untraceable code, reused modules and functionals, and ops that export or TIDL would
+leave in float. Each finding has a severity, the module it is about, why it matters and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from quantfx.config import QuantConfig, resolve_config
+from quantfx.convert import convert
+from quantfx.errors import ConfigError, QuantFxError
+from quantfx.export.graph import build_model
+from quantfx.export.registry import unexportable
+from quantfx.frontend import as_input_tuple, build_graph, private_copy
+from quantfx.layers import is_depthwise
+from quantfx.ops import BATCHNORMS, WEIGHT_LAYERS
+from quantfx.passes.fuse import fold_batchnorm
+from quantfx.passes.graph_utils import is_shape_only, module_of
+from quantfx.passes.normalize import REWRITES
+from quantfx.ptc import calibrate, prepare
+from quantfx.tidl.checker import check_model
+from quantfx.tidl.rules import FALLBACK
+from quantfx.trace import trace
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+OUTLIER_RATIO = 16.0
+"""A layer whose largest output channel's weight range is this many times its median
+channel's wastes most of a per-tensor power-of-2 scale on one channel."""
+WEIGHT_DECAY = 1e-4
+"""TI's recommended weight decay, on every parameter."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing to look at: how serious, where, what, why it matters, how to fix it."""
+
+    severity: str
+    where: str
+    what: str
+    why: str
+    fix: str
+
+    def __str__(self) -> str:
+        return (f"[{self.severity}] {self.where}: {self.what}\n    why: {self.why}\n"
+                f"    fix: {self.fix}")
+
+
+@dataclass
+class DoctorReport:
+    """What `doctor` found; `ok` when nothing is a warning or an error."""
+
+    model: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity in (ERROR, WARNING) for f in self.findings)
+
+    def __str__(self) -> str:
+        if not self.findings:
+            return f"{self.model}: nothing to fix before quantization."
+        counts = {kind: sum(f.severity == kind for f in self.findings)
+                  for kind in (ERROR, WARNING, INFO)}
+        head = f"{self.model}: " + ", ".join(f"{n} {k}(s)" for k, n in counts.items() if n)
+        return "\n".join([head] + [str(f) for f in self.findings])
+
+    def to_markdown(self) -> str:
+        rows = ["| severity | where | what | why | fix |", "|---|---|---|---|---|"]
+        rows += [f"| {f.severity} | {f.where} | {f.what} | {f.why} | {f.fix} |"
+                 for f in self.findings]
+        return f"# doctor: {self.model}\n\n" + "\n".join(rows) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({"model": self.model, "ok": self.ok,
+                           "findings": [asdict(f) for f in self.findings]}, indent=2)
+
+
+def _convs_without_batchnorm(graph: fx.GraphModule) -> list[Finding]:
+    layers = [n for n in graph.graph.nodes if isinstance(module_of(graph, n), WEIGHT_LAYERS)]
+    downstream: set[fx.Node] = set()  # layers with another weight layer after them
+    for node in reversed(list(graph.graph.nodes)):
+        if isinstance(module_of(graph, node), WEIGHT_LAYERS) or node in downstream:
+            fx.node.map_arg((node.args, node.kwargs), downstream.add)
+    findings = []
+    for node in layers:  # a final prediction layer (nothing downstream) may skip BatchNorm
+        if isinstance(module_of(graph, node), nn.Linear) or node not in downstream:
+            continue
+        if not any(isinstance(module_of(graph, user), BATCHNORMS) for user in node.users):
+            findings.append(Finding(
+                WARNING, node.target, "convolution without BatchNorm after it",
+                "TI's guidelines: BatchNorm right after every convolution (except the final "
+                "prediction layer) keeps feature maps in a range fixed point represents well; "
+                "without it 8-bit accuracy can drop, depthwise layers most",
+                "add nn.BatchNorm2d after it and retrain (float), then quantize"))
+    return findings
+
+
+def _structure(graph: fx.GraphModule, config: QuantConfig) -> list[Finding]:
+    findings = []
+    for node in graph.graph.nodes:
+        module = module_of(graph, node)
+        if isinstance(module, BATCHNORMS):
+            producer = node.args[0] if node.args else None
+            if not isinstance(module_of(graph, producer) if isinstance(producer, fx.Node)
+                              else None, WEIGHT_LAYERS):
+                findings.append(Finding(
+                    WARNING, node.target, "BatchNorm that does not follow a conv/linear",
+                    "it cannot be folded into a layer's weights: it runs as a layer of its own "
+                    "(in float between quantizers in this version), and its outputs need a "
+                    "scale of their own", "put the BatchNorm right after the conv (conv -> BN "
+                    "-> ReLU) and retrain"))
+    depthwise = [n.target for n in graph.graph.nodes if is_depthwise(module_of(graph, n))]
+    if depthwise:
+        mode = "per channel" if config.depthwise_per_channel else "per tensor (one scale each)"
+        findings.append(Finding(
+            INFO, f"{len(depthwise)} depthwise convs ({depthwise[0]}, ...)",
+            "depthwise convolutions", "TI: models with depthwise convs are harder to quantize; "
+            f"expect a larger accuracy drop. Their weights are quantized {mode} here",
+            "use per_channel_depthwise=True where the target allows it, equalization, or QAT"))
+    return findings
+
+
+def _reuse_and_functionals(raw: fx.GraphModule) -> list[Finding]:
+    """From the graph as traced (before quantfx rewrites it): reused modules, functionals."""
+    findings = []
+    sites: dict[str, int] = {}
+    for node in raw.graph.nodes:
+        if node.op == "call_module":
+            sites[node.target] = sites.get(node.target, 0) + 1
+    for target, count in sites.items():
+        if count > 1:
+            findings.append(Finding(
+                INFO, target, f"module called at {count} sites", "each call site is its own "
+                "layer in the engine with its own range: quantfx un-shares it (parameters "
+                "stay tied), so nothing is needed", "none (or one module per use, as TI "
+                "advises, to keep the model's own code clear)"))
+    functionals = sorted({getattr(n.target, "__name__", str(n.target)) for n in raw.graph.nodes
+                          if n.op in ("call_function", "call_method")
+                          and n.target in _REWRITTEN and not is_shape_only(raw, n)
+                          and getattr(n.target, "__module__", "") != "_operator"})  # x + y
+    if functionals:
+        findings.append(Finding(
+            INFO, "forward", f"functionals: {', '.join(functionals)}", "each call becomes a "
+            "module with its own quantizer (quantfx does this for you)",
+            "none (modules instead of functionals make the model's intent explicit)"))
+    return findings
+
+
+_REWRITTEN = {target for rule in REWRITES for target in rule.targets}
+
+
+def _outliers(graph: fx.GraphModule) -> list[Finding]:
+    findings = []
+    for node in graph.graph.nodes:
+        layer = module_of(graph, node)
+        if not isinstance(layer, WEIGHT_LAYERS) or layer.weight.shape[0] < 4:
+            continue
+        ranges = layer.weight.detach().abs().flatten(1).amax(dim=1)
+        median = float(ranges.median())
+        ratio = float(ranges.max()) / median if median > 0 else float("inf")
+        if ratio > OUTLIER_RATIO:
+            findings.append(Finding(
+                WARNING, node.target, f"an output channel's weight range is {ratio:.0f}x the "
+                "median channel's (after BatchNorm folding)", "one per-tensor power-of-2 scale "
+                "must fit the largest channel, leaving the others a few levels",
+                "QuantConfig(equalization=True), per-channel weights (per_channel_weights / "
+                "per_channel_depthwise), weight decay on every parameter, or QAT"))
+    return findings
+
+
+def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:
+    if optimizer is None:
+        return []
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
+                          f"{type(optimizer).__name__}.")
+    findings = []
+    if not isinstance(optimizer, torch.optim.SGD):
+        findings.append(Finding(
+            INFO, type(optimizer).__name__, "optimizer other than SGD", "TI: SGD produces models "
+            "that are friendlier to quantization than Adam/AdamW",
+            "train with SGD (momentum 0.9) if you can, and use the same optimizer for QAT"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    kinds = {}
+    for module in model.modules():
+        kind = ("BatchNorm" if isinstance(module, nn.modules.batchnorm._NormBase)
+                else "depthwise" if is_depthwise(module) else "")
+        for parameter in module.parameters(recurse=False):
+            kinds[id(parameter)] = kind
+    for index, group in enumerate(optimizer.param_groups):
+        decay = float(group.get("weight_decay", 0.0))
+        if decay >= WEIGHT_DECAY:
+            continue
+        params = [p for p in group["params"] if id(p) in names]
+        labelled = [f"{names[id(p)]} ({_kind(names[id(p)], kinds.get(id(p), ''))})"
+                    for p in params]
+        special = [label for label in labelled if "(weight)" not in label]
+        shown = (special or labelled)[:6]
+        findings.append(Finding(
+            WARNING, f"optimizer param group {index}", f"weight decay {decay:g} on "
+            f"{len(params)} parameter(s): {', '.join(shown)}{' ...' if len(labelled) > 6 else ''}",
+            "TI: weight decay 1e-4 on every parameter, biases, BatchNorm and depthwise weights "
+            "included, keeps them compact; skipping it costs several points in fixed point",
+            "weight_decay=1e-4 on every parameter group"))
+    return findings
+
+
+def _kind(name: str, module_kind: str) -> str:
+    return module_kind or ("bias" if name.endswith("bias") else "weight")
+
+
+def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                     config: QuantConfig) -> list[Finding]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(model, inputs, config)
+    findings = [Finding(WARNING, item, "op export has no ONNX emitter for",
+                        "prepare, calibrate and convert work, but export_onnx refuses it",
+                        "rewrite it with supported ops (docs/export.md)")
+                for item in unexportable(prepared)]
+    if findings:
+        return findings
+    calibrate(prepared, [inputs])
+    converted = convert(prepared)
+    try:
+        built = build_model(converted.cpu(), tuple(t.cpu() for t in inputs), False,
+                            config.profile.default_opset)
+    except QuantFxError as error:
+        return [Finding(WARNING, "export", str(error).splitlines()[0], "export_onnx would fail",
+                        "see the message")]
+    report = check_model(built.model, config.target)
+    return [Finding(WARNING, f.node, f"runs on the ARM cores of {config.target}: {f.rule}",
+                    f"TIDL's operator rules ({f.source}); the rest of the network waits for it",
+                    "replace the op or change its parameters to a supported form")
+            for f in report.findings if f.severity == FALLBACK]
+
+
+def doctor(model: nn.Module, example_inputs: Any, optimizer: Any = None,
+           config: QuantConfig | None = None) -> DoctorReport:
+    """Check `model` (and the `optimizer` that trains it) against TI's quantization guidelines.
+
+    Returns a `DoctorReport`: `str()` to read, `to_markdown()`, `to_json()`, `ok`. Runs the
+    model once on `example_inputs` (and a short calibration on them) to see what export and
+    the TIDL checker of `config.target` would say.
+    """
+    config = resolve_config(config)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    inputs = as_input_tuple(example_inputs)
+    report = DoctorReport(type(model).__name__)
+    report.findings += _optimizer(model, optimizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph, _ = build_graph(model, inputs, config, training=False)
+    except QuantFxError as error:
+        report.findings.append(Finding(
+            ERROR, "trace", str(error).splitlines()[0], "quantfx traces the model with torch.fx "
+            "to place quantizers", "\n".join(str(error).splitlines()[1:]) or "see the message"))
+        return report
+    report.findings += _convs_without_batchnorm(graph) + _structure(graph, config)
+    report.findings += _reuse_and_functionals(trace(private_copy(model).eval(), config))
+    report.findings += _outliers(fold_batchnorm(graph))
+    report.findings += _export_and_tidl(model, inputs, config)
+    return report

@@ -1,0 +1,125 @@
+"""doctor: each finding on a model (and optimizer) built to have it; nothing on a clean one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantfx as qf
+from benchmarks.models import regnetx_style, resnet_style
+from tests.helpers import randomize_batchnorm
+
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _sgd(model: nn.Module, decay: float = 1e-4) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=decay)
+
+
+@pytest.mark.parametrize("build", [resnet_style, regnetx_style])
+def test_a_clean_model_and_optimizer_get_no_finding(build):
+    model = randomize_batchnorm(build()).eval()
+    report = qf.doctor(model, torch.randn(1, 1, 28, 28), _sgd(model))
+    assert report.findings == [] and report.ok, str(report)
+    assert "nothing to fix" in str(report)
+
+
+class Planted(nn.Module):
+    """One of each problem a guide warns about (the comments say which)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)  # no BatchNorm after it
+        self.relu = nn.ReLU()  # called at two sites
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)  # after a ReLU: cannot fold
+        self.project = nn.Conv2d(8, 8, 1)
+        self.project_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv.weight[0].mul_(200.0)  # one outlier output channel
+
+    def forward(self, x):
+        x = self.relu(self.conv(x))
+        x = self.bn(self.relu(self.depthwise(x)))
+        x = F.relu(self.project_bn(self.project(x)))  # a functional
+        return self.head(torch.cumsum(x, 1).mean((2, 3)))  # cumsum: no ONNX emitter
+
+
+@pytest.fixture(scope="module")
+def planted_report() -> qf.DoctorReport:
+    model = Planted().eval()
+    decay = [p for n, p in model.named_parameters() if n in ("conv.weight", "project.weight")]
+    rest = [p for n, p in model.named_parameters() if n not in ("conv.weight", "project.weight")]
+    optimizer = torch.optim.Adam([{"params": decay, "weight_decay": 1e-4},
+                                  {"params": rest, "weight_decay": 0.0}])
+    return qf.doctor(model, X, optimizer, qf.QuantConfig(target="tda4vm"))
+
+
+@pytest.mark.parametrize("severity, where, what", [
+    ("warning", "conv", "without BatchNorm"),
+    ("warning", "bn", "does not follow a conv"),
+    ("warning", "optimizer param group 1", "weight decay 0"),
+    ("info", "Adam", "other than SGD"),
+    ("info", "relu", "called at 2 sites"),
+    ("info", "forward", "functionals: mean, relu"),
+    ("info", "depthwise convs", "depthwise"),
+    ("warning", "conv", "weight range is"),
+    ("warning", "cumsum", "no ONNX emitter"),
+])
+def test_each_planted_problem_is_found(planted_report, severity, where, what):
+    assert any(f.severity == severity and where in f.where and what in f.what
+               for f in planted_report.findings), str(planted_report)
+    assert not planted_report.ok
+
+
+def test_weight_decay_finding_names_biases_batchnorm_and_depthwise(planted_report):
+    finding = next(f for f in planted_report.findings if "weight decay" in f.what)
+    assert "(bias)" in finding.what and "(BatchNorm)" in finding.what
+    assert "depthwise" in finding.what and "1e-4" in finding.fix
+
+
+def test_depthwise_finding_says_whether_per_channel_is_on(planted_report):
+    finding = next(f for f in planted_report.findings if f.what == "depthwise convolutions")
+    assert "per tensor" in finding.why  # tda4vm
+
+
+def test_untraceable_code_is_an_error_with_the_fix():
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if y.sum() > 0 else -y
+
+    report = qf.doctor(Untraceable(), X)
+    assert report.findings[0].severity == "error" and "torch.fx.wrap" in report.findings[0].fix
+
+
+def test_an_op_tidl_runs_on_arm_is_a_warning():
+    class Channels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.softmax(self.bn(self.conv(x)), dim=1)  # TIDL: softmax on W or H
+
+    report = qf.doctor(Channels().eval(), X, config=qf.QuantConfig(target="am68a"))
+    assert any("ARM cores of am68a" in f.what and "softmax" in f.what for f in report.findings)
+
+
+def test_report_formats_and_bad_arguments(planted_report):
+    assert json.loads(planted_report.to_json())["ok"] is False
+    assert planted_report.to_markdown().count("\n|") >= len(planted_report.findings)
+    with pytest.raises(qf.ConfigError, match="optimizer"):
+        qf.doctor(Planted(), X, optimizer="sgd")
+    with pytest.raises(qf.ConfigError, match="torch.nn.Module"):
+        qf.doctor("model", X)
