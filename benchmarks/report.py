@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from quantfx.analysis.plots import bar_chart
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS_DIR = REPO_ROOT / "docs"
 JSON_PATH = DOCS_DIR / "benchmarks.json"
@@ -116,23 +118,8 @@ def markdown_table(table: Table) -> str:
 
 
 def draw_bar_chart(chart: Chart, path: Path) -> None:
-    """Write `chart` as a PNG with Pillow (a torchvision dependency; no matplotlib needed)."""
-    from PIL import Image, ImageDraw
-
-    row_height, label_width, bar_width, margin = 18, 260, 420, 10
-    height = 2 * margin + 24 + row_height * len(chart.labels)
-    image = Image.new("RGB", (label_width + bar_width + 90, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((margin, margin), chart.title, fill="black")
-    top = max([abs(value) for value in chart.values] + [1e-12])
-    for index, (label, value) in enumerate(zip(chart.labels, chart.values)):
-        y = margin + 24 + index * row_height
-        draw.text((margin, y + 2), label[:42], fill="black")
-        length = int(bar_width * abs(value) / top)
-        draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row_height - 3],
-                       fill=(70, 110, 180) if value >= 0 else (200, 80, 60))
-        draw.text((label_width + length + 4, y + 2), f"{value:.2f}{chart.unit}", fill="black")
-    image.save(path)
+    """Write `chart` as a PNG (quantfx's Pillow chart; no matplotlib needed)."""
+    bar_chart(chart.title, chart.labels, chart.values, str(path), chart.unit)
 
 
 def load_results() -> dict[str, Any]:

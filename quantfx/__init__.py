@@ -5,6 +5,7 @@
     cm = qf.convert(qm)                         # integer-exact simulation
 """
 
+from quantfx.analysis.analyze import AnalysisReport, analyze
 from quantfx.analysis.doctor import DoctorReport, doctor
 from quantfx.analysis.precision import PrecisionReport, compare_bit_depths
 from quantfx.config import QATSchedule, QuantConfig
@@ -28,6 +29,7 @@ from quantfx.version import __version__
 
 __all__ = [
     "__version__",
+    "AnalysisReport",
     "CalibrationError",
     "ConfigError",
     "ConvertError",
@@ -43,6 +45,7 @@ __all__ = [
     "TARGETS",
     "TidlReport",
     "TraceError",
+    "analyze",
     "calibrate",
     "check_tidl",
     "compare_bit_depths",

@@ -1,0 +1,318 @@
+"""`analyze`: "which layer loses the accuracy?" in one call.
+
+On real data: the SQNR of every quantized tensor against float with the whole model quantized;
+the error each quantizer adds on its own (its rounding of the float tensor, and each layer's
+weight rounding on its float input) from one float and one quantized pass per batch, no model
+run per layer; end-to-end weights-only vs activations-only vs 8 vs 16 bit; and the fewest layers
+to keep at 16 bit to reach a target, in the form `QuantConfig(sixteen_bit_layers=...)` takes
+(the exported file then names them in TIDL's 16-bit options).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from quantfx.checks import check_number
+from quantfx.config import QuantConfig, resolve_config
+from quantfx.convert import convert
+from quantfx.errors import ConfigError
+from quantfx.layers import FakeQuantLayer, layer_forward
+from quantfx.ops import FUSABLE_ACTIVATIONS
+from quantfx.passes.graph_utils import flatten_values, module_of
+from quantfx.ptc import calibrate, prepare
+from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
+
+MAX_BATCHES = 8
+"""Batches of `data` the per-tensor statistics use (the suggestion's trials use them too)."""
+
+
+@dataclass
+class TensorSensitivity:
+    """One quantized tensor: how far from float it ends up, and what its own rounding costs."""
+
+    tensor: str
+    layer: str | None
+    """The conv/linear whose output this is (a name `sixteen_bit_layers` takes), if any."""
+    bits: int
+    sqnr_in_model_db: float
+    """This tensor in the fully quantized model against the float model's."""
+    activation_alone_db: float
+    """Its quantizer's rounding of the float tensor, nothing else quantized."""
+    weight_alone_db: float | None = None
+    """Its layer's output with only the layer's weights quantized (float input)."""
+
+    @property
+    def alone_db(self) -> float:
+        """The worse of the two errors it adds on its own."""
+        return min(self.activation_alone_db, self.weight_alone_db or math.inf)
+
+
+@dataclass
+class AnalysisReport:
+    """What `analyze` measured; `sixteen_bit_layers` is the suggestion."""
+
+    output_sqnr_db: dict[str, float] = field(default_factory=dict)
+    """Model output against float: "int8", "weights only", "activations only", "int16",
+    "suggested" (int8 with `sixteen_bit_layers` at 16 bit)."""
+    tensors: list[TensorSensitivity] = field(default_factory=list)
+    """Every quantized tensor, the one whose own rounding costs most first."""
+    sixteen_bit_layers: list[str] = field(default_factory=list)
+    target: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    """`evaluate` of the float, int8, int16 and suggested models, when given."""
+
+    def config(self, base: QuantConfig | None = None) -> QuantConfig:
+        """`base` (or the defaults) with the suggested 16-bit layers."""
+        return replace(base or QuantConfig(), sixteen_bit_layers=tuple(self.sixteen_bit_layers))
+
+    def __str__(self) -> str:
+        lines = ["output SQNR against float: " + ", ".join(
+            f"{name} {value:.1f} dB" for name, value in self.output_sqnr_db.items())]
+        if self.scores:
+            lines.append("scores: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items()))
+        lines.append(f"keep at 16 bit: {self.sixteen_bit_layers or 'nothing'} (target "
+                     f"{self.target})")
+        lines.append("worst tensors (own rounding / in the quantized model):")
+        lines += [f"  {t.tensor:<40} {t.alone_db:6.1f} dB / {t.sqnr_in_model_db:6.1f} dB"
+                  for t in self.tensors[:10]]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        rows = ["| tensor | layer | bits | own rounding dB | weights alone dB | in model dB |",
+                "|---|---|---|---|---|---|"]
+        rows += [f"| {t.tensor} | {t.layer or ''} | {t.bits} | {t.activation_alone_db:.1f} | "
+                 f"{'' if t.weight_alone_db is None else f'{t.weight_alone_db:.1f}'} | "
+                 f"{t.sqnr_in_model_db:.1f} |" for t in self.tensors]
+        summary = "\n".join(f"- {line}" for line in str(self).splitlines()[:3])
+        return f"# analyze\n\n{summary}\n\n" + "\n".join(rows) + "\n"
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, indent=2, default=lambda value: None)
+
+    def save(self, folder: str) -> list[str]:
+        """Write report.md and report.json, and (with Pillow, which torchvision installs) a bar
+        chart of the worst tensors' SQNR; returns the paths written."""
+        from quantfx.analysis.plots import write_report
+
+        return write_report(self, folder)
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+class _Sums:
+    """Signal and noise power, summed over batches."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, float] = {}
+        self.noise: dict[str, float] = {}
+
+    def add(self, name: str, reference: Tensor, value: Tensor) -> None:
+        reference = reference.detach().double()
+        self.signal[name] = self.signal.get(name, 0.0) + float(reference.pow(2).sum())
+        self.noise[name] = self.noise.get(name, 0.0) + float(
+            (value.detach().double() - reference).pow(2).sum())
+
+    def sqnr(self, name: str) -> float:
+        return _sqnr(self.signal.get(name, 0.0), self.noise.get(name, 0.0))
+
+
+def _activation_quantizers(model: fx.GraphModule) -> dict[str, fx.Node]:
+    return {node.target: node for node in model.graph.nodes
+            if isinstance(module_of(model, node), CalibrationQuantizer)}
+
+
+def _producing_layer(model: fx.GraphModule, node: fx.Node) -> str | None:
+    source = node.args[0] if node.args else None
+    if isinstance(source, fx.Node) and isinstance(module_of(model, source), FUSABLE_ACTIVATIONS):
+        source = source.args[0]
+    if isinstance(source, fx.Node) and isinstance(module_of(model, source), FakeQuantLayer):
+        return source.target
+    return None
+
+
+def _run(model: nn.Module, batches: list[tuple[Tensor, ...]]) -> list[Tensor]:
+    with torch.no_grad():
+        return [torch.cat([t.flatten() for t in flatten_values(model(*batch))
+                           if isinstance(t, Tensor)]) for batch in batches]
+
+
+def _output_sqnr(reference: list[Tensor], outputs: list[Tensor]) -> float:
+    sums = _Sums()
+    for want, got in zip(reference, outputs):
+        sums.add("out", want, got)
+    return sums.sqnr("out")
+
+
+def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
+                       batches: list[tuple[Tensor, ...]]) -> list[TensorSensitivity]:
+    """One float pass (prepared model, quantizers off) and one quantized pass per batch."""
+    quantizers = _activation_quantizers(prepared)
+    frozen = {name: converted.get_submodule(name) for name in quantizers}
+    in_model, alone, weights = _Sums(), _Sums(), _Sums()
+    captured: dict[str, Tensor] = {}
+    hooks = [prepared.get_submodule(name).register_forward_hook(
+        lambda module, args, output, name=name: captured.__setitem__(name, args[0]))
+        for name in quantizers]
+    layers = {node.target: module_of(prepared, node) for node in prepared.graph.nodes
+              if isinstance(module_of(prepared, node), FakeQuantLayer)}
+    integer = {name: converted.get_submodule(name).layer.weight for name in layers}
+    hooks += [layer.register_forward_hook(
+        lambda module, args, output, name=name: weights.add(name, output, layer_forward(
+            module.layer, args[0], integer[name], module.layer.bias)))
+        for name, layer in layers.items()]
+    quantized: dict[str, Tensor] = {}
+    hooks += [frozen[name].register_forward_hook(
+        lambda module, args, output, name=name: quantized.__setitem__(name, output))
+        for name in quantizers]
+
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                set_quant_mode(prepared, observe=False, quantize=False)
+                prepared(*batch)
+                converted(*batch)
+                for name in quantizers:
+                    reference = captured[name]
+                    in_model.add(name, reference, quantized[name])
+                    alone.add(name, reference, frozen[name](reference))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        set_quant_mode(prepared, observe=True, quantize=False)
+    results = []
+    for name, node in quantizers.items():
+        layer = _producing_layer(prepared, node)
+        results.append(TensorSensitivity(
+            name.removeprefix("quantizers."), layer, frozen[name].bits, in_model.sqnr(name),
+            alone.sqnr(name), weights.sqnr(layer) if layer in weights.signal else None))
+    return sorted(results, key=lambda item: item.alone_db)
+
+
+def _quantize(model: nn.Module, example: Any, config: QuantConfig,
+              batches: list[tuple[Tensor, ...]]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    prepared = prepare(model, example, config)
+    calibrate(prepared, batches)
+    return prepared, convert(prepared)
+
+
+def _partial(prepared: fx.GraphModule, weights: bool, activations: bool,
+             batches: list[tuple[Tensor, ...]]) -> list[Tensor]:
+    """Outputs of the prepared model with only weights (or only activations) quantized."""
+    for module in prepared.modules():
+        if isinstance(module, FakeQuantLayer):
+            module.weight_quantizer.set_mode(observe=False, quantize=weights)
+    for name in _activation_quantizers(prepared):
+        prepared.get_submodule(name).set_mode(observe=False, quantize=activations)
+    try:
+        return _run(prepared, batches)
+    finally:
+        set_quant_mode(prepared, observe=True, quantize=False)
+
+
+def _suggest(model: nn.Module, example: Any, config: QuantConfig, candidates: list[str],
+             batches: list[tuple[Tensor, ...]], good_enough: Callable[[nn.Module], bool]
+             ) -> tuple[list[str], nn.Module | None]:
+    """The shortest prefix of `candidates` (worst first) that makes the model good enough,
+    found by bisection: log2(len) calibrations, not one per layer."""
+    low, high, best = 0, len(candidates), None
+    _, converted = _quantize(model, example, replace(config, sixteen_bit_layers=tuple(
+        candidates)), batches)
+    if not good_enough(converted):
+        return candidates, converted  # even all of them does not reach the target
+    best = (candidates, converted)
+    while low < high:
+        middle = (low + high) // 2
+        chosen = candidates[:middle]
+        _, trial = _quantize(model, example, replace(config, sixteen_bit_layers=tuple(chosen)),
+                             batches)
+        if good_enough(trial):
+            best, high = (chosen, trial), middle
+        else:
+            low = middle + 1
+    return best
+
+
+def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
+            evaluate: Callable[[nn.Module], float] | None = None,
+            config: QuantConfig | None = None, target: float | None = None) -> AnalysisReport:
+    """Per-tensor sensitivity of `model` on `data`, and the 16-bit layers that reach `target`.
+
+    `data` is calibration data as `calibrate` takes it; its first `MAX_BATCHES` batches are
+    measured. `target` is an output SQNR in dB (default: 6 dB above the 8-bit model's, i.e.
+    a quarter of its noise power, and no more than 3 dB below the all-16-bit model's) or, with
+    `evaluate(model) -> score` (higher is better), a score (default: the float score minus 1).
+    The suggestion is the fewest worst-first layers that reach it.
+    """
+    config = resolve_config(config)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError("evaluate must be a callable taking a model and returning a score.")
+    if target is not None:
+        check_number(target, "target", example="35.0 (dB), or a score with evaluate")
+    batches = []
+    prepared, converted = None, None
+    try:
+        batches = [tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+                   for _, batch in zip(range(MAX_BATCHES), data)]
+    except TypeError as error:
+        raise ConfigError(f"data must be an iterable of batches, got {type(data).__name__}."
+                          ) from error
+    prepared, converted = _quantize(model, example_inputs, config, batches)
+    inputs = [batch[:len(prepared._quantfx_state.input_shapes)] for batch in batches]
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _run(model, inputs)
+    finally:
+        model.train(was_training)
+    report = AnalysisReport()
+    report.tensors = _tensor_statistics(prepared, converted, inputs)
+    report.output_sqnr_db["int8"] = _output_sqnr(reference, _run(converted, inputs))
+    report.output_sqnr_db["weights only"] = _output_sqnr(reference,
+                                                         _partial(prepared, True, False, inputs))
+    report.output_sqnr_db["activations only"] = _output_sqnr(
+        reference, _partial(prepared, False, True, inputs))
+    wide = replace(config, activation_bits=16, weight_bits=16, sixteen_bit_layers=())
+    _, sixteen = _quantize(model, example_inputs, wide, batches)
+    report.output_sqnr_db["int16"] = _output_sqnr(reference, _run(sixteen, inputs))
+    candidates = list(dict.fromkeys(t.layer for t in report.tensors if t.layer is not None))
+    if evaluate is not None:
+        report.scores = {"float": _score(evaluate, model), "int8": _score(evaluate, converted),
+                         "int16": _score(evaluate, sixteen)}
+        report.target = report.scores["float"] - 1.0 if target is None else target
+        good = lambda candidate: _score(evaluate, candidate) >= report.target  # noqa: E731
+    else:
+        report.target = min(report.output_sqnr_db["int8"] + 6.0,
+                            report.output_sqnr_db["int16"] - 3.0) if target is None else target
+        good = lambda candidate: _output_sqnr(  # noqa: E731
+            reference, _run(candidate, inputs)) >= report.target
+    if good(converted):
+        report.sixteen_bit_layers, suggested = [], converted
+    else:
+        report.sixteen_bit_layers, suggested = _suggest(model, example_inputs, config,
+                                                        candidates, batches, good)
+    report.output_sqnr_db["suggested"] = _output_sqnr(reference, _run(suggested, inputs))
+    if evaluate is not None:
+        report.scores["suggested"] = _score(evaluate, suggested)
+    return report
+
+
+def _score(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
+    score = evaluate(model)
+    if isinstance(score, Tensor) and score.numel() == 1:
+        score = score.item()
+    return check_number(score, "evaluate(model)", example="top-1 accuracy in %")

@@ -1,0 +1,92 @@
+"""analyze: a damaged layer ranks first, and the suggested 16-bit layers reach the target."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import quantfx as qf
+
+CONFIG = qf.QuantConfig(progress=False, weight_observer="minmax", bias_calibration=False)
+
+
+class Chain(nn.Module):
+    """Four conv+ReLU layers; `damaged` gets a weight 300x its others (a wasted scale)."""
+
+    def __init__(self, damaged: str = "c2") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        with torch.no_grad():
+            weight = getattr(self, damaged).weight
+            weight[0, 0, 0, 0] = 300 * weight.abs().max()
+
+    def forward(self, x):
+        for conv in (self.c1, self.c2, self.c3):
+            x = torch.relu(conv(x))
+        return self.c4(x)
+
+
+def _data(count: int = 4) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 12, 12, generator=generator) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def report() -> qf.AnalysisReport:
+    data = _data()
+    return qf.analyze(Chain().eval(), data[0][:1], data, config=CONFIG)
+
+
+def test_the_damaged_layer_ranks_first(report):
+    worst = report.tensors[0]
+    assert worst.layer == "c2" and worst.weight_alone_db is not None
+    others = [t.weight_alone_db for t in report.tensors if t.layer not in ("c2", None)]
+    assert worst.weight_alone_db < min(others) - 15
+
+
+def test_the_suggestion_reaches_its_target_with_few_layers(report):
+    sqnr = report.output_sqnr_db
+    assert sqnr["int8"] < report.target <= sqnr["int16"]
+    assert sqnr["suggested"] >= report.target
+    assert report.sixteen_bit_layers and report.sixteen_bit_layers[0] == "c2"
+    assert len(report.sixteen_bit_layers) < 4
+    config = report.config(CONFIG)  # in the form QuantConfig takes
+    assert config.sixteen_bit_layers == tuple(report.sixteen_bit_layers)
+
+
+def test_end_to_end_figures_are_ordered(report):
+    sqnr = report.output_sqnr_db
+    assert sqnr["int16"] > sqnr["int8"] and sqnr["weights only"] < sqnr["activations only"]
+    assert all(math.isfinite(value) for value in sqnr.values())
+
+
+def test_a_score_target_with_evaluate():
+    data = _data()
+    model = Chain().eval()
+    reference = model(data[0]).detach()
+
+    def evaluate(candidate):  # a "score": negative output error, higher is better
+        with torch.no_grad():
+            return -float((candidate(data[0]) - reference).abs().mean())
+
+    report = qf.analyze(model, data[0][:1], data, evaluate, CONFIG, target=-0.012)
+    assert report.scores["float"] == 0.0 and report.scores["suggested"] >= -0.012
+    assert report.scores["int8"] < -0.012 and report.sixteen_bit_layers
+
+
+def test_report_files_and_bad_arguments(report, tmp_path):
+    paths = report.save(str(tmp_path / "analysis"))
+    assert {p.rsplit("/", 1)[1] for p in paths} == {"report.md", "report.json", "sqnr.png"}
+    assert json.loads((tmp_path / "analysis" / "report.json").read_text())["tensors"]
+    assert "c2" in str(report) and "| c2 |" in report.to_markdown().replace("c2_", "c2 ")
+    data = _data(1)
+    with pytest.raises(qf.ConfigError, match="evaluate"):
+        qf.analyze(Chain(), data[0], data, evaluate="top1")
+    with pytest.raises(qf.ConfigError, match="target"):
+        qf.analyze(Chain(), data[0], data, target="high")
