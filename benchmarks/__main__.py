@@ -19,6 +19,7 @@ PARTS = {
     "qat_step": "benchmarks.deployment:run_qat_step",
     "onnx_runtime": "benchmarks.deployment:run_onnx_runtime",
     "tidl_profiles": "benchmarks.tidl_profiles",
+    "analyze_speed": "benchmarks.analyze_speed",
 }
 
 

@@ -145,8 +145,9 @@ class QuantConfig:
     through the model (about two quantized passes); per-channel means settle long before
     ranges do."""
     sixteen_bit_layers: Sequence[str] = field(default_factory=tuple)
-    """Layers kept at 16 bit (weights and outputs): module paths or graph node names of
-    conv/linear layers, or "first" / "last" (TI's advice for regression-style networks)."""
+    """Layers kept at 16 bit: conv/linear layers (weights and output) by module path or graph
+    node name, "first" / "last" (TI's advice for regression-style networks), or any other
+    tensor by its graph node name as `quantfx.analyze` reports it (e.g. "add_3": its output)."""
     nonnegative_inputs: bool = False
     """Quantize the network inputs unsigned (e.g. images in [0, 1] that were not normalized)."""
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)

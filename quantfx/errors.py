@@ -37,3 +37,7 @@ class ExportError(QuantFxError):
 
 class InputError(QuantFxError, TypeError):
     """A tensor given to a quantfx model (or to calibrate) has the wrong dtype, device or shape."""
+
+
+class LoadError(QuantFxError):
+    """A model, weights file or data set named by the user cannot be found or read."""

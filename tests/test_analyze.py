@@ -82,8 +82,16 @@ def test_a_score_target_with_evaluate():
 
 def test_report_files_and_bad_arguments(report, tmp_path):
     paths = report.save(str(tmp_path / "analysis"))
-    assert {p.rsplit("/", 1)[1] for p in paths} == {"report.md", "report.json", "sqnr.png"}
-    assert json.loads((tmp_path / "analysis" / "report.json").read_text())["tensors"]
+    assert {p.rsplit("/", 1)[1] for p in paths} == {
+        "report.md", "report.html", "report.json", "sqnr.png", "ranges.png"}
+    saved = json.loads((tmp_path / "analysis" / "report.json").read_text())["tensors"]
+    # each tensor's float histogram holds every value it saw (4 batches of its shape)
+    first = saved[0]
+    assert len(first["histogram"]) == 48 and first["clip"] > 0 and sum(first["histogram"]) > 0
+    assert '<img src="ranges.png"' in (tmp_path / "analysis" / "report.html").read_text()
+    assert not [p for p in (tmp_path / "analysis").iterdir() if p.name.startswith(".")]
+    with pytest.raises(qf.ConfigError, match="is a file"):
+        report.save(paths[0])
     assert "c2" in str(report) and "| c2 |" in report.to_markdown().replace("c2_", "c2 ")
     data = _data(1)
     with pytest.raises(qf.ConfigError, match="evaluate"):

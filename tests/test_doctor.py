@@ -65,9 +65,9 @@ def planted_report() -> qf.DoctorReport:
     ("warning", "bn", "does not follow a conv"),
     ("warning", "optimizer param group 1", "weight decay 0"),
     ("info", "Adam", "other than SGD"),
-    ("info", "relu", "called at 2 sites"),
+    ("info", "relu", "called at 2 sites"),  # one finding for all reused modules
     ("info", "forward", "functionals: mean, relu"),
-    ("info", "depthwise convs", "depthwise"),
+    ("info", "depthwise conv(s)", "depthwise"),
     ("warning", "conv", "weight range is"),
     ("warning", "cumsum", "no ONNX emitter"),
 ])
@@ -114,6 +114,25 @@ def test_an_op_tidl_runs_on_arm_is_a_warning():
 
     report = qf.doctor(Channels().eval(), X, config=qf.QuantConfig(target="am68a"))
     assert any("ARM cores of am68a" in f.what and "softmax" in f.what for f in report.findings)
+
+
+def test_an_activation_with_a_long_tail_is_found_and_a_bounded_one_is_not():
+    class Spiky(nn.Module):
+        def __init__(self, activation: nn.Module) -> None:
+            super().__init__()
+            self.conv, self.bn, self.activation = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), activation
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.activation(self.bn(self.conv(x))))
+
+    spiked = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    spiked[0, :, 5, 5] = 400.0  # one pixel: 0.2 % of the values, 100x the rest
+    found = [f for f in qf.doctor(Spiky(nn.ReLU()).eval(), spiked).findings
+             if "without a bound" in f.what]
+    assert found and found[0].where == "activation" and "ReLU6" in found[0].fix
+    bounded = qf.doctor(Spiky(nn.ReLU6()).eval(), spiked).findings
+    assert not [f for f in bounded if "without a bound" in f.what and f.where == "activation"]
 
 
 def test_report_formats_and_bad_arguments(planted_report):

@@ -34,6 +34,18 @@ def test_layer_by_name():
     assert layers == {"conv1": 8, "conv2": 16, "fc": 8} and outputs["relu_1"] == 16
 
 
+def test_any_tensor_by_node_name_as_analyze_reports_it(tmp_path):
+    """An input or the pool (not conv/linear layers) named like analyze's tensors: only their
+    outputs widen, and the export lists them in TIDL's 16-bit features."""
+    config = qf.QuantConfig(sixteen_bit_layers=["x", "pool"])
+    _, converted = quantize_model(randomize_batchnorm(ConvBnReLU()), config=config)
+    layers, outputs = _bits(converted)
+    assert set(layers.values()) == {8}
+    assert outputs == {"x": 16, "relu": 8, "relu_1": 8, "pool": 16, "fc": 8}
+    report = qf.export_onnx(converted, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert report.verified and len(report.sixteen_bit_features) == 2
+
+
 def test_unknown_layer_name_is_an_error_that_lists_layers():
     config = qf.QuantConfig(sixteen_bit_layers=["backbone.nope"])
     with pytest.raises(qf.ConfigError, match="conv1"):

@@ -17,7 +17,7 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 import quantfx as qf
-from quantfx.export.files import options_path_for
+from quantfx.files import options_path_for
 from quantfx.tidl.checker import check_model
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 

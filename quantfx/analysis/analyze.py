@@ -32,6 +32,8 @@ from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
 
 MAX_BATCHES = 8
 """Batches of `data` the per-tensor statistics use (the suggestion's trials use them too)."""
+HISTOGRAM_BINS = 48
+"""Bins of each tensor's float value histogram, over twice its quantizer's range either side."""
 
 
 @dataclass
@@ -39,6 +41,7 @@ class TensorSensitivity:
     """One quantized tensor: how far from float it ends up, and what its own rounding costs."""
 
     tensor: str
+    """The graph node whose output this is (a name `sixteen_bit_layers` takes)."""
     layer: str | None
     """The conv/linear whose output this is (a name `sixteen_bit_layers` takes), if any."""
     bits: int
@@ -48,6 +51,10 @@ class TensorSensitivity:
     """Its quantizer's rounding of the float tensor, nothing else quantized."""
     weight_alone_db: float | None = None
     """Its layer's output with only the layer's weights quantized (float input)."""
+    clip: float = 0.0
+    """The largest magnitude its quantizer represents (qmax * 2**exponent)."""
+    histogram: list[int] = field(default_factory=list)
+    """Float value counts in `HISTOGRAM_BINS` bins over [-2 clip, 2 clip] (edges hold the rest)."""
 
     @property
     def alone_db(self) -> float:
@@ -66,6 +73,9 @@ class AnalysisReport:
     """Every quantized tensor, the one whose own rounding costs most first."""
     sixteen_bit_layers: list[str] = field(default_factory=list)
     target: float | None = None
+    reached: bool = True
+    """Whether the suggestion reaches `target` (False: even every tensor at 16 bit falls short,
+    the suggestion is then all of them)."""
     scores: dict[str, float] = field(default_factory=dict)
     """`evaluate` of the float, int8, int16 and suggested models, when given."""
 
@@ -78,8 +88,11 @@ class AnalysisReport:
             f"{name} {value:.1f} dB" for name, value in self.output_sqnr_db.items())]
         if self.scores:
             lines.append("scores: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items()))
-        lines.append(f"keep at 16 bit: {self.sixteen_bit_layers or 'nothing'} (target "
-                     f"{self.target})")
+        verdict = "reaches" if self.reached else "does NOT reach (even all at 16 bit)"
+        target = f"{self.target:.4g}" if self.target is not None else "none"
+        lines.append(f"keep at 16 bit ({len(self.sixteen_bit_layers)}): "
+                     f"{', '.join(self.sixteen_bit_layers) or 'nothing'}; {verdict} the target "
+                     f"{target}{'' if self.scores else ' dB'}")
         lines.append("worst tensors (own rounding / in the quantized model):")
         lines += [f"  {t.tensor:<40} {t.alone_db:6.1f} dB / {t.sqnr_in_model_db:6.1f} dB"
                   for t in self.tensors[:10]]
@@ -99,8 +112,9 @@ class AnalysisReport:
         return json.dumps(data, indent=2, default=lambda value: None)
 
     def save(self, folder: str) -> list[str]:
-        """Write report.md and report.json, and (with Pillow, which torchvision installs) a bar
-        chart of the worst tensors' SQNR; returns the paths written."""
+        """Write report.md, report.html and report.json into `folder` and, with Pillow
+        (`pip install quantfx[plot]`; torchvision brings it), sqnr.png (per-tensor SQNR) and
+        ranges.png (value histograms of the worst tensors); returns the paths written."""
         from quantfx.analysis.plots import write_report
 
         return write_report(self, folder)
@@ -162,6 +176,9 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
     quantizers = _activation_quantizers(prepared)
     frozen = {name: converted.get_submodule(name) for name in quantizers}
     in_model, alone, weights = _Sums(), _Sums(), _Sums()
+    clips = {name: float(frozen[name].qmax) * 2.0 ** float(frozen[name].exponent)
+             for name in quantizers}
+    histograms = {name: torch.zeros(HISTOGRAM_BINS, dtype=torch.float64) for name in quantizers}
     captured: dict[str, Tensor] = {}
     hooks = [prepared.get_submodule(name).register_forward_hook(
         lambda module, args, output, name=name: captured.__setitem__(name, args[0]))
@@ -188,6 +205,10 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
                     reference = captured[name]
                     in_model.add(name, reference, quantized[name])
                     alone.add(name, reference, frozen[name](reference))
+                    edge = 2.0 * clips[name]
+                    histograms[name] += torch.histc(
+                        reference.detach().double().clamp(-edge, edge), HISTOGRAM_BINS, -edge,
+                        edge)
     finally:
         for hook in hooks:
             hook.remove()
@@ -195,9 +216,12 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
     results = []
     for name, node in quantizers.items():
         layer = _producing_layer(prepared, node)
+        source = node.args[0]
         results.append(TensorSensitivity(
-            name.removeprefix("quantizers."), layer, frozen[name].bits, in_model.sqnr(name),
-            alone.sqnr(name), weights.sqnr(layer) if layer in weights.signal else None))
+            source.name if isinstance(source, fx.Node) else name, layer, frozen[name].bits,
+            in_model.sqnr(name),
+            alone.sqnr(name), weights.sqnr(layer) if layer in weights.signal else None,
+            clips[name], [int(count) for count in histograms[name].tolist()]))
     return sorted(results, key=lambda item: item.alone_db)
 
 
@@ -224,14 +248,14 @@ def _partial(prepared: fx.GraphModule, weights: bool, activations: bool,
 
 def _suggest(model: nn.Module, example: Any, config: QuantConfig, candidates: list[str],
              batches: list[tuple[Tensor, ...]], good_enough: Callable[[nn.Module], bool]
-             ) -> tuple[list[str], nn.Module | None]:
+             ) -> tuple[list[str], nn.Module, bool]:
     """The shortest prefix of `candidates` (worst first) that makes the model good enough,
-    found by bisection: log2(len) calibrations, not one per layer."""
-    low, high, best = 0, len(candidates), None
+    found by bisection: log2(len) calibrations, not one per layer; and whether it is."""
+    low, high = 0, len(candidates)
     _, converted = _quantize(model, example, replace(config, sixteen_bit_layers=tuple(
         candidates)), batches)
     if not good_enough(converted):
-        return candidates, converted  # even all of them does not reach the target
+        return candidates, converted, False  # even all of them does not reach the target
     best = (candidates, converted)
     while low < high:
         middle = (low + high) // 2
@@ -242,7 +266,7 @@ def _suggest(model: nn.Module, example: Any, config: QuantConfig, candidates: li
             best, high = (chosen, trial), middle
         else:
             low = middle + 1
-    return best
+    return best[0], best[1], True
 
 
 def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
@@ -289,7 +313,8 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     wide = replace(config, activation_bits=16, weight_bits=16, sixteen_bit_layers=())
     _, sixteen = _quantize(model, example_inputs, wide, batches)
     report.output_sqnr_db["int16"] = _output_sqnr(reference, _run(sixteen, inputs))
-    candidates = list(dict.fromkeys(t.layer for t in report.tensors if t.layer is not None))
+    # a layer's name widens its weights too; other tensors (adds, inputs, ...) by node name
+    candidates = list(dict.fromkeys(t.layer or t.tensor for t in report.tensors))
     if evaluate is not None:
         report.scores = {"float": _score(evaluate, model), "int8": _score(evaluate, converted),
                          "int16": _score(evaluate, sixteen)}
@@ -303,8 +328,8 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     if good(converted):
         report.sixteen_bit_layers, suggested = [], converted
     else:
-        report.sixteen_bit_layers, suggested = _suggest(model, example_inputs, config,
-                                                        candidates, batches, good)
+        report.sixteen_bit_layers, suggested, report.reached = _suggest(
+            model, example_inputs, config, candidates, batches, good)
     report.output_sqnr_db["suggested"] = _output_sqnr(reference, _run(suggested, inputs))
     if evaluate is not None:
         report.scores["suggested"] = _score(evaluate, suggested)

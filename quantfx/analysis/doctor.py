@@ -3,8 +3,9 @@
 Checks a float model (and its optimizer) against what the guides say users get wrong before
 quantization starts: convs without BatchNorm, weight decay missing on biases / BN / depthwise
 weights, non-SGD optimizers, depthwise layers, weights with extreme outlier channels after BN
-folding, untraceable code, reused modules and functionals, and ops that export or TIDL would
-leave in float. Each finding has a severity, the module it is about, why it matters and the fix.
+folding, activations without a bound (long calibrated tails), untraceable code, reused modules
+and functionals, and ops that export or TIDL would leave in float. Each finding has a
+severity, the module it is about, why it matters and the fix.
 """
 
 from __future__ import annotations
@@ -25,16 +26,24 @@ from quantfx.export.graph import build_model
 from quantfx.export.registry import unexportable
 from quantfx.frontend import as_input_tuple, build_graph, private_copy
 from quantfx.layers import is_depthwise
+from quantfx.observers import HistogramObserver
 from quantfx.ops import BATCHNORMS, WEIGHT_LAYERS
 from quantfx.passes.fuse import fold_batchnorm
 from quantfx.passes.graph_utils import is_shape_only, module_of
 from quantfx.passes.normalize import REWRITES
 from quantfx.ptc import calibrate, prepare
+from quantfx.quantizers import CalibrationQuantizer
 from quantfx.tidl.checker import check_model
 from quantfx.tidl.rules import FALLBACK
 from quantfx.trace import trace
 
 ERROR, WARNING, INFO = "error", "warning", "info"
+TAIL_RATIO = 8.0
+TAIL_SHARE = 0.99
+"""An activation whose largest calibrated value is `TAIL_RATIO` times the magnitude that
+`TAIL_SHARE` of its values stay below has a long tail: 99 % of its values share an eighth of
+its levels, or the tail saturates."""
+BOUNDED_ACTIVATIONS = (nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax)
 OUTLIER_RATIO = 16.0
 """A layer whose largest output channel's weight range is this many times its median
 channel's wastes most of a per-tensor power-of-2 scale on one channel."""
@@ -123,12 +132,19 @@ def _structure(graph: fx.GraphModule, config: QuantConfig) -> list[Finding]:
                     "-> ReLU) and retrain"))
     depthwise = [n.target for n in graph.graph.nodes if is_depthwise(module_of(graph, n))]
     if depthwise:
-        mode = "per channel" if config.depthwise_per_channel else "per tensor (one scale each)"
+        if config.depthwise_per_channel:
+            mode, fix = "per channel", ("none needed; if accuracy drops, check 16 bit first "
+                                        "(compare_bit_depths), then QAT")
+        else:
+            mode, fix = "per tensor (one scale each)", (
+                "keep equalization on (the default here), train with weight decay on the "
+                "depthwise weights, or use QAT; per_channel_depthwise=True where the target "
+                "allows it")
+        names = ", ".join(map(str, depthwise[:3])) + (", ..." if len(depthwise) > 3 else "")
         findings.append(Finding(
-            INFO, f"{len(depthwise)} depthwise convs ({depthwise[0]}, ...)",
-            "depthwise convolutions", "TI: models with depthwise convs are harder to quantize; "
-            f"expect a larger accuracy drop. Their weights are quantized {mode} here",
-            "use per_channel_depthwise=True where the target allows it, equalization, or QAT"))
+            INFO, f"{len(depthwise)} depthwise conv(s) ({names})", "depthwise convolutions",
+            "TI: models with depthwise convs are harder to quantize; expect a larger accuracy "
+            f"drop. Their weights are quantized {mode} here", fix))
     return findings
 
 
@@ -139,13 +155,16 @@ def _reuse_and_functionals(raw: fx.GraphModule) -> list[Finding]:
     for node in raw.graph.nodes:
         if node.op == "call_module":
             sites[node.target] = sites.get(node.target, 0) + 1
-    for target, count in sites.items():
-        if count > 1:
-            findings.append(Finding(
-                INFO, target, f"module called at {count} sites", "each call site is its own "
-                "layer in the engine with its own range: quantfx un-shares it (parameters "
-                "stay tied), so nothing is needed", "none (or one module per use, as TI "
-                "advises, to keep the model's own code clear)"))
+    reused = {target: count for target, count in sites.items() if count > 1}
+    if reused:
+        names = list(reused)
+        where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        counts = sorted(set(reused.values()))
+        findings.append(Finding(
+            INFO, where, f"{len(names)} module(s) called at {'/'.join(map(str, counts))} "
+            "sites", "each call site is its own layer in the engine with its own range: "
+            "quantfx un-shares it (parameters stay tied), so nothing is needed", "none (or one "
+            "module per use, as TI advises, to keep the model's own code clear)"))
     functionals = sorted({getattr(n.target, "__name__", str(n.target)) for n in raw.graph.nodes
                           if n.op in ("call_function", "call_method")
                           and n.target in _REWRITTEN and not is_shape_only(raw, n)
@@ -177,6 +196,39 @@ def _outliers(graph: fx.GraphModule) -> list[Finding]:
                 "must fit the largest channel, leaving the others a few levels",
                 "QuantConfig(equalization=True), per-channel weights (per_channel_weights / "
                 "per_channel_depthwise), weight decay on every parameter, or QAT"))
+    return findings
+
+
+def _percentile(observer: HistogramObserver, share: float) -> float:
+    """The magnitude below which `share` of the observed values lie (from the histogram)."""
+    cumulative = torch.cumsum(observer.histogram, dim=0)
+    index = int(torch.searchsorted(cumulative, cumulative[-1] * share))
+    return (index + 1) * 2.0 ** int(observer.range_exponent) / observer.bins
+
+
+def _long_tails(prepared: fx.GraphModule) -> list[Finding]:
+    """Activations (not inputs, not bounded ones) whose calibrated maximum is far beyond where
+    almost all their values lie: where ReLU6 or learned clipping would give the range a bound."""
+    findings = []
+    for node in prepared.graph.nodes:
+        quantizer = module_of(prepared, node)
+        source = node.args[0] if node.args else None
+        if (not isinstance(quantizer, CalibrationQuantizer)
+                or not isinstance(quantizer.observer, HistogramObserver)
+                or not isinstance(source, fx.Node) or source.op == "placeholder"
+                or isinstance(module_of(prepared, source), BOUNDED_ACTIVATIONS)
+                or float(quantizer.observer.histogram.sum()) == 0):
+            continue
+        bulk = _percentile(quantizer.observer, TAIL_SHARE)
+        largest = float(quantizer.observer.max_abs().max())
+        if bulk > 0 and largest > TAIL_RATIO * bulk:
+            findings.append(Finding(
+                INFO, source.name, f"activation without a bound: its largest value is "
+                f"{largest / bulk:.0f}x its {100 * TAIL_SHARE:g}th percentile",
+                "a long tail forces a choice between saturating it and a coarse step for "
+                "every other value, and the range depends on which images calibrate it",
+                "a bounded activation there (ReLU6 / Hardtanh), or QAT, whose learned "
+                "clipping (PACT2-style) bounds it in training"))
     return findings
 
 
@@ -234,16 +286,18 @@ def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
         return findings
     calibrate(prepared, [inputs])
     converted = convert(prepared)
+    findings = _long_tails(prepared)
     try:
         built = build_model(converted.cpu(), tuple(t.cpu() for t in inputs), False,
                             config.profile.default_opset)
     except QuantFxError as error:
-        return [Finding(WARNING, "export", str(error).splitlines()[0], "export_onnx would fail",
-                        "see the message")]
+        return findings + [Finding(WARNING, "export", str(error).splitlines()[0],
+                                   "export_onnx would fail", "see the message")]
     report = check_model(built.model, config.target)
-    return [Finding(WARNING, f.node, f"runs on the ARM cores of {config.target}: {f.rule}",
-                    f"TIDL's operator rules ({f.source}); the rest of the network waits for it",
-                    "replace the op or change its parameters to a supported form")
+    return findings + [Finding(
+        WARNING, f.node, f"runs on the ARM cores of {config.target}: {f.rule}",
+        f"TIDL's operator rules ({f.source}); the rest of the network waits for it",
+        "replace the op or change its parameters to a supported form")
             for f in report.findings if f.severity == FALLBACK]
 
 

@@ -3,7 +3,7 @@ with Clip ranges) plus its TIDL compile options, and verify it bit for bit in ON
 
 This module holds the entry point, its report and its argument checks; the graph is built in
 `quantfx.export.graph` (from the emitters of `quantfx.export.registry`), checked in
-`quantfx.export.verify`, and written by `quantfx.export.files`.
+`quantfx.export.verify`, and written by `quantfx.files`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch import Tensor
 
 from quantfx.checks import check_bool, check_int, check_number
 from quantfx.errors import ExportError
-from quantfx.export.files import check_destination, options_path_for, staged_files
 from quantfx.export.graph import build_model
 from quantfx.export.tidl import bit_widths, check_constraints, compile_options
 from quantfx.export.verify import (
@@ -30,6 +29,7 @@ from quantfx.export.verify import (
     verification_batches,
     verify,
 )
+from quantfx.files import check_destination, options_path_for, staged_files
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import IntegerLayer
 from quantfx.quantizers import FrozenQuantizer

@@ -99,18 +99,23 @@ def weight_layer_nodes(graph_module: fx.GraphModule) -> list[fx.Node]:
             and len(node.args) == 1 and not node.kwargs]
 
 
-def sixteen_bit_layers(layers: list[fx.Node], config: QuantConfig) -> set[fx.Node]:
-    """The layer nodes `config.sixteen_bit_layers` names ("first"/"last", paths, node names)."""
+def sixteen_bit_layers(graph_module: fx.GraphModule, layers: list[fx.Node],
+                       config: QuantConfig) -> set[fx.Node]:
+    """The nodes `config.sixteen_bit_layers` names: conv/linear layers ("first"/"last", module
+    paths, node names; 16-bit weights and output) or any other node by its graph name (e.g.
+    "add_3", as `analyze` reports it; a 16-bit output)."""
     wanted = set(config.sixteen_bit_layers)
     if not wanted:
         return set()
-    by_name = {node.target: node for node in layers} | {node.name: node for node in layers}
+    nodes = [node for node in graph_module.graph.nodes if node.op != "output"]
+    by_name = {node.name: node for node in nodes} | {node.target: node for node in layers}
     unknown = sorted(wanted - set(LAYER_ALIASES) - by_name.keys())
     if unknown:
         examples = ", ".join(repr(node.target) for node in layers[:8])
         raise ConfigError(
-            f"QuantConfig.sixteen_bit_layers names {unknown}, which are not conv/linear layers "
-            f"of this model. Use 'first', 'last' or layer names such as {examples}."
+            f"QuantConfig.sixteen_bit_layers names {unknown}, which are not layers or tensors "
+            f"of this model. Use 'first', 'last', layer names such as {examples}, or the "
+            "tensor names `quantfx.analyze` reports."
         )
     chosen = {by_name[name] for name in wanted & by_name.keys()}
     if layers and "first" in wanted:
@@ -214,7 +219,7 @@ def place_quantizers(graph_module: fx.GraphModule, factory: QuantizerFactory,
     """Wrap every conv/linear as a weight layer and quantize every activation the engine holds;
     returns the number of weight layers. Widths (8/16) are decided first, from the config."""
     layers = weight_layer_nodes(graph_module)
-    wide = sixteen_bit_layers(layers, factory.config)
+    wide = sixteen_bit_layers(graph_module, layers, factory.config)
     wrap_weight_layers(graph_module, layers, wide, factory, build, fold_bn)
     place_activation_quantizers(graph_module, wide, factory)
     graph_module.graph.lint()

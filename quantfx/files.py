@@ -1,4 +1,4 @@
-"""File handling for export: where files go, temporary files beside them, atomic replacement.
+"""Writing files safely: where files go, temporary files beside them, atomic replacement.
 
 Nothing is half-written: each file is written to a temporary file in its destination folder
 and moved into place with `os.replace` only once everything succeeded (the model file first:
@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, QuantFxError
 
 OPTIONS_SUFFIX = ".tidl.json"
 
@@ -30,21 +30,22 @@ def _umask() -> int:
     return mask
 
 
-def check_destination(path: str, what: str) -> None:
-    """Raise `ExportError` unless a file can be written at `path` (a file path, not a folder,
-    in an existing writable folder)."""
+def check_destination(path: str, what: str,
+                      error: type[QuantFxError] = ExportError) -> None:
+    """Raise `error` unless a file can be written at `path` (a file path, not a folder, in an
+    existing writable folder)."""
     if not path or path.endswith((os.sep, "/")) or os.path.isdir(path):
-        raise ExportError(f"the {what} path {path!r} is a folder (or empty); give a file path "
+        raise error(f"the {what} path {path!r} is a folder (or empty); give a file path "
                           "such as 'out/model.onnx'.")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ExportError(f"the folder of the {what} path {path!r} does not exist: create "
+        raise error(f"the folder of the {what} path {path!r} does not exist: create "
                           f"{folder!r} first.")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write the {what} into {folder!r}: the folder is not "
+        raise error(f"cannot write the {what} into {folder!r}: the folder is not "
                           "writable. Choose another path.")
     if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ExportError(f"the {what} file {path!r} exists and is read-only: make it writable "
+        raise error(f"the {what} file {path!r} exists and is read-only: make it writable "
                           "or choose another path.")
 
 
@@ -71,3 +72,12 @@ def staged_files(*finals: str) -> Iterator[list[str]]:
         for leftover in temporaries:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(leftover)
+
+
+def write_text_files(contents: dict[str, str]) -> None:
+    """Write each path's text atomically, all or none (in the given order)."""
+    finals = list(contents)
+    with staged_files(*finals) as temporaries:
+        for temporary, final in zip(temporaries, finals):
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(contents[final])

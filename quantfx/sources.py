@@ -1,0 +1,254 @@
+"""Models and calibration data named by the user (the command line): a torchvision name or a
+`module:factory`, a weights file, an image folder or a tensor file, all read safely.
+
+Files are never unpickled beyond tensors (`torch.load(..., weights_only=True)`, NumPy without
+pickle), so a downloaded weights file cannot run code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import pickle
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantfx.errors import LoadError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+"""Keys under which training checkpoints commonly keep the model's state dict."""
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models())
+
+
+def _factory(spec: str) -> Any:
+    """The callable named by `package.module:name` or `path/to/file.py:name`."""
+    module_name, _, attribute = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise LoadError(f"{module_name!r} does not exist; give the Python file that defines "
+                            f"{attribute!r}.")
+        location = importlib.util.spec_from_file_location(
+            os.path.splitext(os.path.basename(module_name))[0], module_name)
+        module = importlib.util.module_from_spec(location)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)))
+        try:
+            location.loader.exec_module(module)
+        except Exception as error:
+            raise LoadError(f"importing {module_name!r} failed: {type(error).__name__}: "
+                            f"{error}") from error
+        finally:
+            sys.path.pop(0)
+    else:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own package
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise LoadError(f"cannot import {module_name!r} ({error}); install its package or "
+                            "run from the folder that holds it.") from error
+        finally:
+            sys.path.pop(0)
+    if not hasattr(module, attribute):
+        raise LoadError(f"{module_name!r} has no {attribute!r}.")
+    return getattr(module, attribute)
+
+
+def load_model(spec: str, weights: str | os.PathLike | None = None) -> nn.Module:
+    """The float model `spec` names, in eval mode: a torchvision builder name ("resnet18",
+    random weights, seeded, unless `weights` is given) or `module:factory` / `file.py:factory`
+    (called with no arguments). `weights` is a state dict file (or a checkpoint holding one)."""
+    if not isinstance(spec, str) or not spec:
+        raise LoadError(f"the model must be a name such as 'resnet18' or 'package.module:"
+                        f"build', got {spec!r}.")
+    if ":" in spec.strip(":"):
+        built = _factory(spec)
+        try:
+            model = built() if callable(built) and not isinstance(built, nn.Module) else built
+        except Exception as error:
+            raise LoadError(f"{spec}() failed: {type(error).__name__}: {error}") from error
+    else:
+        names = _torchvision_names()
+        if spec not in names:
+            close = difflib.get_close_matches(spec, names, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise LoadError(f"{spec!r} is not a torchvision model.{hint} For your own model give "
+                            "'package.module:factory' or 'file.py:factory'.")
+        import torchvision
+
+        with torch.random.fork_rng():  # the same random weights on every run
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(spec, weights=None)
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module.")
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def _read_tensors(path: str, what: str) -> Any:
+    """`torch.load` restricted to tensors and plain containers, with errors that say why."""
+    if not os.path.exists(path):
+        raise LoadError(f"the {what} file {path!r} does not exist.")
+    if os.path.isdir(path):
+        raise LoadError(f"the {what} path {path!r} is a folder; give a file.")
+    if path.endswith(".npy"):
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as error:
+            raise LoadError(f"{path!r} is not a plain NumPy array file ({error}).") from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise LoadError(f"{path!r} holds more than tensors (a pickled model or object?); quantfx "
+                        "reads only tensors and plain containers, never arbitrary pickles. Save "
+                        "torch.save(model.state_dict(), path) (or a tensor) instead.") from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise LoadError(f"cannot read {path!r} as a torch file: {error}") from error
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict file into `model` (strict; "module." prefixes of DDP are dropped)."""
+    state = _read_tensors(os.fspath(path), "weights")
+    if isinstance(state, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise LoadError(f"{os.fspath(path)!r} is not a state dict (a dict of tensors); save "
+                        "torch.save(model.state_dict(), path).")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1:3]
+        raise LoadError(f"{os.fspath(path)!r} does not fit {type(model).__name__}: "
+                        + " ".join(line.strip() for line in first)) from error
+
+
+@dataclass
+class ImageOptions:
+    """How image files become model inputs: resize the shorter side, center crop, normalize."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    grayscale: bool = False
+
+
+def _image_files(folder: str) -> list[str]:
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders.sort()
+        found += [os.path.join(root, name) for name in sorted(files)
+                  if name.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
+def _load_images(folder: str, limit: int, options: ImageOptions, progress: bool) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision import transforms
+
+    files = _image_files(folder)
+    if not files:
+        raise LoadError(f"{folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or "
+                        "its subfolders.")
+    channels = 1 if options.grayscale else 3
+    if len(options.mean) != channels or len(options.std) != channels:
+        raise LoadError(f"--mean and --std need {channels} values each for "
+                        f"{'grayscale' if options.grayscale else 'RGB'} images.")
+    transform = transforms.Compose([
+        transforms.Resize(options.resize), transforms.CenterCrop(options.crop),
+        transforms.ToTensor(), transforms.Normalize(options.mean, options.std)])
+    images = []
+    for path in tqdm(files[:limit], desc="reading images", unit="image", disable=not progress):
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert("L" if options.grayscale else "RGB")))
+        except (UnidentifiedImageError, OSError) as error:
+            raise LoadError(f"cannot read the image {path!r}: {error}") from error
+    return torch.stack(images)
+
+
+def _as_float(tensor: Tensor, path: str) -> Tensor:
+    if tensor.dtype in (torch.float16, torch.bfloat16, torch.float64):
+        return tensor.float()
+    if tensor.dtype != torch.float32:
+        raise LoadError(f"{path!r} holds {tensor.dtype} tensors; calibration inputs must be "
+                        "floating point, scaled and normalized as the model was trained.")
+    return tensor
+
+
+def _tensor_batches(path: str, limit: int, batch_size: int) -> list[Tensor]:
+    data = _read_tensors(path, "calibration")
+    if isinstance(data, dict):
+        tensors = [value for value in data.values() if isinstance(value, Tensor)]
+        if len(tensors) != 1:
+            raise LoadError(f"{path!r} holds a dict with {len(tensors)} tensors; save one tensor "
+                            "of inputs (N, ...) or a list of batches.")
+        data = tensors[0]
+    if isinstance(data, Tensor):
+        if data.dim() < 2:
+            raise LoadError(f"{path!r} holds a tensor of shape {tuple(data.shape)}; save the "
+                            "calibration inputs as one tensor (N, C, H, W) or a list of batches.")
+        return list(_as_float(data[:limit], path).split(batch_size))
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, Tensor) for t in data):
+        batches, count = [], 0
+        for batch in data:
+            if count >= limit:
+                break
+            batches.append(_as_float(batch[:limit - count], path))
+            count += len(batches[-1])
+        return batches
+    raise LoadError(f"{path!r} holds a {type(data).__name__}; save one tensor of inputs (N, ...) "
+                    "or a list of batch tensors.")
+
+
+def load_calibration(path: str | os.PathLike, limit: int = 256, batch_size: int = 16,
+                     images: ImageOptions | None = None, progress: bool = True) -> list[Tensor]:
+    """Calibration batches from an image folder (searched recursively, sorted, at most `limit`
+    images, transformed by `images`) or a tensor file (.pt/.pth: a tensor (N, ...) or a list of
+    batches; .npy: an array (N, ...))."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return list(_load_images(path, limit, images or ImageOptions(), progress).split(
+            batch_size))
+    if not os.path.exists(path):
+        raise LoadError(f"the calibration data {path!r} does not exist; give an image folder or "
+                        "a tensor file (.pt, .npy).")
+    if not path.endswith(TENSOR_SUFFIXES):
+        raise LoadError(f"{path!r} is neither a folder of images nor a tensor file "
+                        f"({', '.join(TENSOR_SUFFIXES)}).")
+    return _tensor_batches(path, limit, batch_size)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"1,3,224,224" (or "1x3x224x224") -> (1, 3, 224, 224)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        raise LoadError(f"the input shape {text!r} is not a list of integers such as "
+                        "1,3,224,224.") from None
+    if not shape or any(size < 1 for size in shape):
+        raise LoadError(f"the input shape {text!r} has a size below 1.")
+    return shape

@@ -1,0 +1,211 @@
+"""The `quantfx` command line: each subcommand end to end in a subprocess (exit status, files
+written, one-line errors), plus the safe readers of models and data (`quantfx.sources`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import quantfx as qf
+from quantfx import cli
+from quantfx.sources import ImageOptions, load_calibration, load_model, load_weights
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def unfolded():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(1152, 4))
+'''
+
+
+def quantfx(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m quantfx ARGS` in a fresh interpreter, as a user runs it."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "quantfx", *args], capture_output=True,
+                          text=True, cwd=cwd, env=environment, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A model file, an image folder (in class subfolders, two sizes) and a tensor file."""
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "tiny_model.py").write_text(MODEL_FILE)
+    rng = np.random.default_rng(0)
+    for index in range(10):
+        (folder / "images" / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        size = (40, 30) if index % 3 else (24, 36)
+        pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"class{index % 2}" / f"{index}.png")
+    (folder / "images" / "notes.txt").write_text("not an image: skipped")
+    torch.save(torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+               folder / "calib.pt")
+    return folder
+
+
+def test_quantize_writes_onnx_options_and_report(workspace):
+    result = quantfx("quantize", "tiny_model.py:build", "--calib", "images", "--resize", "20",
+                     "--crop", "16", "--batch-size", "4", "-o", "out.onnx", "--target",
+                     "am68a", "--no-progress", cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "bit-identical" in result.stdout and "wrote out.onnx" in result.stdout
+    options = json.loads((workspace / "out.tidl.json").read_text())
+    assert options["tensor_bits"] == 8
+    report = (workspace / "out.report.md").read_text()
+    assert "10 inputs of shape (3, 16, 16)" in report and "am68a" in report
+    session = ort.InferenceSession(str(workspace / "out.onnx"))
+    (output,) = session.run(None, {session.get_inputs()[0].name:
+                                   np.zeros((1, 3, 16, 16), np.float32)})
+    assert output.shape == (1, 4)
+    assert not [name for name in os.listdir(workspace) if name.endswith(".tmp")]
+
+
+def test_quantize_a_package_factory_with_weights_and_a_tensor_file(workspace):
+    model = load_model(f"{workspace / 'tiny_model.py'}:build")
+    with torch.no_grad():
+        model[-1].bias.fill_(3.0)  # the file's weights differ from the factory's
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, workspace / "checkpoint.pth")
+    result = quantfx("quantize", "tiny_model:build", "--weights", "checkpoint.pth", "--calib",
+                     "calib.pt", "-o", "tensor.onnx", "--no-progress", cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    session = ort.InferenceSession(str(workspace / "tensor.onnx"))
+    (output,) = session.run(None, {session.get_inputs()[0].name:
+                                   np.zeros((1, 3, 16, 16), np.float32)})
+    assert abs(float(output.mean()) - 3.0) < 0.5  # the checkpoint's bias, not the factory's
+
+
+def test_doctor_exit_status_follows_the_findings(workspace):
+    clean = quantfx("doctor", "tiny_model.py:build", "--input-shape", "1,3,16,16",
+                    cwd=workspace)
+    assert clean.returncode == 0 and "nothing to fix" in clean.stdout, clean.stdout
+    planted = quantfx("doctor", "tiny_model.py:unfolded", "--input-shape", "1x3x16x16",
+                      "--format", "json", cwd=workspace)
+    assert planted.returncode == 1, planted.stderr
+    findings = json.loads(planted.stdout)["findings"]
+    assert any("BatchNorm" in finding["what"] for finding in findings)
+
+
+def test_analyze_prints_and_saves_its_report(workspace):
+    result = quantfx("analyze", "tiny_model.py:build", "--calib", "calib.pt", "-o", "analysis",
+                     "--no-progress", cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "keep at 16 bit" in result.stdout
+    saved = {path.name for path in (workspace / "analysis").iterdir()}
+    assert {"report.md", "report.html", "report.json"} <= saved
+
+
+def test_a_bad_argument_is_one_line_and_exit_two(workspace):
+    result = quantfx("quantize", "resnet19", "--calib", "calib.pt", "-o", "x.onnx",
+                     cwd=workspace)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "resnet18" in result.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["quantize", "tiny_model.py:build", "--calib", "missing", "-o", "a.onnx"],
+     "does not exist"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "images"],
+     "must end with .onnx"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "no/such/a.onnx"],
+     "does not exist"),
+    (["quantize", "tiny_model.py:build", "--calib", "images", "-o", "a.onnx", "--mean", "0.5"],
+     "3 values"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--weights",
+      "images"], "is a folder"),
+    (["quantize", "tiny_model.py:nothing", "--calib", "calib.pt", "-o", "a.onnx"],
+     "has no 'nothing'"),
+    (["quantize", "no_such_module:build", "--calib", "calib.pt", "-o", "a.onnx"],
+     "cannot import"),
+    (["doctor", "tiny_model.py:build", "--input-shape", "1,three"], "not a list of integers"),
+    (["analyze", "tiny_model.py:build", "--calib", "calib.pt", "-o", "calib.pt"], "is a file"),
+])
+def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, message):
+    monkeypatch.chdir(workspace)
+    assert cli.main(arguments + (["--no-progress"] if arguments[0] != "doctor" else [])) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+
+
+@pytest.mark.parametrize("command", ["quantize", "doctor", "analyze", "check", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main([command, "--help"])
+    assert exit_status.value.code == 0 and "usage: quantfx " + command in capsys.readouterr().out
+
+
+def test_unknown_option_values_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main(["quantize", "resnet18", "--calib", "x", "-o", "y.onnx", "--bits", "4"])
+    assert exit_status.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# quantfx.sources: what the commands read, and what they refuse to read
+
+
+def test_pickled_models_are_refused_not_unpickled(tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "whole_model.pt")  # a pickle of a module
+    with pytest.raises(qf.LoadError, match="never arbitrary pickles"):
+        load_weights(nn.Linear(2, 2), tmp_path / "whole_model.pt")
+    with pytest.raises(qf.LoadError, match="holds more than tensors"):
+        load_calibration(tmp_path / "whole_model.pt")
+
+
+def test_weights_of_ddp_checkpoints_and_mismatches(tmp_path):
+    source = nn.Linear(3, 2)
+    torch.save({f"module.{key}": value for key, value in source.state_dict().items()},
+               tmp_path / "ddp.pt")
+    target = nn.Linear(3, 2)
+    load_weights(target, tmp_path / "ddp.pt")
+    assert torch.equal(target.weight, source.weight)
+    with pytest.raises(qf.LoadError, match="does not fit Linear"):
+        load_weights(nn.Linear(4, 2), tmp_path / "ddp.pt")
+
+
+def test_calibration_from_arrays_lists_and_images(tmp_path):
+    np.save(tmp_path / "inputs.npy", np.ones((10, 1, 8, 8), np.float64))
+    batches = load_calibration(tmp_path / "inputs.npy", limit=7, batch_size=3)
+    assert [len(batch) for batch in batches] == [3, 3, 1]
+    assert batches[0].dtype == torch.float32
+    torch.save([torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2)], tmp_path / "list.pt")
+    assert [len(b) for b in load_calibration(tmp_path / "list.pt", limit=6)] == [4, 2]
+    torch.save(torch.zeros(4, 3, dtype=torch.uint8), tmp_path / "bytes.pt")
+    with pytest.raises(qf.LoadError, match="floating point"):
+        load_calibration(tmp_path / "bytes.pt")
+    (tmp_path / "gray").mkdir()
+    Image.fromarray(np.full((12, 10), 255, np.uint8)).save(tmp_path / "gray" / "white.png")
+    (image,) = load_calibration(tmp_path / "gray", images=ImageOptions(
+        resize=8, crop=8, mean=(0.5,), std=(0.5,), grayscale=True), progress=False)
+    assert image.shape == (1, 1, 8, 8) and torch.allclose(image, torch.ones_like(image))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(qf.LoadError, match="holds no images"):
+        load_calibration(tmp_path / "empty")
+
+
+def test_torchvision_models_are_seeded_and_named_helpfully():
+    first, second = load_model("squeezenet1_0"), load_model("squeezenet1_0")
+    assert not first.training
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    with pytest.raises(qf.LoadError, match="Did you mean"):
+        load_model("mobilenetv2")
