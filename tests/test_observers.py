@@ -1,5 +1,6 @@
 """Range estimators: bookkeeping, exact histogram widening, exponent search."""
 
+import pytest
 import torch
 
 from quantfx.observers import (
@@ -43,6 +44,28 @@ def test_histogram_does_not_depend_on_batching():
     assert torch.equal(whole.histogram, pieces.histogram)
     assert int(whole.range_exponent) == int(pieces.range_exponent)
     assert whole.exponent(127).item() == pieces.exponent(127).item()
+
+
+def test_large_batches_are_counted_from_a_spread_sample(monkeypatch):
+    from quantfx import observers
+
+    torch.manual_seed(0)
+    # (N, C, H, W) whose channels differ 100x in scale: a sample that aliased onto a few
+    # channels would get the histogram badly wrong
+    data = torch.randn(8, 16, 48, 48) * torch.logspace(-1, 1, 16).view(1, 16, 1, 1)
+    stride = observers.sample_stride(data.numel())
+    assert data.numel() % stride and all(stride % d for d in range(2, stride))
+    channels = (torch.arange(0, data.numel(), stride) // (48 * 48)) % 16
+    assert torch.bincount(channels, minlength=16).min() > 0.9 * len(channels) / 16
+    sampled = HistogramObserver()
+    sampled(data)
+    assert sampled.histogram.sum().item() == pytest.approx(data.numel())  # scaled to the batch
+    assert sampled.max_val.item() == data.max().item()  # min/max from every value
+    monkeypatch.setattr(observers, "SAMPLE_SIZE", 1 << 40)
+    exact = HistogramObserver()
+    exact(data)
+    assert sampled.exponent(127).item() == exact.exponent(127).item()
+    assert sampled.exponent(255).item() == exact.exponent(255).item()
 
 
 def _real_mse(data, exponent, qmax=127):
