@@ -746,3 +746,21 @@ def test_padding_is_shape_only_and_exports_bit_exact(tmp_path) -> None:
     zero_pads = [n for n in pads if all(a.s != b"reflect" and a.s != b"edge" for a in n.attribute)
                  and len(n.input) == 2]
     assert {p.name for p in zero_pads} == {"stem_0", "pad"}
+
+
+def test_prelu_exports_bit_exact(tmp_path) -> None:
+    """MTCNN-style: PReLU per channel after convs, a single-slope PReLU after a linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.Conv2d(8, 16, 3), nn.PReLU(16), nn.Flatten(), nn.Linear(16 * 4 * 4, 12), nn.PReLU())
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.PReLU):
+                module.weight.uniform_(0.05, 0.5)
+    data = torch.randn(16, 3, 14, 14)
+    report = qf.export_onnx(_convert(model.eval(), data), (data[:2],), tmp_path / "prelu.onnx",
+                            verify_data=data)
+    assert report.fraction_identical == 1.0
+    slopes = [n for n in onnx.load(tmp_path / "prelu.onnx").graph.node if n.op_type == "PRelu"]
+    assert len(slopes) == 3

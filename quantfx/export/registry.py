@@ -45,6 +45,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitt
     (nn.ReLU6, activations.emit_relu6),
     (nn.Hardtanh, activations.emit_hardtanh),
     (nn.LeakyReLU, activations.emit_leaky_relu),
+    (nn.PReLU, activations.emit_prelu),
     (standins.HardSwish, activations.emit_hard_swish),
     (standins.HardSigmoid, activations.emit_hard_sigmoid),
     (nn.Hardswish, activations.emit_hardswish),
