@@ -26,6 +26,7 @@ ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 LAYER_ALIASES = ("first", "last")
 RANGE_SEARCHES = ("mse", "percentile", "none")
+WEIGHT_ROUNDINGS = ("nearest", "learned")
 GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
                 "per_channel_depthwise", "per_channel_weights", "nonnegative_inputs",
                 "leaf_modules",
@@ -128,6 +129,10 @@ class QuantConfig:
     never-clipping one and up to four below it, with the least squared weight error: clipping
     rare outlier weights when that halves the step for all the others). PTC only: QAT always
     uses the never-clipping exponent of the current weights (training shapes them)."""
+    weight_rounding: str = "nearest"
+    """How PTC rounds weights onto their grid: "nearest", or "learned" (AdaRound-style: each
+    weight rounds up or down as the layer's output error on the calibration data decides,
+    layer by layer; `quantfx.learned_rounding`; costs a few seconds per layer)."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""
@@ -221,6 +226,7 @@ class QuantConfig:
                      ACTIVATION_OBSERVERS)
         check_choice(self.weight_observer, "QuantConfig.weight_observer", WEIGHT_OBSERVERS)
         check_choice(self.range_search, "QuantConfig.range_search", RANGE_SEARCHES)
+        check_choice(self.weight_rounding, "QuantConfig.weight_rounding", WEIGHT_ROUNDINGS)
         check_number(self.percentile, "QuantConfig.percentile", 50.0, 100.0, low_open=True,
                      example="99.99")
         bins = self.histogram_bins

@@ -67,6 +67,8 @@ class FakeQuantLayer(nn.Module):
         self.register_buffer("float_bias", None if layer.bias is None
                              else layer.bias.detach().clone())
         """The bias before bias calibration: every calibration starts again from it."""
+        self.register_buffer("float_weight", None, persistent=False)
+        """The float weight before learned rounding set it on the grid (None until then)."""
         self.weight_cache: list[Any] | None = None
         """While a list (bias calibration), [key, quantized weight]: weights and exponents are
         fixed there, and a large model spends most of its time re-quantizing them."""

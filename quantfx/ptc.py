@@ -18,6 +18,8 @@ from quantfx.errors import CalibrationError, QuantFxError
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
+from quantfx.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
+from quantfx.learned_rounding import learn_rounding, restore_float_weights
 from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import fold_batchnorm
 from quantfx.passes.place import place_quantizers
@@ -159,7 +161,10 @@ def calibrate(
     set_quant_mode(model, observe=True, quantize=False)
     kept: list[tuple[torch.Tensor, ...]] = []
     kept_samples = 0
-    budget = state.config.bias_calibration_samples if state.config.bias_calibration else 0
+    learned = state.config.weight_rounding == "learned"
+    budget = max(state.config.bias_calibration_samples if state.config.bias_calibration else 0,
+                 ROUNDING_SAMPLES if learned else 0)
+    restore_float_weights(model)  # a second calibration starts from the float weights
     state.calibration_failed = True  # until this call finishes
     try:
         with torch.no_grad():
@@ -171,6 +176,8 @@ def calibrate(
         for _, quantizer in calibration_quantizers(model):
             if quantizer.observed:
                 quantizer.compute_exponent()
+        if learned:
+            learn_rounding(model, kept, state.config.progress)
         if state.config.bias_calibration:
             calibrate_biases(model, kept, state.config.progress)
         state.calibration_failed = False
