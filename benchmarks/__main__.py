@@ -20,6 +20,7 @@ PARTS = {
     "onnx_runtime": "benchmarks.deployment:run_onnx_runtime",
     "tidl_profiles": "benchmarks.tidl_profiles",
     "analyze_speed": "benchmarks.analyze_speed",
+    "hard_cases": "benchmarks.hard_cases",
 }
 
 

@@ -104,44 +104,62 @@ def quantfx_qat(prepared: nn.Module, train: TensorDataset) -> nn.Module:
     return qf.convert(qat_model)
 
 
-def torch_ao_ptq(model: nn.Module) -> nn.Module:
-    """The peer: torch.ao FX graph-mode PTQ with the x86 default qconfig (deprecated API)."""
+FASHION_EXAMPLE = (1, 1, 28, 28)
+
+
+def _batches(batches: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    return [images for (images,) in calibration_loader()] if batches is None else batches
+
+
+def torch_ao_ptq(model: nn.Module, batches: list[torch.Tensor] | None = None) -> nn.Module:
+    """The peer: torch.ao FX graph-mode PTQ with the x86 default qconfig (deprecated API), on
+    `batches` (default: the Fashion-MNIST calibration batches)."""
+    batches = _batches(batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         torch.backends.quantized.engine = "x86"
-        example = (torch.zeros(1, 1, 28, 28),)
+        example = (torch.zeros(1, *batches[0].shape[1:]),)
         prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"),
                               example)
         with torch.no_grad():
-            for (images,) in calibration_loader():
+            for images in batches:
                 prepared(images)
         return convert_fx(prepared)
 
 
 class _CalibrationReader:
-    """ONNX Runtime's calibration data reader over the fixed calibration batches."""
+    """ONNX Runtime's calibration data reader over calibration batches."""
 
-    def __init__(self, input_name: str) -> None:
-        self.batches = iter([{input_name: images.numpy()} for (images,) in calibration_loader()])
+    def __init__(self, input_name: str, batches: list[torch.Tensor] | None = None) -> None:
+        self.batches = iter([{input_name: images.numpy()} for images in _batches(batches)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
 
 
-def export_float_onnx(model: nn.Module, path: Path) -> None:
-    """The float model as ONNX (TorchScript exporter, dynamic batch) for ORT's quantizer."""
+def export_float_onnx(model: nn.Module, path: Path,
+                      shape: tuple[int, ...] = FASHION_EXAMPLE) -> None:
+    """The float model as ONNX (TorchScript exporter, dynamic batch) for ORT's quantizer; a
+    model with several outputs gets outputs output_0, output_1, ..."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False,
-                          input_names=["input"], output_names=["logits"], opset_version=17,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        example = torch.zeros(shape)
+        with torch.no_grad():
+            outputs = model.eval()(example)
+        count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        names = ["logits"] if count == 1 else [f"output_{index}" for index in range(count)]
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False,
+                          input_names=["input"], output_names=names, opset_version=17,
+                          dynamic_axes={"input": {0: "batch"}} | {name: {0: "batch"}
+                                                                   for name in names})
 
 
 def ort_quantize_static(
-    float_path: Path, output_path: Path, method: str, per_channel: bool = False
+    float_path: Path, output_path: Path, method: str, per_channel: bool = False,
+    batches: list[torch.Tensor] | None = None,
 ) -> None:
     """ONNX Runtime's own static QDQ quantization (U8S8) with `method` calibration.
 
@@ -160,7 +178,7 @@ def ort_quantize_static(
     root_logger.setLevel(logging.ERROR)  # ORT logs a pre-processing hint per call
     try:
         quantize_static(
-            str(float_path), str(output_path), _CalibrationReader("input"),
+            str(float_path), str(output_path), _CalibrationReader("input", batches),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
             per_channel=per_channel,

@@ -56,6 +56,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
+    optimizer: str = "sgd"
+    """"sgd" (TI's recipe) or "adam" (a hard case); the same cosine schedule for both."""
 
 
 @dataclass
@@ -87,8 +89,12 @@ def _fit(model: nn.Module, train: TensorDataset, config: TrainConfig, progress: 
     """The training loop itself (channels-last: depthwise/grouped convs run faster on CPU)."""
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
-                                momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                     weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
+                                    momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * len(loader))
     loss_function = nn.CrossEntropyLoss()
     model.to(memory_format=torch.channels_last).train()
@@ -115,9 +121,12 @@ def train_float_with_info(
     data_dir: str | None = None,
     progress: bool = True,
     use_cache: bool = True,
+    optimizer: str = "sgd",
+    weight_decay: float = 1e-4,
 ) -> tuple[nn.Module, TrainInfo]:
     """`train_float`, also returning how long training took and the float test accuracy."""
-    config = TrainConfig(name, epochs, batch_size, learning_rate, seed=seed)
+    config = TrainConfig(name, epochs, batch_size, learning_rate, seed=seed, optimizer=optimizer,
+                         weight_decay=weight_decay)
     key = _source_hash(config)
     path = CACHE_DIR / f"{name}-{key}.pt"
     if use_cache and path.is_file():

@@ -4,7 +4,8 @@ on quantfx's power-of-2 grids.
 After calibration has fixed every exponent, each conv/linear layer in graph order learns, for
 every weight, whether to round down or up: a continuous relaxation h(V) in [0, 1] of the
 rounding offset is trained by Adam to make the layer's output on its *quantized* input (every
-layer before it already quantized and rounded) match the float model's output, with a
+layer before it already quantized and rounded; after its fused ReLU/ReLU6, whose clipped part
+does not count) match the float model's output, with a
 regularizer that drives each h to 0 or 1. The weights are then set to the chosen grid values
 (so round-to-nearest at the same exponent reproduces them: convert, export and QAT need nothing
 new). A layer keeps round-to-nearest when the learned rounding does not lower its output error
@@ -18,7 +19,7 @@ steps on one layer (`python -m benchmarks hard_cases` reports the time).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from quantfx.layers import FakeQuantLayer, layer_forward
+from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.qmath import from_codes
 from quantfx.quantizers import set_quant_mode
@@ -78,17 +80,27 @@ def _rectified_sigmoid(variable: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(variable) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def _output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, weight: Tensor) -> float:
+def _output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, weight: Tensor,
+                  activation: Callable[[Tensor], Tensor]) -> float:
     with torch.no_grad():
-        output = layer_forward(layer.layer, inputs, weight, layer.layer.bias)
+        output = activation(layer_forward(layer.layer, inputs, weight, layer.layer.bias))
         return float((output - target).double().pow(2).mean())
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
-                         iterations: int = ITERATIONS, seed: int = 0) -> tuple[float, float]:
-    """Choose the rounding of `layer`'s weights that makes its output on `inputs` closest to
-    `target`; set the weights to those grid values. Returns the output MSE with
-    round-to-nearest and with the rounding kept (never larger)."""
+                         iterations: int = ITERATIONS, seed: int = 0,
+                         activation: Callable[[Tensor], Tensor] | None = None
+                         ) -> tuple[float, float]:
+    """Choose the rounding of `layer`'s weights that makes its output on `inputs` (after the
+    `activation` fused into it, if any: errors it clips away do not count) closest to `target`
+    (its float output, before that activation); set the weights to those grid values. Returns
+    the output MSE with round-to-nearest and with the rounding kept (never larger)."""
+    activation = activation or _identity
+    target = activation(target)
     quantizer = layer.weight_quantizer
     weight = layer.layer.weight.detach()
     scale = from_codes(torch.ones_like(weight), quantizer.exponent, quantizer.axis)
@@ -106,7 +118,8 @@ def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
                                  generator=generator)
             soft = _rectified_sigmoid(variable)
             candidate = torch.clamp(floor + soft, quantizer.qmin, quantizer.qmax) * scale
-            output = layer_forward(layer.layer, inputs[pick], candidate, layer.layer.bias)
+            output = activation(layer_forward(layer.layer, inputs[pick], candidate,
+                                              layer.layer.bias))
             loss = (output - target[pick]).pow(2).mean() / power
             if step >= warmup:
                 progress = (step - warmup) / max(iterations - warmup, 1)
@@ -118,8 +131,8 @@ def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     with torch.no_grad():
         learned = torch.clamp(floor + (_rectified_sigmoid(variable) >= 0.5).to(floor.dtype),
                               quantizer.qmin, quantizer.qmax) * scale
-    nearest_error = _output_error(layer, inputs, target, nearest)
-    learned_error = _output_error(layer, inputs, target, learned)
+    nearest_error = _output_error(layer, inputs, target, nearest, activation)
+    learned_error = _output_error(layer, inputs, target, learned, activation)
     chosen = learned if learned_error < nearest_error else nearest
     layer.layer.weight.data.copy_(chosen)
     return nearest_error, min(learned_error, nearest_error)
@@ -156,11 +169,11 @@ def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
             break
         kept.append(tuple(tensor[:MAX_SAMPLES - count] for tensor in batch))
         count += len(kept[-1][0])
-    names = [node.target for node in model.graph.nodes
-             if isinstance(module_of(model, node), FakeQuantLayer)]
+    nodes = {node.target: node for node in model.graph.nodes
+             if isinstance(module_of(model, node), FakeQuantLayer)}
     errors = {}
     with torch.no_grad():
-        for name in tqdm(names, desc="learned rounding", unit="layer", leave=False,
+        for name in tqdm(list(nodes), desc="learned rounding", unit="layer", leave=False,
                          disable=None if progress else True):
             layer = model.get_submodule(name)
             if layer.float_weight is None:
@@ -168,7 +181,10 @@ def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
             with _float_weights(model):  # the target is the float model's, not one with
                 _, target = _layer_io(model, name, kept, quantize=False)  # rounded weights
             inputs, _ = _layer_io(model, name, kept, quantize=True)
-            errors[name] = learn_layer_rounding(layer, inputs, target,
-                                                ITERATIONS if iterations is None else iterations)
+            user = next(iter(nodes[name].users)) if len(nodes[name].users) == 1 else None
+            fused = module_of(model, user) if user is not None else None
+            errors[name] = learn_layer_rounding(
+                layer, inputs, target, ITERATIONS if iterations is None else iterations,
+                activation=fused if isinstance(fused, FUSABLE_ACTIVATIONS) else None)
     set_quant_mode(model, observe=True, quantize=False)
     return errors

@@ -160,3 +160,29 @@ class ConstantPad(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.pad(x, self.pad, mode="constant", value=self.value)
+
+
+class BatchNormLayer(nn.Conv2d):
+    """A BatchNorm2d that cannot fold into a conv (after a ReLU, after an add, on the input),
+    as the per-channel affine ``x * scale + shift`` the engine runs. In form a depthwise 1x1
+    conv, so its parameters are quantized like a layer's (TIDL: a per-tensor symmetric weight;
+    an int32 bias at input x weight scale) and bias calibration corrects it; it exports as
+    ONNX BatchNormalization, not as a conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 1, groups=channels, bias=True)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> BatchNormLayer:
+        """The same function as `bn` in eval mode (its running statistics)."""
+        layer = cls(bn.num_features).to(bn.running_mean.device)
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+            layer.weight.copy_(scale.reshape(-1, 1, 1, 1))
+            layer.bias.copy_(shift)
+        return layer

@@ -13,9 +13,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from quantfx.qmath import exponent_for_max, fake_quantize
+from quantfx.qmath import (
+    WEIGHT_SEARCH_DEPTH,
+    exponent_for_max,
+    least_error_exponent,
+)
 
-SEARCH_DEPTH = 4
+SEARCH_DEPTH = WEIGHT_SEARCH_DEPTH
 """How many exponents below the never-clipping one an MSE search considers."""
 SAMPLE_SIZE = 1 << 17
 """A histogram counts at most about this many values of each batch (every p-th one, spread
@@ -224,21 +228,7 @@ class WeightMSEObserver(MinMaxObserver):
         return best.clone()
 
     def _search(self, weight: Tensor, no_clip: Tensor, qmax: int) -> Tensor:
-        best, best_error = no_clip, self._squared_error(weight, no_clip, qmax)
-        for step in range(1, SEARCH_DEPTH + 1):
-            candidate = no_clip - step
-            error = self._squared_error(weight, candidate, qmax)
-            better = error < best_error
-            best = torch.where(better, candidate, best)
-            best_error = torch.where(better, error, best_error)
-        return best
-
-    def _squared_error(self, weight: Tensor, exponent: Tensor, qmax: int) -> Tensor:
-        weight = weight.float()
-        error = (fake_quantize(weight, exponent, -qmax - 1, qmax, self.axis) - weight).pow(2)
-        if self.axis is None:
-            return error.sum().to(torch.float64)
-        return error.transpose(0, self.axis).reshape(error.shape[self.axis], -1).sum(1).double()
+        return least_error_exponent(weight, qmax, self.axis, no_clip)
 
 
 def make_observer(kind: str, **options) -> Observer:

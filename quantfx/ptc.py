@@ -21,7 +21,7 @@ from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
 from quantfx.learned_rounding import learn_rounding, restore_float_weights
 from quantfx.passes.equalize import equalize
-from quantfx.passes.fuse import fold_batchnorm
+from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
@@ -42,6 +42,8 @@ def prepare(
     config = resolve_config(config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
+    fold_batchnorm_forward(graph_module)  # a BN after a ReLU into the (unpadded) conv after it
+    batchnorm_layers(graph_module)  # the BatchNorms left: per-channel affine layers
     untie_parameters(graph_module)
     if config.equalizes:
         equalize(graph_module)  # each call site is its own engine layer, with its own bias

@@ -69,6 +69,49 @@ def never_clipping_exponent(weight: Tensor, qmax: int, axis: int | None) -> Tens
     return exponent_for_max(magnitude.flatten(1).amax(dim=1), qmax)
 
 
+WEIGHT_SEARCH_DEPTH = 4
+"""How many exponents below the never-clipping one the least-error weight search considers."""
+
+
+def weight_squared_error(weight: Tensor, exponent: Tensor, qmax: int,
+                         axis: int | None) -> Tensor:
+    """Squared rounding + clipping error of `weight` at `exponent` (float64; per channel along
+    axis 0 when `axis` is set)."""
+    weight = weight.detach().float()
+    error = (fake_quantize(weight, exponent, -qmax - 1, qmax, axis) - weight).pow(2)
+    if axis is None:
+        return error.sum().to(torch.float64)
+    return error.transpose(0, axis).reshape(error.shape[axis], -1).sum(1).double()
+
+
+def least_error_exponent(weight: Tensor, qmax: int, axis: int | None,
+                         no_clip: Tensor | None = None) -> Tensor:
+    """Among the never-clipping exponent (or `no_clip`) and up to `WEIGHT_SEARCH_DEPTH` below
+    it, the one with the least squared weight error (per channel along `axis`): clipping rare
+    outlier weights where that halves the step of all the others. Ties keep the larger."""
+    best = never_clipping_exponent(weight, qmax, axis) if no_clip is None else no_clip
+    best_error = weight_squared_error(weight, best, qmax, axis)
+    start = best
+    for step in range(1, WEIGHT_SEARCH_DEPTH + 1):
+        candidate = start - step
+        error = weight_squared_error(weight, candidate, qmax, axis)
+        better = error < best_error
+        best = torch.where(better, candidate, best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
+WEIGHT_RULES = ("minmax", "mse")
+"""How a weight's exponent is chosen: never clipping, or `least_error_exponent`."""
+
+
+def weight_exponent(weight: Tensor, qmax: int, axis: int | None, rule: str) -> Tensor:
+    """The exponent(s) of `weight` under `rule` ("minmax" or "mse", see `WEIGHT_RULES`)."""
+    if rule == "mse":
+        return least_error_exponent(weight, qmax, axis)
+    return never_clipping_exponent(weight, qmax, axis)
+
+
 def scale_of(exponent: Tensor) -> Tensor:
     """The power-of-2 scale ``2**exponent`` as float32 (exact for any |exponent| < 126)."""
     return torch.exp2(exponent.to(torch.float32))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from quantfx.config import QuantConfig
 from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
+from quantfx.modules import BatchNormLayer
 from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer
 from quantfx.qmath import fake_quantize, fake_quantize_ste, qrange, scale_of
 
@@ -181,8 +182,9 @@ class QuantizerFactory:
     def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
         """The quantizer of a conv/linear layer's weight."""
         conv = isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed
-        per_channel = (self.config.depthwise_per_channel and is_depthwise(layer)) or (
-            self.config.convs_per_channel and conv)
+        per_channel = not isinstance(layer, BatchNormLayer) and (  # TIDL: BN per tensor
+            (self.config.depthwise_per_channel and is_depthwise(layer))
+            or (self.config.convs_per_channel and conv))
         axis = 0 if per_channel else None
         channels = layer.weight.shape[0] if per_channel else 1
         kind = "minmax" if self.qat else self.config.weight_observer

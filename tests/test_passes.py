@@ -314,3 +314,91 @@ def test_equalization_evens_out_channel_ranges():
     ranges = graph.get_submodule("2").weight.abs().flatten(1).amax(1)
     assert float(ranges.max() / ranges.median()) < 5  # the 100x spread over three layers
     assert float(graph.get_submodule("2").bias.abs().max()) == 0.0  # absorbed into the 1x1
+
+
+def test_equalization_looks_through_prelu_and_pooling_exactly():
+    """MTCNN-style conv -> PReLU -> MaxPool -> conv: PReLU's per-channel slope and the pool both
+    commute with a positive per-channel scale, so the pair equalizes and nothing changes."""
+    from quantfx.passes.equalize import equalization_pairs, equalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.MaxPool2d(3, 2, ceil_mode=True),
+                          nn.Conv2d(8, 8, 3), nn.LeakyReLU(0.1), nn.AvgPool2d(2),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.05, 0.5)
+        model[0].weight[2].mul_(50.0)
+    x = torch.randn(4, 3, 20, 20)
+    graph, _ = build_graph(model, (x,), QuantConfig(), training=False)
+    assert len(equalization_pairs(graph)) == 2
+    with torch.no_grad():
+        before = graph(x)
+        equalize(graph)
+        after = graph(x)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-5
+    ranges = graph.get_submodule("0").weight.abs().flatten(1).amax(1)
+    assert float(ranges.max() / ranges.median()) < 10  # the 50x channel evened out
+
+
+class BatchNormAfterReLU(nn.Module):
+    """Code outside TI's guidelines: BatchNorm after the ReLU (and one on the input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.bn(torch.relu(self.conv(self.input_bn(x)))))
+
+
+@pytest.mark.parametrize("target", ["generic", "am68a"])
+def test_a_batchnorm_no_conv_precedes_folds_forward_or_is_quantized_as_the_engine_runs_it(
+        target, tmp_path):
+    """`bn` (after the ReLU) folds into the unpadded 1x1 `head` after it; `input_bn` feeds a
+    padded conv, so it stays a layer: TIDL runs it with per-tensor symmetric parameters, a
+    BatchNormLayer with a per-tensor weight quantizer (even where every conv is per channel)
+    and an int32 bias, exported as BatchNormalization, bit-exact."""
+    from quantfx.modules import BatchNormLayer
+    from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm_forward
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(BatchNormAfterReLU()).eval()
+    graph, _ = build_graph(model, (torch.randn(1, 3, 8, 8),), QuantConfig(), False)
+    fold_batchnorm(graph)
+    assert fold_batchnorm_forward(graph) == 1
+    assert batchnorm_layers(graph) == 1
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(graph(x), model(x), rtol=1e-5, atol=1e-5)  # the same function
+    prepared, converted = quantize_model(model, shape=(4, 3, 8, 8),
+                                         config=QuantConfig(target=target, progress=False))
+    layers = {name: module for name, module in prepared.named_modules()
+              if isinstance(module, FakeQuantLayer) and isinstance(module.layer, BatchNormLayer)}
+    assert set(layers) == {"input_bn"}
+    assert all(layer.weight_quantizer.axis is None for layer in layers.values())
+    assert prepared.get_submodule("conv").weight_quantizer.axis == (0 if target == "am68a"
+                                                                    else None)
+    report = qf.export_onnx(converted, (x[:2],), tmp_path / "bn.onnx", verify_data=x)
+    assert report.fraction_identical == 1.0
+    import onnx
+
+    nodes = onnx.load(tmp_path / "bn.onnx").graph.node
+    assert sum(node.op_type == "BatchNormalization" for node in nodes) == 1
+    assert sum(node.op_type == "Conv" for node in nodes) == 2
+
+
+def test_forward_folding_into_a_depthwise_conv_is_exact():
+    from quantfx.passes.fuse import fold_batchnorm_forward
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=8),
+        nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    graph, _ = build_graph(model, (x,), QuantConfig(), False)
+    fold_batchnorm(graph)
+    assert fold_batchnorm_forward(graph) == 1  # the second BN feeds a padded conv: stays
+    assert torch.allclose(graph(x), model(x), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in graph.modules()) == 1

@@ -408,3 +408,26 @@ def test_transposed_convs_train_and_convert_exactly():
     for batch in batches:
         with torch.no_grad():
             assert torch.equal(qm(batch), converted(batch))
+
+
+def test_the_weight_exponent_rule_is_the_schedules_and_eval_matches_convert():
+    """QATSchedule(weight_exponent="mse"): each step's weight exponent is the least-error one,
+    the eval forward and the converted model use the same, bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1)).train()
+    with torch.no_grad():  # a range that barely overflows a power of two: mse halves the step
+        model[0].weight.copy_(torch.linspace(-1.0, 1.0, model[0].weight.numel()).view_as(
+            model[0].weight))
+    exponents = {}
+    for rule in ("minmax", "mse"):
+        config = qf.QuantConfig(progress=False, qat_schedule=qf.QATSchedule(weight_exponent=rule))
+        qat_model = qf.prepare_qat(model, torch.randn(2, 3, 8, 8), config)
+        layer = next(m for m in qat_model.modules() if isinstance(m, QATLayer))
+        assert layer.weight_rule == rule
+        for _ in range(2):
+            qat_model(torch.randn(4, 3, 8, 8))
+        exponents[rule] = float(layer.weight_quantizer.exponent)
+        qat_model.eval()
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.equal(qat_model(x), qf.convert(qat_model)(x))
+    assert exponents["mse"] < exponents["minmax"]  # the outlier is clipped, the step halves

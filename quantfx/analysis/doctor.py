@@ -127,7 +127,8 @@ def _structure(graph: fx.GraphModule, config: QuantConfig) -> list[Finding]:
                 findings.append(Finding(
                     WARNING, node.target, "BatchNorm that does not follow a conv/linear",
                     "it cannot be folded into a layer's weights: it runs as a layer of its own "
-                    "(in float between quantizers in this version), and its outputs need a "
+                    "(quantfx quantizes it as TIDL does: one per-tensor weight scale for all its "
+                    "channels), and its outputs need a "
                     "scale of their own", "put the BatchNorm right after the conv (conv -> BN "
                     "-> ReLU) and retrain"))
     depthwise = [n.target for n in graph.graph.nodes if is_depthwise(module_of(graph, n))]

@@ -1,9 +1,10 @@
 """Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization"), with the absorption
 of biases that equalization makes large, on the BN-folded float graph.
 
-Two consecutive layers A -> B (conv/linear -> conv/linear, through a ReLU or nothing) compute
-the same function when output channel i of A is divided by s_i > 0 and B's weights that read
-channel i are multiplied by s_i: ReLU commutes with positive scaling. With
+Two consecutive layers A -> B (conv/linear -> conv/linear, through a ReLU / PReLU / LeakyReLU,
+max or average pooling, or nothing) compute the same function when output channel i of A is
+divided by s_i > 0 and B's weights that read channel i are multiplied by s_i: those ops commute
+with positive per-channel scaling. With
 s_i = sqrt(r_A,i / r_B,i) (r: the channel's weight range) both layers' channel i end with the
 range sqrt(r_A,i * r_B,i), so one power-of-2 scale per tensor fits every channel far better:
 what per-tensor depthwise convolutions (TDA4VM) need. Chains conv -> depthwise -> conv are
@@ -18,12 +19,18 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.layers import is_depthwise
+from quantfx.modules import BatchNormLayer
 from quantfx.passes.graph_utils import module_of
 
 ROUNDS = 4
 """Passes over all pairs: a depthwise layer between two convs settles in a few."""
-POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.Identity)
-"""Activations f with f(x / s) = f(x) / s for s > 0 (no activation is one too)."""
+POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.PReLU, nn.LeakyReLU)
+"""Activations f with f(x / s) = f(x) / s for s > 0, per channel (PReLU's slope is a channel's
+own, so it commutes with that channel's scale)."""
+SCALE_COMMUTING = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                   nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+"""Channel-wise ops that commute with a positive per-channel scale (max and mean of scaled
+values are the scaled max and mean): equalization looks through them."""
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -32,38 +39,53 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 
 def _equalizable(module: nn.Module | None) -> bool:
-    """A conv (ungrouped or depthwise, not transposed) or a linear layer."""
+    """A conv (ungrouped or depthwise, not transposed; not a BatchNorm layer) or a linear."""
     if isinstance(module, nn.Linear):
         return True
     return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+            and not isinstance(module, BatchNormLayer)
             and (module.groups == 1 or is_depthwise(module)))
 
 
+def _walk_between(graph_module: fx.GraphModule, node: fx.Node, relu6_as_relu: bool
+                  ) -> tuple[fx.Node | None, nn.Module | None, bool]:
+    """From layer `node` through single-user scale-commuting ops and at most one activation:
+    (the next node, the activation or None, whether anything lay between)."""
+    activation, between = None, False
+    user = _single_user(node)
+    while user is not None and user.op == "call_module":
+        module = module_of(graph_module, user)
+        if isinstance(module, POSITIVE_HOMOGENEOUS + (nn.ReLU6,)) and activation is None:
+            if isinstance(module, nn.ReLU6) and not relu6_as_relu:
+                return None, None, True
+            activation = module
+        elif not isinstance(module, SCALE_COMMUTING):
+            break
+        between = True
+        node, user = user, _single_user(user)
+    if user is None or not user.args or user.args[0] is not node:
+        return None, activation, between
+    return user, activation, between
+
+
 def equalization_pairs(graph_module: fx.GraphModule, relu6_as_relu: bool = False
-                       ) -> list[tuple[nn.Module, nn.Module, nn.Module | None]]:
-    """(A, B, the activation between or None) for every A -> [ReLU] -> B whose intermediate
-    tensors go nowhere else, and whose channels line up (A's outputs are B's inputs)."""
+                       ) -> list[tuple[nn.Module, nn.Module, nn.Module | None, bool]]:
+    """(A, B, the activation between or None, whether any op lies between) for every
+    A -> [activation, pooling, ...] -> B whose intermediate tensors go nowhere else, and whose
+    channels line up (A's outputs are B's inputs)."""
     pairs = []
     for node in graph_module.graph.nodes:
         first = module_of(graph_module, node)
         if not _equalizable(first):
             continue
-        user = _single_user(node)
-        activation = None
-        if user is not None and isinstance(module_of(graph_module, user),
-                                           POSITIVE_HOMOGENEOUS + (nn.ReLU6,)):
-            activation = module_of(graph_module, user)
-            if isinstance(activation, nn.ReLU6) and not relu6_as_relu:
-                continue
-            user = _single_user(user)
+        user, activation, between = _walk_between(graph_module, node, relu6_as_relu)
         second = module_of(graph_module, user) if user is not None else None
-        if not _equalizable(second) or user.args[0] is not (node if activation is None
-                                                            else next(iter(node.users))):
+        if not _equalizable(second):
             continue
         channels = first.out_features if isinstance(first, nn.Linear) else first.out_channels
         inputs = second.in_features if isinstance(second, nn.Linear) else second.in_channels
         if channels == inputs and isinstance(first, nn.Linear) == isinstance(second, nn.Linear):
-            pairs.append((first, second, activation))
+            pairs.append((first, second, activation, between))
     return pairs
 
 
@@ -119,16 +141,16 @@ def equalize(graph_module: fx.GraphModule, relu6_as_relu: bool = False) -> int:
     pairs = equalization_pairs(graph_module, relu6_as_relu)
     if relu6_as_relu:
         for node in graph_module.graph.nodes:
-            if any(activation is module_of(graph_module, node) for _, _, activation in pairs
+            if any(activation is module_of(graph_module, node) for _, _, activation, _ in pairs
                    if isinstance(activation, nn.ReLU6)):
                 owner, _, name = node.target.rpartition(".")
                 setattr(graph_module.get_submodule(owner) if owner else graph_module, name,
                         nn.ReLU())
     for _ in range(ROUNDS):
-        for first, second, _activation in pairs:
+        for first, second, _activation, _between in pairs:
             _scale_pair(first, second)
-    for first, second, activation in pairs:
-        if activation is None and not _has_padding(second):
+    for first, second, _activation, between in pairs:
+        if not between and not _has_padding(second):
             _absorb_bias(first, second)
     return len(pairs)
 

@@ -11,8 +11,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from quantfx.modules import BatchNormLayer
 from quantfx.ops import BATCHNORMS, FOLDABLE_LAYERS, TRANSPOSED_CONVS
-from quantfx.passes.graph_utils import module_of
+from quantfx.passes.graph_utils import module_of, set_submodule
 
 
 def folded_weight_bias(layer: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -84,3 +85,73 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
     return graph_module
+
+
+def _forward_target(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The conv/linear a BatchNorm2d `node` can fold *forward* into: its only user, reading it
+    as its input, without zero padding (padded zeros would become the BN's shift otherwise)."""
+    bn = module_of(graph_module, node)
+    if (not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats
+            or bn.running_mean is None or len(node.users) != 1):
+        return None
+    user = next(iter(node.users))
+    layer = module_of(graph_module, user)
+    if not isinstance(layer, nn.Conv2d) or isinstance(layer, BatchNormLayer) or (
+            user.args[0] is not node or len(user.args) != 1 or user.kwargs):
+        return None
+    depthwise = layer.groups == layer.in_channels and layer.groups == layer.out_channels
+    if layer.in_channels != bn.num_features or (layer.groups != 1 and not depthwise):
+        return None
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or any(layer.padding):
+        return None
+    return layer
+
+
+def fold_batchnorm_forward(graph_module: fx.GraphModule) -> int:
+    """Fold each BatchNorm2d that no conv precedes (after a ReLU, on the input) into the conv
+    that follows it when that is exact (no padding): conv(a * x + b) is a conv with its input
+    channels scaled by a and b moved into its bias. Returns how many were folded."""
+    count = 0
+    for node in list(graph_module.graph.nodes):
+        layer = _forward_target(graph_module, node)
+        if layer is None:
+            continue
+        bn = module_of(graph_module, node)
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+            weight = layer.weight
+            if layer.groups == 1:
+                moved = (weight.sum(dim=(2, 3)) * shift).sum(dim=1)
+                new_weight = weight * scale.reshape(1, -1, 1, 1)
+            else:
+                moved = weight.sum(dim=(1, 2, 3)) * shift
+                new_weight = weight * scale.reshape(-1, 1, 1, 1)
+            bias = moved if layer.bias is None else layer.bias + moved
+        layer.weight = nn.Parameter(new_weight.to(weight.dtype), weight.requires_grad)
+        layer.bias = nn.Parameter(bias.to(weight.dtype), weight.requires_grad)
+        node.replace_all_uses_with(node.args[0])
+        graph_module.graph.erase_node(node)
+        count += 1
+    if count:
+        graph_module.graph.lint()
+        graph_module.delete_all_unused_submodules()
+        graph_module.recompile()
+    return count
+
+
+def batchnorm_layers(graph_module: fx.GraphModule) -> int:
+    """Every BatchNorm2d left after `fold_batchnorm` and `fold_batchnorm_forward` becomes a
+    `BatchNormLayer` (the same function), quantized as the engine runs it. Returns how many."""
+    count = 0
+    for node in graph_module.graph.nodes:
+        bn = module_of(graph_module, node)
+        if (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                and bn.running_mean is not None):
+            set_submodule(graph_module, node.target, BatchNormLayer.from_batchnorm(bn))
+            count += 1
+    if count:
+        graph_module.recompile()
+    return count

@@ -4,8 +4,8 @@ Train mode with live BN statistics: torch.ao's ConvBn (Krishnamoorthi 2018, sect
 weight is scaled by ``gamma / sqrt(running_var + eps)``, fake-quantized, the conv output is
 scaled back and the BatchNorm itself normalizes with batch statistics (so running statistics
 keep updating). Frozen BN or eval: the BN-folded layer exactly as `convert` builds it, weight
-at its never-clipping exponent, bias on the int32 grid of input + weight exponent included, so
-the eval and converted models agree bit for bit.
+at the exponent its rule gives (`weight_rule`), bias on the int32 grid of input + weight
+exponent included, so the eval and converted models agree bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from quantfx.qmath import (
     fake_quantize,
     fake_quantize_ste,
     fit_bias_exponent,
-    never_clipping_exponent,
+    weight_exponent,
 )
 from quantfx.quantizers import Quantizer
 
@@ -50,10 +50,13 @@ class QATLayer(FakeQuantLayer):
     """
 
     def __init__(self, layer: nn.Module, bn: nn.Module | None, weight_quantizer: Quantizer,
-                 input_quantizer: Quantizer | None = None, bias_bits: int = 32) -> None:
+                 input_quantizer: Quantizer | None = None, bias_bits: int = 32,
+                 weight_rule: str = "minmax") -> None:
         super().__init__(layer, weight_quantizer)
         self.bn = bn
         self.bias_bits = bias_bits
+        self.weight_rule = weight_rule
+        """How each forward picks the weight exponent (`quantfx.qmath.WEIGHT_RULES`)."""
         self.register_buffer("bn_frozen", torch.tensor(False))
         self.__dict__["input_quantizer"] = input_quantizer
 
@@ -76,6 +79,11 @@ class QATLayer(FakeQuantLayer):
             return self._forward_live_bn(x)
         return self._forward_folded(x)
 
+    def _weight_exponent(self, weight: Tensor) -> Tensor:
+        quantizer = self.weight_quantizer
+        return weight_exponent(weight, quantizer.qmax, quantizer.axis,
+                               getattr(self, "weight_rule", "minmax"))  # older pickles: minmax
+
     def _quantize_weight(self, weight: Tensor, exponent: Tensor) -> Tensor:
         quantizer = self.weight_quantizer
         if not self.training:
@@ -89,8 +97,7 @@ class QATLayer(FakeQuantLayer):
         quantizer = self.input_quantizer
         if not self.quantizing:
             return layer_forward(self.layer, x, weight, bias)
-        exponent = never_clipping_exponent(weight, self.weight_quantizer.qmax,
-                                           self.weight_quantizer.axis)
+        exponent = self._weight_exponent(weight)
         input_ready = quantizer is not None and bool(quantizer.quant_enabled) and quantizer.observed
         if bias is not None and input_ready:
             exponent = fit_bias_exponent(exponent, quantizer.exponent, bias, self.bias_bits)
@@ -109,9 +116,7 @@ class QATLayer(FakeQuantLayer):
         scale = (gamma / running_std).detach()
         weight = self.layer.weight * scale.reshape(channel_shape(self.layer.weight.dim(), 0))
         if self.quantizing:
-            quantizer = self.weight_quantizer
-            weight = self._quantize_weight(
-                weight, never_clipping_exponent(weight, quantizer.qmax, quantizer.axis))
+            weight = self._quantize_weight(weight, self._weight_exponent(weight))
         output = layer_forward(self.layer, x, weight, None)
         shape = channel_shape(output.dim(), 1 if output.dim() > 1 else 0)
         output = output * torch.reciprocal(scale).reshape(shape)
@@ -143,14 +148,13 @@ class QATLayer(FakeQuantLayer):
 
     def to_fake_quant_layer(self) -> FakeQuantLayer:
         """The BN-folded layer as a PTC `FakeQuantLayer`, its weight quantizer frozen at the
-        never-clipping exponent of the folded weight (what the eval forward uses), for convert."""
+        exponent of the folded weight that the eval forward uses, for convert."""
         weight, bias = self.folded_weight_bias()
         folded = copy.deepcopy(self.layer)
         folded.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if bias is not None:
             folded.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         quantizer = copy.deepcopy(self.weight_quantizer)
-        quantizer.exponent.copy_(never_clipping_exponent(folded.weight, quantizer.qmax,
-                                                         quantizer.axis))
+        quantizer.exponent.copy_(self._weight_exponent(folded.weight))
         quantizer.set_mode(observe=False, quantize=True)
         return FakeQuantLayer(folded.eval(), quantizer)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
 from quantfx.layers import IntegerLayer
+from quantfx.modules import BatchNormLayer
 from quantfx.qmath import is_power_of_two, scale_of
 from quantfx.quantizers import FrozenQuantizer
 
@@ -111,11 +112,29 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
     b.env[node] = node.name
 
 
+def _emit_batchnorm_layer(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
+    """A `BatchNormLayer` as BatchNormalization with its quantized scale and int32 shift, mean
+    0, variance 1 and epsilon 0: x * scale + shift, exact in float like the conv it is."""
+    layer = integer.layer
+    channels = layer.out_channels
+    scale = _dequantized_constant(b, f"{node.name}.scale", integer.weight_int.reshape(channels),
+                                  integer.weight_exponent, integer.weight_bits,
+                                  layer.weight.reshape(channels))
+    shift = _dequantized_constant(b, f"{node.name}.shift", integer.bias_int,
+                                  integer.bias_exponent, 32, layer.bias)
+    mean = b.constant(f"{node.name}.mean", np.zeros(channels, dtype=np.float32))
+    variance = b.constant(f"{node.name}.variance", np.ones(channels, dtype=np.float32))
+    b.emit(node, "BatchNormalization", [source, scale, shift, mean, variance], epsilon=0.0)
+
+
 def emit_integer_layer(b: Builder, node: fx.Node, integer: IntegerLayer) -> None:
     layer = integer.layer
     source = b.tensor_input(node)
     if isinstance(layer, nn.Linear):
         _emit_linear(b, node, integer, source)
+        return
+    if isinstance(layer, BatchNormLayer):
+        _emit_batchnorm_layer(b, node, integer, source)
         return
     if not isinstance(layer, nn.modules.conv._ConvNd):
         raise ExportError(f"layer '{node.target}' ({type(layer).__name__}) has no ONNX emitter.")
