@@ -45,4 +45,8 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks (writes docs/benchmarks.md); `-- NAME` runs one part."""
     install_project(session, "test,demo")
+    # hard_cases: Brevitas (a peer's equalization) and a pretrained net that ships inside its
+    # package; facenet-pytorch pins an old torch, so it comes without its dependencies.
+    session.install("requests", "brevitas==0.13.4")
+    session.install("--no-deps", "facenet-pytorch==2.6.0")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -21,6 +21,7 @@ PARTS = {
     "tidl_profiles": "benchmarks.tidl_profiles",
     "analyze_speed": "benchmarks.analyze_speed",
     "hard_cases": "benchmarks.hard_cases",
+    "detection": "benchmarks.detection",
 }
 
 

@@ -4,8 +4,8 @@ The accuracy part's nets follow TI's recipe and every method lands near float on
 
 - `mobilenetv2_style` (the recipe) with **one weight scale per depthwise layer** (TDA4VM);
 - `mobilenetv2_norecipe`: the same net as code bases outside TI's guidelines write it (convs
-  without BatchNorm, BatchNorm after ReLU, ReLU on the logits), trained with Adam and no weight
-  decay (cached like the others);
+  without BatchNorm, BatchNorm after ReLU), trained with Adam and no weight decay (cached like
+  the others);
 - MTCNN's **ONet from facenet-pytorch**: pretrained weights that ship inside the package (no
   download; PReLU, no BatchNorm), on crops of the two photographs that ship with scikit-learn.
   Optional: `pip install --no-deps facenet-pytorch==2.6.0 requests` (the bench session does);

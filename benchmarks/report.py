@@ -163,6 +163,15 @@ SUMMARY_METHODS = {
 }
 
 
+HARD_CASE_METHODS = {
+    "quantfx default": "quantfx default",
+    "quantfx + equalization + learned rounding": "+ equalization + learned rounding",
+    "quantfx per-channel weights (every conv)": "per-channel weights",
+    "torch.ao FX PTQ (x86)": "torch.ao FX PTQ",
+    "ORT quantize_static MinMax": "ORT quantize_static (per-channel)",
+}
+
+
 def _table(document: dict[str, Any], part: str, title: str) -> dict[str, Any] | None:
     tables = document.get("parts", {}).get(part, {}).get("tables", [])
     return next((table for table in tables if table["title"] == title), None)
@@ -182,6 +191,17 @@ def render_summary(document: dict[str, Any]) -> str:
             cells = {row["method"]: row["accuracy %"] for row in accuracy["rows"]
                      if row["model"] == model}
             pivot.add(model=model, **{SUMMARY_METHODS[m]: cells.get(m, "") for m in methods})
+        lines.append(markdown_table(pivot))
+    hard = _table(document, "hard_cases", "Hard cases for post-training quantization")
+    if hard:
+        cases = list(dict.fromkeys(row["case"] for row in hard["rows"]))
+        pivot = Table("Hard cases: output SQNR against float, dB (higher is better)",
+                      ["case", *HARD_CASE_METHODS.values()])
+        for case in cases:
+            cells = {row["method"]: row.get("output SQNR dB") for row in hard["rows"]
+                     if row["case"] == case}
+            pivot.add(case=case, **{label: cells.get(method, "")
+                                    for method, label in HARD_CASE_METHODS.items()})
         lines.append(markdown_table(pivot))
     for part, title in (("coverage", "Coverage summary"),
                         ("speed", "Calibration forward / float forward")):

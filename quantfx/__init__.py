@@ -21,7 +21,9 @@ from quantfx.errors import (
     QuantFxError,
     TraceError,
 )
+from quantfx.export.meta_arch import PriorBoxes, SsdMetaArch, TorchvisionSsdNetwork, YoloxMetaArch
 from quantfx.export.onnx import ExportReport, export_onnx
+from quantfx.partial import parts_of
 from quantfx.ptc import calibrate, prepare
 from quantfx.qat import end_qat_epoch, prepare_qat
 from quantfx.tidl.checker import TidlReport, check_tidl
@@ -41,12 +43,16 @@ __all__ = [
     "LoadError",
     "PrecisionReport",
     "PrepareError",
+    "PriorBoxes",
     "QATSchedule",
     "QuantConfig",
     "QuantFxError",
+    "SsdMetaArch",
     "TARGETS",
     "TidlReport",
+    "TorchvisionSsdNetwork",
     "TraceError",
+    "YoloxMetaArch",
     "analyze",
     "calibrate",
     "check_tidl",
@@ -55,6 +61,7 @@ __all__ = [
     "doctor",
     "export_onnx",
     "end_qat_epoch",
+    "parts_of",
     "prepare",
     "prepare_qat",
 ]

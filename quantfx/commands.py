@@ -103,7 +103,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation and weight bits")
     parser.add_argument("--sixteen-bit-layers", default="", metavar="NAMES",
                         help="comma-separated layers kept at 16 bit (as `quantfx analyze` "
-                             "suggests; 'first' and 'last' work too)")
+                             "suggests; 'first', 'last' and 'heads' work too)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip running the file in ONNX Runtime against PyTorch")
     parser.add_argument("--strict-tidl", action="store_true",

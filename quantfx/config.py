@@ -24,13 +24,14 @@ from quantfx.tidl.profiles import PROFILES, TARGETS, DeviceProfile
 SUPPORTED_BITS = (8, 16)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
-LAYER_ALIASES = ("first", "last")
+LAYER_ALIASES = ("first", "last", "heads")
 RANGE_SEARCHES = ("mse", "percentile", "none")
 WEIGHT_ROUNDINGS = ("nearest", "learned")
+AUTO_PARTS = "auto"
+"""`QuantConfig(quantize_only="auto")`: quantize the largest submodules that trace."""
 GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
                 "per_channel_depthwise", "per_channel_weights", "nonnegative_inputs",
-                "leaf_modules",
-                "autowrap_functions")
+                "leaf_modules", "autowrap_functions", "quantize_only")
 """The `QuantConfig` fields that decide the prepared graph: where quantizers go, how wide."""
 
 
@@ -158,14 +159,21 @@ class QuantConfig:
     ranges do."""
     sixteen_bit_layers: Sequence[str] = field(default_factory=tuple)
     """Layers kept at 16 bit: conv/linear layers (weights and output) by module path or graph
-    node name, "first" / "last" (TI's advice for regression-style networks), or any other
-    tensor by its graph node name as `quantfx.analyze` reports it (e.g. "add_3": its output)."""
+    node name, "first" / "last" (TI's advice for regression-style networks), "heads" (every
+    conv/linear whose output reaches a model output without passing another one: a
+    detector's box/objectness/class convs), or any other tensor by its graph node name as
+    `quantfx.analyze` reports it (e.g. "add_3": its output)."""
     nonnegative_inputs: bool = False
     """Quantize the network inputs unsigned (e.g. images in [0, 1] that were not normalized)."""
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
     """Module classes or qualified names (e.g. "backbone.decoder") the tracer must not enter."""
     autowrap_functions: Sequence[Callable] = field(default_factory=tuple)
     """Functions traced as single calls, like those decorated with `@torch.fx.wrap`."""
+    quantize_only: Sequence[str] | str = field(default_factory=tuple)
+    """Quantize only these submodules (qualified names such as "backbone", "head"), each its
+    own quantized part; the rest of the model runs in float (`quantfx.partial`). "auto": the
+    largest submodules that trace, for models that do not trace whole (detectors). Empty: the
+    whole model."""
     progress: bool = True
     """Show progress bars on long loops (calibration)."""
     qat_schedule: QATSchedule | None = None
@@ -254,7 +262,12 @@ class QuantConfig:
         self.sixteen_bit_layers = as_tuple(
             self.sixteen_bit_layers, "QuantConfig.sixteen_bit_layers",
             lambda item: isinstance(item, str),
-            "layer names such as 'features.0.0' or the aliases 'first' / 'last'")
+            "layer names such as 'features.0.0' or the aliases 'first' / 'last' / 'heads'")
+        if self.quantize_only != AUTO_PARTS:
+            self.quantize_only = as_tuple(
+                self.quantize_only, "QuantConfig.quantize_only",
+                lambda item: isinstance(item, str) and item not in ("", AUTO_PARTS),
+                "submodule names such as 'backbone' (or quantize_only='auto')")
         self.autowrap_functions = as_tuple(
             self.autowrap_functions, "QuantConfig.autowrap_functions",
             lambda item: callable(item) and not isinstance(item, type),

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from quantfx.errors import ConvertError
 from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, IntegerLayer
+from quantfx.partial import quantized_parts, replace_parts
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
 from quantfx.qat import lower_qat_layers
 from quantfx.quantizers import CalibrationQuantizer, FrozenQuantizer
@@ -28,6 +30,7 @@ from quantfx.state import (
     QAT,
     STATE_ATTRIBUTE,
     QuantState,
+    attach_state,
     require_state,
     unwrap,
 )
@@ -101,7 +104,7 @@ def observe_weight(layer: FakeQuantLayer) -> None:
     quantizer.current_exponent()
 
 
-def convert(model: fx.GraphModule) -> QuantizedGraphModule:
+def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
     """A frozen, integer-exact simulation of a calibrated (or QAT-trained) prepared model.
 
     The prepared model is left as it was; converting twice gives identical models.
@@ -113,6 +116,12 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule:
         raise ConvertError("the last quantfx.calibrate call on this model stopped with an "
                            "error, so its ranges and biases are incomplete: fix the data and "
                            "calibrate again before convert.")
+    if state.parts:  # partly quantized: convert each part, the rest stays as it is
+        whole = copy.deepcopy(model).eval()
+        replace_parts(whole, quantized_parts(state.parts), convert)
+        attach_state(whole, QuantState(state.config, state.backend, CONVERTED, [],
+                                       parts=dict(state.parts), input_count=state.input_count))
+        return whole
     working = copy.deepcopy(model).eval()
     _freeze_quantizers(working, state.backend)
     lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below

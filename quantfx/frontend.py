@@ -42,10 +42,15 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         and all(isinstance(item, torch.Tensor) for item in example_inputs)
     ):
         return tuple(example_inputs)
+    nested = isinstance(example_inputs, (tuple, list)) and any(
+        isinstance(item, (list, tuple, dict)) for item in example_inputs)
+    hint = (" A model that takes lists or dicts (a detector) is quantized in parts: "
+            "QuantConfig(quantize_only='auto') or quantize_only=('backbone', 'head')."
+            if nested else "")
     raise PrepareError(
         f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
         f"{type(example_inputs).__name__}. "
-        "Example: qf.prepare(model, (torch.randn(1, 3, 224, 224),))"
+        f"Example: qf.prepare(model, (torch.randn(1, 3, 224, 224),)).{hint}"
     )
 
 

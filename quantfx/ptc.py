@@ -14,18 +14,28 @@ from tqdm.auto import tqdm
 from quantfx.bias_calibration import calibrate_biases
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
-from quantfx.errors import CalibrationError, QuantFxError
+from quantfx.errors import CalibrationError, PrepareError, QuantFxError
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
 from quantfx.learned_rounding import learn_rounding, restore_float_weights
+from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_parts
 from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
-from quantfx.state import PREPARED, PTC, QAT, QuantState, attach_state, require_state, state_of
+from quantfx.state import (
+    FLOAT,
+    PREPARED,
+    PTC,
+    QAT,
+    QuantState,
+    attach_state,
+    require_state,
+    state_of,
+)
 
 QAT_HINT = ("A QAT model estimates its ranges while it trains; to start QAT from calibrated "
            "ranges, calibrate the prepared model and pass it to quantfx.prepare_qat.")
@@ -39,7 +49,9 @@ def prepare(
     BatchNorm is folded into the preceding conv/linear. Forward passes (under `torch.no_grad()`)
     record ranges; `calibrate` is the convenience loop; `convert` freezes the result.
     """
-    config = resolve_config(config)
+    config = whole_or_parts(model, example_inputs, resolve_config(config))
+    if config.quantize_only:
+        return _prepare_parts(model, example_inputs, config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
     fold_batchnorm_forward(graph_module)  # a BN after a ReLU into the (unpadded) conv after it
@@ -58,6 +70,16 @@ def prepare(
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
     return graph_module.eval()
+
+
+def _prepare_parts(model: nn.Module, example_inputs: Any, config: QuantConfig) -> nn.Module:
+    """`prepare` of a partly quantized model: each part prepared on the inputs it gets."""
+    require_state(model, "prepare", PrepareError, (FLOAT,), "the float model (a torch.nn.Module)",
+                  "Prepare the original float model instead.")
+    working, described, count = prepare_parts(model, example_inputs, config, prepare, False)
+    attach_state(working, QuantState(config, PTC, PREPARED, [], parts=described,
+                                     input_count=count))
+    return working.eval()
 
 
 def batch_inputs(batch: Any, count: int, index: int) -> tuple[torch.Tensor, ...]:
@@ -158,14 +180,14 @@ def calibrate(
     hint = QAT_HINT if given is not None and given.backend == QAT else ""
     state = require_state(model, "calibrate", CalibrationError, ((PTC, PREPARED),),
                           "a model returned by quantfx.prepare", hint)
+    if state.parts:
+        return _calibrate_parts(model, state, data, num_batches)
     was_training = model.training
     model.eval()
     set_quant_mode(model, observe=True, quantize=False)
     kept: list[tuple[torch.Tensor, ...]] = []
     kept_samples = 0
-    learned = state.config.weight_rounding == "learned"
-    budget = max(state.config.bias_calibration_samples if state.config.bias_calibration else 0,
-                 ROUNDING_SAMPLES if learned else 0)
+    budget = _kept_samples(state.config)
     restore_float_weights(model)  # a second calibration starts from the float weights
     state.calibration_failed = True  # until this call finishes
     try:
@@ -175,14 +197,90 @@ def calibrate(
                 if kept_samples < budget:
                     kept.append(tuple(tensor[:budget - kept_samples] for tensor in inputs))
                     kept_samples += kept[-1][0].shape[0]
-        for _, quantizer in calibration_quantizers(model):
-            if quantizer.observed:
-                quantizer.compute_exponent()
-        if learned:
-            learn_rounding(model, kept, state.config.progress)
-        if state.config.bias_calibration:
-            calibrate_biases(model, kept, state.config.progress)
+        _finish_calibration(model, state.config, kept)
         state.calibration_failed = False
     finally:
         model.train(was_training)
+    return model
+
+
+def _kept_samples(config: QuantConfig) -> int:
+    """How many samples calibration keeps for bias calibration and learned rounding."""
+    return max(config.bias_calibration_samples if config.bias_calibration else 0,
+               ROUNDING_SAMPLES if config.weight_rounding == "learned" else 0)
+
+
+def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
+                        kept: list[tuple[torch.Tensor, ...]]) -> None:
+    """After the observing passes: every exponent, then learned rounding and bias
+    calibration on the kept samples."""
+    for _, quantizer in calibration_quantizers(model):
+        if quantizer.observed:
+            quantizer.compute_exponent()
+    if config.weight_rounding == "learned":
+        learn_rounding(model, kept, config.progress)
+    if config.bias_calibration:
+        calibrate_biases(model, kept, config.progress)
+
+
+def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
+                     num_batches: int | None) -> nn.Module:
+    """`calibrate` of a partly quantized model: the whole model runs on every batch while each
+    part's observers record; each part keeps the inputs it received for its finishing steps."""
+    names = quantized_parts(state.parts)
+    parts = {name: model.get_submodule(name) for name in names}
+    budget = _kept_samples(state.config)
+    kept: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in names}
+    counts = dict.fromkeys(names, 0)
+
+    def keeper(name: str):
+        def keep(module: nn.Module, args: tuple) -> None:
+            if counts[name] < budget:
+                kept[name].append(tuple(a.detach()[:budget - counts[name]] for a in args))
+                counts[name] += kept[name][-1][0].shape[0] if kept[name][-1][0].dim() else 1
+        return keep
+
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise CalibrationError(f"calibration data must be an iterable of batches (e.g. a "
+                               f"DataLoader or a list of tensors), got {type(data).__name__}.")
+    if num_batches is not None:
+        check_int(num_batches, "num_batches", 1, CalibrationError, "10, or None for all")
+    was_training = model.training
+    model.eval()
+    for part in parts.values():
+        restore_float_weights(part)
+        set_quant_mode(part, observe=True, quantize=False)
+        state_of(part).calibration_failed = True
+    state.calibration_failed = True
+    handles = [part.register_forward_pre_hook(keeper(name)) for name, part in parts.items()]
+    seen = 0
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(tqdm(data, desc="calibrate", unit="batch", leave=False,
+                                               disable=None if state.config.progress else True)):
+                if num_batches is not None and index >= num_batches:
+                    break
+                try:
+                    run_batch(model, batch, state.input_count)
+                except QuantFxError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - the model rejected the batch
+                    raise CalibrationError(
+                        f"the model fails on calibration batch {index}: {type(error).__name__}: "
+                        f"{(str(error).splitlines() or [''])[0][:300]}") from error
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationError("calibration data is empty: give at least one batch.")
+    for name, part in parts.items():
+        if not kept[name]:
+            raise CalibrationError(f"part {name!r} never ran during calibration: check that "
+                                   "the batches reach it (a detector needs images with the "
+                                   "objects' sizes it expects).")
+        _finish_calibration(part, state.config, kept[name])
+        state_of(part).calibration_failed = False
+    state.calibration_failed = False
     return model

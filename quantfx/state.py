@@ -34,6 +34,11 @@ class QuantState:
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     calibration_failed: bool = False
     """A `calibrate` call stopped with an error: ranges and biases are incomplete."""
+    parts: dict[str, str] = field(default_factory=dict)
+    """A partly quantized model (`QuantConfig.quantize_only`): each quantized part and each
+    module left float around them, with what it is or why (empty for a whole model)."""
+    input_count: int = 0
+    """How many positional arguments the whole model takes (partly quantized models)."""
 
 
 def state_of(model: Any) -> QuantState | None:
@@ -41,14 +46,16 @@ def state_of(model: Any) -> QuantState | None:
     return getattr(model, STATE_ATTRIBUTE, None) if isinstance(model, nn.Module) else None
 
 
-def attach_state(graph_module: fx.GraphModule, state: QuantState) -> None:
+def attach_state(graph_module: nn.Module, state: QuantState) -> None:
     """Record quantfx's state on the model.
 
     GraphModule.__deepcopy__ keeps only the attributes listed under this meta key, so the state
-    is listed there too: a deep copy of a prepared model (e.g. an EMA copy) is still one.
+    is listed there too: a deep copy of a prepared model (e.g. an EMA copy) is still one. (A
+    partly quantized model is the user's own module class: a plain attribute survives.)
     """
     setattr(graph_module, STATE_ATTRIBUTE, state)
-    graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
+    if isinstance(graph_module, fx.GraphModule):
+        graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
 
 
 def unwrap(model: Any) -> Any:
@@ -66,11 +73,12 @@ def describe(model: Any) -> str:
     if state is None:
         kind = type(model).__name__
         return f"a {kind} (not a quantfx model)" if isinstance(model, nn.Module) else f"a {kind}"
+    partly = " (partly quantized)" if state.parts else ""
     if state.stage == CONVERTED:
-        return "a model already converted by quantfx.convert"
+        return f"a model already converted by quantfx.convert{partly}"
     if state.backend == QAT:
-        return "a QAT model already prepared by quantfx.prepare_qat (not yet converted)"
-    return "a model already prepared by quantfx.prepare (not yet converted)"
+        return f"a QAT model already prepared by quantfx.prepare_qat{partly} (not yet converted)"
+    return f"a model already prepared by quantfx.prepare{partly} (not yet converted)"
 
 
 def require_state(model: Any, action: str, error: type[QuantFxError],

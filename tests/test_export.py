@@ -764,3 +764,38 @@ def test_prelu_exports_bit_exact(tmp_path) -> None:
     assert report.fraction_identical == 1.0
     slopes = [n for n in onnx.load(tmp_path / "prelu.onnx").graph.node if n.op_type == "PRelu"]
     assert len(slopes) == 3
+
+
+def test_l2_normalize_exports(tmp_path) -> None:
+    """SSD300's L2Norm: F.normalize over channels, then a learned per-channel scale."""
+
+    class L2Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.scale = nn.Parameter(torch.full((1, 8, 1, 1), 20.0))
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(F.normalize(torch.relu(self.conv(x)), dim=1) * self.scale)
+
+    torch.manual_seed(0)
+    data = torch.randn(16, 3, 10, 10)
+    report = qf.export_onnx(_convert(L2Norm().eval(), data), (data[:2],),
+                            tmp_path / "l2norm.onnx", verify_data=data)
+    assert report.max_lsb_diff <= 1.0
+
+
+def test_group_norm_exports(tmp_path) -> None:
+    """FCOS / RetinaNet v2 heads: conv -> GroupNorm(32 groups) -> ReLU, in float between
+    quantizers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.GroupNorm(32, 64), nn.ReLU(),
+                          nn.Conv2d(64, 8, 1), nn.GroupNorm(4, 8, affine=False)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.2, 0.2)
+    data = torch.randn(8, 3, 12, 12)
+    report = qf.export_onnx(_convert(model, data), (data[:2],), tmp_path / "gn.onnx",
+                            verify_data=data)
+    assert report.max_lsb_diff <= 1.0

@@ -103,7 +103,7 @@ def _construct(cls, name: str, value, validity: dict) -> None:
 
 
 def test_every_field_has_a_strategy() -> None:
-    sequences = {"sixteen_bit_layers", "leaf_modules", "autowrap_functions"}
+    sequences = {"sixteen_bit_layers", "leaf_modules", "autowrap_functions", "quantize_only"}
     assert set(CONFIG_FIELDS) == set(VALIDITY) | sequences
     assert set(SCHEDULE_FIELDS) == set(SCHEDULE_VALIDITY)
 

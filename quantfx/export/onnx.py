@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
+import torch
 import torch.fx as fx
 from torch import Tensor
 
 from quantfx.checks import check_bool, check_int, check_number
 from quantfx.errors import ExportError
 from quantfx.export.graph import build_model
+from quantfx.export.meta_arch import SsdMetaArch, YoloxMetaArch
+from quantfx.export.postprocess import check_detection, run_detector, whole_detector
 from quantfx.export.tidl import bit_widths, check_constraints, compile_options
 from quantfx.export.verify import (
     clip_simulation,
@@ -32,6 +35,7 @@ from quantfx.export.verify import (
 from quantfx.files import check_destination, options_path_for, staged_files
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import IntegerLayer
+from quantfx.partial import catching_calls, model_inputs, part_calls, quantized_parts, run_batch
 from quantfx.quantizers import FrozenQuantizer
 from quantfx.state import CONVERTED, PTC, QAT, require_state, state_of, unwrap
 from quantfx.tidl.checker import TidlReport, check_model
@@ -85,10 +89,20 @@ class ExportReport:
     target: str = "generic"
     tidl: TidlReport | None = None
     """What TIDL would run on the accelerator for `target` (`quantfx.check_tidl`)."""
+    prototxt_path: str | None = None
+    """The detection meta-architecture file written beside the model (`detection=`)."""
+    head_outputs: list[str] = field(default_factory=list)
+    """The head tensors the prototxt names (graph outputs, before decode and NMS)."""
+    detection_outputs: list[str] = field(default_factory=list)
+    """The float decode + NMS outputs after them: boxes, labels, scores."""
 
     def summary(self) -> str:
         """A few lines for logs: agreement in both ONNX Runtime sessions, TIDL's verdict."""
         tidl = f"\n  TIDL {self.tidl.summary()}" if self.tidl is not None else ""
+        if self.prototxt_path is not None:
+            tidl += (f"\n  detection: heads {', '.join(self.head_outputs)} -> "
+                     f"{', '.join(self.detection_outputs)}; meta-architecture "
+                     f"{self.prototxt_path}")
         if not self.verified:
             return f"{self.path}: opset {self.opset}, not verified{tidl}"
         argmax = "n/a" if self.argmax_agreement is None else f"{100 * self.argmax_agreement:.2f}%"
@@ -191,6 +205,8 @@ def export_onnx(
     max_lsb_diff: float | None = None,
     threads: int = 1,
     strict_tidl: bool = False,
+    part: str | None = None,
+    detection: YoloxMetaArch | SsdMetaArch | None = None,
 ) -> ExportReport:
     """Write converted `model` to `path` as QDQ ONNX (or, with `legacy=True`, float ONNX with
     Clip ranges for pre-QDQ TIDL) and its TIDL options to `<path stem>.tidl.json`.
@@ -202,11 +218,24 @@ def export_onnx(
     export leaves no file behind. The file is checked against TIDL's rules for the model's
     `QuantConfig.target` (`report.tidl`); with `strict_tidl` a node that would fall back to
     the ARM cores is an `ExportError` instead of a line in the report.
+
+    A partly quantized model (`QuantConfig.quantize_only`) is exported one quantized `part` at
+    a time: `example_inputs` (and `verify_data`) are then the whole model's, and the file holds
+    the part, with the inputs it receives from them.
+
+    `detection` (a `quantfx.YoloxMetaArch` or `quantfx.SsdMetaArch`) says the model's outputs
+    are a detector's head tensors: they are verified as above, then decode and NMS are added
+    as float ONNX ops (outputs boxes, labels, scores; batch 1) and TIDL's meta-architecture
+    file is written beside the model (`<path stem>.prototxt`, named in the options file).
     """
     model = unwrap(model)
+    if part is not None or (state_of(model) is not None and state_of(model).parts):
+        model, example_inputs, verify_data = _part_to_export(model, part, example_inputs,
+                                                            verify_data)
     inputs = _check_inputs(model, example_inputs)
     path = _check_options(path, opset, verify, legacy, max_lsb_diff, threads)
     check_bool(strict_tidl, "strict_tidl", ExportError)
+    check_detection(detection, legacy, inputs)
     profile = state_of(model).config.profile
     needs_int16 = any(
         (isinstance(module, FrozenQuantizer) and module.bits == 16)
@@ -223,6 +252,7 @@ def export_onnx(
     options = compile_options(widths, legacy, profile)
     _record_target(built.model, profile)
     options_path = options_path_for(path)
+    detection_files = whole_detector(built.model, detection, inputs, path, options)
     report = ExportReport(
         path=path, options_path=options_path, opset=chosen_opset, legacy=legacy,
         tidl_options=options, sixteen_bit_features=widths.sixteen_bit_features(),
@@ -235,8 +265,15 @@ def export_onnx(
     batches = verification_batches(inputs, verify_data)  # checked even when verify=False
     check_destination(path, "model")
     check_destination(options_path, "TIDL options")
+    finals = [path, options_path]
+    if detection_files is not None:
+        report.prototxt_path, report.head_outputs, report.detection_outputs = (
+            detection_files["path"], detection_files["heads"], detection_files["outputs"])
+        check_destination(report.prototxt_path, "detection meta-architecture")
+        finals.append(report.prototxt_path)
     try:
-        with staged_files(path, options_path) as (temporary_model, temporary_options):
+        with staged_files(*finals) as temporaries:
+            temporary_model, temporary_options = temporaries[:2]
             onnx.save(built.model, temporary_model)
             with open(temporary_options, "w", encoding="utf-8") as handle:
                 json.dump(options, handle, indent=2)
@@ -244,6 +281,12 @@ def export_onnx(
             if verify:
                 _verify_file(model, temporary_model, batches, legacy, max_lsb_diff, threads,
                              report)
+            if detection_files is not None:  # the heads verified: now the whole detector
+                onnx.save(detection_files["model"], temporary_model)
+                if verify:
+                    run_detector(temporary_model, inputs, threads)
+                with open(temporaries[2], "w", encoding="utf-8") as handle:
+                    handle.write(detection_files["text"])
     except OSError as error:
         raise ExportError(f"could not write {path!r} (or its options file): "
                           f"{error.strerror or error}. Nothing was written.") from error
@@ -265,6 +308,32 @@ def _record_target(model: onnx.ModelProto, profile: DeviceProfile) -> None:
     if profile.tidl:
         entries["quantfx.tidl_tools_version"] = profile.tidl_tools_version
     onnx.helper.set_model_props(model, entries)
+
+
+def _part_to_export(model: Any, part: str | None, example_inputs: Any,
+                    verify_data: Any) -> tuple[Any, tuple, list | None]:
+    """(the part, its example inputs, its verification inputs) of a partly quantized model."""
+    state = state_of(model)
+    parts = quantized_parts(state.parts) if state is not None else []
+    if not parts:
+        raise ExportError(f"part={part!r} is for partly quantized models "
+                          "(QuantConfig.quantize_only); this one is quantized whole: leave it out.")
+    if part is None or part not in parts:
+        given = "no part" if part is None else f"part={part!r}"
+        raise ExportError(f"this model is partly quantized; export one of its quantized parts "
+                          f"({', '.join(parts)}) with part=..., got {given}.")
+    if state.stage != CONVERTED:
+        raise ExportError("export_onnx needs a converted model: call quantfx.convert first.")
+    calls = part_calls(model, [part], model_inputs(example_inputs))
+    batches = None
+    if verify_data is not None:
+        batches = []
+        items = [verify_data] if isinstance(verify_data, torch.Tensor) else verify_data
+        for batch in items:
+            with catching_calls(model, [part]) as caught, torch.no_grad():
+                run_batch(model, batch, state.input_count)
+            batches.append(caught[part].tensor_inputs())
+    return model.get_submodule(part), calls[part].tensor_inputs(), batches
 
 
 def _verify_file(model: fx.GraphModule, temporary_model: str,

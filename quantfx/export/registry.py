@@ -57,6 +57,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitt
     (nn.Softmax, activations.emit_softmax),
     (nn.modules.batchnorm._BatchNorm, norms.emit_batchnorm),
     (nn.LayerNorm, norms.emit_layer_norm),
+    (nn.GroupNorm, norms.emit_group_norm),
     (nn.MultiheadAttention, attention.emit_multihead_attention),
     (standins.Add, arithmetic.binary("Add")),
     (standins.Sub, arithmetic.binary("Sub")),
@@ -110,6 +111,7 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     "matmul": arithmetic.emit_matmul, torch.bmm: arithmetic.emit_matmul,
     "bmm": arithmetic.emit_matmul,
     torch.einsum: arithmetic.emit_einsum,
+    F.normalize: norms.emit_normalize_call,
     **{target: arithmetic.call_binary("Div") for target in (
         operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide")},
     **{target: arithmetic.call_binary("Max") for target in (torch.maximum, "maximum")},

@@ -170,6 +170,10 @@ MODULE_REWRITES: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
     nn.Hardsigmoid: lambda module: standins.HardSigmoid(),
     **{kind: lambda module: pad_module(module.padding, PAD_MODES[type(module)],
                                        getattr(module, "value", 0.0)) for kind in PAD_MODES},
+    **{kind: lambda module: standins.Interpolate(
+        module.size, module.scale_factor, module.mode, module.align_corners,
+        module.recompute_scale_factor) for kind in (nn.Upsample, nn.UpsamplingNearest2d,
+                                                    nn.UpsamplingBilinear2d)},
 }
 """Modules replaced by a stand-in that computes the same function in the float steps of the
 single ONNX op it exports as (so the file needs no float intermediate tensors)."""

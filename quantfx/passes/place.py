@@ -36,6 +36,7 @@ from quantfx.passes.graph_utils import (
     is_float_tensor,
     is_shape_only,
     module_of,
+    output_values,
     set_submodule,
     unique_submodule_name,
 )
@@ -114,7 +115,7 @@ def sixteen_bit_layers(graph_module: fx.GraphModule, layers: list[fx.Node],
         examples = ", ".join(repr(node.target) for node in layers[:8])
         raise ConfigError(
             f"QuantConfig.sixteen_bit_layers names {unknown}, which are not layers or tensors "
-            f"of this model. Use 'first', 'last', layer names such as {examples}, or the "
+            f"of this model. Use 'first', 'last', 'heads', layer names such as {examples}, or the "
             "tensor names `quantfx.analyze` reports."
         )
     chosen = {by_name[name] for name in wanted & by_name.keys()}
@@ -122,7 +123,28 @@ def sixteen_bit_layers(graph_module: fx.GraphModule, layers: list[fx.Node],
         chosen.add(layers[0])
     if layers and "last" in wanted:
         chosen.add(layers[-1])
+    if "heads" in wanted:
+        chosen |= head_layers(graph_module, layers)
     return chosen
+
+
+def head_layers(graph_module: fx.GraphModule, layers: list[fx.Node]) -> set[fx.Node]:
+    """The conv/linear layers whose outputs reach a model output through no other conv/linear
+    layer (walking back from the outputs through reshapes, concats, activations, ...)."""
+    weight_layers = set(layers)
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    pending = [value for value in output_values(graph_module) if isinstance(value, fx.Node)]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in weight_layers:
+            found.add(node)
+        else:
+            pending.extend(node.all_input_nodes)
+    return found
 
 
 def _warn_float_parameters(graph_module: fx.GraphModule, wrapped: set[fx.Node]) -> None:

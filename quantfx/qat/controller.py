@@ -11,6 +11,7 @@ from torch import nn
 
 from quantfx.config import QATSchedule
 from quantfx.errors import ConfigError
+from quantfx.state import state_of
 
 CONTROLLER_NAME = "qat_controller"
 
@@ -102,5 +103,11 @@ def freeze_ranges(model: nn.Module) -> None:
 
 
 def end_qat_epoch(model: nn.Module) -> None:
-    """Tell a QAT model that one epoch finished (call once per epoch for epoch schedules)."""
-    controller_of(model).end_epoch()
+    """Tell a QAT model that one epoch finished (call once per epoch for epoch schedules); a
+    partly quantized model passes it to each of its parts."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    state = state_of(module)
+    controllers = ([m for m in module.modules() if isinstance(m, QATController)]
+                   if state is not None and state.parts else [controller_of(model)])
+    for controller in controllers:
+        controller.end_epoch()

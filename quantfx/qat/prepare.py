@@ -11,6 +11,7 @@ train-mode forwards and applies the `QATSchedule`. Every piece of state lives in
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,6 +30,13 @@ from quantfx.frontend import (
 )
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer
+from quantfx.partial import (
+    model_inputs,
+    part_calls,
+    prepare_parts,
+    quantized_parts,
+    whole_or_parts,
+)
 from quantfx.passes.graph_utils import (
     input_quantizer,
     module_of,
@@ -62,12 +70,21 @@ def prepare_qat(
     state = require_state(model, "prepare_qat", PrepareError, (FLOAT, (PTC, PREPARED)),
                           "a float model or one returned by quantfx.prepare",
                           "Start from the float model (or the prepared one) instead.")
+    if state is not None and state.parts:
+        return _parts_from_ptc(model, example_inputs, state,
+                               _config_for_prepared(state.config, config))
     if state is not None:
         check_no_inference_mode("prepare_qat")
         dtype, _ = parameter_dtype_device(model)
         check_input_tensors(as_input_tuple(example_inputs), dtype, "example input", PrepareError)
         return _prepare_from_ptc(model, state, _config_for_prepared(state.config, config))
-    config = resolve_config(config)
+    config = whole_or_parts(model, example_inputs, resolve_config(config))
+    if config.quantize_only:
+        working, described, count = prepare_parts(model, example_inputs, config, prepare_qat,
+                                                  True)
+        attach_state(working, QuantState(config, QAT, PREPARED, [], parts=described,
+                                         input_count=count))
+        return working.train()
     graph_module, inputs = build_graph(model, example_inputs, config, training=True)
     def qat_layer(layer: nn.Module, bn: nn.Module | None, quantizer: nn.Module) -> QATLayer:
         return QATLayer(layer, bn, quantizer, bias_bits=config.profile.bias_bits,
@@ -79,6 +96,22 @@ def prepare_qat(
     warn_unexportable(graph_module)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)),
                    inputs[0].device)
+
+
+def _parts_from_ptc(model: nn.Module, example_inputs: Any, state: QuantState,
+                    config: QuantConfig) -> nn.Module:
+    """QAT from a partly quantized prepared model: each part from its calibrated PTC self."""
+    check_no_inference_mode("prepare_qat")
+    working = copy.deepcopy(model)
+    names = quantized_parts(state.parts)
+    calls = part_calls(working, names, model_inputs(example_inputs))
+    part_config = replace(config, quantize_only=())
+    for name in names:
+        set_submodule(working, name, prepare_qat(working.get_submodule(name),
+                                                 calls[name].tensor_inputs(), part_config))
+    attach_state(working, QuantState(config, QAT, PREPARED, [], parts=dict(state.parts),
+                                     input_count=state.input_count))
+    return working.train()
 
 
 def _config_for_prepared(prepared: QuantConfig, given: QuantConfig | None) -> QuantConfig:

@@ -53,3 +53,51 @@ def emit_layer_norm(b: Builder, node: fx.Node, norm: nn.LayerNorm) -> None:
         b.add("Mul", [normalized, weight], [f"{name}.scaled"], f"{name}.scaled")
         b.add("Add", [f"{name}.scaled", bias], [name], name)
     b.env[node] = name
+
+
+def emit_normalize_call(b: Builder, node: fx.Node, module: None) -> None:
+    """F.normalize(x, p=2, dim, eps) as torch computes it: x / max(sqrt(sum(x * x)), eps)
+    (SSD's L2Norm). In float between quantizers, like LayerNorm."""
+    p, dim, eps = b.call_arguments(node, ("p", "dim", "eps"))
+    p = 2.0 if p is None else float(p)
+    dim = 1 if dim is None else dim
+    eps = 1e-12 if eps is None else float(eps)
+    if p != 2.0 or not isinstance(dim, int):
+        raise ExportError(f"node '{node.name}': F.normalize with p={p}, dim={dim} has no "
+                          "emitter (p=2 over one dimension has).")
+    rank = len(b.input_info(node).shape)
+    source, name = b.tensor_input(node), node.name
+    b.add("Mul", [source, source], [f"{name}.squared"], f"{name}.squared")
+    b.reduce("ReduceSum", f"{name}.squared", f"{name}.sum", [dim % rank])
+    b.add("Sqrt", [f"{name}.sum"], [f"{name}.norm"], f"{name}.norm")
+    b.add("Max", [f"{name}.norm", b.float_constant(f"{name}.eps", eps)], [f"{name}.denominator"],
+          f"{name}.denominator")
+    b.emit(node, "Div", [source, f"{name}.denominator"])
+
+
+def emit_group_norm(b: Builder, node: fx.Node, norm: nn.GroupNorm) -> None:
+    """GroupNorm as Reshape to (N, groups, -1), the LayerNorm steps over the last axis, Reshape
+    back, then the per-channel affine (FCOS / RetinaNet v2 heads). Float between quantizers."""
+    shape = b.input_info(node).shape
+    source, name = b.tensor_input(node), node.name
+    b.reshape(f"{name}.grouped", source, f"{name}.grouped", (shape[0], norm.num_groups, -1))
+    b.reduce("ReduceMean", f"{name}.grouped", f"{name}.mean", [2])
+    b.add("Sub", [f"{name}.grouped", f"{name}.mean"], [f"{name}.centered"], f"{name}.centered")
+    b.add("Mul", [f"{name}.centered", f"{name}.centered"], [f"{name}.squared"], f"{name}.squared")
+    b.reduce("ReduceMean", f"{name}.squared", f"{name}.variance", [2])
+    epsilon = b.float_constant(f"{name}.eps", norm.eps)
+    b.add("Add", [f"{name}.variance", epsilon], [f"{name}.variance_eps"], f"{name}.variance_eps")
+    b.add("Sqrt", [f"{name}.variance_eps"], [f"{name}.std"], f"{name}.std")
+    b.add("Div", [f"{name}.centered", f"{name}.std"], [f"{name}.normalized"],
+          f"{name}.normalized")
+    affine = norm.affine
+    target = f"{name}.ungrouped" if affine else name
+    b.reshape(target, f"{name}.normalized", target, tuple(shape))
+    if affine:
+        channel = (norm.num_channels,) + (1,) * (len(shape) - 2)
+        weight = b.float_constant(f"{name}.weight",
+                                  norm.weight.detach().cpu().numpy().reshape(channel))
+        bias = b.float_constant(f"{name}.bias", norm.bias.detach().cpu().numpy().reshape(channel))
+        b.add("Mul", [target, weight], [f"{name}.scaled"], f"{name}.scaled")
+        b.add("Add", [f"{name}.scaled", bias], [name], name)
+    b.env[node] = name
