@@ -22,6 +22,7 @@ PARTS = {
     "analyze_speed": "benchmarks.analyze_speed",
     "hard_cases": "benchmarks.hard_cases",
     "detection": "benchmarks.detection",
+    "detector": "benchmarks.detector_accuracy",
 }
 
 

@@ -224,8 +224,11 @@ class TorchvisionSsdNetwork(nn.Module):
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         head = getattr(detector, "head", None)
-        if not hasattr(head, "regression_head") or not hasattr(detector, "backbone"):
-            raise ExportError(f"{type(detector).__name__} is not a torchvision SSD.")
+        if not hasattr(getattr(head, "regression_head", None), "module_list") or not hasattr(
+                detector, "backbone"):
+            raise ExportError(f"{type(detector).__name__} is not a torchvision SSD / SSDlite "
+                              "(no backbone and per-level head convs); quantize other detectors "
+                              "in parts (QuantConfig(quantize_only='auto')).")
         self.backbone = detector.backbone
         self.box_convs = head.regression_head.module_list
         self.class_convs = head.classification_head.module_list
@@ -247,7 +250,8 @@ def prototxt(arch: YoloxMetaArch | SsdMetaArch, heads: list[str], outputs: list[
     """The meta-architecture file's text (protobuf text format, TI's field names)."""
     post = [f"num_classes: {arch.num_classes}", "share_location: true",
             f"background_label_id: {getattr(arch, 'background_label_id', -1)}",
-            f"nms_param {{ nms_threshold: {_number(arch.nms_threshold)} top_k: {arch.top_k} }}",
+            "nms_param {", f"  nms_threshold: {_number(arch.nms_threshold)}",
+            f"  top_k: {arch.top_k}", "}",
             f"code_type: {arch.CODE_TYPE}", f"keep_top_k: {arch.keep_top_k}",
             f"confidence_threshold: {_number(arch.confidence_threshold)}"]
     lines: list[str] = []

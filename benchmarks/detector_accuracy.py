@@ -1,0 +1,110 @@
+"""Part `detector`: mAP@0.5 of the repo's YOLOX-style detector (benchmarks/yolo.py) in float,
+after PTC at 8 bit, with 16-bit heads, with the first conv and the heads at 16 bit, and after
+one epoch of QAT from the PTC model; plus the exported whole-detector file (heads verified
+bit for bit, decode + NMS as float ONNX ops) scored in ONNX Runtime.
+
+Data: 64x64 canvases of 1-3 Fashion-MNIST items at random scales and places (boxes known),
+12,000 from the training split for training, 512 more for calibration, 1,000 from the test
+split for scoring (score threshold 0.01, NMS 0.45, 100 detections per image).
+
+    python -m benchmarks detector
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import quantfx as qf
+from benchmarks import yolo
+from benchmarks.detection_data import make_canvases, mean_average_precision
+from benchmarks.report import PartResult, Table
+from benchmarks.training import configure_threads
+from quantfx.export.verify import onnxruntime_session
+
+DESCRIPTION = __doc__.split("\n\n    python")[0].strip()
+QAT_LEARNING_RATE = 0.0005
+"""Of four settings tried (5e-4 / 2e-3, 1 / 2 epochs, from PTC or from float): 71.1-71.6."""
+CONFIGS = {
+    "PTC 8-bit": (),
+    "PTC, 16-bit heads": ("heads",),
+    "PTC, 16-bit first conv + heads": ("first", "heads"),
+}
+
+
+def _ptc(model: torch.nn.Module, calibration, sixteen_bit: tuple[str, ...]) -> torch.nn.Module:
+    config = qf.QuantConfig(sixteen_bit_layers=sixteen_bit, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = qf.prepare(model, (calibration.images[:1],), config)
+    qf.calibrate(prepared, [calibration.images[start:end]
+                            for start, end in calibration.batches(64)])
+    return prepared
+
+
+def _file_map(converted: torch.nn.Module, test, folder: Path) -> tuple[float, float]:
+    """(mAP of the exported whole-detector file in ONNX Runtime, its heads' bit-exact share)."""
+    arch = qf.YoloxMetaArch(strides=yolo.STRIDES, num_classes=yolo.NUM_CLASSES,
+                            confidence_threshold=0.01, nms_threshold=0.45, top_k=100,
+                            keep_top_k=100)
+    path = folder / "tiny_yolox.onnx"
+    report = qf.export_onnx(converted, test.images[:1], path, detection=arch,
+                            verify_data=[test.images[index:index + 1] for index in range(16)])
+    session = onnxruntime_session(str(path))
+    name = session.get_inputs()[0].name
+    detections = []
+    for index in range(len(test)):
+        boxes, labels, scores = session.run(None, {name: test.images[index:index + 1].numpy()})[-3:]
+        detections.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+                           "scores": torch.from_numpy(scores)})
+    return mean_average_precision(detections, test, yolo.NUM_CLASSES), report.fraction_identical
+
+
+def run(progress: bool = True) -> PartResult:
+    threads = configure_threads()
+    model, train_seconds, cached = yolo.trained_detector(progress)
+    test = yolo.make_test_set()
+    calibration = make_canvases("train", 512, seed=2)
+    table = Table("YOLOX-style detector on Fashion-MNIST canvases: mAP@0.5 (%)",
+                  ["method", "mAP@0.5", "vs float", "seconds", "note"],
+                  note=f"torch threads: {threads}; float training "
+                       f"{'cached' if cached else f'{train_seconds:.0f} s'} "
+                       f"({yolo.EPOCHS} epochs on {yolo.TRAIN_IMAGES} canvases, SGD, TI's "
+                       f"recipe); {len(test)} test canvases.")
+    reference = mean_average_precision(yolo.predict(model, test), test, yolo.NUM_CLASSES)
+    table.add(method="float", **{"mAP@0.5": reference, "vs float": 0.0})
+    ptc_model = None
+    for method, sixteen_bit in CONFIGS.items():
+        start = time.perf_counter()
+        converted = qf.convert(_ptc(model, calibration, sixteen_bit))
+        score = mean_average_precision(yolo.predict(converted, test), test, yolo.NUM_CLASSES)
+        table.add(method=method, seconds=time.perf_counter() - start,
+                  **{"mAP@0.5": score, "vs float": score - reference})
+        ptc_model = converted if not sixteen_bit else ptc_model
+    start = time.perf_counter()
+    qat = qf.prepare_qat(_ptc(model, calibration, ()), (calibration.images[:1],))
+    yolo.fit(qat, yolo.make_training_set(), 1, QAT_LEARNING_RATE, progress)
+    qf.end_qat_epoch(qat)
+    converted = qf.convert(qat)
+    score = mean_average_precision(yolo.predict(converted, test), test, yolo.NUM_CLASSES)
+    table.add(method="QAT 8-bit (1 epoch from PTC)", seconds=time.perf_counter() - start,
+              note=f"lr {QAT_LEARNING_RATE}", **{"mAP@0.5": score, "vs float": score - reference})
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quantfx-yolo-") as folder:
+        score, identical = _file_map(ptc_model, test, Path(folder))
+    table.add(method="PTC 8-bit, exported file in ONNX Runtime", seconds=time.perf_counter() -
+              start, note=f"heads {100 * identical:.1f}% bit-identical; decode + NMS in ONNX",
+              **{"mAP@0.5": score, "vs float": score - reference})
+    for row in table.rows:
+        print(f"[detector] {row}", flush=True)
+    return PartResult("detector", DESCRIPTION, [table])
+
+
+if __name__ == "__main__":
+    from benchmarks.__main__ import main
+
+    main(["detector"])
