@@ -84,7 +84,8 @@ def run(progress: bool = True) -> PartResult:
         score = mean_average_precision(yolo.predict(converted, test), test, yolo.NUM_CLASSES)
         table.add(method=method, seconds=time.perf_counter() - start,
                   **{"mAP@0.5": score, "vs float": score - reference})
-        ptc_model = converted if not sixteen_bit else ptc_model
+        if not sixteen_bit:
+            ptc_model = converted  # the default's file is the one exported below
     start = time.perf_counter()
     qat = qf.prepare_qat(_ptc(model, calibration, ()), (calibration.images[:1],))
     yolo.fit(qat, yolo.make_training_set(), 1, QAT_LEARNING_RATE, progress)

@@ -183,15 +183,14 @@ class SsdMetaArch:
             raise ExportError(f"caffe PriorBox anchors are square in pixels; this SSD runs at "
                               f"{width}x{height}. Use a square input size.")
         scales, steps = generator.scales, generator.steps
-        features = _feature_sizes(detector, height)
-        priors, clamped = [], 0
-        for level, ratios in enumerate(generator.aspect_ratios):
-            step = steps[level] if steps is not None else width / features[level]
-            priors.append(PriorBoxes(min_size=scales[level] * width,
-                                     max_size=scales[level + 1] * width,
-                                     aspect_ratios=tuple(ratios), step=float(step)))
-            clamped += sum(1 for w, h in priors[-1].sizes() if max(w, h) > width) \
-                if generator.clip else 0
+        if steps is None:  # centres at (i + 0.5) / feature size: the step is image / feature
+            steps = [width / size for size in _feature_sizes(detector, height)]
+        priors = [PriorBoxes(min_size=scales[level] * width, max_size=scales[level + 1] * width,
+                             aspect_ratios=tuple(ratios), step=float(steps[level]))
+                  for level, ratios in enumerate(generator.aspect_ratios)]
+        clamped = 0
+        if generator.clip:
+            clamped = sum(1 for prior in priors for w, h in prior.sizes() if max(w, h) > width)
         weights = detector.box_coder.weights
         notes = ()
         if clamped:

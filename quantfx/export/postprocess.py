@@ -184,14 +184,13 @@ def check_detection(detection: Any, legacy: bool, inputs: tuple[Tensor, ...]) ->
 
 
 def whole_detector(network: onnx.ModelProto, detection: YoloxMetaArch | SsdMetaArch | None,
-                     inputs: tuple[Tensor, ...], path: str, options: dict[str, Any]
-                     ) -> dict[str, Any] | None:
+                   inputs: tuple[Tensor, ...], path: str, options: dict[str, Any]
+                   ) -> dict[str, Any] | None:
     """The whole detector's ONNX model, the prototxt (path and text) and the options entries
     that pair them (added to `options`), or None without `detection`."""
     if detection is None:
         return None
-    shapes = [(value.name, [dim.dim_value for dim in value.type.tensor_type.shape.dim])
-              for value in network.graph.output]
+    shapes = _shapes(network)
     in_height, in_width = inputs[0].shape[-2:]
     check_heads(detection, shapes, int(in_height), int(in_width))
     whole = append_postprocess(network, detection)
@@ -205,8 +204,8 @@ def whole_detector(network: onnx.ModelProto, detection: YoloxMetaArch | SsdMetaA
 
 
 def run_detector(path: str, inputs: tuple[Tensor, ...], threads: int) -> None:
-    """Run the whole detector file once in both ONNX Runtime sessions: decode and NMS are float
-    ops, checked against `quantfx.export.postprocess`'s tests, but the file must load."""
+    """Run the whole detector file once in both ONNX Runtime sessions: the heads were verified
+    bit for bit already; here the file with decode and NMS after them must load and run."""
     for optimized in (False, True):
         try:
             session = onnxruntime_session(path, threads, optimized=optimized)
