@@ -142,5 +142,6 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
     working.to(parameter_dtype_device(model)[1])  # the frozen quantizers join the model
     converted = QuantizedGraphModule(working, working.graph, type(model).__name__)
     setattr(converted, STATE_ATTRIBUTE,
-            QuantState(state.config, state.backend, CONVERTED, list(state.input_shapes)))
+            QuantState(state.config, state.backend, CONVERTED, list(state.input_shapes),
+                       calibration_check=state.calibration_check))
     return converted.eval()

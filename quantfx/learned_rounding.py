@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantfx.layers import FakeQuantLayer, layer_forward
@@ -152,11 +152,15 @@ def _float_weights(model: fx.GraphModule) -> Iterator[None]:
             module.layer.weight.data.copy_(learned)
 
 
-def restore_float_weights(model: fx.GraphModule) -> None:
-    """Undo an earlier learned rounding: every layer back to its float weights."""
+def restore_float_parameters(model: nn.Module) -> None:
+    """Undo an earlier calibration: every layer back to its float weights (learned rounding)
+    and float biases (bias calibration)."""
     for module in model.modules():
-        if isinstance(module, FakeQuantLayer) and module.float_weight is not None:
-            module.layer.weight.data.copy_(module.float_weight)
+        if isinstance(module, FakeQuantLayer):
+            if module.float_weight is not None:
+                module.layer.weight.data.copy_(module.float_weight)
+            if module.float_bias is not None and module.layer.bias is not None:
+                module.layer.bias.data.copy_(module.float_bias)
 
 
 def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantfx.bias_calibration import calibrate_biases
+from quantfx.calibration_check import CHECK_SAMPLES, check_calibration, output_rows
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.errors import CalibrationError, PrepareError, QuantFxError
@@ -19,8 +20,9 @@ from quantfx.frontend import build_graph, input_shapes, require_layers, warn_une
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
-from quantfx.learned_rounding import learn_rounding, restore_float_weights
+from quantfx.learned_rounding import learn_rounding, restore_float_parameters
 from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_parts
+from quantfx.passes.batchnorm_scale import absorb_batchnorm_scales
 from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
 from quantfx.passes.place import place_quantizers
@@ -54,6 +56,7 @@ def prepare(
         return _prepare_parts(model, example_inputs, config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
+    absorb_batchnorm_scales(graph_module)  # a BN after a ReLU keeps only a sign and a shift
     fold_batchnorm_forward(graph_module)  # a BN after a ReLU into the (unpadded) conv after it
     batchnorm_layers(graph_module)  # the BatchNorms left: per-channel affine layers
     untie_parameters(graph_module)
@@ -151,9 +154,9 @@ def iterate_batches(
         )
 
 
-def _run_batch(model: fx.GraphModule, inputs: tuple[torch.Tensor, ...], index: int) -> None:
+def _run_batch(model: fx.GraphModule, inputs: tuple[torch.Tensor, ...], index: int) -> Any:
     try:
-        model(*inputs)
+        return model(*inputs)
     except QuantFxError:
         raise
     except Exception as error:  # noqa: BLE001 - the model rejected the user's batch
@@ -188,16 +191,25 @@ def calibrate(
     kept: list[tuple[torch.Tensor, ...]] = []
     kept_samples = 0
     budget = _kept_samples(state.config)
-    restore_float_weights(model)  # a second calibration starts from the float weights
+    float_outputs: list[list[torch.Tensor]] = []  # for the check at the end
+    checked = 0
+    restore_float_parameters(model)  # a second calibration starts from the float model
     state.calibration_failed = True  # until this call finishes
     try:
         with torch.no_grad():
             for index, inputs in iterate_batches(model, data, num_batches, "calibrate"):
-                _run_batch(model, inputs, index)
+                output = _run_batch(model, inputs, index)
                 if kept_samples < budget:
                     kept.append(tuple(tensor[:budget - kept_samples] for tensor in inputs))
                     kept_samples += kept[-1][0].shape[0]
+                if checked < CHECK_SAMPLES:
+                    rows = min(inputs[0].shape[0], CHECK_SAMPLES - checked)
+                    float_outputs.append(output_rows(output, rows))
+                    checked += rows
         _finish_calibration(model, state.config, kept)
+        checks = [tuple(tensor[:len(outputs[0]) if outputs else 0] for tensor in inputs)
+                  for inputs, outputs in zip(kept, float_outputs)]
+        state.calibration_check = check_calibration(model, checks, float_outputs)
         state.calibration_failed = False
     finally:
         model.train(was_training)
@@ -207,7 +219,7 @@ def calibrate(
 def _kept_samples(config: QuantConfig) -> int:
     """How many samples calibration keeps for bias calibration and learned rounding."""
     return max(config.bias_calibration_samples if config.bias_calibration else 0,
-               ROUNDING_SAMPLES if config.weight_rounding == "learned" else 0)
+               ROUNDING_SAMPLES if config.weight_rounding == "learned" else 0, CHECK_SAMPLES)
 
 
 def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
@@ -248,7 +260,7 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
     was_training = model.training
     model.eval()
     for part in parts.values():
-        restore_float_weights(part)
+        restore_float_parameters(part)
         set_quant_mode(part, observe=True, quantize=False)
         state_of(part).calibration_failed = True
     state.calibration_failed = True

@@ -95,10 +95,16 @@ class ExportReport:
     """The head tensors the prototxt names (graph outputs, before decode and NMS)."""
     detection_outputs: list[str] = field(default_factory=list)
     """The float decode + NMS outputs after them: boxes, labels, scores."""
+    calibration_sqnr_db: float | None = None
+    """The converted model's output SQNR against float on calibration samples, measured at the
+    end of `calibrate` (None for QAT models and partly quantized ones)."""
 
     def summary(self) -> str:
         """A few lines for logs: agreement in both ONNX Runtime sessions, TIDL's verdict."""
         tidl = f"\n  TIDL {self.tidl.summary()}" if self.tidl is not None else ""
+        if self.calibration_sqnr_db is not None:
+            tidl += (f"\n  calibration check: output SQNR {self.calibration_sqnr_db:.1f} dB "
+                     "against float")
         if self.prototxt_path is not None:
             tidl += (f"\n  detection: heads {', '.join(self.head_outputs)} -> "
                      f"{', '.join(self.detection_outputs)}; meta-architecture "
@@ -258,6 +264,7 @@ def export_onnx(
         tidl_options=options, sixteen_bit_features=widths.sixteen_bit_features(),
         sixteen_bit_params=widths.sixteen_bit_params(), target=profile.name,
         tidl=check_model(built.model, profile.name),
+        calibration_sqnr_db=getattr(state_of(model).calibration_check, "output_sqnr_db", None),
     )
     if strict_tidl and not report.tidl.fully_offloaded:
         raise ExportError(f"strict_tidl: {report.tidl.summary()}. Nothing was written; the "
