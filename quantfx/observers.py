@@ -207,11 +207,26 @@ class WeightMSEObserver(MinMaxObserver):
     weight-clipping step, decided by error rather than by a fixed threshold.
     """
 
+    def __init__(self, axis: int | None = None, channels: int = 1) -> None:
+        super().__init__(axis, channels)
+        self.register_buffer("chosen_exponent", torch.zeros_like(self.min_val))
+        """Exponent(s) chosen by the layer's output error on calibration data
+        (`quantfx.weight_search`); they replace the weight-error search while `chosen`."""
+        self.register_buffer("chosen", torch.tensor(False))
+
     def update(self, x: Tensor) -> None:
         super().update(x)
         self.__dict__["last_weight"] = x.detach()
 
+    def choose(self, exponent: Tensor | None) -> None:
+        """Fix the exponent(s) to `exponent` (None: back to the weight-error search)."""
+        self.chosen.fill_(exponent is not None)
+        if exponent is not None:
+            self.chosen_exponent.copy_(exponent.reshape(self.chosen_exponent.shape))
+
     def exponent(self, qmax: int) -> Tensor:
+        if bool(self.chosen):
+            return self.chosen_exponent.clone()
         no_clip = super().exponent(qmax)
         weight = self.__dict__.get("last_weight")
         if weight is None:

@@ -28,6 +28,7 @@ from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
+from quantfx.weight_search import choose_weight_exponents
 from quantfx.state import (
     FLOAT,
     PREPARED,
@@ -56,7 +57,7 @@ def prepare(
         return _prepare_parts(model, example_inputs, config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
-    absorb_batchnorm_scales(graph_module)  # a BN after a ReLU keeps only a sign and a shift
+    absorb_batchnorm_scales(graph_module, QuantizerFactory(config).per_channel)  # a BN after a ReLU keeps only a sign and a shift
     fold_batchnorm_forward(graph_module)  # a BN after a ReLU into the (unpadded) conv after it
     batchnorm_layers(graph_module)  # the BatchNorms left: per-channel affine layers
     untie_parameters(graph_module)
@@ -229,6 +230,7 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
     for _, quantizer in calibration_quantizers(model):
         if quantizer.observed:
             quantizer.compute_exponent()
+    choose_weight_exponents(model, kept)  # by each layer's output error, where MSE-observed
     if config.weight_rounding == "learned":
         learn_rounding(model, kept, config.progress)
     if config.bias_calibration:

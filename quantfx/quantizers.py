@@ -179,12 +179,16 @@ class QuantizerFactory:
         )
         return CalibrationQuantizer(observer, bits, signed=signed)
 
-    def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
-        """The quantizer of a conv/linear layer's weight."""
+    def per_channel(self, layer: nn.Module) -> bool:
+        """Whether `layer`'s weight gets one scale per output channel."""
         conv = isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed
-        per_channel = not isinstance(layer, BatchNormLayer) and (  # TIDL: BN per tensor
+        return not isinstance(layer, BatchNormLayer) and (  # TIDL: BN per tensor
             (self.config.depthwise_per_channel and is_depthwise(layer))
             or (self.config.convs_per_channel and conv))
+
+    def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
+        """The quantizer of a conv/linear layer's weight."""
+        per_channel = self.per_channel(layer)
         axis = 0 if per_channel else None
         channels = layer.weight.shape[0] if per_channel else 1
         kind = "minmax" if self.qat else self.config.weight_observer

@@ -18,6 +18,9 @@ running mean), since a scale of 1/sqrt(eps) would otherwise set every other chan
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -28,6 +31,9 @@ from quantfx.passes.equalize import POSITIVE_HOMOGENEOUS, SCALE_COMMUTING
 from quantfx.passes.graph_utils import module_of
 
 DEAD_VARIANCE = 1e-3
+SPREAD = 2.0
+"""Where the layer's weights share one scale: the largest channel range absorption may create,
+relative to the median channel's."""
 """A channel with running_var below this fraction of eps is a constant (dead) channel."""
 
 
@@ -64,7 +70,25 @@ def _scale_outputs(layer: nn.Module, factor: torch.Tensor) -> None:
             layer.bias.mul_(factor.to(layer.bias.dtype))
 
 
-def absorb_batchnorm_scales(graph_module: fx.GraphModule) -> int:
+def _balanced_cap(layer: nn.Module, factor: torch.Tensor, movable: torch.Tensor
+                  ) -> torch.Tensor:
+    """Per-channel limits on `factor` that keep a per-tensor weight grid balanced: no channel's
+    scaled weight range above `SPREAD` x the median channel's (the rest of a near-dead
+    channel's large BatchNorm scale stays in the BatchNorm)."""
+    ranges = layer.weight.detach().double().abs()
+    ranges = ranges.transpose(0, 1) if getattr(layer, "transposed", False) else ranges
+    ranges = ranges.flatten(1).amax(dim=1)
+    scaled = ranges * factor
+    live = movable & (scaled > 0)
+    if not bool(live.any()):
+        return torch.full_like(factor, math.inf)
+    limit = SPREAD * scaled[live].median()
+    return torch.where(ranges > 0, limit / ranges.clamp_min(1e-30), factor)
+
+
+def absorb_batchnorm_scales(graph_module: fx.GraphModule,
+                            per_channel: Callable[[nn.Module], bool] = lambda layer: True
+                            ) -> int:
     """Move each post-ReLU BatchNorm's per-channel scale magnitude into the layer before the
     ReLU, and set dead channels' scales to +-1 (see the module docstring). Returns how many
     BatchNorms changed. The float function is unchanged (dead channels: at their mean)."""
@@ -86,14 +110,15 @@ def absorb_batchnorm_scales(graph_module: fx.GraphModule) -> int:
             movable = (magnitude > 0) & ~dead
             if layer is None and not bool(dead.any()):
                 continue
+            factor = torch.ones_like(magnitude)
             if layer is not None:
-                factor = torch.where(movable, magnitude, torch.ones_like(magnitude))
+                factor = torch.where(movable, magnitude, factor)
+                if not per_channel(layer):
+                    factor = torch.minimum(factor, _balanced_cap(layer, factor, movable))
                 _scale_outputs(layer, factor)
                 bn.running_mean.mul_(factor.to(bn.running_mean.dtype))
-            else:
-                movable = torch.zeros_like(dead)
-            settled = movable | dead
-            new_gamma = torch.where(settled & (gamma != 0), torch.sign(gamma) * spread, gamma)
+            new_gamma = torch.where(dead & (gamma != 0), torch.sign(gamma) * spread,
+                                    gamma / factor)
             if bn.weight is None:
                 bn.weight = nn.Parameter(torch.ones_like(bn.running_mean), requires_grad=False)
             bn.weight.copy_(new_gamma.to(bn.weight.dtype))
