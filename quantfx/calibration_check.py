@@ -2,9 +2,10 @@
 samples it already has, so that a collapse is never silent.
 
 The float outputs are recorded during calibration's observing pass (quantization is off there:
-no extra float forward); the check itself is one quantized forward over `CHECK_SAMPLES`
-samples. Only when the output is below `COLLAPSE_DB` does it spend one float and one quantized
-pass over `DIAGNOSIS_SAMPLES` samples to find the tensor that loses most, to name it.
+no extra float forward); the check itself converts the model (what `convert` will return, the
+device's bias rule included) and runs it once over `CHECK_SAMPLES` samples. Only when the
+output is below `COLLAPSE_DB` does it spend one float and one quantized pass over
+`DIAGNOSIS_SAMPLES` samples to find the tensor that loses most, to name it.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def check_calibration(model: fx.GraphModule, batches: list[tuple[Tensor, ...]],
     batches = batches[:len(float_outputs)]
     if not batches:
         return None
-    set_quant_mode(model, observe=False, quantize=True)
-    try:
-        with torch.no_grad():
-            quantized = [output_rows(model(*inputs), inputs[0].shape[0]) for inputs in batches]
-    finally:
-        set_quant_mode(model, observe=True, quantize=False)
+    from quantfx.convert import convert  # the model the user will get, biases fitted and all
+
+    converted = convert(model)
+    with torch.no_grad():
+        quantized = [output_rows(converted(*inputs), inputs[0].shape[0]) for inputs in batches]
+    del converted
     pairs = [(f.flatten(), q.flatten()) for fs, qs in zip(float_outputs, quantized)
              for f, q in zip(fs, qs) if q.shape == f.shape]
     if not pairs:

@@ -28,7 +28,6 @@ from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
-from quantfx.weight_search import choose_weight_exponents
 from quantfx.state import (
     FLOAT,
     PREPARED,
@@ -39,6 +38,7 @@ from quantfx.state import (
     require_state,
     state_of,
 )
+from quantfx.weight_search import choose_weight_exponents
 
 QAT_HINT = ("A QAT model estimates its ranges while it trains; to start QAT from calibrated "
            "ranges, calibrate the prepared model and pass it to quantfx.prepare_qat.")
@@ -57,7 +57,8 @@ def prepare(
         return _prepare_parts(model, example_inputs, config)
     graph_module, inputs = build_graph(model, example_inputs, config, training=False)
     fold_batchnorm(graph_module)
-    absorb_batchnorm_scales(graph_module, QuantizerFactory(config).per_channel)  # a BN after a ReLU keeps only a sign and a shift
+    # a BN after a ReLU hands its scale to the layer before the ReLU: a sign and a shift remain
+    absorb_batchnorm_scales(graph_module, QuantizerFactory(config).per_channel)
     fold_batchnorm_forward(graph_module)  # a BN after a ReLU into the (unpadded) conv after it
     batchnorm_layers(graph_module)  # the BatchNorms left: per-channel affine layers
     untie_parameters(graph_module)
@@ -210,8 +211,8 @@ def calibrate(
         _finish_calibration(model, state.config, kept)
         checks = [tuple(tensor[:len(outputs[0]) if outputs else 0] for tensor in inputs)
                   for inputs, outputs in zip(kept, float_outputs)]
-        state.calibration_check = check_calibration(model, checks, float_outputs)
         state.calibration_failed = False
+        state.calibration_check = check_calibration(model, checks, float_outputs)
     finally:
         model.train(was_training)
     return model
