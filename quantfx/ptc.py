@@ -235,7 +235,20 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
     if config.weight_rounding == "learned":
         learn_rounding(model, kept, config.progress)
     if config.bias_calibration:
-        calibrate_biases(model, kept, config.progress)
+        calibrate_biases(model, _first_samples(kept, config.bias_calibration_samples),
+                         config.progress)
+
+
+def _first_samples(batches: list[tuple[torch.Tensor, ...]], count: int
+                   ) -> list[tuple[torch.Tensor, ...]]:
+    """The first `count` samples of `batches` (kept batches serve several budgets)."""
+    chosen, seen = [], 0
+    for batch in batches:
+        if seen >= count:
+            break
+        chosen.append(tuple(tensor[:count - seen] for tensor in batch))
+        seen += chosen[-1][0].shape[0]
+    return chosen
 
 
 def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
