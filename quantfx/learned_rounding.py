@@ -12,25 +12,22 @@ new). A layer keeps round-to-nearest when the learned rounding does not lower it
 on the calibration data. The original float weights are kept (`float_weight`, not in
 `state_dict`) so that calibrating again starts from them.
 
-Cost: per layer, two partial forward passes over the kept samples and `ITERATIONS` optimizer
-steps on one layer (`python -m benchmarks hard_cases` reports the time).
+Cost: one pass of the float and the quantized model over the kept samples
+(`quantfx.reconstruction`) and, per layer, `ITERATIONS` optimizer steps on STEP_BATCH samples
+(a TILE x TILE output tile of each on 2-D convolutions).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from quantfx.layers import FakeQuantLayer, layer_forward
-from quantfx.ops import FUSABLE_ACTIVATIONS
-from quantfx.passes.graph_utils import module_of
 from quantfx.qmath import from_codes
-from quantfx.quantizers import set_quant_mode
+from quantfx.reconstruction import correct_bias, first_samples, reconstruct_layers
 
 ITERATIONS = 500
 """Optimizer steps per layer."""
@@ -48,32 +45,10 @@ MAX_SAMPLES = 256
 """Kept samples a layer learns from (the first of the calibration batches)."""
 STEP_BATCH = 32
 """Samples per optimizer step."""
-
-
-class _CapturedError(Exception):
-    """Raised by the hook once the layer of interest has run."""
-
-
-def _layer_io(model: fx.GraphModule, name: str, batches: Sequence[tuple[Tensor, ...]],
-              quantize: bool) -> tuple[Tensor, Tensor]:
-    """The input and output of layer `name` over `batches`, with the model quantized or not."""
-    layer = model.get_submodule(name)
-    inputs, outputs = [], []
-
-    def hook(module: FakeQuantLayer, args: tuple, output: Tensor) -> None:
-        inputs.append(args[0].detach())
-        outputs.append(output.detach())
-        raise _CapturedError
-
-    set_quant_mode(model, observe=False, quantize=quantize)
-    handle = layer.register_forward_hook(hook)
-    try:
-        for batch in batches:
-            with contextlib.suppress(_CapturedError):
-                model(*batch)
-    finally:
-        handle.remove()
-    return torch.cat(inputs), torch.cat(outputs)
+TILE = 16
+"""Output rows and columns per sample in a step of a 2-D convolution: a random tile of the
+output and the input window it reads (the full map costs ~50x more on early layers, and the
+rounding variables see every position over the steps anyway)."""
 
 
 def _rectified_sigmoid(variable: Tensor) -> Tensor:
@@ -89,6 +64,45 @@ def _output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, weight:
 
 def _identity(x: Tensor) -> Tensor:
     return x
+
+
+def _tile_conv(layer: nn.Module) -> bool:
+    """A 2-D convolution a step may run on output tiles (numeric zero padding, not transposed)."""
+    return (isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str)
+            and layer.padding_mode == "zeros")
+
+
+def _window(start: int, span: int, size: int, tensor: Tensor, dim: int) -> tuple[Tensor, tuple]:
+    """Rows [start, start + span) of `tensor` along `dim`, zero where they fall outside it."""
+    low, high = max(start, 0), min(start + span, size)
+    return tensor.narrow(dim, low, high - low), (low - start, start + span - high)
+
+
+def step_sample(layer: nn.Module, inputs: Tensor, target: Tensor, generator: torch.Generator
+                ) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """Up to STEP_BATCH samples for one optimizer step: (input, target, forward(weight)) --
+    on a 2-D convolution a random TILE x TILE output tile and the input window behind it."""
+    pick = torch.randint(0, len(inputs), (min(STEP_BATCH, len(inputs)),), generator=generator)
+    if not _tile_conv(layer) or target.dim() != 4 or max(target.shape[-2:]) <= TILE:
+        inputs, target = inputs[pick], target[pick]
+        return inputs, target, lambda weight: layer_forward(layer, inputs, weight, layer.bias)
+    pads: list[int] = []
+    for axis in (0, 1):
+        size = min(TILE, target.shape[2 + axis])
+        corner = int(torch.randint(0, target.shape[2 + axis] - size + 1, (1,),
+                                   generator=generator))
+        span = (size - 1) * layer.stride[axis] + layer.dilation[axis] * (layer.kernel_size[axis]
+                                                                        - 1) + 1
+        inputs, pad = _window(corner * layer.stride[axis] - layer.padding[axis], span,
+                              inputs.shape[2 + axis], inputs, 2 + axis)
+        target = target.narrow(2 + axis, corner, size)
+        pads = list(pad) + pads  # F.pad takes the last dimension first
+    window, target = torch.nn.functional.pad(inputs[pick], pads), target[pick]  # views until here
+
+    def forward(weight: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(window, weight, layer.bias, layer.stride, 0,
+                                          layer.dilation, layer.groups)
+    return window, target, forward
 
 
 def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
@@ -114,13 +128,11 @@ def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     power = target.double().pow(2).mean().clamp_min(1e-30).float()
     with torch.enable_grad():
         for step in range(iterations):
-            pick = torch.randint(0, len(inputs), (min(STEP_BATCH, len(inputs)),),
-                                 generator=generator)
+            _, step_target, forward = step_sample(layer.layer, inputs, target, generator)
             soft = _rectified_sigmoid(variable)
             candidate = torch.clamp(floor + soft, quantizer.qmin, quantizer.qmax) * scale
-            output = activation(layer_forward(layer.layer, inputs[pick], candidate,
-                                              layer.layer.bias))
-            loss = (output - target[pick]).pow(2).mean() / power
+            output = activation(forward(candidate))
+            loss = (output - step_target).pow(2).mean() / power
             if step >= warmup:
                 progress = (step - warmup) / max(iterations - warmup, 1)
                 beta = BETA[1] + (BETA[0] - BETA[1]) * (1.0 - progress)
@@ -138,20 +150,6 @@ def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     return nearest_error, min(learned_error, nearest_error)
 
 
-@contextlib.contextmanager
-def _float_weights(model: fx.GraphModule) -> Iterator[None]:
-    """Every layer with its float weight for a while (the learned ones put back after)."""
-    swapped = [(module, module.layer.weight.detach().clone()) for module in model.modules()
-               if isinstance(module, FakeQuantLayer) and module.float_weight is not None]
-    for module, _ in swapped:
-        module.layer.weight.data.copy_(module.float_weight)
-    try:
-        yield
-    finally:
-        for module, learned in swapped:
-            module.layer.weight.data.copy_(learned)
-
-
 def restore_float_parameters(model: nn.Module) -> None:
     """Undo an earlier calibration: every layer back to its float weights (learned rounding)
     and float biases (bias calibration)."""
@@ -164,31 +162,22 @@ def restore_float_parameters(model: nn.Module) -> None:
 
 
 def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
-                   progress: bool = True, iterations: int | None = None) -> dict[str, tuple]:
-    """Learned rounding for every weight layer of a calibrated prepared model, in graph order
-    (exponents must be computed). Returns layer name -> (nearest MSE, kept MSE)."""
-    kept, count = [], 0
-    for batch in batches:
-        if count >= MAX_SAMPLES:
-            break
-        kept.append(tuple(tensor[:MAX_SAMPLES - count] for tensor in batch))
-        count += len(kept[-1][0])
-    nodes = {node.target: node for node in model.graph.nodes
-             if isinstance(module_of(model, node), FakeQuantLayer)}
-    errors = {}
-    with torch.no_grad():
-        for name in tqdm(list(nodes), desc="learned rounding", unit="layer", leave=False,
-                         disable=None if progress else True):
-            layer = model.get_submodule(name)
-            if layer.float_weight is None:
-                layer.float_weight = layer.layer.weight.detach().clone()
-            with _float_weights(model):  # the target is the float model's, not one with
-                _, target = _layer_io(model, name, kept, quantize=False)  # rounded weights
-            inputs, _ = _layer_io(model, name, kept, quantize=True)
-            user = next(iter(nodes[name].users)) if len(nodes[name].users) == 1 else None
-            fused = module_of(model, user) if user is not None else None
-            errors[name] = learn_layer_rounding(
-                layer, inputs, target, ITERATIONS if iterations is None else iterations,
-                activation=fused if isinstance(fused, FUSABLE_ACTIVATIONS) else None)
-    set_quant_mode(model, observe=True, quantize=False)
-    return errors
+                   progress: bool = True, iterations: int | None = None,
+                   correct_biases: bool = False) -> dict[str, tuple]:
+    """Learned rounding for every weight layer of a calibrated prepared model, in graph order,
+    in one pass (`quantfx.reconstruction`; exponents must be computed). With `correct_biases`,
+    each layer's bias then gets bias calibration's shift in the same pass. Returns layer name
+    -> (nearest MSE, kept MSE)."""
+    steps = ITERATIONS if iterations is None else iterations
+
+    def step(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
+             activation: nn.Module | None) -> tuple[float, float]:
+        if layer.float_weight is None:
+            layer.float_weight = layer.layer.weight.detach().clone()
+        errors = learn_layer_rounding(layer, inputs, target, steps, activation=activation)
+        if correct_biases:
+            correct_bias(layer, inputs, target)
+        return errors
+
+    kept = first_samples(batches, MAX_SAMPLES)
+    return reconstruct_layers(model, kept, step, progress, "learned rounding")

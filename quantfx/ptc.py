@@ -28,6 +28,7 @@ from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
+from quantfx.reconstruction import first_samples
 from quantfx.state import (
     FLOAT,
     PREPARED,
@@ -232,23 +233,11 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
         if quantizer.observed:
             quantizer.compute_exponent()
     choose_weight_exponents(model, kept)  # by each layer's output error, where MSE-observed
-    if config.weight_rounding == "learned":
-        learn_rounding(model, kept, config.progress)
-    if config.bias_calibration:
-        calibrate_biases(model, _first_samples(kept, config.bias_calibration_samples),
+    if config.weight_rounding == "learned":  # bias calibration in the same pass
+        learn_rounding(model, kept, config.progress, correct_biases=config.bias_calibration)
+    elif config.bias_calibration:
+        calibrate_biases(model, first_samples(kept, config.bias_calibration_samples),
                          config.progress)
-
-
-def _first_samples(batches: list[tuple[torch.Tensor, ...]], count: int
-                   ) -> list[tuple[torch.Tensor, ...]]:
-    """The first `count` samples of `batches` (kept batches serve several budgets)."""
-    chosen, seen = [], 0
-    for batch in batches:
-        if seen >= count:
-            break
-        chosen.append(tuple(tensor[:count - seen] for tensor in batch))
-        seen += chosen[-1][0].shape[0]
-    return chosen
 
 
 def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,

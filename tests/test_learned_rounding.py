@@ -64,7 +64,7 @@ def test_calibrate_with_learned_rounding_is_repeatable_and_exports(tmp_path, mon
     first = qf.convert(prepared)
     qf.calibrate(prepared, data)  # again: starts from the float weights, same result
     second = qf.convert(prepared)
-    x = torch.randn(2, 3, 12, 12)
+    x = torch.randn(64, 3, 12, 12)
     assert torch.equal(first(x), second(x))
     plain = qf.prepare(model, data[0][:1], qf.QuantConfig(progress=False))
     qf.calibrate(plain, data)

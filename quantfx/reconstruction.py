@@ -1,0 +1,138 @@
+"""Layer-wise reconstruction in one pass: every conv/linear layer, in graph order, sees its
+*quantized* input (all layers before it already reconstructed) and its *float* output, without
+re-running the model from its input for each layer.
+
+Two streams run node by node over the kept samples: the float model and the quantized one.
+At a weight layer the float stream gives the target, the quantized stream the input, and a
+`LayerStep` (learned rounding, bias correction) changes the layer before the quantized stream
+runs it. A value is dropped as soon as its last user has run in both streams, so memory is the
+live activations of the kept samples, twice; the sample budget (`samples_within`) bounds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantfx.layers import FakeQuantLayer
+from quantfx.ops import FUSABLE_ACTIVATIONS
+from quantfx.passes.graph_utils import module_of
+from quantfx.quantizers import set_quant_mode
+
+LayerStep = Callable[[FakeQuantLayer, Tensor, Tensor, "nn.Module | None"], Any]
+"""(layer, quantized input, float output before its fused activation, that activation or None)
+-> anything to report; changes the layer in place."""
+
+
+def fused_activation(model: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The ReLU/ReLU6/clip the engine runs inside layer `node`, if it is the layer's only user."""
+    users = list(node.users)
+    module = module_of(model, users[0]) if len(users) == 1 else None
+    return module if isinstance(module, FUSABLE_ACTIVATIONS) else None
+
+
+class _Streams:
+    """The float and the quantized model, run one node at a time over the same samples."""
+
+    def __init__(self, model: fx.GraphModule, inputs: tuple[Tensor, ...]) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.interpreter = fx.Interpreter(model)
+        self.environments: dict[bool, dict[fx.Node, Any]] = {False: {}, True: {}}
+        self.pending = {node: len(node.users) for node in model.graph.nodes}
+        placeholders = [node for node in model.graph.nodes if node.op == "placeholder"]
+        self.position = {node: index for index, node in enumerate(placeholders)}
+
+    def run(self, node: fx.Node, quantized: bool) -> Any:
+        """`node`'s value in one stream (its inputs taken from that stream)."""
+        if node.op == "placeholder":
+            position = self.position[node]
+            if str(node.target).startswith("*"):  # forward(self, *inputs)
+                return tuple(self.inputs[position:])
+            return self.inputs[position] if position < len(self.inputs) else node.args[0]
+        module = module_of(self.model, node)
+        if module is not None:
+            set_quant_mode(module, observe=False, quantize=quantized)
+        self.interpreter.env = self.environments[quantized]
+        args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
+        return getattr(self.interpreter, node.op)(node.target, args, kwargs)
+
+    def store(self, node: fx.Node, float_value: Any, quantized_value: Any) -> None:
+        """Keep `node`'s values while users need them; release inputs no one needs any more."""
+        if self.pending[node]:
+            self.environments[False][node] = float_value
+            self.environments[True][node] = quantized_value
+        sources: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), sources.append)
+        for source in set(sources):
+            self.pending[source] -= 1
+            if self.pending[source] == 0:
+                for environment in self.environments.values():
+                    environment.pop(source, None)
+
+    def quantized_input(self, node: fx.Node) -> Tensor:
+        return self.environments[True][node.args[0]]
+
+
+def concatenated(batches: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """The kept batches as one batch (each model input concatenated along dim 0)."""
+    return tuple(torch.cat(parts) for parts in zip(*batches))
+
+
+def reconstruct_layers(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
+                       step: LayerStep, progress: bool = True,
+                       description: str = "reconstruction") -> dict[str, Any]:
+    """Apply `step` to every weight layer of a calibrated prepared model (exponents computed),
+    in graph order, in one pass over `batches`. Returns layer name -> what `step` returned.
+    Leaves every quantizer observing (not quantizing), as calibration expects."""
+    if not batches:
+        return {}
+    streams = _Streams(model, concatenated(batches))
+    nodes = [node for node in model.graph.nodes if node.op != "output"]
+    layers = [node for node in nodes if isinstance(module_of(model, node), FakeQuantLayer)]
+    results: dict[str, Any] = {}
+    try:
+        with torch.no_grad(), tqdm(total=len(layers), desc=description, unit="layer",
+                                   leave=False, disable=None if progress else True) as bar:
+            for node in nodes:
+                float_value = streams.run(node, quantized=False)
+                module = module_of(model, node)
+                if isinstance(module, FakeQuantLayer):
+                    results[str(node.target)] = step(module, streams.quantized_input(node),
+                                                     float_value, fused_activation(model, node))
+                    bar.update(1)
+                streams.store(node, float_value, streams.run(node, quantized=True))
+    finally:
+        set_quant_mode(model, observe=True, quantize=False)
+    return results
+
+
+def first_samples(batches: Sequence[tuple[Tensor, ...]], count: int
+                  ) -> list[tuple[Tensor, ...]]:
+    """The first `count` samples of `batches` (kept batches serve several budgets)."""
+    chosen, seen = [], 0
+    for batch in batches:
+        if seen >= count:
+            break
+        chosen.append(tuple(tensor[:count - seen] for tensor in batch))
+        seen += chosen[-1][0].shape[0]
+    return chosen
+
+
+def correct_bias(layer: FakeQuantLayer, inputs: Tensor, target: Tensor) -> None:
+    """Bias calibration for one layer: shift its bias by the per-channel mean of float output
+    `target` minus its quantized output on `inputs` (the quantized stream's input)."""
+    set_quant_mode(layer, observe=False, quantize=True)
+    output = layer(inputs)
+    axis = output.dim() - 1 if isinstance(layer.layer, nn.Linear) else 1
+    dims = [dim for dim in range(output.dim()) if dim != axis]
+    shift = (target.double().mean(dims) - output.double().mean(dims)).to(output.dtype)
+    if layer.layer.bias is None:
+        layer.layer.bias = nn.Parameter(torch.zeros_like(shift),
+                                        requires_grad=layer.layer.weight.requires_grad)
+    layer.layer.bias.data += shift
