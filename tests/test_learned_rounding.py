@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import quantfx as qf
 from quantfx.layers import FakeQuantLayer
-from quantfx.learned_rounding import learn_layer_rounding
+from quantfx.learned_rounding import TILE, learn_layer_rounding, step_sample
 from quantfx.quantizers import QuantizerFactory
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 
@@ -79,3 +81,22 @@ def test_calibrate_with_learned_rounding_is_repeatable_and_exports(tmp_path, mon
 def test_the_option_is_checked():
     with pytest.raises(qf.ConfigError, match="weight_rounding"):
         qf.QuantConfig(weight_rounding="adaround")
+
+
+@settings(max_examples=25, deadline=None)
+@given(stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       kernel=st.sampled_from([1, 3, 5]), depthwise=st.booleans(), height=st.integers(9, 30),
+       seed=st.integers(0, 1000))
+def test_a_step_on_an_output_tile_computes_that_tile(stride, padding, dilation, kernel,
+                                                     depthwise, height, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, 4, kernel, stride, padding, dilation, groups=4 if depthwise else 1)
+    inputs = torch.randn(3, 4, height, 23)
+    if (height + 2 * padding - dilation * (kernel - 1) - 1) < 0:
+        return
+    with torch.no_grad():
+        target = conv(inputs)
+        generator = torch.Generator().manual_seed(seed)
+        _, tile, forward = step_sample(conv, inputs, target, generator)
+        assert max(tile.shape[-2:]) <= TILE
+        assert torch.allclose(forward(conv.weight), tile, atol=1e-5)
