@@ -12,7 +12,6 @@ size beyond float rounding.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import set_quant_mode
+from quantfx.reconstruction import memory_limit, nbytes
 
 
 class _StopForwardError(Exception):
@@ -91,24 +91,6 @@ def _run(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> None:
             model(*inputs)
 
 
-def _memory_limit_bytes() -> int:
-    """How much the level-by-level runner may keep alive: a quarter of physical memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 4 << 30
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(item) for item in value.values())
-    return 0
-
-
 class _MemoryLimitError(Exception):
     """The live activations of all calibration batches outgrew the runner's memory limit."""
 
@@ -159,7 +141,7 @@ class _LevelRunner:
 
     def _store(self, node: fx.Node, index: int, value: Any) -> None:
         environment = self.environments[index]
-        self.live_bytes += _nbytes(value) - _nbytes(environment.get(node))
+        self.live_bytes += nbytes(value) - nbytes(environment.get(node))
         environment[node] = value
         if self.live_bytes > self.limit_bytes:
             raise _MemoryLimitError
@@ -173,7 +155,7 @@ class _LevelRunner:
             self.pending_users[source] -= 1
             if self.pending_users[source] == 0:
                 for environment in self.environments:
-                    self.live_bytes -= _nbytes(environment.pop(source, None))
+                    self.live_bytes -= nbytes(environment.pop(source, None))
 
     def measure(self, depth: int) -> None:
         """Run every node that level `depth` makes ready (the layers of that depth included,
@@ -224,7 +206,7 @@ def calibrate_biases(
     if not layers or not batches:
         return 0
     order = list(layers)
-    limit = _memory_limit_bytes() if memory_limit_bytes is None else memory_limit_bytes
+    limit = memory_limit() if memory_limit_bytes is None else memory_limit_bytes
     with torch.no_grad():
         for layer in layers.values():  # every calibration starts from the float biases
             if layer.float_bias is not None:

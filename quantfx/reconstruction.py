@@ -11,6 +11,7 @@ live activations of the kept samples, twice; the sample budget (`samples_within`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,25 @@ from quantfx.layers import FakeQuantLayer
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import set_quant_mode
+
+
+def memory_limit() -> int:
+    """How much a layer-by-layer runner may keep alive: a quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(nbytes(item) for item in value.values())
+    return 0
+
 
 LayerStep = Callable[[FakeQuantLayer, Tensor, Tensor, "nn.Module | None"], Any]
 """(layer, quantized input, float output before its fused activation, that activation or None)
@@ -92,7 +112,7 @@ def reconstruct_layers(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ..
     Leaves every quantizer observing (not quantizing), as calibration expects."""
     if not batches:
         return {}
-    streams = _Streams(model, concatenated(batches))
+    streams = _Streams(model, concatenated(samples_within(model, batches, memory_limit())))
     nodes = [node for node in model.graph.nodes if node.op != "output"]
     layers = [node for node in nodes if isinstance(module_of(model, node), FakeQuantLayer)]
     results: dict[str, Any] = {}
@@ -136,3 +156,20 @@ def correct_bias(layer: FakeQuantLayer, inputs: Tensor, target: Tensor) -> None:
         layer.layer.bias = nn.Parameter(torch.zeros_like(shift),
                                         requires_grad=layer.layer.weight.requires_grad)
     layer.layer.bias.data += shift
+
+
+def samples_within(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
+                   limit_bytes: int) -> list[tuple[Tensor, ...]]:
+    """The first of `batches`' samples whose live values in both streams fit `limit_bytes`,
+    measured by running one sample through the float stream (at least one sample)."""
+    probe = _Streams(model, tuple(tensor[:1] for tensor in batches[0]))
+    peak = 0
+    with torch.no_grad():
+        for node in model.graph.nodes:
+            if node.op == "output":
+                break
+            value = probe.run(node, quantized=False)
+            probe.store(node, value, value)
+            peak = max(peak, nbytes(list(probe.environments[False].values())))
+    set_quant_mode(model, observe=True, quantize=False)
+    return first_samples(batches, max(1, limit_bytes // max(2 * peak, 1)))

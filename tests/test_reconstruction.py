@@ -11,7 +11,13 @@ import quantfx as qf
 from quantfx.bias_calibration import calibrate_biases
 from quantfx.layers import FakeQuantLayer
 from quantfx.learned_rounding import learn_rounding
-from quantfx.reconstruction import correct_bias, first_samples, reconstruct_layers
+from quantfx.reconstruction import (
+    concatenated,
+    correct_bias,
+    first_samples,
+    reconstruct_layers,
+    samples_within,
+)
 
 CONFIG = dict(progress=False, bias_calibration=True)
 
@@ -47,9 +53,15 @@ def _calibrated(bias_calibration: bool = False):
 def test_every_layer_runs_twice_per_pass_however_deep():
     prepared, batches = _calibrated()
     calls = {}
-    handles = [module.register_forward_hook(
-        lambda module, args, output, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-        for name, module in prepared.named_modules() if isinstance(module, FakeQuantLayer)]
+
+    def count(name: str):
+        def hook(module, args, output) -> None:
+            if len(args[0]) == 12:  # all kept samples (a one-sample probe sizes the budget)
+                calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    handles = [module.register_forward_hook(count(name)) for name, module
+               in prepared.named_modules() if isinstance(module, FakeQuantLayer)]
     learn_rounding(prepared, batches, progress=False, iterations=2)
     for handle in handles:
         handle.remove()
@@ -92,6 +104,16 @@ def test_bias_correction_in_one_pass_matches_bias_calibration():
     for name, module in prepared.named_modules():
         if isinstance(module, FakeQuantLayer):
             assert torch.allclose(module.layer.bias, expected[name], atol=1e-6), name
+
+
+def test_the_sample_budget_counts_bytes():
+    prepared, batches = _calibrated()
+    assert len(concatenated(samples_within(prepared, batches, 1 << 30))[0]) == 12
+    one_sample = samples_within(prepared, batches, 1)  # nothing fits: still one sample
+    assert len(concatenated(one_sample)[0]) == 1
+    # the stem's and a block's output live together: 2 x 8 x 10 x 10 floats per stream
+    budget = samples_within(prepared, batches, 2 * 2 * 8 * 100 * 4 * 5)
+    assert 2 <= len(concatenated(budget)[0]) <= 5
 
 
 def test_first_samples_cuts_across_batches():
