@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
-from benchmarks.training import CACHE_DIR, configure_threads, evaluate
+from benchmarks.training import CACHE_DIR, configure_threads, evaluate, train_epochs
 from quantfx import datasets as datasets_module
 from quantfx.datasets import FASHION_MNIST_FILES, fashion_mnist_dir, read_idx
 
@@ -135,7 +134,7 @@ def _source_hash(config: KerasTrainConfig) -> str:
     """Hash of this code, the IDX reader, the config and torch's version (the cache key)."""
     digest = hashlib.sha256()
     digest.update(inspect.getsource(sys.modules[__name__]).encode())
-    for function in (datasets_module.read_idx, datasets_module.fashion_mnist_dir):
+    for function in (datasets_module.read_idx, datasets_module.fashion_mnist_dir, train_epochs):
         digest.update(inspect.getsource(function).encode())
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     digest.update(torch.__version__.split("+")[0].encode())
@@ -147,18 +146,7 @@ def _fit(model: nn.Module, train: TensorDataset, config: KerasTrainConfig, progr
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
-    loss_function = nn.CrossEntropyLoss()
-    model.to(memory_format=torch.channels_last).train()
-    for epoch in range(config.epochs):
-        bar = tqdm(loader, desc=f"{NAME} epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   leave=False, disable=None if progress else True)
-        for images, labels in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(model(images.to(memory_format=torch.channels_last)), labels)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.to(memory_format=torch.contiguous_format).eval()
+    train_epochs(model, loader, optimizer, config.epochs, NAME, progress)
 
 
 def trained_keras_cnn_with_info(

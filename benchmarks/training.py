@@ -96,17 +96,25 @@ def _fit(model: nn.Module, train: TensorDataset, config: TrainConfig, progress: 
         optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
                                     momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * len(loader))
+    train_epochs(model, loader, optimizer, config.epochs, config.name, progress, scheduler)
+
+
+def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 epochs: int, name: str, progress: bool, scheduler: Any = None) -> None:
+    """Cross-entropy training in channels-last for `epochs`, stepping `scheduler` (if any)
+    every batch; leaves the model contiguous and in eval mode."""
     loss_function = nn.CrossEntropyLoss()
     model.to(memory_format=torch.channels_last).train()
-    for epoch in range(config.epochs):
-        bar = tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", unit="batch",
+    for epoch in range(epochs):
+        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", unit="batch",
                    leave=False, disable=None if progress else True)
         for images, labels in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_function(model(images.to(memory_format=torch.channels_last)), labels)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.to(memory_format=torch.contiguous_format).eval()
 

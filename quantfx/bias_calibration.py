@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import set_quant_mode
-from quantfx.reconstruction import memory_limit, nbytes
+from quantfx.reconstruction import memory_limit, nbytes, run_node
 
 
 class _StopForwardError(Exception):
@@ -130,14 +130,7 @@ class _LevelRunner:
 
     def _execute(self, node: fx.Node, environment: dict[fx.Node, Any],
                  inputs: tuple[Tensor, ...]) -> Any:
-        if node.op == "placeholder":
-            position = self.input_position[node]
-            if str(node.target).startswith("*"):  # forward(self, *inputs)
-                return tuple(inputs[position:])
-            return inputs[position] if position < len(inputs) else node.args[0]  # its default
-        self.interpreter.env = environment
-        args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
-        return getattr(self.interpreter, node.op)(node.target, args, kwargs)
+        return run_node(self.interpreter, node, environment, inputs, self.input_position)
 
     def _store(self, node: fx.Node, index: int, value: Any) -> None:
         environment = self.environments[index]

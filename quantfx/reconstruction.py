@@ -56,6 +56,20 @@ def fused_activation(model: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return module if isinstance(module, FUSABLE_ACTIVATIONS) else None
 
 
+def run_node(interpreter: fx.Interpreter, node: fx.Node, environment: dict[fx.Node, Any],
+             inputs: tuple[Tensor, ...], position: dict[fx.Node, int]) -> Any:
+    """`node`'s value from the values in `environment` (a placeholder: its model input, found
+    by its `position` among the placeholders, or its default)."""
+    if node.op == "placeholder":
+        index = position[node]
+        if str(node.target).startswith("*"):  # forward(self, *inputs)
+            return tuple(inputs[index:])
+        return inputs[index] if index < len(inputs) else node.args[0]
+    interpreter.env = environment
+    args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
+    return getattr(interpreter, node.op)(node.target, args, kwargs)
+
+
 class _Streams:
     """The float and the quantized model, run one node at a time over the same samples."""
 
@@ -70,17 +84,11 @@ class _Streams:
 
     def run(self, node: fx.Node, quantized: bool) -> Any:
         """`node`'s value in one stream (its inputs taken from that stream)."""
-        if node.op == "placeholder":
-            position = self.position[node]
-            if str(node.target).startswith("*"):  # forward(self, *inputs)
-                return tuple(self.inputs[position:])
-            return self.inputs[position] if position < len(self.inputs) else node.args[0]
         module = module_of(self.model, node)
         if module is not None:
             set_quant_mode(module, observe=False, quantize=quantized)
-        self.interpreter.env = self.environments[quantized]
-        args, kwargs = self.interpreter.fetch_args_kwargs_from_env(node)
-        return getattr(self.interpreter, node.op)(node.target, args, kwargs)
+        return run_node(self.interpreter, node, self.environments[quantized], self.inputs,
+                        self.position)
 
     def store(self, node: fx.Node, float_value: Any, quantized_value: Any) -> None:
         """Keep `node`'s values while users need them; release inputs no one needs any more."""
