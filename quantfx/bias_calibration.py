@@ -189,7 +189,8 @@ def calibrate_biases(
     Needs frozen ranges (every quantizer's exponent computed). Leaves all quantizers in
     observe mode afterwards. Returns the number of layers corrected. Depth by depth, each node
     runs once while the live activations of all batches fit in `memory_limit_bytes` (default:
-    a quarter of physical memory); past that, each depth re-runs the graph from its inputs.
+    a quarter of the free memory where the batches live); past that, each depth re-runs the
+    graph from its inputs.
     """
     layers = {
         node.target: module_of(model, node)
@@ -199,7 +200,8 @@ def calibrate_biases(
     if not layers or not batches:
         return 0
     order = list(layers)
-    limit = memory_limit() if memory_limit_bytes is None else memory_limit_bytes
+    limit = (memory_limit(batches[0][0].device) if memory_limit_bytes is None
+             else memory_limit_bytes)
     with torch.no_grad():
         for layer in layers.values():  # every calibration starts from the float biases
             if layer.float_bias is not None:

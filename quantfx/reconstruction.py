@@ -26,8 +26,12 @@ from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import set_quant_mode
 
 
-def memory_limit() -> int:
-    """How much a layer-by-layer runner may keep alive: a quarter of physical memory."""
+def memory_limit(device: torch.device | None = None) -> int:
+    """How much a layer-by-layer runner may keep alive: a quarter of the free memory of a CUDA
+    `device` (the samples live where the model runs), else a quarter of physical memory."""
+    if device is not None and device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return free_bytes // 4
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -120,7 +124,8 @@ def reconstruct_layers(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ..
     Leaves every quantizer observing (not quantizing), as calibration expects."""
     if not batches:
         return {}
-    streams = _Streams(model, concatenated(samples_within(model, batches, memory_limit())))
+    streams = _Streams(model, concatenated(samples_within(
+        model, batches, memory_limit(batches[0][0].device))))
     nodes = [node for node in model.graph.nodes if node.op != "output"]
     layers = [node for node in nodes if isinstance(module_of(model, node), FakeQuantLayer)]
     results: dict[str, Any] = {}

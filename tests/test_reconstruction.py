@@ -15,6 +15,7 @@ from quantfx.reconstruction import (
     concatenated,
     correct_bias,
     first_samples,
+    memory_limit,
     reconstruct_layers,
     samples_within,
 )
@@ -114,6 +115,20 @@ def test_the_sample_budget_counts_bytes():
     # the stem's and a block's output live together: 2 x 8 x 10 x 10 floats per stream
     budget = samples_within(prepared, batches, 2 * 2 * 8 * 100 * 4 * 5)
     assert 2 <= len(concatenated(budget)[0]) <= 5
+
+
+def test_the_memory_limit_follows_the_device(monkeypatch):
+    """On a GPU the kept samples live in GPU memory: the budget is a quarter of its free bytes."""
+    asked = []
+
+    def free_and_total(device):
+        asked.append(device)
+        return 8 << 30, 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_and_total)
+    assert memory_limit(torch.device("cuda", 1)) == 2 << 30
+    assert asked == [torch.device("cuda", 1)]
+    assert memory_limit(torch.device("cpu")) == memory_limit() > 0
 
 
 def test_first_samples_cuts_across_batches():
