@@ -41,3 +41,17 @@ class InputError(QuantFxError, TypeError):
 
 class LoadError(QuantFxError):
     """A model, weights file or data set named by the user cannot be found or read."""
+
+
+class NonFiniteError(CalibrationError):
+    """A tensor holds NaN or Inf where quantfx observes its range (data or model at fault)."""
+
+    def __init__(self, source: object = None, tensor: str = "") -> None:
+        self.source = source
+        """The observer that saw the values (to name the tensor)."""
+        where = f"tensor {tensor!r}" if tensor else "a tensor inside the model"
+        super().__init__(
+            f"{where} holds NaN or infinite values while quantfx estimates its range: every "
+            "range after it would be meaningless. Check the data for NaN/Inf and the model for "
+            "operations that make them (sqrt or log of negative values, division by zero, "
+            "float16 overflow); fix them, then calibrate (or train) again.")

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from quantfx.errors import NonFiniteError
 from quantfx.qmath import (
     WEIGHT_SEARCH_DEPTH,
     exponent_for_max,
@@ -57,10 +58,16 @@ class Observer(nn.Module):
         self.register_buffer("observed", torch.tensor(False))
 
     def _batch_min_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's min and max (per channel along `axis`); NaN or Inf raise
+        `NonFiniteError` (they would make every later range meaningless)."""
         if self.axis is None:
-            return torch.aminmax(x.detach().float())
-        flat = x.detach().float().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
-        return torch.aminmax(flat, dim=1)
+            low, high = torch.aminmax(x.detach().float())
+        else:
+            flat = x.detach().float().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+            low, high = torch.aminmax(flat, dim=1)
+        if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise NonFiniteError(self)
+        return low, high
 
     def forward(self, x: Tensor) -> Tensor:
         """Record `x` and return it unchanged."""

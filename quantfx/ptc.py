@@ -15,7 +15,7 @@ from quantfx.bias_calibration import calibrate_biases
 from quantfx.calibration_check import CHECK_SAMPLES, check_calibration, output_rows
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
-from quantfx.errors import CalibrationError, PrepareError, QuantFxError
+from quantfx.errors import CalibrationError, NonFiniteError, PrepareError, QuantFxError
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
@@ -27,7 +27,12 @@ from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
-from quantfx.quantizers import QuantizerFactory, calibration_quantizers, set_quant_mode
+from quantfx.quantizers import (
+    QuantizerFactory,
+    calibration_quantizers,
+    named_non_finite,
+    set_quant_mode,
+)
 from quantfx.reconstruction import first_samples
 from quantfx.state import (
     FLOAT,
@@ -160,6 +165,8 @@ def iterate_batches(
 def _run_batch(model: fx.GraphModule, inputs: tuple[torch.Tensor, ...], index: int) -> Any:
     try:
         return model(*inputs)
+    except NonFiniteError as error:
+        raise named_non_finite(model, error) from None
     except QuantFxError:
         raise
     except Exception as error:  # noqa: BLE001 - the model rejected the user's batch
@@ -279,6 +286,8 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
                     break
                 try:
                     run_batch(model, batch, state.input_count)
+                except NonFiniteError as error:
+                    raise named_non_finite(model, error) from None
                 except QuantFxError:
                     raise
                 except Exception as error:  # noqa: BLE001 - the model rejected the batch

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from quantfx.config import QuantConfig
+from quantfx.errors import NonFiniteError
 from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
@@ -209,3 +210,14 @@ def set_quant_mode(model: nn.Module, observe: bool, quantize: bool) -> None:
     """Switch observing / quantizing for every observing quantizer of `model`."""
     for _, quantizer in calibration_quantizers(model):
         quantizer.set_mode(observe, quantize)
+
+
+def named_non_finite(model: nn.Module, error: NonFiniteError) -> NonFiniteError:
+    """`error` with the name of the tensor whose observer raised it, as `analyze` names
+    tensors (a layer's weight as `layer.weight`)."""
+    for name, quantizer in calibration_quantizers(model):
+        if quantizer.observer is error.source:
+            path = [part for part in name.split(".") if part != "quantizers"]
+            tensor = ".".join(path).removesuffix("_quantizer")
+            return NonFiniteError(error.source, tensor)
+    return error

@@ -206,3 +206,15 @@ def test_torchvision_detectors_quantize_in_parts_and_the_backbone_exports(name, 
     report = qf.export_onnx(converted, ([images[2]],), tmp_path / "backbone.onnx",
                             part="backbone")
     assert report.fraction_identical == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_batch_is_refused_naming_the_tensor(model, bad):
+    """The partial path runs the user's model as is: the observers refuse NaN/Inf (one NaN
+    once set every exponent to -8 without a word)."""
+    prepared = qf.prepare(model, (_images(1, 0),),
+                          qf.QuantConfig(quantize_only=("backbone", "head"), **CONFIG))
+    batches = _calibration()
+    batches[1][0][2][0, 5, 5] = bad
+    with pytest.raises(qf.NonFiniteError, match=r"tensor 'backbone\.\w+' holds NaN or inf"):
+        qf.calibrate(prepared, batches)

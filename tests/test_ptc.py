@@ -226,3 +226,21 @@ def test_deep_copy_of_a_prepared_model_is_still_prepared():
 def test_calibrating_a_qat_model_is_an_error():
     with pytest.raises(qf.CalibrationError, match="prepare_qat"):
         qf.calibrate(qf.prepare_qat(ConvBnReLU(), X), [X])
+
+
+class NegativeSqrt(nn.Module):
+    """Float-finite data that turns NaN inside the model (sqrt of a negative value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.sqrt(self.conv(x))
+
+
+def test_nan_made_inside_the_model_is_refused_naming_the_tensor():
+    torch.manual_seed(0)
+    prepared = qf.prepare(NegativeSqrt(), (torch.rand(1, 3, 8, 8),), qf.QuantConfig(progress=False))
+    with pytest.raises(qf.NonFiniteError, match="tensor 'sqrt' holds NaN"):
+        qf.calibrate(prepared, [torch.randn(2, 3, 8, 8)])
