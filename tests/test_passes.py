@@ -340,6 +340,28 @@ def test_equalization_looks_through_prelu_and_pooling_exactly():
     assert float(ranges.max() / ranges.median()) < 10  # the 50x channel evened out
 
 
+def test_equalization_through_a_depthwise_conv_with_a_channel_multiplier():
+    """groups == in_channels, out = 2 x in: each input channel feeds two filters (it crashed
+    prepare for TDA4VM, where equalization is on by default)."""
+    from quantfx.passes.equalize import equalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8),
+                          nn.Conv2d(16, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[5].mul_(40.0)
+    x = torch.randn(2, 3, 10, 10)
+    graph, _ = build_graph(model, (x,), QuantConfig(), training=False)
+    with torch.no_grad():
+        before = graph(x)
+        assert equalize(graph) == 2
+        after = graph(x)
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-5
+    ranges = graph.get_submodule("0").weight.detach().abs().flatten(1).amax(1)
+    assert float(ranges.max() / ranges.median()) < 10  # the 40x channel evened out
+    qf.calibrate(qf.prepare(model, (x,), QuantConfig(target="tda4vm", progress=False)), [x])
+
+
 class BatchNormAfterReLU(nn.Module):
     """Code outside TI's guidelines: BatchNorm after the ReLU (and one on the input)."""
 

@@ -93,10 +93,16 @@ def _output_ranges(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().abs().flatten(1).amax(dim=1)
 
 
+def _per_input(layer: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """A depthwise conv's per-input-channel values spread over its filters: with a channel
+    multiplier k, filters k*i .. k*i+k-1 read input channel i."""
+    return values.repeat_interleave(layer.out_channels // layer.in_channels)
+
+
 def _input_ranges(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight.detach().abs()
-    if is_depthwise(layer):  # filter i reads channel i only
-        return weight.flatten(1).amax(dim=1)
+    if is_depthwise(layer):  # filter j reads input channel j // multiplier only
+        return weight.flatten(1).amax(dim=1).reshape(layer.in_channels, -1).amax(dim=1)
     return weight.transpose(0, 1).flatten(1).amax(dim=1)
 
 
@@ -112,7 +118,8 @@ def _scale_pair(first: nn.Module, second: nn.Module) -> None:
         if first.bias is not None:
             first.bias.div_(scales)
         if is_depthwise(second):
-            second.weight.mul_(scales.reshape([-1] + [1] * (second.weight.dim() - 1)))
+            second.weight.mul_(_per_input(second, scales).reshape(
+                [-1] + [1] * (second.weight.dim() - 1)))
         else:
             second.weight.mul_(scales.reshape([1, -1] + [1] * (second.weight.dim() - 2)))
 
@@ -125,7 +132,7 @@ def _absorb_bias(first: nn.Module, second: nn.Module) -> None:
     with torch.no_grad():
         weight = second.weight
         if is_depthwise(second):
-            moved = weight.flatten(1).sum(dim=1) * first.bias
+            moved = weight.flatten(1).sum(dim=1) * _per_input(second, first.bias)
         else:
             moved = weight.flatten(2).sum(dim=2) @ first.bias if weight.dim() > 2 else (
                 weight @ first.bias)
