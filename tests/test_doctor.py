@@ -142,3 +142,14 @@ def test_report_formats_and_bad_arguments(planted_report):
         qf.doctor(Planted(), X, optimizer="sgd")
     with pytest.raises(qf.ConfigError, match="torch.nn.Module"):
         qf.doctor("model", X)
+
+
+def test_an_optimizer_of_another_model_is_an_error():
+    """docs once passed the QAT model's optimizer with the float model: 'nothing to fix'."""
+    model = randomize_batchnorm(resnet_style()).eval()
+    other = _sgd(resnet_style())
+    report = qf.doctor(model, torch.randn(1, 1, 28, 28), other)
+    assert not report.ok
+    assert [(f.severity, f.what) for f in report.findings] == [
+        ("error", f"the optimizer holds none of the model's "
+                  f"{len(list(model.parameters()))} parameters")]

@@ -1,6 +1,7 @@
 """Quantization-aware training: STE, on-the-fly BN folding, schedule, resume, eval == convert."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -431,3 +432,20 @@ def test_the_weight_exponent_rule_is_the_schedules_and_eval_matches_convert():
         x = torch.randn(2, 3, 8, 8)
         assert torch.equal(qat_model(x), qf.convert(qat_model)(x))
     assert exponents["mse"] < exponents["minmax"]  # the outlier is clipped, the step halves
+
+
+def test_an_optimizer_built_before_prepare_qat_is_reported():
+    """A script that builds its optimizer on the float model and then calls prepare_qat trains
+    nothing (prepare_qat returns a new model): quantfx says so at the end of the epoch."""
+    model = randomize_batchnorm(ConvBnReLU())
+    stale = _sgd(model)  # the user's optimizer, built first
+    qat_model = qf.prepare_qat(model, (torch.randn(1, 3, 16, 16),))
+    _train(qat_model, stale, _batches(3))
+    with pytest.warns(UserWarning, match=r"none of the \d+ parameters of the QAT model changed"):
+        qf.end_qat_epoch(qat_model)
+
+    fresh = qf.prepare_qat(model, (torch.randn(1, 3, 16, 16),))
+    _train(fresh, _sgd(fresh), _batches(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qf.end_qat_epoch(fresh)

@@ -246,6 +246,14 @@ def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:
             "that are friendlier to quantization than Adam/AdamW",
             "train with SGD (momentum 0.9) if you can, and use the same optimizer for QAT"))
     names = {id(p): n for n, p in model.named_parameters()}
+    held = sum(1 for group in optimizer.param_groups for p in group["params"] if id(p) in names)
+    if held == 0:
+        return findings + [Finding(
+            ERROR, type(optimizer).__name__, f"the optimizer holds none of the model's "
+            f"{len(names)} parameters", "it would train another model (typically one built "
+            "before a copy, e.g. before prepare_qat, which returns a new model)",
+            "pass the optimizer that trains this model: torch.optim.SGD(model.parameters(), "
+            "...) built on the model given to doctor")]
     kinds = {}
     for module in model.modules():
         kind = ("BatchNorm" if isinstance(module, nn.modules.batchnorm._NormBase)
@@ -257,6 +265,8 @@ def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:
         if decay >= WEIGHT_DECAY:
             continue
         params = [p for p in group["params"] if id(p) in names]
+        if not params:
+            continue
         labelled = [f"{names[id(p)]} ({_kind(names[id(p)], kinds.get(id(p), ''))})"
                     for p in params]
         special = [label for label in labelled if "(weight)" not in label]

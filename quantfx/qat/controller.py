@@ -6,6 +6,8 @@ counters live in buffers, so `state_dict()` round-trips the schedule's progress.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -14,6 +16,9 @@ from quantfx.errors import ConfigError
 from quantfx.state import state_of
 
 CONTROLLER_NAME = "qat_controller"
+STALE_CHECK_STEP = 64
+"""Training steps after which a QAT model whose parameters never changed is reported (also at
+each `end_qat_epoch`): enough for gradient accumulation, early enough to save the run."""
 
 
 class QATController(nn.Module):
@@ -37,12 +42,36 @@ class QATController(nn.Module):
     def forward(self) -> None:
         if self.training:
             self.step += 1
+            if int(self.step) == 1 or int(self.step) == STALE_CHECK_STEP:
+                self.check_training()
             self.apply_schedule()
 
     def end_epoch(self) -> None:
         """Count one finished epoch and apply epoch-based freezes."""
         self.epoch += 1
+        self.check_training()
         self.apply_schedule()
+
+    def check_training(self) -> None:
+        """Warn (once) when training steps ran but no layer parameter moved since the first
+        one: the optimizer holds other parameters, typically the float model's (built before
+        `prepare_qat`, which returns a new model)."""
+        parameters = [p for layer in self.layers for p in layer.parameters() if p.requires_grad]
+        if not parameters:
+            return
+        with torch.no_grad():
+            fingerprint = float(sum(p.double().sum() + p.double().pow(2).sum()
+                                    for p in parameters))
+        first = self.__dict__.setdefault("first_fingerprint", (int(self.step), fingerprint))
+        trained = int(self.step) - first[0]
+        if trained > 1 and fingerprint == first[1] and not self.__dict__.get("stale_warned"):
+            self.__dict__["stale_warned"] = True
+            warnings.warn(
+                f"none of the {len(parameters)} parameters of the QAT model changed in "
+                f"{trained} training steps: the optimizer holds other parameters (typically "
+                "the float model's: prepare_qat returns a new model and leaves the float one "
+                "untouched). Build the optimizer after prepare_qat, on the returned model: "
+                "optimizer = torch.optim.SGD(qat_model.parameters(), lr=...).", stacklevel=3)
 
     def apply_schedule(self) -> None:
         """Freeze BN statistics / ranges once their step or epoch count is exceeded."""
