@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from quantfx.config import QuantConfig
 from quantfx.errors import ConvertError
 from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, IntegerLayer
@@ -135,9 +136,12 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
                     f"internal: the input of layer '{node.target}' is not quantized. Please "
                     "report this model to the quantfx developers."
                 )
-            set_submodule(working, node.target, IntegerLayer(
+            integer = IntegerLayer(
                 layer.layer, layer.weight_quantizer, quantizer.exponent,
-                state.config.profile.bias_bits))
+                state.config.profile.bias_bits_for(layer.weight_quantizer.bits))
+            _refuse_zeroed_weights(str(node.target), layer.layer, integer, quantizer,
+                                   state.config)
+            set_submodule(working, node.target, integer)
     working.delete_all_unused_submodules()
     working.to(parameter_dtype_device(model)[1])  # the frozen quantizers join the model
     converted = QuantizedGraphModule(working, working.graph, type(model).__name__)
@@ -145,3 +149,23 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
             QuantState(state.config, state.backend, CONVERTED, list(state.input_shapes),
                        calibration_check=state.calibration_check))
     return converted.eval()
+
+
+def _refuse_zeroed_weights(name: str, layer: nn.Module, integer: IntegerLayer,
+                           input_quantizer: FrozenQuantizer, config: QuantConfig) -> None:
+    """A bias too large for the engine's bias width raises the weight exponent; when no weight
+    code survives although the weights could move the output by more than 1/256 of the bias,
+    the layer would silently compute its bias only."""
+    weight = layer.weight.detach()
+    if bool(integer.weight_int.any()) or layer.bias is None:
+        return
+    largest_input = float(input_quantizer.qmax * 2.0 ** input_quantizer.exponent.max())
+    reach = float(weight.abs().flatten(1).sum(dim=1).max()) * largest_input
+    if reach <= float(layer.bias.detach().abs().max()) / 256:
+        return  # the weights never mattered next to the bias at this input range
+    raise ConvertError(
+        f"layer '{name}' would keep no weight: its bias does not fit the "
+        f"{integer.bias_bits}-bit bias of target {config.target!r} at its input's scale "
+        f"(2**{int(integer.input_exponent.max())}) unless the weight step grows past every "
+        f"weight. Give the layer 16-bit weights (sixteen_bit_layers=[{name!r}], 32-bit "
+        "biases on TIDL) or a target with 32-bit biases (e.g. 'am68a').")

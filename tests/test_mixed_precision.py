@@ -86,3 +86,44 @@ def test_compare_bit_depths_gives_the_verdict_of_the_scores(scores, verdict):
         scores[None], scores[8], scores[16])
     assert verdict in report.verdict
     assert f"{scores[16]:10.4f}" in str(report)
+
+
+def test_sixteen_bit_layers_on_tda4vm_keep_32_bit_biases():
+    """TDA4VM's 16-bit bias belongs to layers with 8-bit weights: with 16-bit weights TIDL
+    keeps 32-bit biases. Applied to 16-bit layers, the rule zeroed every weight of fc after
+    its 16-bit input (all-16-bit 8.2 dB against 45.5 dB at 8 bit)."""
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    _, eight = quantize_model(model, config=qf.QuantConfig(target="tda4vm", progress=False))
+    wide = qf.QuantConfig(target="tda4vm", activation_bits=16, weight_bits=16, progress=False)
+    _, sixteen = quantize_model(model, config=wide)
+    for name in ("conv1", "conv2", "fc"):
+        assert sixteen.get_submodule(name).bias_bits == 32
+        assert eight.get_submodule(name).bias_bits == 16
+    with torch.no_grad():
+        reference = model(x)
+        assert qf.qmath.sqnr_db(reference, sixteen(x)) > qf.qmath.sqnr_db(reference, eight(x)) + 20
+
+
+def test_a_bias_that_would_zero_the_weights_is_an_error():
+    """8-bit weights of 0.9 under a bias of 2000 at TDA4VM's 16-bit bias: the weight step the
+    bias needs (2) rounds every weight to 0 although they move the output by up to 11. convert
+    names the layer instead of dropping its weights; the fix it names works."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(0.9)
+        model[0].bias.fill_(2000.0)
+    prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),),
+                          qf.QuantConfig(target="tda4vm", bias_calibration=False, progress=False))
+    with pytest.raises(qf.ConvertError, match="layer '0' would keep no weight"):
+        qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])  # its check converts
+    wide = qf.QuantConfig(target="tda4vm", sixteen_bit_layers=["0"], bias_calibration=False,
+                          progress=False)
+    prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),), wide)
+    qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])
+    assert bool(qf.convert(prepared).get_submodule("0").weight_int.any())
+    with torch.no_grad():
+        model[0].weight.fill_(1e-3)  # weights that never matter next to the bias: no error
+    prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),),
+                          qf.QuantConfig(target="tda4vm", bias_calibration=False, progress=False))
+    qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])

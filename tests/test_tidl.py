@@ -170,11 +170,11 @@ def test_sixteen_bit_qdq_is_a_warning_on_tidl_devices_only():
     assert not any("16-bit Q/DQ" in rule for rule in _warnings(wide, "generic"))
 
 
-def _conv_with_bias(bias_codes, weight_scale):
+def _conv_with_bias(bias_codes, weight_scale, weight_type=np.int8):
     weight, weight_init = [helper.make_node(
         "DequantizeLinear", ["w.q", "w.s", "w.z"], ["w"], name="w.dequantize", axis=0)], [
-        ("w.q", np.ones((4, 4, 1, 1), np.int8)), ("w.s", np.asarray(weight_scale, np.float32)),
-        ("w.z", np.zeros(np.shape(weight_scale), np.int8))]
+        ("w.q", np.ones((4, 4, 1, 1), weight_type)), ("w.s", np.asarray(weight_scale, np.float32)),
+        ("w.z", np.zeros(np.shape(weight_scale), weight_type))]
     bias, bias_init = [helper.make_node(
         "DequantizeLinear", ["bq", "bs", "bz"], ["bias"], name="bias.dequantize")], [
         ("bq", np.full(4, bias_codes, np.int32)), ("bs", np.float32(2.0 ** -10)),
@@ -189,6 +189,8 @@ def test_bias_range_and_per_channel_weights_follow_the_device():
     assert not any("exceed" in rule for rule in _warnings(big, "am68a"))
     assert not any("exceed" in rule for rule in _warnings(_conv_with_bias(30_000, 2.0 ** -7),
                                                           "tda4vm"))
+    wide = _conv_with_bias(40_000, 2.0 ** -7, np.int16)  # 16-bit weights: 32-bit bias on TIDL
+    assert not any("exceed" in rule for rule in _warnings(wide, "tda4vm"))
     per_channel = _conv_with_bias(10, np.full(4, 2.0 ** -7))
     assert any("per-channel weights" in rule for rule in _warnings(per_channel, "tda4vm"))
     assert not any("per-channel" in rule for rule in _warnings(per_channel, "am68a"))

@@ -87,7 +87,8 @@ def prepare_qat(
         return working.train()
     graph_module, inputs = build_graph(model, example_inputs, config, training=True)
     def qat_layer(layer: nn.Module, bn: nn.Module | None, quantizer: nn.Module) -> QATLayer:
-        return QATLayer(layer, bn, quantizer, bias_bits=config.profile.bias_bits,
+        return QATLayer(layer, bn, quantizer,
+                        bias_bits=config.profile.bias_bits_for(quantizer.bits),
                         weight_rule=config.schedule.weight_exponent)
 
     count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), qat_layer,
@@ -140,7 +141,8 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
         if isinstance(module, FakeQuantLayer):
             quantizer = factory.weight(module.layer, module.weight_quantizer.bits)
             set_submodule(graph_module, node.target, QATLayer(
-                module.layer, None, quantizer, bias_bits=config.profile.bias_bits,
+                module.layer, None, quantizer,
+                bias_bits=config.profile.bias_bits_for(quantizer.bits),
                 weight_rule=config.schedule.weight_exponent))
         elif isinstance(module, CalibrationQuantizer):
             started = factory.activation(module.bits, module.signed)

@@ -184,7 +184,6 @@ def _qdq_findings(graph: Graph) -> list[Finding]:
 def _quantization_findings(graph: Graph) -> list[Finding]:
     findings = []
     profile = graph.profile
-    bias_limit = 2 ** (profile.bias_bits - 1) - 1
     for node in graph.model.graph.node:
         if node.op_type not in QDQ_OPS:
             continue
@@ -209,11 +208,21 @@ def _quantization_findings(graph: Graph) -> list[Finding]:
         codes = graph.constants.get(node.input[0])
         bias_of = [user for user in users if len(user.input) > 2 and user.input[2]
                    == node.output[0] and user.op_type in ("Conv", "ConvTranspose", "Gemm")]
-        if bias_of and codes is not None and codes.size and int(abs(codes).max()) > bias_limit:
+        bias_bits = max((_bias_bits(graph, user) for user in bias_of), default=32)
+        if bias_of and codes is not None and codes.size and (
+                int(abs(codes).max()) > 2 ** (bias_bits - 1) - 1):
             findings.append(Finding(WARNING, node.name, f"bias codes up to "
-                                    f"{int(abs(codes).max())} exceed {profile.bias_bits} bit: "
+                                    f"{int(abs(codes).max())} exceed {bias_bits} bit: "
                                     "TIDL clips them and changes the weight scale", "BM"))
     return findings
+
+
+def _bias_bits(graph: Graph, layer: onnx.NodeProto) -> int:
+    """The bias width of `layer` on the graph's device: by the width of its weight codes."""
+    weight = graph.producers.get(layer.input[1])
+    zero = (graph.constants.get(weight.input[2]) if weight is not None and len(weight.input) > 2
+            else None)
+    return graph.profile.bias_bits_for(8 * zero.dtype.itemsize if zero is not None else 8)
 
 
 def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:

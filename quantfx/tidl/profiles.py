@@ -17,6 +17,8 @@ SOURCES = {
     "BM": "edgeai-benchmark runtime options and presets",
     "MO": "edgeai-modeloptimization quantization docs",
     "TR": "edgeai-tidlrunner runtime options",
+    "SRC8.6": "TIDL J721E 08.06 algorithm source (ti_dl/algo/src: conv, inner product and "
+              "batchNorm bias init; public in a processor-SDK mirror on GitHub)",
 }
 
 DEPTHWISE_KERNELS = frozenset({((1, 3), 1), ((3, 3), 1), ((3, 3), 2), ((5, 5), 1), ((5, 5), 2),
@@ -36,9 +38,10 @@ class DeviceProfile:
     """`advanced_options:quantization_scale_type`: 1 power-of-2 (TDA4VM), 4 asymmetric
     per-channel, of which symmetric power-of-2 is a special case (MMAv2 SoCs) [T11.2; BM]."""
     bias_bits: int
-    """Width the engine keeps biases in: TDA4VM clips biases to 16 bit by default and then
-    changes the weight scale to avoid clipping [BM; TR], so quantfx chooses the weight
-    exponent that keeps the bias within int16 itself."""
+    """Width the engine keeps the biases of layers with 8-bit weights in: TDA4VM clips them to
+    16 bit by default and then changes the weight scale to avoid clipping [BM; TR], so quantfx
+    chooses the weight exponent that keeps the bias within int16 itself. Layers with 16-bit
+    weights keep 32-bit biases (`bias_bits_for`)."""
     per_channel_depthwise: bool
     """Default of `QuantConfig.per_channel_depthwise`: TDA4VM (MMAv1) is per-tensor power-of-2
     only [MO]; MMAv2 SoCs take per-channel weights [T11.2]."""
@@ -62,6 +65,12 @@ class DeviceProfile:
     """LUT-accelerated Sigmoid/HardSigmoid/GELU/Tanh/Softmax/ELU (not on AM62A [T11.0])."""
     signed_unsigned_matmul: bool = True
     """MatMul of a signed and an unsigned input (not on TDA4VM [T11.2])."""
+
+    def bias_bits_for(self, weight_bits: int) -> int:
+        """The bias width of a layer with `weight_bits`-wide weights: the 16-bit bias of the
+        8-bit flow applies only to 8-bit weights; TIDL keeps the biases of layers with wider
+        weights in 32 bit [SRC8.6: `weightsElementSizeInBits <= 8` selects the int16 bias]."""
+        return self.bias_bits if weight_bits <= 8 else 32
 
 
 PROFILES: dict[str, DeviceProfile] = {
