@@ -5,11 +5,11 @@
     cm = qf.convert(qm)                         # integer-exact simulation
 """
 
-from quantfx.analysis.analyze import AnalysisReport, analyze
-from quantfx.analysis.doctor import DoctorReport, doctor
-from quantfx.analysis.precision import PrecisionReport, compare_bit_depths
-from quantfx.config import QATSchedule, QuantConfig
-from quantfx.convert import convert
+import importlib
+import sys
+import types
+from typing import Any
+
 from quantfx.errors import (
     CalibrationError,
     ConfigError,
@@ -22,14 +22,58 @@ from quantfx.errors import (
     QuantFxError,
     TraceError,
 )
-from quantfx.export.meta_arch import PriorBoxes, SsdMetaArch, TorchvisionSsdNetwork, YoloxMetaArch
-from quantfx.export.onnx import ExportReport, export_onnx
-from quantfx.partial import parts_of
-from quantfx.ptc import calibrate, prepare
-from quantfx.qat import end_qat_epoch, prepare_qat
-from quantfx.tidl.checker import TidlReport, check_tidl
-from quantfx.tidl.profiles import TARGETS
 from quantfx.version import __version__
+
+_LAZY = {
+    "quantfx.analysis.analyze": ("AnalysisReport", "analyze"),
+    "quantfx.analysis.doctor": ("DoctorReport", "doctor"),
+    "quantfx.analysis.precision": ("PrecisionReport", "compare_bit_depths"),
+    "quantfx.config": ("QATSchedule", "QuantConfig"),
+    "quantfx.convert": ("convert",),
+    "quantfx.export.meta_arch": ("PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork",
+                                 "YoloxMetaArch"),
+    "quantfx.export.onnx": ("ExportReport", "export_onnx"),
+    "quantfx.partial": ("parts_of",),
+    "quantfx.ptc": ("calibrate", "prepare"),
+    "quantfx.qat": ("end_qat_epoch", "prepare_qat"),
+    "quantfx.tidl.checker": ("TidlReport", "check_tidl"),
+    "quantfx.tidl.profiles": ("TARGETS",),
+}
+"""Module -> the public names it provides. They load on first use, so `import quantfx` (and
+the command line's `--help`) does not import torch until something needs it."""
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        try:  # a submodule, e.g. quantfx.qmath
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'quantfx' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps a public name from being replaced by the submodule of the same name (importing
+    `quantfx.convert` would otherwise make `quantfx.convert` the module, not the function)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOME and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "__version__",

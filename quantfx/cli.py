@@ -11,59 +11,8 @@ import os
 import sys
 import traceback
 
-from quantfx import commands, demo
+from quantfx.arguments import build_parser
 from quantfx.errors import QuantFxError
-from quantfx.tidl.checker import check_tidl
-from quantfx.tidl.profiles import TARGETS
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `quantfx` command (one subparser per subcommand)."""
-    parser = argparse.ArgumentParser(
-        prog="quantfx",
-        description="torch.fx power-of-2 fixed-point quantization for TIDL-class engines.",
-    )
-    parser.add_argument("--traceback", action="store_true",
-                        help="on an error, print the full Python traceback too")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    commands.add_quantize_arguments(subparsers.add_parser(
-        "quantize", help="calibrate a float model and write ONNX, TIDL options and a report",
-        description="Load MODEL, calibrate it on --calib, convert it to fixed point, export "
-                    "it as QDQ ONNX verified in ONNX Runtime, and write the TIDL options file "
-                    "and a short report beside it.", formatter_class=formatter))
-    commands.add_doctor_arguments(subparsers.add_parser(
-        "doctor", help="is the model ready to quantize? (TI's guidelines as checks; exit 1 "
-                       "on a warning)",
-        description="Check MODEL against TI's quantization guidelines: convs without "
-                    "BatchNorm, weight outliers, depthwise layers, untraceable code, ops left "
-                    "in float, unbounded activations. Exit status 1 if a finding is a "
-                    "warning or an error.", formatter_class=formatter))
-    commands.add_analyze_arguments(subparsers.add_parser(
-        "analyze", help="which layer loses the accuracy? per-tensor SQNR and 16-bit layers",
-        description="Quantize MODEL on --calib and measure every quantized tensor against "
-                    "float, weights-only vs activations-only, 8 vs 16 bit, and the fewest "
-                    "layers to keep at 16 bit (pass them to quantize --sixteen-bit-layers).",
-        formatter_class=formatter))
-    demo.add_arguments(subparsers.add_parser(
-        "demo",
-        help="train a small CNN, quantize it, compare float and quantized accuracy",
-        description=demo.DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    ))
-    check = subparsers.add_parser(
-        "check", help="what a TIDL device runs of an exported ONNX file (exit 1: ARM fallback)",
-        description="Check an ONNX file against TIDL's operator and quantization rules for a "
-                    "device: every node offloaded to the accelerator or falling back to the "
-                    "ARM cores (and why), missing Q/DQ, bias range, per-channel rules. Exit "
-                    "status 0 when everything is offloaded, 1 when a node falls back.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    check.add_argument("file", help="the exported .onnx file")
-    check.add_argument("--target", choices=TARGETS, default="generic",
-                       help="the device whose rules apply")
-    check.add_argument("--format", choices=("text", "markdown", "json"), default="text",
-                       help="text: summary and findings; markdown: a table of every node")
-    return parser
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -73,15 +22,23 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"quantfx check: error: {args.file} {what}; give an exported .onnx file.",
               file=sys.stderr)
         return 2
+    from quantfx.tidl.checker import check_tidl  # after parsing: --help stays fast
     report = check_tidl(args.file, args.target)
     print({"text": str, "markdown": lambda r: r.to_markdown(),
            "json": lambda r: r.to_json()}[args.format](report))
     return 0 if report.fully_offloaded else 1
 
 
-COMMANDS = {"quantize": commands.run_quantize, "doctor": commands.run_doctor,
-            "analyze": commands.run_analyze, "check": run_check, "demo": demo.run_from_arguments}
-"""Subcommand -> function of the parsed arguments returning the exit status."""
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; torch and ONNX Runtime are imported only now."""
+    if args.command == "check":
+        return run_check(args)
+    if args.command == "demo":
+        from quantfx.demo import run_from_arguments
+        return run_from_arguments(args)
+    from quantfx import commands
+    return {"quantize": commands.run_quantize, "doctor": commands.run_doctor,
+            "analyze": commands.run_analyze}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return COMMANDS[args.command](args)
+        return run(args)
     except BrokenPipeError:  # `quantfx ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from quantfx.arguments import DEMO_DATASETS as DATASETS
 from quantfx.errors import ConfigError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -40,7 +41,6 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-DATASETS = ("auto", "digits", "fashion-mnist")
 
 
 # ----------------------------------------------------------------------------------------- data

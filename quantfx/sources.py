@@ -22,12 +22,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quantfx.arguments import IMAGENET_MEAN, IMAGENET_STD
 from quantfx.errors import LoadError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 """Keys under which training checkpoints commonly keep the model's state dict."""
 

@@ -209,3 +209,18 @@ def test_torchvision_models_are_seeded_and_named_helpfully():
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
     with pytest.raises(qf.LoadError, match="Did you mean"):
         load_model("mobilenetv2")
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """`quantfx --help` took 5-8 s: torch and ONNX Runtime were imported before argparse."""
+    probe = ("import sys\nfrom quantfx.cli import main\n"
+             "for argv in (['--help'], ['quantize', '--help'], ['--version']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as done:\n"
+             "        assert done.code == 0, done.code\n"
+             "heavy = sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules))\n"
+             "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert f"quantfx {qf.__version__}" in done.stdout
+    assert "--sixteen-bit-layers" in done.stdout

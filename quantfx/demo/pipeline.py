@@ -16,7 +16,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import quantfx as qf
+from quantfx.arguments import DEMO_DESCRIPTION as DESCRIPTION
+from quantfx.arguments import add_demo_arguments as add_arguments
 from quantfx.checks import check_bool, check_int
-from quantfx.datasets import DATASETS, DemoData, load_demo_data
+from quantfx.datasets import DemoData, load_demo_data
 from quantfx.demo.model import DemoNet, accuracy_of, predict, seed_everything, train_epochs
 from quantfx.export.verify import onnxruntime_session
 
@@ -248,52 +249,6 @@ def _qat_stages(
         )
         if predictions is not None:
             stages.set_accuracy(accuracy_of(predictions, data.test), "int8 after QAT")
-
-
-def _count(minimum: int) -> Any:
-    """An argparse type: an integer of at least `minimum` (a bad value is a usage error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
-        return value
-    return parse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The demo's options (shared by `python -m quantfx.demo` and `quantfx demo`)."""
-    parser.add_argument("--dataset", choices=DATASETS, default="auto",
-                        help="data set; 'auto' picks Fashion-MNIST when available, else digits")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the four Fashion-MNIST IDX gz files "
-                             "(train-images-idx3-ubyte.gz, ...)")
-    parser.add_argument("--epochs", type=_count(1), default=None,
-                        help="float training epochs (None: 20 on digits, 3 on Fashion-MNIST)")
-    parser.add_argument("--qat-epochs", type=_count(0), default=1,
-                        help="QAT fine-tune epochs (0 skips QAT)")
-    parser.add_argument("--calibration-images", type=_count(1), default=1000,
-                        help="training images used for calibration")
-    parser.add_argument("--batch-size", type=_count(1), default=64,
-                        help="training/calibration batch")
-    parser.add_argument("--seed", type=_count(0), default=0,
-                        help="seed of weights, split and order")
-    parser.add_argument("--threads", type=_count(1), default=1,
-                        help="torch CPU threads (1 is fastest on a busy shared machine)")
-    parser.add_argument("--quiet", action="store_true", help="print only the table")
-    return parser
-
-
-DESCRIPTION = (
-    "Train a small CNN (conv+BN+ReLU) in float with fixed seeds, then prepare, calibrate and "
-    "convert it with quantfx, export it to ONNX and run it in ONNX Runtime, fine-tune it with "
-    "QAT, and print float vs quantized test accuracy and the time of each stage. Data: "
-    "Fashion-MNIST if /usr/share/datasets/fashion-mnist exists (apt-get install "
-    "dataset-fashion-mnist) or --data-dir is given, else scikit-learn's bundled 8x8 digits "
-    "(no download)."
-)
 
 
 def run_from_arguments(args: argparse.Namespace) -> int:
