@@ -87,6 +87,7 @@ def run(progress: bool = True) -> PartResult:
                   note=f"{CALIBRATION_IMAGES} calibration crops in batches of {BATCH}, "
                        f"{EVALUATION_IMAGES} evaluation crops of other photos; "
                        "resnet18/mobilenet_v2 with random weights (SQNR not meaningful).")
+    configure_threads()  # the machine line of the report: the children use the same
     for name in MODELS:
         plain = None
         for mode in MODES:
