@@ -234,6 +234,15 @@ def bias_to_grid(bias: Tensor, exponent: Tensor, axis: int | None, bits: int = 3
     return _RoundToGridSTE.apply(bias, exponent, low, high, axis)
 
 
+def per_tensor_cost(values: Tensor, bits: int = 8) -> tuple[float, Tensor]:
+    """What one never-clipping power-of-2 scale costs per-channel `values` (a standalone
+    BatchNorm's channel scales, which TIDL runs per tensor): their SQNR in dB, and the codes."""
+    qmax = qrange(bits, signed=True)[1]
+    exponent = exponent_for_max(values.detach().abs().max(), qmax)
+    codes = to_codes(values.detach(), exponent, -qmax - 1, qmax)
+    return sqnr_db(values.detach(), from_codes(codes, exponent)), codes
+
+
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB of `approximation` against `reference`."""
     reference = reference.detach().to(torch.float64)

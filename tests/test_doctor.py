@@ -36,7 +36,7 @@ class Planted(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3, padding=1)  # no BatchNorm after it
         self.relu = nn.ReLU()  # called at two sites
         self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.bn = nn.BatchNorm2d(8)  # after a ReLU: cannot fold
+        self.bn = nn.BatchNorm2d(8)  # after a ReLU: folds forward into the 1x1 project only
         self.project = nn.Conv2d(8, 8, 1)
         self.project_bn = nn.BatchNorm2d(8)
         self.head = nn.Linear(8, 4)
@@ -62,7 +62,7 @@ def planted_report() -> qf.DoctorReport:
 
 @pytest.mark.parametrize("severity, where, what", [
     ("warning", "conv", "without BatchNorm"),
-    ("warning", "bn", "does not follow a conv"),
+    ("info", "bn", "does not follow a conv"),
     ("warning", "optimizer param group 1", "weight decay 0"),
     ("info", "Adam", "other than SGD"),
     ("info", "relu", "called at 2 sites"),  # one finding for all reused modules
@@ -153,3 +153,19 @@ def test_an_optimizer_of_another_model_is_an_error():
     assert [(f.severity, f.what) for f in report.findings] == [
         ("error", f"the optimizer holds none of the model's "
                   f"{len(list(model.parameters()))} parameters")]
+
+
+def test_a_standalone_batchnorm_reports_its_per_tensor_cost():
+    """BatchNorm after a ReLU and before a padded conv folds neither way: TIDL runs it with one
+    per-tensor weight scale. Channel scales 0.01..4 under 2**-4: five channels keep fewer than 8
+    codes (three round to 0)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([4.0, 1.0, 0.5, 0.25, 0.1, 0.03, 0.02, 0.01]))
+        model[2].running_var.fill_(1.0 - model[2].eps)
+    found = [f for f in qf.doctor(model, X, config=qf.QuantConfig(target="tda4vm")).findings
+             if f.where == "2"]
+    assert [f.severity for f in found] == ["warning"], found
+    assert "8 channel scales span 0.01..4" in found[0].why
+    assert "5 channel(s) with fewer than 8 codes" in found[0].why, found[0].why

@@ -293,3 +293,21 @@ def test_check_command_exits_1_on_fallback_and_0_when_offloaded(tmp_path):
     assert run(str(good), "--format", "markdown").returncode == 0
     missing = run(str(tmp_path / "nope.onnx"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_standalone_batchnorm_reports_its_coarse_channels(tmp_path):
+    """TIDL runs a BatchNorm that folds nowhere with one per-tensor weight scale: the checker
+    counts the channel scales that keep fewer than 8 codes in the exported file."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([4.0, 1.0, 0.5, 0.25, 0.1, 0.03, 0.02, 0.01]))
+    x = torch.randn(2, 3, 12, 12)
+    prepared = qf.prepare(model, (x,), qf.QuantConfig(target="tda4vm", progress=False))
+    qf.calibrate(prepared, [x])
+    path = tmp_path / "bn.onnx"
+    qf.export_onnx(qf.convert(prepared), (x,), path)
+    found = [f.rule for f in qf.check_tidl(path, "tda4vm").findings if "standalone" in f.rule]
+    assert len(found) == 1 and "of its 8 channel scales keep fewer than 8 codes" in found[0]
+    assert not [f for f in qf.check_tidl(path, "generic").findings if "standalone" in f.rule]

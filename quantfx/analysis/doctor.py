@@ -28,12 +28,14 @@ from quantfx.frontend import as_input_tuple, build_graph, private_copy
 from quantfx.layers import is_depthwise
 from quantfx.observers import HistogramObserver
 from quantfx.ops import BATCHNORMS, WEIGHT_LAYERS
-from quantfx.passes.fuse import fold_batchnorm
+from quantfx.passes.fuse import fold_batchnorm, forward_fold_target
 from quantfx.passes.graph_utils import is_shape_only, module_of
 from quantfx.passes.normalize import REWRITES
 from quantfx.ptc import calibrate, prepare
+from quantfx.qmath import per_tensor_cost
 from quantfx.quantizers import CalibrationQuantizer
 from quantfx.tidl.checker import check_model
+from quantfx.tidl.profiles import COARSE_CODES
 from quantfx.tidl.rules import FALLBACK
 from quantfx.trace import trace
 
@@ -124,13 +126,7 @@ def _structure(graph: fx.GraphModule, config: QuantConfig) -> list[Finding]:
             producer = node.args[0] if node.args else None
             if not isinstance(module_of(graph, producer) if isinstance(producer, fx.Node)
                               else None, WEIGHT_LAYERS):
-                findings.append(Finding(
-                    WARNING, node.target, "BatchNorm that does not follow a conv/linear",
-                    "it cannot be folded into a layer's weights: it runs as a layer of its own "
-                    "(quantfx quantizes it as TIDL does: one per-tensor weight scale for all its "
-                    "channels), and its outputs need a "
-                    "scale of their own", "put the BatchNorm right after the conv (conv -> BN "
-                    "-> ReLU) and retrain"))
+                findings.append(_standalone_batchnorm(graph, node, module))
     depthwise = [n.target for n in graph.graph.nodes if is_depthwise(module_of(graph, n))]
     if depthwise:
         if config.depthwise_per_channel:
@@ -231,6 +227,30 @@ def _long_tails(prepared: fx.GraphModule) -> list[Finding]:
                 "a bounded activation there (ReLU6 / Hardtanh), or QAT, whose learned "
                 "clipping (PACT2-style) bounds it in training"))
     return findings
+
+
+def _standalone_batchnorm(graph: fx.GraphModule, node: fx.Node, bn: nn.Module) -> Finding:
+    """A BatchNorm no conv/linear precedes: folded forward when exact, else what running it
+    with one per-tensor weight scale (as TIDL does) costs its channel scales."""
+    what = "BatchNorm that does not follow a conv/linear"
+    if forward_fold_target(graph, node) is not None:
+        return Finding(INFO, node.target, what, "quantfx folds it forward into the conv that "
+                       "follows (exact: that conv has no zero padding)", "none needed")
+    cost = ""
+    if bn.running_var is not None:
+        scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+        scale = scale * (bn.weight.detach() if bn.weight is not None else 1.0)
+        sqnr, codes = per_tensor_cost(scale)
+        coarse = int((codes.abs() < COARSE_CODES).sum())
+        cost = (f": here its {len(scale)} channel scales span {float(scale.abs().min()):.3g}.."
+                f"{float(scale.abs().max()):.3g}, kept at {sqnr:.1f} dB, {coarse} channel(s) "
+                f"with fewer than {COARSE_CODES} codes")
+    return Finding(
+        WARNING, node.target, what,
+        "it runs as a layer of its own with one per-tensor 8-bit weight scale for all its "
+        f"channels (as TIDL runs it){cost}; its outputs need a scale of their own",
+        "put the BatchNorm right after the conv (conv -> BN -> ReLU) and retrain, "
+        "or give the next conv no padding so it folds forward")
 
 
 def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:

@@ -87,7 +87,7 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
     return graph_module
 
 
-def _forward_target(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+def forward_fold_target(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The conv/linear a BatchNorm2d `node` can fold *forward* into: its only user, reading it
     as its input, without zero padding (padded zeros would become the BN's shift otherwise)."""
     bn = module_of(graph_module, node)
@@ -113,7 +113,7 @@ def fold_batchnorm_forward(graph_module: fx.GraphModule) -> int:
     channels scaled by a and b moved into its bias. Returns how many were folded."""
     count = 0
     for node in list(graph_module.graph.nodes):
-        layer = _forward_target(graph_module, node)
+        layer = forward_fold_target(graph_module, node)
         if layer is None:
             continue
         bn = module_of(graph_module, node)

@@ -15,10 +15,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from quantfx.errors import ConfigError
 from quantfx.tidl.profiles import (
+    COARSE_CODES,
     FUSE_INTO_ACTIVATION,
     FUSED_ACTIVATIONS,
     NO_QDQ_OPS,
@@ -217,6 +219,27 @@ def _quantization_findings(graph: Graph) -> list[Finding]:
     return findings
 
 
+def _batchnorm_findings(graph: Graph) -> list[Finding]:
+    """A standalone BatchNormalization runs on TIDL with one per-tensor weight scale: how many
+    of its channel scales that leaves with 3 bits or fewer in this file."""
+    findings = []
+    for node in graph.model.graph.node:
+        producer = (graph.producers.get(node.input[1])
+                    if node.op_type == "BatchNormalization" and len(node.input) > 1 else None)
+        codes = (graph.constants.get(producer.input[0])
+                 if producer is not None and producer.op_type == "DequantizeLinear" else None)
+        if codes is None or codes.size < 2:
+            continue
+        coarse = int((abs(codes.astype(np.int64)) < COARSE_CODES).sum())
+        if coarse:
+            findings.append(Finding(
+                WARNING, node.name or node.output[0], f"standalone BatchNorm with one "
+                f"per-tensor weight scale (as TIDL runs it): {coarse} of its {codes.size} "
+                f"channel scales keep fewer than {COARSE_CODES} codes (6 % rounding error or "
+                "more); fold it into a conv (conv -> BN) or keep it at 16 bit", "T11.2"))
+    return findings
+
+
 def _bias_bits(graph: Graph, layer: onnx.NodeProto) -> int:
     """The bias width of `layer` on the graph's device: by the width of its weight codes."""
     weight = graph.producers.get(layer.input[1])
@@ -247,6 +270,8 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
                              not any(f.severity == FALLBACK for f in found)))
     if any(node.op_type in QDQ_OPS for node in model.graph.node):
         report.findings += _qdq_findings(graph) + _quantization_findings(graph)
+    if graph.profile.tidl:
+        report.findings += _batchnorm_findings(graph)
     return report
 
 

@@ -21,6 +21,10 @@ SOURCES = {
               "batchNorm bias init; public in a processor-SDK mirror on GitHub)",
 }
 
+COARSE_CODES = 8
+"""A channel scale whose code stays below this keeps 3 bits or fewer (>= 6 % rounding error):
+what the doctor and the checker count for a standalone BatchNorm's per-tensor weights."""
+
 DEPTHWISE_KERNELS = frozenset({((1, 3), 1), ((3, 3), 1), ((3, 3), 2), ((5, 5), 1), ((5, 5), 2),
                                ((7, 7), 1), ((7, 7), 2)})
 """(kernel, stride) of the depthwise convolutions TIDL runs [T11.2 operators.md]."""
