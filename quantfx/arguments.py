@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from quantfx.tidl.profiles import TARGETS
+from quantfx.tidl.profiles import TARGETS, resolve_target
 from quantfx.version import __version__
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,9 +61,10 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="FILE", default=None,
                         help="a state dict file (torch.save(model.state_dict(), FILE), or a "
                              "checkpoint holding one), read with weights_only=True")
-    parser.add_argument("--target", choices=TARGETS, default="generic",
+    parser.add_argument("--target", choices=TARGETS, default="generic", type=resolve_target,
                         help="the device the model is for (its bias width, per-channel rules "
-                             "and options file)")
+                             "and options file); TI's Jacinto names (j721e, j721s2, ...) work "
+                             "too")
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
@@ -152,8 +153,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="the exported .onnx file")
-    parser.add_argument("--target", choices=TARGETS, default="generic",
-                        help="the device whose rules apply")
+    parser.add_argument("--target", choices=TARGETS, default="generic", type=resolve_target,
+                        help="the device whose rules apply (TI's Jacinto names work too)")
     parser.add_argument("--format", choices=FORMATS, default="text",
                         help="text: summary and findings; markdown: a table of every node")
 

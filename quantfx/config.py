@@ -19,7 +19,7 @@ from quantfx.checks import (
     check_number,
 )
 from quantfx.errors import ConfigError
-from quantfx.tidl.profiles import PROFILES, TARGETS, DeviceProfile
+from quantfx.tidl.profiles import PROFILES, TARGETS, DeviceProfile, resolve_target
 
 SUPPORTED_BITS = (8, 16)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
@@ -223,7 +223,7 @@ class QuantConfig:
                     f"QuantConfig.{name}={value!r} is not supported: TIDL-class engines run 8 or "
                     f"16 bit fixed point. Use one of {SUPPORTED_BITS} (an int)."
                 )
-        check_choice(self.target, "QuantConfig.target", TARGETS)
+        self.target = check_choice(resolve_target(self.target), "QuantConfig.target", TARGETS)
         if self.equalization is not None:
             check_bool(self.equalization, "QuantConfig.equalization")
         for name in ("bias_calibration", "nonnegative_inputs", "progress"):

@@ -311,3 +311,58 @@ def test_a_standalone_batchnorm_reports_its_coarse_channels(tmp_path):
     found = [f.rule for f in qf.check_tidl(path, "tda4vm").findings if "standalone" in f.rule]
     assert len(found) == 1 and "of its 8 channel scales keep fewer than 8 codes" in found[0]
     assert not [f for f in qf.check_tidl(path, "generic").findings if "standalone" in f.rule]
+
+
+def test_what_the_checker_once_passed_is_now_refused_or_flagged(tmp_path):
+    """Probes that used to give a clean report: empty and broken files, ONNX Runtime's
+    quantize_static output (asymmetric, non-power-of-2) and a float file on TDA4VM, a custom-
+    domain op with an ONNX op type, LUT activations and 16-bit ConvTranspose on AM62A."""
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    for model in (empty, onnx.ModelProto()):
+        with pytest.raises(qf.ConfigError, match="no nodes"):
+            qf.check_tidl(model, "tda4vm")
+    broken = _model([helper.make_node("Relu", ["missing"], ["y"], name="r")], [("x", [1, 4])],
+                    ["y"])
+    with pytest.raises(qf.ConfigError, match="not valid ONNX"):
+        qf.check_tidl(broken, "tda4vm")
+
+    ort_style = _qdq_chain(([helper.make_node("Relu", ["a"], ["b"], name="b")], []), np.uint8)
+    for initializer in ort_style.graph.initializer:
+        if initializer.name == "in.z":
+            initializer.CopyFrom(numpy_helper.from_array(np.uint8(128), "in.z"))
+        if initializer.name == "out.s":
+            initializer.CopyFrom(numpy_helper.from_array(np.float32(0.0123), "out.s"))
+    rules = _warnings(ort_style, "tda4vm")
+    assert any("asymmetric" in rule for rule in rules) and any("power of 2" in rule
+                                                                for rule in rules)
+    assert not any("asymmetric" in r or "power of 2" in r for r in _warnings(ort_style, "am68a"))
+    assert any("no Q/DQ" in rule for rule in _warnings(_one("Relu"), "tda4vm"))
+    assert not _warnings(_one("Relu"), "generic")
+
+    custom = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="mine", domain="my.ops")], "g",
+        [helper.make_tensor_value_info("x", FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", FLOAT, [1, 4])]),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("my.ops", 1)])
+    assert any("custom-domain" in rule for rule in _fallbacks(custom))
+    assert any("LUT" in rule for rule in _warnings(_one("Sigmoid"), "am62a"))
+    assert not any("LUT" in rule for rule in _warnings(_one("Sigmoid"), "am68a"))
+    deconv = _qdq_chain(([helper.make_node("ConvTranspose", ["a", "w"], ["b"], name="b",
+                                           kernel_shape=[2, 2], strides=[2, 2])],
+                         [("w", np.zeros((4, 4, 2, 2), np.float32))]), np.int16)
+    assert any("16-bit ConvTranspose" in rule for rule in _fallbacks(deconv, "am62a"))
+    assert not _fallbacks(deconv, "am68a")
+
+
+def test_ti_soc_names_and_any_case_name_the_same_target():
+    """TI's SDKs call the SoCs J721E, J721S2, J784S4, J722S: they were refused."""
+    for alias, target in (("J721E", "tda4vm"), ("j721s2", "am68a"), ("J784S4", "am69a"),
+                          ("j722s", "am67a"), ("TDA4VM", "tda4vm")):
+        assert qf.QuantConfig(target=alias).target == target
+        assert check_model(_one("Relu"), alias).target == target
+    from quantfx.arguments import build_parser
+    args = build_parser().parse_args(["check", "model.onnx", "--target", "J721S2"])
+    assert args.target == "am68a"
+    with pytest.raises(qf.ConfigError, match="Did you mean 'tda4vm'"):
+        qf.QuantConfig(target="tda4")

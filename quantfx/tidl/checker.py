@@ -25,7 +25,9 @@ from quantfx.tidl.profiles import (
     FUSED_ACTIVATIONS,
     NO_QDQ_OPS,
     PROFILES,
+    TARGET_ALIASES,
     TARGETS,
+    resolve_target,
 )
 from quantfx.tidl.rules import FALLBACK, QUANTIZATION, WARNING, Finding, Graph, check_node
 
@@ -196,6 +198,7 @@ def _quantization_findings(graph: Graph) -> list[Finding]:
             findings.append(Finding(WARNING, node.name, "16-bit Q/DQ: pre-quantized import is "
                                     "documented as 8-bit only; the layer is also named in the "
                                     "options' 16-bit lists", "T11.0 docs"))
+        findings += _power_of_two_findings(node, zero, scale, profile)
         per_channel = scale is not None and scale.size > 1
         users = graph.consumers.get(node.output[0], [])
         weight_of = [user for user in users if len(user.input) > 1 and user.input[1]
@@ -216,6 +219,25 @@ def _quantization_findings(graph: Graph) -> list[Finding]:
             findings.append(Finding(WARNING, node.name, f"bias codes up to "
                                     f"{int(abs(codes).max())} exceed {bias_bits} bit: "
                                     "TIDL clips them and changes the weight scale", "BM"))
+    return findings
+
+
+def _power_of_two_findings(node: onnx.NodeProto, zero: np.ndarray | None,
+                           scale: np.ndarray | None, profile: Any) -> list[Finding]:
+    """TDA4VM (scale type 1) runs symmetric power-of-2 scales only: an asymmetric or
+    non-power-of-2 Q/DQ (ONNX Runtime's quantize_static writes both) is re-quantized there."""
+    if profile.scale_type != 1:
+        return []
+    findings = []
+    if zero is not None and zero.size and bool(np.any(zero != 0)):
+        findings.append(Finding(WARNING, node.name, f"asymmetric Q/DQ (zero point "
+                                f"{int(zero.flat[0])}): {profile.name} runs symmetric scales "
+                                "only", "T11.2"))
+    if scale is not None and scale.size and not bool(np.all(
+            np.exp2(np.round(np.log2(np.abs(scale.astype(np.float64)) + 1e-300)))
+            == scale.astype(np.float64))):
+        findings.append(Finding(WARNING, node.name, f"scale {float(scale.flat[0]):.6g} is not a "
+                                f"power of 2: {profile.name} runs power-of-2 scales", "MO"))
     return findings
 
 
@@ -250,8 +272,11 @@ def _bias_bits(graph: Graph, layer: onnx.NodeProto) -> int:
 
 def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
     """The TIDL report of an ONNX model for `target` (a name of `quantfx.tidl.profiles`)."""
+    target = resolve_target(target)
     if target not in PROFILES:
-        raise ConfigError(f"target={target!r} is not one of {TARGETS}.")
+        raise ConfigError(f"target={target!r} is not one of {TARGETS} (TI's names "
+                          f"{', '.join(TARGET_ALIASES)} work too).")
+    _require_valid(model)
     if not model.graph.value_info:
         model = onnx.shape_inference.infer_shapes(model)
     graph = Graph.of(model, PROFILES[target])
@@ -270,9 +295,27 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
                              not any(f.severity == FALLBACK for f in found)))
     if any(node.op_type in QDQ_OPS for node in model.graph.node):
         report.findings += _qdq_findings(graph) + _quantization_findings(graph)
+    elif graph.profile.tidl:
+        report.findings.append(Finding(WARNING, "model", "no Q/DQ: a float model, which TIDL "
+                                       "quantizes with its own calibration (not as quantfx "
+                                       "simulated); export it with quantfx.export_onnx", "T11.2"))
     if graph.profile.tidl:
         report.findings += _batchnorm_findings(graph)
     return report
+
+
+def _require_valid(model: onnx.ModelProto) -> None:
+    """An empty or structurally broken model is an error, not a clean report of 0/0 nodes."""
+    if not model.graph.node:
+        raise ConfigError("the ONNX model has no nodes (an empty or truncated file?): nothing "
+                          "to check. Give the file quantfx.export_onnx wrote.")
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"the ONNX model is not valid ONNX ({first}): TIDL's import would "
+                          "refuse it too. Export it again (quantfx.export_onnx checks its "
+                          "files).") from error
 
 
 def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str = "generic") -> TidlReport:

@@ -103,6 +103,18 @@ PROFILES: dict[str, DeviceProfile] = {
         per_channel_depthwise=True, per_channel_weights=True, per_channel_convs=True),
 }
 TARGETS = tuple(PROFILES)
+TARGET_ALIASES = {"j721e": "tda4vm", "j722s": "am67a", "j721s2": "am68a", "tda4al": "am68a",
+                  "tda4ve": "am68a", "j784s4": "am69a", "tda4vh": "am69a"}
+"""TI's other names of the same SoCs (the Jacinto part numbers the SDKs use) -> the target."""
+
+
+def resolve_target(name: object) -> object:
+    """`name` as a target: case-insensitive, TI's Jacinto names accepted (anything that is not
+    a string comes back unchanged, for the caller's type check)."""
+    if not isinstance(name, str):
+        return name
+    lowered = name.strip().lower()
+    return TARGET_ALIASES.get(lowered, lowered)
 
 NO_QDQ_OPS = frozenset({"Split", "Slice", "Flatten", "Pad", "Squeeze", "Reshape", "Transpose"})
 """Ops TIDL runs without Q/DQ around them ("Requires QDQ: No") [T11.2 quantization.md]."""

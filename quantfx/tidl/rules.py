@@ -52,6 +52,14 @@ class Graph:
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
 
+    def code_bits(self, tensor: str) -> int:
+        """8 * the byte width of the codes `tensor` was dequantized from (32 if float)."""
+        producer = self.producers.get(tensor)
+        if producer is None or producer.op_type != "DequantizeLinear" or len(producer.input) < 3:
+            return 32
+        zero = self.constants.get(producer.input[2])
+        return 8 * zero.dtype.itemsize if zero is not None else 32
+
     @classmethod
     def of(cls, model: onnx.ModelProto, profile: DeviceProfile) -> Graph:
         graph = cls(model, profile)
@@ -137,6 +145,9 @@ def _conv_transpose(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
                                        "runs 4x4, 3x3, 2x2 at stride 2"))
     if any(d != 1 for d in dilations):
         findings.append(_finding(node, "dilated ConvTranspose (TIDL: dilation 1)"))
+    if not graph.profile.conv_transpose_16bit and graph.code_bits(node.input[0]) == 16:
+        findings.append(_finding(node, f"16-bit ConvTranspose is not supported on "
+                                       f"{graph.profile.name}"))
     return findings
 
 
@@ -288,10 +299,22 @@ RULES: dict[str, Rule] = {
 """ONNX op type -> its TIDL rule (ops not listed have no constraint quantfx checks)."""
 
 
+LUT_OPS = frozenset({"Sigmoid", "HardSigmoid", "Gelu", "Tanh", "Softmax", "Elu"})
+"""Activations TIDL accelerates with look-up tables where the device has them [T11.0]."""
+
+
 def check_node(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
-    """Everything TIDL's operator table says about `node`."""
+    """Everything TIDL's operator table says about `node` (an op of another domain than ONNX's
+    own is not TIDL's, whatever its op type)."""
+    if node.domain not in ("", "ai.onnx"):
+        return [_finding(node, f"{node.domain}.{node.op_type} (a custom-domain op) is not a "
+                               "TIDL operator: it runs on the ARM cores")]
     if node.op_type not in SUPPORTED_OPS:
         return [_finding(node, f"{node.op_type} is not a TIDL operator: it runs on the ARM "
                                "cores")]
     rule = RULES.get(node.op_type)
-    return rule(node, graph) if rule else []
+    findings = rule(node, graph) if rule else []
+    if node.op_type in LUT_OPS and not graph.profile.lut_activations:
+        findings.append(_finding(node, f"{node.op_type} runs without LUT acceleration on "
+                                       f"{graph.profile.name} (slower)", WARNING, "T11.0"))
+    return findings
