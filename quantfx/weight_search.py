@@ -26,6 +26,11 @@ from quantfx.quantizers import set_quant_mode
 
 SEARCH_SAMPLES = 16
 """Calibration samples the output errors are measured on."""
+SEARCHED_BITS = 8
+"""Wider weights keep the weight-error exponent: at 16 bit a step below the never-clipping
+one buys nothing measurable, while the output search, which sees only calibration samples,
+clipped channels those samples never fire and other images do (EfficientNet-Lite2, 16-bit
+everything: 33.6 dB on held-apart photos against 56.4 dB never clipping)."""
 
 
 def _fused_activation(model: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -77,7 +82,8 @@ def choose_weight_exponents(model: fx.GraphModule,
     for node in model.graph.nodes:
         layer = module_of(model, node)
         if isinstance(layer, FakeQuantLayer) and isinstance(
-                layer.weight_quantizer.observer, WeightMSEObserver):
+                layer.weight_quantizer.observer, WeightMSEObserver) and (
+                layer.weight_quantizer.bits <= SEARCHED_BITS):
             layer.weight_quantizer.observer.choose(None)
             searches[layer] = _LayerErrors(layer, _fused_activation(model, node))
     if not searches or not batches:
