@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantfx.errors import LoadError
 from quantfx.ops import TRANSPOSED_CONVS
 from quantfx.qmath import fit_bias_exponent, from_codes, qrange, to_codes
 
@@ -127,6 +128,18 @@ class IntegerLayer(nn.Module):
                                            requires_grad=False)
         else:
             self.register_buffer("bias_int", None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """Refuse codes of another width: copying int16 codes into int8 buffers would
+        truncate them silently (a 16-bit model's state_dict into an 8-bit conversion)."""
+        codes = state_dict.get(prefix + "weight_int")
+        if codes is not None and codes.dtype != self.weight_int.dtype:
+            raise LoadError(
+                f"the state_dict holds {codes.dtype} weight codes for layer "
+                f"'{prefix.rstrip('.')}', whose converted weights are {self.weight_int.dtype}: it "
+                "comes from a model quantized with other bit widths. Convert with the same "
+                "QuantConfig (weight_bits, sixteen_bit_layers) before loading.")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)

@@ -98,3 +98,24 @@ def test_report_files_and_bad_arguments(report, tmp_path):
         qf.analyze(Chain(), data[0], data, evaluate="top1")
     with pytest.raises(qf.ConfigError, match="target"):
         qf.analyze(Chain(), data[0], data, target="high")
+
+
+def test_evaluate_runs_the_float_model_in_eval_mode_and_leaves_it_as_it_was():
+    """An `evaluate` that forgets model.eval() updated the user's BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    data = _data(2)
+    modes = []
+
+    def evaluate(candidate):
+        modes.append(candidate.training)
+        with torch.no_grad():
+            return float(candidate(data[0]).mean())
+
+    qf.analyze(model, data[0][:1], data, evaluate, CONFIG, target=-1e9)
+    assert modes and not any(modes)
+    assert model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -127,3 +127,14 @@ def test_a_bias_that_would_zero_the_weights_is_an_error():
     prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),),
                           qf.QuantConfig(target="tda4vm", bias_calibration=False, progress=False))
     qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])
+
+
+def test_a_state_dict_of_other_bit_widths_is_refused():
+    """int16 codes copied into an 8-bit conversion's int8 buffers were truncated silently."""
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    _, eight = quantize_model(model)
+    _, wide = quantize_model(model, config=qf.QuantConfig(sixteen_bit_layers=["conv2"]))
+    with pytest.raises(qf.LoadError, match="int16 weight codes for layer 'conv2'"):
+        eight.load_state_dict(wide.state_dict())
+    _, again = quantize_model(model)
+    again.load_state_dict(eight.state_dict())  # the same widths load as before

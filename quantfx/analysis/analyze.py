@@ -337,7 +337,14 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
 
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
-    score = evaluate(model)
+    """The user's score of `model`, run in eval mode (an `evaluate` that forgets `model.eval()`
+    must not update the float model's BatchNorm statistics), its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        score = evaluate(model)
+    finally:
+        model.train(was_training)
     if isinstance(score, Tensor) and score.numel() == 1:
         score = score.item()
     return check_number(score, "evaluate(model)", example="top-1 accuracy in %")
