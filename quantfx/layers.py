@@ -68,11 +68,19 @@ class FakeQuantLayer(nn.Module):
         self.register_buffer("float_bias", None if layer.bias is None
                              else layer.bias.detach().clone())
         """The bias before bias calibration: every calibration starts again from it."""
-        self.register_buffer("float_weight", None, persistent=False)
-        """The float weight before learned rounding set it on the grid (None until then)."""
+        self.register_buffer("float_weight", None)
+        """The float weight before learned rounding set it on the grid (None until then; in
+        `state_dict` once set, so a reloaded model calibrates again from the float weights)."""
         self.weight_cache: list[Any] | None = None
         """While a list (bias calibration), [key, quantized weight]: weights and exponents are
         fixed there, and a large model spends most of its time re-quantizing them."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """A state_dict with learned rounding's float weights brings them along; one without
+        them holds float weights itself, so none are kept."""
+        saved = state_dict.get(prefix + "float_weight")
+        self.float_weight = None if saved is None else torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.layer.weight

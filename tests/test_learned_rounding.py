@@ -72,8 +72,12 @@ def test_calibrate_with_learned_rounding_is_repeatable_and_exports(tmp_path, mon
     qf.calibrate(plain, data)
     assert not torch.equal(qf.convert(plain)(x), first(x))  # it did change something
     fresh = qf.prepare(model, data[0][:1], qf.QuantConfig(**FAST))
-    fresh.load_state_dict(prepared.state_dict())  # float_weight is not part of the state
+    fresh.load_state_dict(prepared.state_dict())  # the float weights come along
     assert torch.equal(qf.convert(fresh)(x), first(x))
+    qf.calibrate(fresh, data)  # a reloaded model calibrates again from the float weights
+    assert torch.equal(qf.convert(fresh)(x), first(x))
+    plain.load_state_dict(fresh.state_dict())  # into a model that never learned: no error
+    assert torch.equal(qf.convert(plain)(x), first(x))
     report = qf.export_onnx(first, (x,), tmp_path / "learned.onnx")
     assert report.fraction_identical == 1.0
 
