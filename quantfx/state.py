@@ -59,6 +59,33 @@ def attach_state(graph_module: nn.Module, state: QuantState) -> None:
     setattr(graph_module, STATE_ATTRIBUTE, state)
     if isinstance(graph_module, fx.GraphModule):
         graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
+        _keep_state_when_pickled(graph_module)
+        hooks = graph_module.__dict__.get("_deepcopy_hooks")  # run on each deep copy
+        if isinstance(hooks, list) and _keep_state_when_pickled not in hooks:
+            hooks.append(_keep_state_when_pickled)
+
+
+def _keep_state_when_pickled(graph_module: fx.GraphModule) -> None:
+    """fx gives every GraphModule (and every deep copy) a class of its own: its `__reduce__`
+    becomes one whose unpickling attaches the state again."""
+    owner = type(graph_module)
+    if (owner.__qualname__.endswith("GraphModuleImpl")
+            and owner.__reduce__ is fx.GraphModule.__reduce__):
+        owner.__reduce__ = _reduce_keeping_state
+
+
+def _reduce_keeping_state(graph_module: fx.GraphModule) -> tuple:
+    """Pickle (torch.save) as fx does; unpickling attaches the state again, because fx rebuilds
+    `meta` empty and a deep copy of the loaded model would drop the state."""
+    return _rebuild_with_state, fx.GraphModule.__reduce__(graph_module)
+
+
+def _rebuild_with_state(rebuild: Any, arguments: tuple) -> nn.Module:
+    graph_module = rebuild(*arguments)
+    state = getattr(graph_module, STATE_ATTRIBUTE, None)
+    if state is not None:
+        attach_state(graph_module, state)
+    return graph_module
 
 
 def unwrap(model: Any) -> Any:

@@ -16,6 +16,7 @@ What this file checks, on tiny models and a few random batches:
 - the ONNX export of a reloaded converted model equals the export of the original.
 """
 
+import copy
 import io
 import pickle
 
@@ -386,6 +387,22 @@ def test_a_reloaded_qat_model_converts_bit_for_bit_and_trains_on(round_trip):
     _train(qm, torch.optim.SGD(qm.parameters(), lr=0.01), data[2:3])
     qm.eval()
     _assert_same_outputs(qm, reloaded, data)
+
+
+@ROUND_TRIPS
+def test_a_deep_copy_of_a_reloaded_model_is_still_a_quantfx_model(round_trip):
+    """fx rebuilds a loaded GraphModule's `meta` empty, and its deep copy kept only what meta
+    lists: the copy of a loaded prepared or QAT model stopped being a quantfx model."""
+    data = _data(3)
+    config = qf.QuantConfig(progress=False)
+    prepared = copy.deepcopy(round_trip(qf.prepare(_model(), (data[0],), config)))
+    qf.calibrate(prepared, [data])
+    _assert_same_outputs(qf.convert(prepared), qf.convert(_calibrated(_model(), [data])), data)
+    twice = copy.deepcopy(round_trip(copy.deepcopy(round_trip(prepared))))
+    _assert_same_outputs(qf.convert(prepared), qf.convert(twice), data)
+    qat = copy.deepcopy(round_trip(qf.prepare_qat(_model(), (data[0],))))
+    _train(qat, _sgd(qat), data[:2])
+    _assert_same_outputs(qat.eval(), qf.convert(qat), data)
 
 
 # ------------------------------------------------------------------------ state_dict round trips
