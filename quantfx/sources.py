@@ -171,10 +171,7 @@ def _load_images(folder: str, limit: int, options: ImageOptions, progress: bool)
     if not files:
         raise LoadError(f"{folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or "
                         "its subfolders.")
-    channels = 1 if options.grayscale else 3
-    if len(options.mean) != channels or len(options.std) != channels:
-        raise LoadError(f"--mean and --std need {channels} values each for "
-                        f"{'grayscale' if options.grayscale else 'RGB'} images.")
+    _check_image_options(options)
     transform = transforms.Compose([
         transforms.Resize(options.resize), transforms.CenterCrop(options.crop),
         transforms.ToTensor(), transforms.Normalize(options.mean, options.std)])
@@ -182,10 +179,39 @@ def _load_images(folder: str, limit: int, options: ImageOptions, progress: bool)
     for path in tqdm(files[:limit], desc="reading images", unit="image", disable=not progress):
         try:
             with Image.open(path) as image:
-                images.append(transform(image.convert("L" if options.grayscale else "RGB")))
+                images.append(transform(_eight_bit(image, options.grayscale)))
         except (UnidentifiedImageError, OSError) as error:
             raise LoadError(f"cannot read the image {path!r}: {error}") from error
     return torch.stack(images)
+
+
+def _check_image_options(options: ImageOptions) -> None:
+    """Preprocessing that cannot be what the user meant is an error before any image is read."""
+    channels = 1 if options.grayscale else 3
+    if len(options.mean) != channels or len(options.std) != channels:
+        raise LoadError(f"--mean and --std need {channels} values each for "
+                        f"{'grayscale' if options.grayscale else 'RGB'} images.")
+    if max(abs(value) for value in options.mean) > 1.0 or max(options.std) > 1.0:
+        raise LoadError(
+            f"--mean {','.join(map(str, options.mean))} / --std "
+            f"{','.join(map(str, options.std))} look like 0..255 values (TI's style), but images "
+            "are scaled to [0, 1] before normalizing: divide them by 255 (e.g. --mean "
+            "0.485,0.456,0.406 --std 0.229,0.224,0.225).")
+    if options.crop > options.resize:
+        raise LoadError(f"--crop {options.crop} is larger than --resize {options.resize}: the "
+                        "crop would be padded with zeros. Resize to at least the crop size.")
+
+
+def _eight_bit(image: Any, grayscale: bool) -> Any:
+    """`image` as 8-bit RGB (or L): 16-bit images scaled down (not saturated at 255), palette
+    and alpha images converted."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image, dtype=np.float64)
+        values = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(values, mode="L")
+    return image.convert("L" if grayscale else "RGB")
 
 
 def _as_float(tensor: Tensor, path: str) -> Tensor:

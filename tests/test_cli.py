@@ -224,3 +224,27 @@ def test_help_and_version_answer_without_importing_torch():
     assert done.returncode == 0, done.stderr
     assert f"quantfx {qf.__version__}" in done.stdout
     assert "--sixteen-bit-layers" in done.stdout
+
+
+def test_images_of_any_mode_and_preprocessing_that_cannot_be_meant(tmp_path):
+    """16-bit PNGs calibrated as saturated 8-bit (99.6 % of pixels 255); 0..255 mean/std and a
+    crop larger than the resize were accepted without a word."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)
+    Image.fromarray(ramp).save(folder / "deep.png")  # a 16-bit grayscale PNG
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 128
+    Image.fromarray(rgba).save(folder / "alpha.png")
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).convert("P").save(folder / "palette.png")
+    identity = ImageOptions(resize=8, crop=8, mean=(0.0,) * 3, std=(1.0,) * 3)
+    (batch,) = load_calibration(folder, images=identity, progress=False)
+    alpha, deep, palette = batch  # files in sorted order
+    assert float(deep.max()) < 1.0 and len(deep.unique()) > 32  # scaled, not saturated
+    assert torch.allclose(alpha[0], torch.ones(8, 8)) and float(alpha[1:].abs().max()) == 0.0
+    assert torch.allclose(palette, torch.full_like(palette, 3 / 255))
+    ti_style = ImageOptions(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    with pytest.raises(qf.LoadError, match="divide them by 255"):
+        load_calibration(folder, images=ti_style, progress=False)
+    with pytest.raises(qf.LoadError, match="larger than --resize"):
+        load_calibration(folder, images=ImageOptions(resize=8, crop=16), progress=False)
