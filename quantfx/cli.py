@@ -14,6 +14,9 @@ import traceback
 from quantfx.arguments import build_parser
 from quantfx.errors import QuantFxError
 
+MAX_ERROR_CHARACTERS = 600
+"""An error is one readable line: longer messages (a state dict's key list) are cut."""
+
 
 def run_check(args: argparse.Namespace) -> int:
     """`quantfx check FILE --target T`: print the report; 1 if a node falls back to ARM."""
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         known = isinstance(error, QuantFxError)
         message = " ".join(str(error).split()) if known else f"{type(error).__name__}: {error}"
+        if len(message) > MAX_ERROR_CHARACTERS and not args.traceback:  # e.g. 13 KB of keys
+            message = message[:MAX_ERROR_CHARACTERS - 40].rstrip() + " ... (--traceback: all)"
         hint = "" if known or args.traceback else " (run with --traceback for details)"
         print(f"quantfx {args.command}: error: {message}{hint}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import torch
 
 from quantfx.analysis.analyze import analyze
 from quantfx.analysis.doctor import doctor
+from quantfx.analysis.plots import check_report_folder
 from quantfx.config import QuantConfig
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, LoadError
@@ -116,6 +117,8 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Print analyze's report (and write it to `--output`); 0 on success."""
+    if args.output is not None:
+        check_report_folder(args.output)  # before minutes of work, not after
     model = load_model(args.model, args.weights)
     batches = _batches(args)
     report = analyze(model, batches[0][:1], batches, config=_config(args), target=args.target_db)

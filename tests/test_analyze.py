@@ -119,3 +119,15 @@ def test_evaluate_runs_the_float_model_in_eval_mode_and_leaves_it_as_it_was():
     assert model.training
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_report_json_is_valid_json_even_with_an_infinite_sqnr():
+    """A tensor with no error at all has an infinite SQNR; report.json held `Infinity`."""
+    report = qf.AnalysisReport()
+    report.output_sqnr_db = {"int16": math.inf, "int8": 31.5}
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    parsed = json.loads(report.to_json(), parse_constant=refuse)
+    assert parsed["output_sqnr_db"] == {"int16": None, "int8": 31.5}

@@ -248,3 +248,24 @@ def test_images_of_any_mode_and_preprocessing_that_cannot_be_meant(tmp_path):
         load_calibration(folder, images=ti_style, progress=False)
     with pytest.raises(qf.LoadError, match="larger than --resize"):
         load_calibration(folder, images=ImageOptions(resize=8, crop=16), progress=False)
+
+
+def test_analyze_checks_its_output_folder_before_any_work(tmp_path, capsys):
+    """`analyze -o` refused an unwritable path after minutes of work: now before the model
+    even loads (a model that does not exist would be the error otherwise)."""
+    assert cli.main(["analyze", "no_such_model", "--calib", str(tmp_path),
+                     "-o", str(tmp_path / "missing" / "report")]) == 2
+    assert "cannot write the analysis report" in capsys.readouterr().err
+
+
+def test_an_error_line_stays_readable(monkeypatch, capsys):
+    """A wrong weights file gave a 13 KB one-line error (every key of the state dict)."""
+    from quantfx import commands
+
+    def fail(args):
+        raise qf.LoadError("missing keys: " + ", ".join(f"layer{i}.weight" for i in range(900)))
+
+    monkeypatch.setattr(commands, "run_doctor", fail)
+    assert cli.main(["doctor", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 700 and err.rstrip().endswith("(--traceback: all)")

@@ -108,8 +108,9 @@ class AnalysisReport:
         return f"# analyze\n\n{summary}\n\n" + "\n".join(rows) + "\n"
 
     def to_json(self) -> str:
-        data = asdict(self)
-        return json.dumps(data, indent=2, default=lambda value: None)
+        """Valid JSON: an infinite SQNR (no error at all) is written as null, not Infinity."""
+        data = _finite(asdict(self))
+        return json.dumps(data, indent=2, default=lambda value: None, allow_nan=False)
 
     def save(self, folder: str) -> list[str]:
         """Write report.md, report.html and report.json into `folder` and, with Pillow
@@ -118,6 +119,17 @@ class AnalysisReport:
         from quantfx.analysis.plots import write_report
 
         return write_report(self, folder)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _sqnr(signal: float, noise: float) -> float:

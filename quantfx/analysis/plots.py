@@ -118,14 +118,25 @@ def _html(report: Any, images: list[str]) -> str:
             f"</tr>{rows}</table></body></html>\n")
 
 
-def write_report(report: Any, folder: str) -> list[str]:
-    """report.md, report.html, report.json and (Pillow permitting) sqnr.png and ranges.png in
-    `folder` (created if missing), each written atomically; returns the paths written."""
+def check_report_folder(folder: Any) -> str:
+    """`folder` as a path the report can go to (an existing writable folder, or a new one in
+    one), else a `ConfigError`: the command line checks it before minutes of work."""
     if not isinstance(folder, (str, os.PathLike)):
         raise ConfigError(f"folder must be a directory path, got {type(folder).__name__}.")
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"{folder!r} is a file; give a folder for the analysis report.")
+    parent = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the analysis report to {folder!r}: {parent!r} is "
+                          "missing or not writable. Choose another folder.")
+    return folder
+
+
+def write_report(report: Any, folder: str) -> list[str]:
+    """report.md, report.html, report.json and (Pillow permitting) sqnr.png and ranges.png in
+    `folder` (created if missing), each written atomically; returns the paths written."""
+    folder = check_report_folder(folder)
     os.makedirs(folder, exist_ok=True)
     worst = report.tensors[:20]
     images = {
