@@ -162,7 +162,9 @@ class QuantConfig:
     node name, "first" / "last" (TI's advice for regression-style networks), "heads" (every
     conv/linear whose output reaches a model output without passing another one: a
     detector's box/objectness/class convs), or any other tensor by its graph node name as
-    `quantfx.analyze` reports it (e.g. "add_3": its output)."""
+    `quantfx.analyze` reports it (e.g. "add_3": its output). With `quantize_only`, full module
+    paths ("backbone.0"); "first" / "last" then mean the first part's first and the last
+    part's last layer."""
     nonnegative_inputs: bool = False
     """Quantize the network inputs unsigned (e.g. images in [0, 1] that were not normalized)."""
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)

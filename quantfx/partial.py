@@ -211,7 +211,7 @@ def prepare_parts(model: nn.Module, example_inputs: Any, config: QuantConfig,
     working = private_copy(model).eval()
     names, floating = resolve_parts(working, inputs, config)
     calls = part_calls(working, names, inputs)
-    part_config = replace(config, quantize_only=())
+    wide = sixteen_bit_names_by_part(config.sixteen_bit_layers, names)
     described: dict[str, str] = {}
     for name in names:
         entry = calls[name]
@@ -224,6 +224,7 @@ def prepare_parts(model: nn.Module, example_inputs: Any, config: QuantConfig,
                                "parts whose arguments are tensors: name its submodules instead "
                                "(or use quantize_only='auto').")
         try:
+            part_config = replace(config, quantize_only=(), sixteen_bit_layers=wide[name])
             prepared = prepare_part(working.get_submodule(name), arguments, part_config)
         except QuantFxError as error:
             raise type(error)(f"part {name!r}: {error}") from error
@@ -237,6 +238,32 @@ def prepare_parts(model: nn.Module, example_inputs: Any, config: QuantConfig,
             described.setdefault(name, f"float: {why}")
     working.to(parameter_dtype_device(model)[1])
     return working, described, len(inputs)
+
+
+def sixteen_bit_names_by_part(wanted: tuple[str, ...], parts: list[str]
+                              ) -> dict[str, tuple[str, ...]]:
+    """`QuantConfig.sixteen_bit_layers` of a partly quantized model, each part's share in its
+    own names: full module paths ("backbone.0") go to their part; "first" is the first layer
+    of the first part, "last" the last layer of the last part, "heads" each part's heads."""
+    shares: dict[str, list[str]] = {part: [] for part in parts}
+    for name in wanted:
+        if name == "first" and parts:
+            shares[parts[0]].append("first")
+        elif name == "last" and parts:
+            shares[parts[-1]].append("last")
+        elif name == "heads":
+            for share in shares.values():
+                share.append("heads")
+        else:
+            owner = next((part for part in sorted(parts, key=len, reverse=True)
+                          if name.startswith(part + ".")), None)
+            if owner is None:
+                raise ConfigError(
+                    f"QuantConfig.sixteen_bit_layers names {name!r}, which is in no quantized "
+                    f"part ({', '.join(parts)}): give full module paths such as "
+                    f"'{parts[0]}.<layer>' (or 'first', 'last', 'heads').")
+            shares[owner].append(name[len(owner) + 1:])
+    return {part: tuple(share) for part, share in shares.items()}
 
 
 def _what(entry: PartCall) -> str:

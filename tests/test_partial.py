@@ -218,3 +218,20 @@ def test_a_non_finite_batch_is_refused_naming_the_tensor(model, bad):
     batches[1][0][2][0, 5, 5] = bad
     with pytest.raises(qf.NonFiniteError, match=r"tensor 'backbone\.\w+' holds NaN or inf"):
         qf.calibrate(prepared, batches)
+
+
+def test_sixteen_bit_names_are_full_paths_across_parts(model):
+    """Names resolved inside each part: "backbone.0" was refused with advice to use "0", which
+    then widened head.0 too; "first" widened the first layer of every part."""
+    def widths(names):
+        config = qf.QuantConfig(quantize_only=("backbone", "head"), sixteen_bit_layers=names,
+                                **CONFIG)
+        prepared = qf.prepare(model, (_images(1, 0),), config)
+        return {name for name, module in prepared.named_modules()
+                if name.endswith("weight_quantizer") and module.bits == 16}
+
+    assert widths(["backbone.0"]) == {"backbone.0.weight_quantizer"}
+    assert widths(["first"]) == {"backbone.0.weight_quantizer"}
+    assert widths(["last"]) == {"head.conv2d.weight_quantizer"}  # the part "head" is a conv
+    with pytest.raises(qf.ConfigError, match="full module paths such as 'backbone.<layer>'"):
+        widths(["0"])
