@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from quantfx.arguments import build_parser
@@ -32,6 +34,12 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.fully_offloaded else 1
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM (a job killed by a scheduler, `timeout`) ends the command like Ctrl-C: the
+    cleanup of half-written files runs (Python's default ends without it)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the parsed subcommand; torch and ONNX Runtime are imported only now."""
     if args.command == "check":
@@ -51,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    handles_term = hasattr(signal, "SIGTERM") and (
+        threading.current_thread() is threading.main_thread())
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_term else None
     try:
         return run(args)
     except BrokenPipeError:  # `quantfx ... | head`: the reader left; not an error
@@ -69,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if known or args.traceback else " (run with --traceback for details)"
         print(f"quantfx {args.command}: error: {message}{hint}", file=sys.stderr)
         return 2
+    finally:
+        if handles_term:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

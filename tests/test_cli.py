@@ -269,3 +269,23 @@ def test_an_error_line_stays_readable(monkeypatch, capsys):
     assert cli.main(["doctor", "resnet18"]) == 2
     err = capsys.readouterr().err
     assert len(err) < 700 and err.rstrip().endswith("(--traceback: all)")
+
+
+def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
+    """A job killed with SIGTERM during export left hidden .tmp files beside the output:
+    Python's default SIGTERM skips every cleanup; the command line turns it into Ctrl-C."""
+    probe = (
+        "import os, signal, sys\n"
+        "from quantfx import cli, commands\n"
+        "from quantfx.files import staged_files\n"
+        "def slow(args):\n"
+        f"    with staged_files({str(tmp_path / 'model.onnx')!r}):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return 0\n"
+        "commands.run_doctor = slow\n"
+        "sys.exit(cli.main(['doctor', 'resnet18']))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted" in done.stderr
+    assert list(tmp_path.iterdir()) == []
