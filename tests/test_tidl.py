@@ -366,3 +366,19 @@ def test_ti_soc_names_and_any_case_name_the_same_target():
     assert args.target == "am68a"
     with pytest.raises(qf.ConfigError, match="Did you mean 'tda4vm'"):
         qf.QuantConfig(target="tda4")
+
+
+def test_a_rule_broken_at_many_nodes_is_one_line(tmp_path):
+    """A file exported for am68a and checked for tda4vm printed the same line for every layer."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    prepared = qf.prepare(model, (x,), qf.QuantConfig(target="am68a", progress=False))
+    qf.calibrate(prepared, [x])
+    path = tmp_path / "am68a.onnx"
+    qf.export_onnx(qf.convert(prepared), (x,), path)
+    report = qf.check_tidl(path, "tda4vm")
+    repeated = [f for f in report.findings if "per-channel weights on tda4vm" in f.rule]
+    assert len(repeated) >= 2
+    lines = [line for line in str(report).splitlines() if "per-channel weights" in line]
+    assert len(lines) == 1 and f"{len(repeated)} nodes (" in lines[0]

@@ -80,7 +80,17 @@ class TidlReport:
                 f"accelerator (ARM fallback: {falls}); {len(self.warnings())} warning(s)")
 
     def __str__(self) -> str:
-        lines = [self.summary()] + [f"  {finding}" for finding in self.findings]
+        """The summary, then each finding; one line for a rule broken at several nodes (a
+        file exported for another device repeats the same rule at every layer)."""
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for finding in self.findings:
+            groups.setdefault((finding.severity, finding.rule, finding.source),
+                              []).append(finding.node)
+        lines = [self.summary()]
+        for (severity, rule, source), nodes in groups.items():
+            where = nodes[0] if len(nodes) == 1 else (
+                f"{len(nodes)} nodes ({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})")
+            lines.append(f"  [{severity}] {where}: {rule} ({source})")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
