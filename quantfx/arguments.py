@@ -65,6 +65,11 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help="the device the model is for (its bias width, per-channel rules "
                              "and options file); TI's Jacinto names (j721e, j721s2, ...) work "
                              "too")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="any QuantConfig field, e.g. --set per_channel_depthwise=false "
+                             "--set weight_rounding=learned (repeatable; lists comma-separated; "
+                             "true/false/none)")
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:

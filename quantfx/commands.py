@@ -19,7 +19,7 @@ import torch
 from quantfx.analysis.analyze import analyze
 from quantfx.analysis.doctor import doctor
 from quantfx.analysis.plots import check_report_folder
-from quantfx.config import QuantConfig
+from quantfx.config import QuantConfig, settings_from_text
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, LoadError
 from quantfx.export.onnx import export_onnx
@@ -35,8 +35,11 @@ from quantfx.sources import (
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> QuantConfig:
-    return QuantConfig(target=args.target, progress=not getattr(args, "no_progress", False),
-                       **overrides)
+    """The options given as flags, then every `--set FIELD=VALUE` over them."""
+    keywords = dict(target=args.target, progress=not getattr(args, "no_progress", False),
+                    **overrides)
+    keywords.update(settings_from_text(getattr(args, "settings", None) or []))
+    return QuantConfig(**keywords)
 
 
 def _batches(args: argparse.Namespace) -> list[torch.Tensor]:

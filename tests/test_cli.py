@@ -289,3 +289,23 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
     assert done.returncode == 130, done.stderr
     assert "interrupted" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_config_field_is_reachable_with_set(workspace, capsys):
+    """5 of 22 QuantConfig fields were reachable from the command line: doctor's own fixes
+    (per_channel_depthwise, ...) could not be set."""
+    from quantfx.config import settings_from_text
+
+    assert settings_from_text(["per_channel_depthwise=false", "sixteen_bit_layers=first,last",
+                               "percentile=99.9", "histogram_bins=1024", "equalization=none",
+                               "weight_rounding=learned", "quantize_only=auto"]) == {
+        "per_channel_depthwise": False, "sixteen_bit_layers": ("first", "last"),
+        "percentile": 99.9, "histogram_bins": 1024, "equalization": None,
+        "weight_rounding": "learned", "quantize_only": "auto"}
+    with pytest.raises(qf.ConfigError, match="Did you mean 'per_channel_depthwise'"):
+        settings_from_text(["per_channel_dephtwise=false"])
+    with pytest.raises(qf.ConfigError, match="FIELD=VALUE"):
+        settings_from_text(["per_channel_depthwise"])
+    assert cli.main(["doctor", "resnet18", "--input-shape", "1,3,32,32", "--target", "tda4vm",
+                     "--set", "per_channel_depthwise=true"]) == 2
+    assert "runs per-tensor weights only" in capsys.readouterr().err  # QuantConfig checked it
