@@ -31,7 +31,7 @@ AUTO_PARTS = "auto"
 """`QuantConfig(quantize_only="auto")`: quantize the largest submodules that trace."""
 GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
                 "per_channel_depthwise", "per_channel_weights", "nonnegative_inputs",
-                "leaf_modules", "autowrap_functions", "quantize_only")
+                "leaf_modules", "autowrap_functions", "quantize_only", "widen_coarse_weights")
 """The `QuantConfig` fields that decide the prepared graph: where quantizers go, how wide."""
 
 
@@ -141,6 +141,12 @@ class QuantConfig:
     """How PTC rounds weights onto their grid: "nearest", or "learned" (AdaRound-style: each
     weight rounds up or down as the layer's output error on the calibration data decides,
     layer by layer; `quantfx.learned_rounding`; costs a few seconds per layer)."""
+    widen_coarse_weights: bool = True
+    """PTC: give 16-bit weights (activations stay 8 bit; TIDL's `params_16bit_names_list`) to
+    the layers whose one 8-bit per-tensor weight grid leaves a quarter or more of their output
+    channels with fewer than 8 codes -- typically a BN-folded stem whose channel ranges span
+    20x -- the coarsest tenth of the layers at most (`quantfx.passes.place`). Decided from the
+    weights at `prepare`; per-channel weights are never coarse."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""
@@ -228,7 +234,7 @@ class QuantConfig:
         self.target = check_choice(resolve_target(self.target), "QuantConfig.target", TARGETS)
         if self.equalization is not None:
             check_bool(self.equalization, "QuantConfig.equalization")
-        for name in ("bias_calibration", "nonnegative_inputs", "progress"):
+        for name in ("bias_calibration", "nonnegative_inputs", "progress", "widen_coarse_weights"):
             check_bool(getattr(self, name), f"QuantConfig.{name}")
         for name in ("per_channel_depthwise", "per_channel_weights"):
             value = getattr(self, name)

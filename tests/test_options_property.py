@@ -63,6 +63,7 @@ VALIDITY = {
     "equalization": lambda v: v is None or isinstance(v, bool),
     "bias_calibration": lambda v: isinstance(v, bool),
     "nonnegative_inputs": lambda v: isinstance(v, bool),
+    "widen_coarse_weights": lambda v: isinstance(v, bool),
     "progress": lambda v: isinstance(v, bool),
     "activation_observer": lambda v: isinstance(v, str)
     and v in ("minmax", "moving_average", "histogram"),

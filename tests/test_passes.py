@@ -424,3 +424,48 @@ def test_forward_folding_into_a_depthwise_conv_is_exact():
     assert fold_batchnorm_forward(graph) == 1  # the second BN feeds a padded conv: stays
     assert torch.allclose(graph(x), model(x), rtol=1e-5, atol=1e-5)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in graph.modules()) == 1
+
+
+class CoarseStem(nn.Module):
+    """A BN-folded-style stem whose channel ranges span 300x, then ordinary layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.stem.weight.mul_(torch.logspace(-2.0, 0.5, 16).reshape(-1, 1, 1, 1))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))))
+
+
+def test_coarse_per_tensor_weights_get_16_bits():
+    """Under one 8-bit grid most of the stem's channels keep fewer than 8 codes: it gets 16-bit
+    weights (activations stay 8 bit); per-channel grids, QAT and the switch keep 8 bit."""
+    torch.manual_seed(0)
+    model = CoarseStem().eval()
+    x = torch.randn(4, 3, 12, 12)
+
+    def widths(config, qat=False):
+        prepared = (qf.prepare_qat(model, (x,), config) if qat
+                    else qf.prepare(model, (x,), config))
+        return {name.removesuffix(".weight_quantizer"): module.bits
+                for name, module in prepared.named_modules()
+                if name.endswith("weight_quantizer")}
+
+    assert widths(QuantConfig(progress=False)) == {"stem": 16, "body": 8, "head": 8}
+    assert set(widths(QuantConfig(progress=False, widen_coarse_weights=False)).values()) == {8}
+    assert set(widths(QuantConfig(progress=False, per_channel_weights=True)).values()) == {8}
+    assert set(widths(QuantConfig(progress=False), qat=True).values()) == {8}
+    prepared = qf.prepare(model, (x,), QuantConfig(progress=False))
+    qf.calibrate(prepared, [x])
+    converted = qf.convert(prepared)
+    assert converted.get_submodule("stem").weight_int.dtype == torch.int16
+    narrow = qf.prepare(model, (x,), QuantConfig(progress=False, widen_coarse_weights=False))
+    qf.calibrate(narrow, [x])
+    with torch.no_grad():
+        reference = model(x)
+        assert (qf.qmath.sqnr_db(reference, converted(x))
+                > qf.qmath.sqnr_db(reference, qf.convert(narrow)(x)))

@@ -304,13 +304,18 @@ def test_a_standalone_batchnorm_reports_its_coarse_channels(tmp_path):
     with torch.no_grad():
         model[2].weight.copy_(torch.tensor([4.0, 1.0, 0.5, 0.25, 0.1, 0.03, 0.02, 0.01]))
     x = torch.randn(2, 3, 12, 12)
-    prepared = qf.prepare(model, (x,), qf.QuantConfig(target="tda4vm", progress=False))
-    qf.calibrate(prepared, [x])
-    path = tmp_path / "bn.onnx"
-    qf.export_onnx(qf.convert(prepared), (x,), path)
-    found = [f.rule for f in qf.check_tidl(path, "tda4vm").findings if "standalone" in f.rule]
-    assert len(found) == 1 and "of its 8 channel scales keep fewer than 8 codes" in found[0]
-    assert not [f for f in qf.check_tidl(path, "generic").findings if "standalone" in f.rule]
+    for widen in (False, True):  # by default such scales get 16 bit, and nothing is coarse
+        prepared = qf.prepare(model, (x,), qf.QuantConfig(target="tda4vm", progress=False,
+                                                          widen_coarse_weights=widen))
+        qf.calibrate(prepared, [x])
+        path = tmp_path / f"bn_{widen}.onnx"
+        qf.export_onnx(qf.convert(prepared), (x,), path)
+        found = [f.rule for f in qf.check_tidl(path, "tda4vm").findings if "standalone" in f.rule]
+        assert len(found) == (0 if widen else 1)
+    assert "of its 8 channel scales keep fewer than 8 codes" in qf.check_tidl(
+        tmp_path / "bn_False.onnx", "tda4vm").findings[-1].rule
+    assert not [f for f in qf.check_tidl(tmp_path / "bn_False.onnx", "generic").findings
+                if "standalone" in f.rule]
 
 
 def test_what_the_checker_once_passed_is_now_refused_or_flagged(tmp_path):

@@ -40,7 +40,9 @@ from quantfx.passes.graph_utils import (
     set_submodule,
     unique_submodule_name,
 )
+from quantfx.qmath import exponent_for_max, qrange, to_codes
 from quantfx.quantizers import Quantizer, QuantizerFactory
+from quantfx.tidl.profiles import COARSE_CODES
 
 QUANTIZER_PREFIX = "quantizers"
 
@@ -236,13 +238,45 @@ def place_activation_quantizers(graph_module: fx.GraphModule, wide: set[fx.Node]
             nonneg.add(quant_node)
 
 
+COARSE_SHARE = 0.25
+"""`QuantConfig.widen_coarse_weights`: a layer is coarse when at least this share of its output
+channels keeps fewer than `COARSE_CODES` codes on its one 8-bit weight grid."""
+MAX_WIDENED_SHARE = 0.1
+"""At most this share of the layers (at least one) get 16-bit weights that way."""
+
+
+def coarse_weight_layers(graph_module: fx.GraphModule, layers: list[fx.Node],
+                         factory: QuantizerFactory) -> set[fx.Node]:
+    """The layers `QuantConfig.widen_coarse_weights` gives 16-bit weights: per-tensor 8-bit
+    weights (PTC, BN folded) under which a quarter of the output channels keep fewer than 8
+    codes -- a BN-folded stem whose channel ranges span 20x -- the coarsest first. Decided
+    from the weights alone, so a model prepared again decides the same."""
+    config = factory.config
+    if not config.widen_coarse_weights or factory.qat or config.weight_bits != 8:
+        return set()
+    shares = []
+    for node in layers:
+        layer = module_of(graph_module, node)
+        if factory.per_channel(layer) or layer.weight.shape[0] < 2:
+            continue
+        weight = layer.weight.detach()
+        exponent = exponent_for_max(weight.abs().max(), qrange(8, signed=True)[1])
+        peaks = to_codes(weight, exponent, -128, 127).abs().flatten(1).amax(dim=1)
+        share = float((peaks < COARSE_CODES).float().mean())
+        if share >= COARSE_SHARE:
+            shares.append((-share, len(shares), node))
+    shares.sort()
+    return {node for _, _, node in shares[:max(1, int(MAX_WIDENED_SHARE * len(layers)))]}
+
+
 def place_quantizers(graph_module: fx.GraphModule, factory: QuantizerFactory,
                      build: WeightLayerBuilder, fold_bn: bool = False) -> int:
     """Wrap every conv/linear as a weight layer and quantize every activation the engine holds;
     returns the number of weight layers. Widths (8/16) are decided first, from the config."""
     layers = weight_layer_nodes(graph_module)
     wide = sixteen_bit_layers(graph_module, layers, factory.config)
-    wrap_weight_layers(graph_module, layers, wide, factory, build, fold_bn)
+    coarse = coarse_weight_layers(graph_module, layers, factory) - wide
+    wrap_weight_layers(graph_module, layers, wide | coarse, factory, build, fold_bn)
     place_activation_quantizers(graph_module, wide, factory)
     graph_module.graph.lint()
     graph_module.recompile()
