@@ -211,6 +211,12 @@ def test_torchvision_models_are_seeded_and_named_helpfully():
         load_model("mobilenetv2")
 
 
+def _python(probe: str) -> subprocess.CompletedProcess:
+    """Run `probe` in a fresh Python from the repository root."""
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+
+
 def test_help_and_version_answer_without_importing_torch():
     """`quantfx --help` took 5-8 s: torch and ONNX Runtime were imported before argparse."""
     probe = ("import sys\nfrom quantfx.cli import main\n"
@@ -219,8 +225,7 @@ def test_help_and_version_answer_without_importing_torch():
              "        assert done.code == 0, done.code\n"
              "heavy = sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules))\n"
              "assert not heavy, heavy\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent)
+    done = _python(probe)
     assert done.returncode == 0, done.stderr
     assert f"quantfx {qf.__version__}" in done.stdout
     assert "--sixteen-bit-layers" in done.stdout
@@ -284,8 +289,7 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
         "    return 0\n"
         "commands.run_doctor = slow\n"
         "sys.exit(cli.main(['doctor', 'resnet18']))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent)
+    done = _python(probe)
     assert done.returncode == 130, done.stderr
     assert "interrupted" in done.stderr
     assert list(tmp_path.iterdir()) == []

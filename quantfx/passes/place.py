@@ -40,7 +40,7 @@ from quantfx.passes.graph_utils import (
     set_submodule,
     unique_submodule_name,
 )
-from quantfx.qmath import exponent_for_max, qrange, to_codes
+from quantfx.qmath import per_tensor_cost
 from quantfx.quantizers import Quantizer, QuantizerFactory
 from quantfx.tidl.profiles import COARSE_CODES
 
@@ -259,10 +259,9 @@ def coarse_weight_layers(graph_module: fx.GraphModule, layers: list[fx.Node],
         layer = module_of(graph_module, node)
         if factory.per_channel(layer) or layer.weight.shape[0] < 2:
             continue
-        weight = layer.weight.detach()
-        exponent = exponent_for_max(weight.abs().max(), qrange(8, signed=True)[1])
-        peaks = to_codes(weight, exponent, -128, 127).abs().flatten(1).amax(dim=1)
-        share = float((peaks < COARSE_CODES).float().mean())
+        channel_peaks = layer.weight.detach().abs().flatten(1).amax(dim=1)
+        _, peak_codes = per_tensor_cost(channel_peaks)  # their codes on the layer's one grid
+        share = float((peak_codes < COARSE_CODES).float().mean())
         if share >= COARSE_SHARE:
             shares.append((-share, len(shares), node))
     shares.sort()

@@ -274,10 +274,8 @@ def _batchnorm_findings(graph: Graph) -> list[Finding]:
 
 def _bias_bits(graph: Graph, layer: onnx.NodeProto) -> int:
     """The bias width of `layer` on the graph's device: by the width of its weight codes."""
-    weight = graph.producers.get(layer.input[1])
-    zero = (graph.constants.get(weight.input[2]) if weight is not None and len(weight.input) > 2
-            else None)
-    return graph.profile.bias_bits_for(8 * zero.dtype.itemsize if zero is not None else 8)
+    bits = graph.code_bits(layer.input[1])
+    return graph.profile.bias_bits_for(8 if bits == 32 else bits)  # float weights: as 8 bit
 
 
 def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
