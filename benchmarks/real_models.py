@@ -51,6 +51,7 @@ QUARK_INSTALL = "pip install amd-quark transformers torchao"
 
 QUANTFX_CONFIGS = (
     ("quantfx default", {}),
+    ("quantfx default, no measured mixed precision", {"widen_sensitive_layers": False}),
     ("quantfx target=tda4vm", {"target": "tda4vm"}),
     ("quantfx target=am68a", {"target": "am68a"}),
     ("quantfx per-channel weights", {"per_channel_weights": True}),
@@ -138,7 +139,8 @@ def _quantfx(overrides: dict[str, Any]) -> Callable[[Subject], tuple[Predictor, 
         collapsed = any("collapsed" in str(warning.message) for warning in caught)
         check = getattr(state_of(prepared), "calibration_check", None)
         extra = {"collapse warning": "yes" if collapsed else "no",
-                 "calibration check dB": getattr(check, "output_sqnr_db", None)}
+                 "calibration check dB": getattr(check, "output_sqnr_db", None),
+                 "16-bit by measurement": len(getattr(check, "sixteen_bit", []))}
         return qf.convert(prepared), extra
     return work
 
@@ -243,13 +245,15 @@ def run(progress: bool = True) -> PartResult:
     table = Table(
         "Real pretrained models and photos",
         ["model", "method", "output SQNR dB", "top-1 agreement %", "top-5 agreement %",
-         "calibration check dB", "collapse warning", "seconds", "note"],
+         "calibration check dB", "collapse warning", "16-bit by measurement", "seconds",
+         "note"],
         note=f"torch threads: {threads}. 'output SQNR': 10 log10(sum f^2 / sum (f - q)^2) over "
              "the logits of the evaluation inputs. 'top-1 agreement': share of evaluation "
              "inputs whose top-1 equals float's; 'top-5 agreement' (ImageNet): share whose "
              "float top-1 is in the quantized top-5. 'calibration check': quantfx's own output "
              "SQNR on calibration samples after `calibrate`; 'collapse warning': whether "
-             "calibrate warned that the output collapsed. 'seconds': the method's "
+             "calibrate warned that the output collapsed; '16-bit by measurement': how many layers "
+             "and tensors calibration widened (`widen_sensitive_layers`). 'seconds': the method's "
              f"quantization (prepare, calibration, convert). Calibration / evaluation: Keras "
              f"CNN {KERAS_CALIBRATION} / {KERAS_EVALUATION} images, EfficientNet-Lite "
              f"{PHOTO_CALIBRATION} / {PHOTO_EVALUATION} photo crops.")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -45,6 +46,8 @@ class CalibrationCheck:
     """The tensor (module path or node name) that loses most, named only after a collapse."""
     worst_loss_db: float | None = None
     """How many dB the model's SQNR drops at that tensor against the tensors it reads."""
+    sixteen_bit: list[str] = field(default_factory=list)
+    """The layers and tensors calibration widened to 16 bit by measurement, worst first."""
 
     @property
     def collapsed(self) -> bool:
@@ -56,6 +59,8 @@ class CalibrationCheck:
                 f"{self.samples} calibration samples")
         if self.worst_tensor is not None:
             text += f"; worst tensor {self.worst_tensor} (-{self.worst_loss_db:.1f} dB there)"
+        if self.sixteen_bit:
+            text += f"; 16 bit by measurement: {', '.join(self.sixteen_bit)}"
         return text
 
 
@@ -66,7 +71,8 @@ def output_rows(output: object, rows: int) -> list[Tensor]:
 
 
 def check_calibration(model: fx.GraphModule, batches: list[tuple[Tensor, ...]],
-                      float_outputs: list[list[Tensor]]) -> CalibrationCheck | None:
+                      float_outputs: list[list[Tensor]], sixteen_bit: Sequence[str] = ()
+                      ) -> CalibrationCheck | None:
     """Output SQNR of the calibrated model on `batches` against `float_outputs`; after a
     collapse, the worst tensor too, and a warning. None when there is nothing to compare."""
     batches = batches[:len(float_outputs)]
@@ -83,7 +89,8 @@ def check_calibration(model: fx.GraphModule, batches: list[tuple[Tensor, ...]],
     if not pairs:
         return None
     sqnr = sqnr_db(torch.cat([f for f, _ in pairs]), torch.cat([q for _, q in pairs]))
-    check = CalibrationCheck(sqnr, sum(inputs[0].shape[0] for inputs in batches))
+    check = CalibrationCheck(sqnr, sum(inputs[0].shape[0] for inputs in batches),
+                             sixteen_bit=list(sixteen_bit))
     if check.collapsed and math.isfinite(sqnr):
         check.worst_tensor, check.worst_loss_db = worst_tensor(model, batches)
         warnings.warn(_collapse_message(check), stacklevel=3)

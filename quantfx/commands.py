@@ -32,6 +32,7 @@ from quantfx.sources import (
     load_model,
     parse_shape,
 )
+from quantfx.state import state_of
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> QuantConfig:
@@ -52,14 +53,15 @@ def _batches(args: argparse.Namespace) -> list[torch.Tensor]:
 
 
 def _report_lines(args: argparse.Namespace, batches: list[torch.Tensor], sqnr: float,
-                  seconds: float, export_summary: str) -> list[str]:
+                  seconds: float, export_summary: str, measured: list[str]) -> list[str]:
     count = sum(len(batch) for batch in batches)
     return [f"# quantfx quantize: {args.model}", "",
             f"- weights: {args.weights or 'random (no --weights given)'}",
             f"- calibration: {count} inputs of shape {tuple(batches[0].shape[1:])} from "
             f"{args.calib}",
             f"- target: {args.target}, {args.bits} bit, 16-bit layers: "
-            f"{args.sixteen_bit_layers or 'none'}",
+            f"{args.sixteen_bit_layers or 'none'}; by measurement: "
+            f"{', '.join(measured) or 'none'}",
             f"- output SQNR against float on the calibration data: {sqnr:.2f} dB",
             f"- time: {seconds:.1f} s", "", "```", export_summary, "```", ""]
 
@@ -84,7 +86,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     sqnr = _output_sqnr(model, converted, batches[:4])
     export = export_onnx(converted, example, output, verify=not args.no_verify,
                          verify_data=batches[1:3], strict_tidl=args.strict_tidl)
-    lines = _report_lines(args, batches, sqnr, time.perf_counter() - start, export.summary())
+    lines = _report_lines(args, batches, sqnr, time.perf_counter() - start, export.summary(),
+                          state_of(prepared).measured_sixteen_bit)
     write_text_files({report_path: "\n".join(lines)})
     print("\n".join(line for line in lines[2:] if line and line != "```"))
     print(f"wrote {export.path}, {export.options_path} and {report_path}")

@@ -147,6 +147,13 @@ class QuantConfig:
     channels with fewer than 8 codes -- typically a BN-folded stem whose channel ranges span
     20x -- the coarsest tenth of the layers at most (`quantfx.passes.place`). Decided from the
     weights at `prepare`; per-channel weights are never coarse."""
+    widen_sensitive_layers: bool = True
+    """PTC, 8 bit: after the ranges, measure each layer's own 8-bit rounding (its weights and
+    output, nothing else quantized) at the model's output on 8 calibration samples, and run the
+    layers that alone hold the output below 30 dB SQNR at 16 bit (weights and output), the
+    worst first, a tenth of the layers at most (`quantfx.mixed_precision`). The choice is in
+    the calibration check (`summary()`) and the state_dict. Costs one forward of 8 samples
+    per layer."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""
@@ -234,7 +241,8 @@ class QuantConfig:
         self.target = check_choice(resolve_target(self.target), "QuantConfig.target", TARGETS)
         if self.equalization is not None:
             check_bool(self.equalization, "QuantConfig.equalization")
-        for name in ("bias_calibration", "nonnegative_inputs", "progress", "widen_coarse_weights"):
+        for name in ("bias_calibration", "nonnegative_inputs", "progress", "widen_coarse_weights",
+                     "widen_sensitive_layers"):
             check_bool(getattr(self, name), f"QuantConfig.{name}")
         for name in ("per_channel_depthwise", "per_channel_weights"):
             value = getattr(self, name)

@@ -21,6 +21,7 @@ from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_d
 from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
 from quantfx.learned_rounding import learn_rounding, restore_float_parameters
+from quantfx.mixed_precision import restore_placed_widths, widen_sensitive_layers
 from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_parts
 from quantfx.passes.batchnorm_scale import absorb_batchnorm_scales
 from quantfx.passes.equalize import equalize
@@ -204,6 +205,7 @@ def calibrate(
     float_outputs: list[list[torch.Tensor]] = []  # for the check at the end
     checked = 0
     restore_float_parameters(model)  # a second calibration starts from the float model
+    restore_placed_widths(model)  # and measures afresh which layers need 16 bit
     state.calibration_failed = True  # until this call finishes
     try:
         with torch.no_grad():
@@ -220,7 +222,8 @@ def calibrate(
         checks = [tuple(tensor[:len(outputs[0]) if outputs else 0] for tensor in inputs)
                   for inputs, outputs in zip(kept, float_outputs)]
         state.calibration_failed = False
-        state.calibration_check = check_calibration(model, checks, float_outputs)
+        state.calibration_check = check_calibration(model, checks, float_outputs,
+                                                    state.measured_sixteen_bit)
     finally:
         model.train(was_training)
     return model
@@ -239,6 +242,7 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
     for _, quantizer in calibration_quantizers(model):
         if quantizer.observed:
             quantizer.compute_exponent()
+    state_of(model).measured_sixteen_bit = widen_sensitive_layers(model, config, kept)
     choose_weight_exponents(model, kept)  # by each layer's output error, where MSE-observed
     if config.weight_rounding == "learned":  # bias calibration in the same pass
         learn_rounding(model, kept, config.progress, correct_biases=config.bias_calibration)
@@ -273,6 +277,7 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
     model.eval()
     for part in parts.values():
         restore_float_parameters(part)
+        restore_placed_widths(part)
         set_quant_mode(part, observe=True, quantize=False)
         state_of(part).calibration_failed = True
     state.calibration_failed = True

@@ -34,11 +34,27 @@ class Quantizer(nn.Module):
     def __init__(self, bits: int, signed: bool, axis: int | None = None,
                  channels: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.bits = bits
         self.signed = signed
         self.axis = axis
-        self.qmin, self.qmax = qrange(bits, signed)
         self.register_buffer("exponent", torch.zeros(channels))
+        self.register_buffer("width", torch.tensor(bits))  # in the state_dict: widths can change
+        self.placed_bits = bits  # placement's width; measured mixed precision may widen it
+        self.set_bits(bits)
+
+    def set_bits(self, bits: int) -> None:
+        """Make the grid `bits` wide (measured mixed precision widens layers after prepare)."""
+        self.bits = bits
+        self.qmin, self.qmax = qrange(bits, self.signed)
+        self.width.fill_(bits)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """Take the saved width too; a state_dict saved before widths were kept has none."""
+        key = prefix + "width"
+        saved = state_dict.get(key)
+        if saved is None:
+            state_dict = {**state_dict, key: self.width.clone()}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.set_bits(int(self.width))
 
     @property
     def scale(self) -> float:

@@ -39,6 +39,9 @@ class QuantState:
     module left float around them, with what it is or why (empty for a whole model)."""
     input_count: int = 0
     """How many positional arguments the whole model takes (partly quantized models)."""
+    measured_sixteen_bit: list[str] = field(default_factory=list)
+    """The layers and tensors the last calibration widened to 16 bit by measurement
+    (`quantfx.mixed_precision`), worst first."""
     calibration_check: Any = None
     """The last calibration's `quantfx.calibration_check.CalibrationCheck` (output SQNR against
     float on calibration samples), kept through `convert`."""

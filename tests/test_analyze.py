@@ -12,7 +12,8 @@ from torch import nn
 import quantfx as qf
 
 CONFIG = qf.QuantConfig(progress=False, weight_observer="minmax", bias_calibration=False,
-                        widen_coarse_weights=False)  # the damaged layer stays 8 bit
+                        widen_coarse_weights=False,
+                        widen_sensitive_layers=False)  # the damaged layer stays 8 bit
 
 
 class Chain(nn.Module):

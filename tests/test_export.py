@@ -63,7 +63,7 @@ def _cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-FAST = {"bias_calibration": False, "progress": False}
+FAST = {"bias_calibration": False, "progress": False, "widen_sensitive_layers": False}
 """Calibration refinements change the numbers, not what the exporter must reproduce: skip them."""
 
 

@@ -1,11 +1,14 @@
-"""Mixed precision: named / first / last layers at 16 bit, and the 8-vs-16-bit check."""
+"""Mixed precision: named / first / last layers at 16 bit, the layers calibration widens by
+measurement (`quantfx.mixed_precision`), and the 8-vs-16-bit check."""
 
 import pytest
 import torch
+from torch import nn
 
 import quantfx as qf
 from quantfx.layers import IntegerLayer
-from quantfx.quantizers import FrozenQuantizer
+from quantfx.quantizers import FrozenQuantizer, calibration_quantizers
+from quantfx.state import state_of
 from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
 
 
@@ -139,3 +142,95 @@ def test_a_state_dict_of_other_bit_widths_is_refused():
         eight.load_state_dict(wide.state_dict())
     _, again = quantize_model(model)
     again.load_state_dict(eight.state_dict())  # the same widths load as before
+
+
+class _Chain(nn.Module):
+    """Ten 1x1 conv+ReLU layers that keep the signal's size; `spread` makes one layer's
+    output channel 0 (and its weights) 300x the others, the next layer reading it 300x
+    smaller: the same function, but one 8-bit grid per tensor rounds that layer coarsely."""
+
+    def __init__(self, spread: int | None = None) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 1) for _ in range(10))
+        with torch.no_grad():
+            for conv in self.convs:
+                conv.weight.copy_(torch.randn(8, 8, 1, 1, generator=generator) * 0.5)
+                conv.bias.copy_(torch.randn(8, generator=generator) * 0.1)
+            if spread is not None:
+                self.convs[spread].weight[0].mul_(300)
+                self.convs[spread].bias[0].mul_(300)
+                self.convs[spread + 1].weight[:, 0].div_(300)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return x
+
+
+_CALIBRATION = [torch.randn(8, 8, 6, 6, generator=torch.Generator().manual_seed(i))
+                for i in range(2)]
+
+
+def _calibrated(model, **options):
+    prepared = qf.prepare(model.eval(), (_CALIBRATION[0][:1],),
+                          qf.QuantConfig(progress=False, widen_coarse_weights=False, **options))
+    return qf.calibrate(prepared, _CALIBRATION)
+
+
+def test_the_layer_whose_own_rounding_costs_most_runs_at_16_bit():
+    model = _Chain(spread=4)
+    with pytest.warns(UserWarning, match="collapsed"):  # 8 bit everywhere: 3.5 dB
+        narrow = qf.convert(_calibrated(model, widen_sensitive_layers=False))
+    prepared = _calibrated(model)
+    check = state_of(prepared).calibration_check
+    assert check.sixteen_bit == ["convs.4"]  # at most a tenth of the 10 layers: one
+    assert "16 bit by measurement: convs.4" in check.summary()
+    layers, outputs = _bits(qf.convert(prepared))
+    assert {name for name, bits in layers.items() if bits == 16} == {"convs.4"}
+    assert {name for name, bits in outputs.items() if bits == 16} == {"relu_4"}
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        reference = model(x)
+        widened = qf.qmath.sqnr_db(reference, qf.convert(prepared)(x))
+        assert widened > qf.qmath.sqnr_db(reference, narrow(x)) + 10
+
+
+def test_the_widened_model_exports_bit_exact_and_lists_its_16_bit_layers(tmp_path):
+    converted = qf.convert(_calibrated(_Chain(spread=4)))
+    report = qf.export_onnx(converted, (_CALIBRATION[0][:1],), tmp_path / "chain.onnx",
+                            verify_data=_CALIBRATION[1])
+    assert report.fraction_identical == 1.0 and report.measured_sixteen_bit == ["convs.4"]
+    assert "16 bit by measurement: convs.4" in report.summary()
+    assert "convs_4" in report.sixteen_bit_params and len(report.sixteen_bit_features) == 1
+
+
+def test_a_model_that_8_bit_serves_keeps_8_bit_everywhere():
+    prepared = _calibrated(_Chain())
+    assert state_of(prepared).calibration_check.sixteen_bit == []
+    assert {q.bits for _, q in calibration_quantizers(prepared)} == {8}
+
+
+def test_tda4vm_widens_weights_only_so_the_next_16_bit_bias_still_holds():
+    prepared = _calibrated(_Chain(spread=4), target="tda4vm", equalization=False)
+    assert state_of(prepared).calibration_check.sixteen_bit == ["convs.4"]
+    layers, outputs = _bits(qf.convert(prepared))
+    assert layers["convs.4"] == 16 and set(outputs.values()) == {8}
+
+
+def test_the_measured_widths_travel_in_the_state_dict_and_a_new_calibration_decides_again():
+    model = _Chain(spread=4)
+    prepared = _calibrated(model)
+    fresh = qf.prepare(model, (_CALIBRATION[0][:1],),
+                       qf.QuantConfig(progress=False, widen_coarse_weights=False))
+    fresh.load_state_dict(prepared.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(qf.convert(fresh)(x), qf.convert(prepared)(x))
+    # an old state_dict, saved before widths were kept, still loads (at the placed widths)
+    old = {key: value for key, value in prepared.state_dict().items()
+           if not key.endswith(".width")}
+    fresh.load_state_dict(old)
+    qf.calibrate(fresh, _CALIBRATION)  # narrowed to the placed widths, then measured again
+    assert state_of(fresh).calibration_check.sixteen_bit == ["convs.4"]
+    assert sum(q.bits == 16 for _, q in calibration_quantizers(fresh)) == 2

@@ -64,6 +64,7 @@ VALIDITY = {
     "bias_calibration": lambda v: isinstance(v, bool),
     "nonnegative_inputs": lambda v: isinstance(v, bool),
     "widen_coarse_weights": lambda v: isinstance(v, bool),
+    "widen_sensitive_layers": lambda v: isinstance(v, bool),
     "progress": lambda v: isinstance(v, bool),
     "activation_observer": lambda v: isinstance(v, str)
     and v in ("minmax", "moving_average", "histogram"),

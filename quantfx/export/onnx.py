@@ -98,6 +98,9 @@ class ExportReport:
     calibration_sqnr_db: float | None = None
     """The converted model's output SQNR against float on calibration samples, measured at the
     end of `calibrate` (None for QAT models and partly quantized ones)."""
+    measured_sixteen_bit: list[str] = field(default_factory=list)
+    """The layers and tensors calibration widened to 16 bit by measurement
+    (`QuantConfig.widen_sensitive_layers`)."""
 
     def summary(self) -> str:
         """A few lines for logs: agreement in both ONNX Runtime sessions, TIDL's verdict."""
@@ -105,6 +108,8 @@ class ExportReport:
         if self.calibration_sqnr_db is not None:
             tidl += (f"\n  calibration check: output SQNR {self.calibration_sqnr_db:.1f} dB "
                      "against float")
+        if self.measured_sixteen_bit:
+            tidl += f"\n  16 bit by measurement: {', '.join(self.measured_sixteen_bit)}"
         if self.prototxt_path is not None:
             tidl += (f"\n  detection: heads {', '.join(self.head_outputs)} -> "
                      f"{', '.join(self.detection_outputs)}; meta-architecture "
@@ -265,6 +270,7 @@ def export_onnx(
         sixteen_bit_params=widths.sixteen_bit_params(), target=profile.name,
         tidl=check_model(built.model, profile.name),
         calibration_sqnr_db=getattr(state_of(model).calibration_check, "output_sqnr_db", None),
+        measured_sixteen_bit=list(getattr(state_of(model).calibration_check, "sixteen_bit", [])),
     )
     if strict_tidl and not report.tidl.fully_offloaded:
         raise ExportError(f"strict_tidl: {report.tidl.summary()}. Nothing was written; the "

@@ -1,0 +1,132 @@
+"""Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers run 16 bit.
+
+Once calibration has every range, each layer's own 8-bit rounding -- its weights and its output,
+nothing else quantized -- is measured at the model's output on a few calibration samples. A
+layer that alone holds the model below `SENSITIVE_DB` gets 16-bit weights and a 16-bit output
+(TIDL's `params_16bit_names_list` / `output_feature_16bit_names_list`), the worst first, at most
+`MAX_WIDENED_SHARE` of the layers. Other quantized tensors (a residual add's output, a
+standalone BatchNorm's) are candidates too, by their graph node name, as `analyze` names them.
+The widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from quantfx.config import QuantConfig
+from quantfx.layers import FakeQuantLayer
+from quantfx.ops import FUSABLE_ACTIVATIONS
+from quantfx.passes.graph_utils import first_input, flatten_values, module_of
+from quantfx.passes.place import MAX_WIDENED_SHARE
+from quantfx.qmath import sqnr_db
+from quantfx.quantizers import CalibrationQuantizer
+from quantfx.reconstruction import first_samples
+
+SENSITIVE_DB = 30.0
+"""A layer whose own 8-bit rounding alone leaves the model's output below this SQNR is widened
+(8-bit tensors alone measure 35-50 dB on the real models of docs/benchmarks.md; the BN-folded
+early layers of EfficientNet-Lite 17-30 dB)."""
+MEASURE_SAMPLES = 8
+"""Calibration samples each layer's own rounding is measured on."""
+WIDE_BITS = 16
+
+
+@dataclass
+class PrecisionUnit:
+    """What widens together: a layer's weight and output quantizers, or one tensor's."""
+
+    name: str
+    quantizers: list[CalibrationQuantizer]
+
+
+def precision_units(model: fx.GraphModule, outputs: bool = True) -> list[PrecisionUnit]:
+    """Each conv/linear (module path) with its weight and output quantizers (the output after a
+    fused activation), then each other quantized op output (node name); network inputs are
+    the data's own precision and never widened. Without `outputs`, the weights alone."""
+    units: dict[str, PrecisionUnit] = {}
+    for node in model.graph.nodes:
+        module = module_of(model, node)
+        if isinstance(module, FakeQuantLayer):
+            unit = units.setdefault(str(node.target), PrecisionUnit(str(node.target), []))
+            unit.quantizers.append(module.weight_quantizer)
+        elif isinstance(module, CalibrationQuantizer) and outputs:
+            source = first_input(node)
+            if source is None or source.op == "placeholder":
+                continue
+            if isinstance(module_of(model, source), FUSABLE_ACTIVATIONS):
+                layer = first_input(source)
+                if layer is not None and isinstance(module_of(model, layer), FakeQuantLayer):
+                    source = layer
+            name = (str(source.target) if isinstance(module_of(model, source), FakeQuantLayer)
+                    else source.name)
+            units.setdefault(name, PrecisionUnit(name, [])).quantizers.append(module)
+    return list(units.values())
+
+
+def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([leaf.detach().flatten() for inputs in batches
+                          for leaf in flatten_values(model(*inputs))
+                          if isinstance(leaf, Tensor) and leaf.is_floating_point()])
+
+
+def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
+                    batches: Sequence[tuple[Tensor, ...]], progress: bool) -> list[float]:
+    """Output SQNR against float with only each unit's quantizers quantizing, one at a time."""
+    quantizers = [q for _, q in model.named_modules() if isinstance(q, CalibrationQuantizer)]
+    modes = [(bool(q.observer_enabled), bool(q.quant_enabled)) for q in quantizers]
+    for quantizer in quantizers:
+        quantizer.set_mode(observe=False, quantize=False)
+    try:
+        reference = _outputs(model, batches)
+        measured = []
+        for unit in tqdm(units, desc="mixed precision", unit="layer", leave=False,
+                         disable=None if progress else True):
+            for quantizer in unit.quantizers:
+                quantizer.set_mode(observe=False, quantize=quantizer.observed)
+            measured.append(sqnr_db(reference, _outputs(model, batches)))
+            for quantizer in unit.quantizers:
+                quantizer.set_mode(observe=False, quantize=False)
+        return measured
+    finally:
+        for quantizer, (observe, quantize) in zip(quantizers, modes):
+            quantizer.set_mode(observe, quantize)
+
+
+def restore_placed_widths(model: fx.GraphModule) -> None:
+    """Undo an earlier calibration's widening: a new calibration measures afresh."""
+    for module in model.modules():
+        if isinstance(module, CalibrationQuantizer) and module.bits != module.placed_bits:
+            module.set_bits(module.placed_bits)
+
+
+def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
+                           batches: Sequence[tuple[Tensor, ...]]) -> list[str]:
+    """Widen to 16 bit the units whose own rounding costs most (see the module text); returns
+    their names, worst first. Every exponent must be computed already."""
+    if not (config.widen_sensitive_layers and batches and config.weight_bits == 8
+            and config.activation_bits == 8):
+        return []
+    # A 16-bit output makes the next layer's bias step tiny: a 16-bit bias (TDA4VM's, for
+    # 8-bit weights) no longer holds it, so there only weights widen (32-bit biases then).
+    outputs = config.profile.bias_bits_for(config.weight_bits) >= 32
+    units = [unit for unit in precision_units(model, outputs)
+             if any(q.bits < WIDE_BITS for q in unit.quantizers)]
+    layers = sum(isinstance(m, FakeQuantLayer) for m in model.modules())
+    budget = max(1, int(MAX_WIDENED_SHARE * layers))
+    samples = first_samples(batches, MEASURE_SAMPLES)
+    measured = own_rounding_db(model, units, samples, config.progress)
+    ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
+    chosen = [units[index] for _, index in ranked[:budget]]
+    for unit in chosen:
+        for quantizer in unit.quantizers:
+            quantizer.set_bits(WIDE_BITS)
+            if quantizer.observed:
+                quantizer.compute_exponent()
+    return [unit.name for unit in chosen]
