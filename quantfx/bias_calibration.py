@@ -199,66 +199,82 @@ def calibrate_biases(
     }
     if not layers or not batches:
         return 0
-    order = list(layers)
     limit = (memory_limit(batches[0][0].device) if memory_limit_bytes is None
              else memory_limit_bytes)
     with torch.no_grad():
         for layer in layers.values():  # every calibration starts from the float biases
             if layer.float_bias is not None:
                 layer.layer.bias.data.copy_(layer.float_bias)
-        set_quant_mode(model, observe=False, quantize=False)
-        recorder = _MeanRecorder(layers)
-        try:
-            _run(model, batches)
-        finally:
-            recorder.remove()
-        float_means = recorder.means()
+        float_means = _float_means(model, layers, batches)
         set_quant_mode(model, observe=False, quantize=True)
         for layer in layers.values():  # weights stay fixed below: quantize each once
             layer.weight_cache = []
         try:
-            depths = layer_depths(model)
-            levels = sorted(set(depths.values()))
-            runner: _LevelRunner | None = _LevelRunner(model, batches, depths, limit)
-            bar = tqdm(
-                levels,
-                desc="bias calibration",
-                unit="level",
-                leave=False,
-                disable=None if progress else True,
-            )
-            for depth in bar:
-                level = {name: layers[name] for name in order if depths[name] == depth}
-                if runner is not None:
-                    recorder = _MeanRecorder(level)
-                    try:
-                        runner.measure(depth)
-                    except _MemoryLimitError:
-                        runner.release()
-                        runner = None
-                    finally:
-                        recorder.remove()
-                if runner is None:  # too much to keep: run the graph from its inputs
-                    recorder = _MeanRecorder(level, stop_after=[n for n in order if n in level][-1])
-                    try:
-                        _run(model, batches)
-                    finally:
-                        recorder.remove()
-                for name, quant_mean in recorder.means().items():
-                    _shift_bias(level[name].layer, float_means[name] - quant_mean)
-                if runner is not None:
-                    try:
-                        runner.rerun_layers(depth)
-                    except _MemoryLimitError:
-                        runner.release()
-                        runner = None
-            if runner is not None:
-                runner.release()
+            _correct_by_level(model, layers, batches, float_means, limit, progress)
         finally:
             for layer in layers.values():
                 layer.weight_cache = None
     set_quant_mode(model, observe=True, quantize=False)
     return len(layers)
+
+
+def _float_means(model: fx.GraphModule, layers: dict[str, FakeQuantLayer],
+                 batches: Sequence[tuple[Tensor, ...]]) -> dict[str, Tensor]:
+    """Each layer's per-channel output mean with every quantizer off."""
+    set_quant_mode(model, observe=False, quantize=False)
+    recorder = _MeanRecorder(layers)
+    try:
+        _run(model, batches)
+    finally:
+        recorder.remove()
+    return recorder.means()
+
+
+def _correct_by_level(model: fx.GraphModule, layers: dict[str, FakeQuantLayer],
+                      batches: Sequence[tuple[Tensor, ...]], float_means: dict[str, Tensor],
+                      limit: int, progress: bool) -> None:
+    """Shift the biases depth by depth, so each level is corrected on inputs that already
+    carry the corrections of the levels before it."""
+    depths = layer_depths(model)
+    runner: _LevelRunner | None = _LevelRunner(model, batches, depths, limit)
+    for depth in tqdm(sorted(set(depths.values())), desc="bias calibration", unit="level",
+                      leave=False, disable=None if progress else True):
+        level = {name: layer for name, layer in layers.items() if depths[name] == depth}
+        runner, means = _level_means(model, runner, depth, level, batches)
+        for name, quant_mean in means.items():
+            _shift_bias(level[name].layer, float_means[name] - quant_mean)
+        if runner is not None:
+            try:
+                runner.rerun_layers(depth)
+            except _MemoryLimitError:
+                runner.release()
+                runner = None
+    if runner is not None:
+        runner.release()
+
+
+def _level_means(model: fx.GraphModule, runner: _LevelRunner | None, depth: int,
+                 level: dict[str, FakeQuantLayer], batches: Sequence[tuple[Tensor, ...]]
+                 ) -> tuple[_LevelRunner | None, dict[str, Tensor]]:
+    """The quantized output means of one level's layers: from the runner's kept activations
+    while they fit (the runner is dropped when they stop fitting), else by running the graph
+    from its inputs up to the level's last layer."""
+    if runner is not None:
+        recorder = _MeanRecorder(level)
+        try:
+            runner.measure(depth)
+            return runner, recorder.means()
+        except _MemoryLimitError:
+            runner.release()
+            runner = None
+        finally:
+            recorder.remove()
+    recorder = _MeanRecorder(level, stop_after=list(level)[-1])
+    try:
+        _run(model, batches)
+    finally:
+        recorder.remove()
+    return None, recorder.means()
 
 
 def _shift_bias(layer: nn.Module, shift: Tensor) -> None:

@@ -270,6 +270,17 @@ class QuantConfig:
                      1.0, low_open=True, example="0.1")
         check_int(self.bias_calibration_samples, "QuantConfig.bias_calibration_samples", 1,
                   example="512")
+        self._validate_sequences()
+        if self.qat_schedule is not None:
+            if not isinstance(self.qat_schedule, QATSchedule):
+                raise ConfigError(
+                    f"QuantConfig.qat_schedule must be a quantfx.QATSchedule or None, got "
+                    f"{type(self.qat_schedule).__name__}."
+                )
+            self.qat_schedule.validate()
+
+    def _validate_sequences(self) -> None:
+        """Check the list-valued fields and store them as tuples."""
         self.leaf_modules = as_tuple(
             self.leaf_modules, "QuantConfig.leaf_modules",
             lambda item: isinstance(item, str) or (isinstance(item, type)
@@ -288,13 +299,6 @@ class QuantConfig:
             self.autowrap_functions, "QuantConfig.autowrap_functions",
             lambda item: callable(item) and not isinstance(item, type),
             "functions (to be traced as single calls, like @torch.fx.wrap ones)")
-        if self.qat_schedule is not None:
-            if not isinstance(self.qat_schedule, QATSchedule):
-                raise ConfigError(
-                    f"QuantConfig.qat_schedule must be a quantfx.QATSchedule or None, got "
-                    f"{type(self.qat_schedule).__name__}."
-                )
-            self.qat_schedule.validate()
 
 
 def resolve_config(config: QuantConfig | None) -> QuantConfig:

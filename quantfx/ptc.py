@@ -257,17 +257,6 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
     part's observers record; each part keeps the inputs it received for its finishing steps."""
     names = quantized_parts(state.parts)
     parts = {name: model.get_submodule(name) for name in names}
-    budget = _kept_samples(state.config)
-    kept: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in names}
-    counts = dict.fromkeys(names, 0)
-
-    def keeper(name: str):
-        def keep(module: nn.Module, args: tuple) -> None:
-            if counts[name] < budget:
-                kept[name].append(tuple(a.detach()[:budget - counts[name]] for a in args))
-                counts[name] += kept[name][-1][0].shape[0] if kept[name][-1][0].dim() else 1
-        return keep
-
     if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
         raise CalibrationError(f"calibration data must be an iterable of batches (e.g. a "
                                f"DataLoader or a list of tensors), got {type(data).__name__}.")
@@ -281,25 +270,9 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
         set_quant_mode(part, observe=True, quantize=False)
         state_of(part).calibration_failed = True
     state.calibration_failed = True
-    handles = [part.register_forward_pre_hook(keeper(name)) for name, part in parts.items()]
-    seen = 0
+    kept, handles = _keep_part_inputs(parts, _kept_samples(state.config))
     try:
-        with torch.no_grad():
-            for index, batch in enumerate(tqdm(data, desc="calibrate", unit="batch", leave=False,
-                                               disable=None if state.config.progress else True)):
-                if num_batches is not None and index >= num_batches:
-                    break
-                try:
-                    run_batch(model, batch, state.input_count)
-                except NonFiniteError as error:
-                    raise named_non_finite(model, error) from None
-                except QuantFxError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - the model rejected the batch
-                    raise CalibrationError(
-                        f"the model fails on calibration batch {index}: {type(error).__name__}: "
-                        f"{(str(error).splitlines() or [''])[0][:300]}") from error
-                seen += 1
+        seen = _observe_whole(model, state, data, num_batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -315,3 +288,42 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
         state_of(part).calibration_failed = False
     state.calibration_failed = False
     return model
+
+
+def _keep_part_inputs(parts: dict[str, nn.Module], budget: int
+                      ) -> tuple[dict[str, list[tuple[torch.Tensor, ...]]], list[Any]]:
+    """Hooks that keep each part's first `budget` input samples; (kept inputs, hooks)."""
+    kept: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in parts}
+    counts = dict.fromkeys(parts, 0)
+
+    def keeper(name: str):
+        def keep(module: nn.Module, args: tuple) -> None:
+            if counts[name] < budget:
+                kept[name].append(tuple(a.detach()[:budget - counts[name]] for a in args))
+                counts[name] += kept[name][-1][0].shape[0] if kept[name][-1][0].dim() else 1
+        return keep
+
+    return kept, [part.register_forward_pre_hook(keeper(name)) for name, part in parts.items()]
+
+
+def _observe_whole(model: nn.Module, state: QuantState, data: Iterable,
+                   num_batches: int | None) -> int:
+    """Run the whole partly quantized model over `data` (its parts observe); the batch count."""
+    seen = 0
+    with torch.no_grad():
+        for index, batch in enumerate(tqdm(data, desc="calibrate", unit="batch", leave=False,
+                                           disable=None if state.config.progress else True)):
+            if num_batches is not None and index >= num_batches:
+                break
+            try:
+                run_batch(model, batch, state.input_count)
+            except NonFiniteError as error:
+                raise named_non_finite(model, error) from None
+            except QuantFxError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the model rejected the batch
+                raise CalibrationError(
+                    f"the model fails on calibration batch {index}: {type(error).__name__}: "
+                    f"{(str(error).splitlines() or [''])[0][:300]}") from error
+            seen += 1
+    return seen

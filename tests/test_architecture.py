@@ -1,6 +1,7 @@
 """The house rules, checked on the code itself: imports point one way (no cycle, function-level
 imports included), no module imports another module's private name, no file much over 400
-lines, and every op the placement tables call shape-only has an ONNX emitter."""
+lines, no function over 60, and every op the placement tables call shape-only has an ONNX
+emitter."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from quantfx.export import registry
 
 PACKAGE = Path(__file__).resolve().parent.parent / "quantfx"
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 60
 
 
 def _module_name(path: Path) -> str:
@@ -87,6 +89,15 @@ def test_no_file_much_over_the_limit():
     long_files = {str(path.relative_to(PACKAGE)): count for path in PACKAGE.rglob("*.py")
                   if (count := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long_files
+
+
+def test_no_function_over_the_limit():
+    long_functions = {
+        f"{path.relative_to(PACKAGE)}:{node.name}": node.end_lineno - node.lineno + 1
+        for path in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    assert not long_functions
 
 
 def _has_emitter(target) -> bool:

@@ -29,6 +29,7 @@ from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.ptc import calibrate, prepare
 from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
+from quantfx.state import state_of
 
 MAX_BATCHES = 8
 """Batches of `data` the per-tensor statistics use (the suggestion's trials use them too)."""
@@ -293,22 +294,9 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     The suggestion is the fewest worst-first layers that reach it.
     """
     config = resolve_config(config)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if evaluate is not None and not callable(evaluate):
-        raise ConfigError("evaluate must be a callable taking a model and returning a score.")
-    if target is not None:
-        check_number(target, "target", example="35.0 (dB), or a score with evaluate")
-    batches = []
-    prepared, converted = None, None
-    try:
-        batches = [tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-                   for _, batch in zip(range(MAX_BATCHES), data)]
-    except TypeError as error:
-        raise ConfigError(f"data must be an iterable of batches, got {type(data).__name__}."
-                          ) from error
+    batches = _checked_batches(model, data, evaluate, target)
     prepared, converted = _quantize(model, example_inputs, config, batches)
-    inputs = [batch[:len(prepared._quantfx_state.input_shapes)] for batch in batches]
+    inputs = [batch[:len(state_of(prepared).input_shapes)] for batch in batches]
     was_training = model.training
     model.eval()
     try:
@@ -346,6 +334,23 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     if evaluate is not None:
         report.scores["suggested"] = _score(evaluate, suggested)
     return report
+
+
+def _checked_batches(model: Any, data: Any, evaluate: Any, target: Any
+                     ) -> list[tuple[Tensor, ...]]:
+    """`analyze`'s arguments checked; the first `MAX_BATCHES` batches of `data` as tuples."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError("evaluate must be a callable taking a model and returning a score.")
+    if target is not None:
+        check_number(target, "target", example="35.0 (dB), or a score with evaluate")
+    try:
+        return [tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+                for _, batch in zip(range(MAX_BATCHES), data)]
+    except TypeError as error:
+        raise ConfigError(f"data must be an iterable of batches, got {type(data).__name__}."
+                          ) from error
 
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:

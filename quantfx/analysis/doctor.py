@@ -22,7 +22,7 @@ from torch import nn
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, QuantFxError
-from quantfx.export.graph import build_model
+from quantfx.export.onnx import build_export
 from quantfx.export.registry import unexportable
 from quantfx.frontend import as_input_tuple, build_graph, private_copy
 from quantfx.layers import is_depthwise
@@ -320,8 +320,7 @@ def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     converted = convert(prepared)
     findings = _long_tails(prepared)
     try:
-        built = build_model(converted.cpu(), tuple(t.cpu() for t in inputs), False,
-                            config.profile.default_opset)
+        built = build_export(converted.cpu(), tuple(t.cpu() for t in inputs))
     except QuantFxError as error:
         return findings + [Finding(WARNING, "export", str(error).splitlines()[0],
                                    "export_onnx would fail", "see the message")]

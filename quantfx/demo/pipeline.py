@@ -125,14 +125,7 @@ def run_demo(
     Returns the measurements (the printed table is `result.table()`). A failure of the ONNX
     export or QAT stages is recorded in the table (and the exit status), not raised.
     """
-    if epochs is not None:
-        check_int(epochs, "epochs", 1)
-    for name, value, minimum in (("qat_epochs", qat_epochs, 0),
-                                 ("calibration_images", calibration_images, 1),
-                                 ("batch_size", batch_size, 1), ("seed", seed, 0),
-                                 ("threads", threads, 1)):
-        check_int(value, name, minimum)
-    check_bool(verbose, "verbose")
+    _check_options(epochs, qat_epochs, calibration_images, batch_size, seed, threads, verbose)
     torch.set_num_threads(threads)
     log: Callable[[str], None] = (
         (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
@@ -155,6 +148,33 @@ def run_demo(
     stages.set_accuracy(accuracy_of(float_predictions, data.test), "float model on test set")
 
     config = qf.QuantConfig(progress=verbose)
+    converted, quantized_predictions = _ptc_stages(stages, float_model, example, data, config,
+                                                   calibration_images, batch_size)
+    _export_stages(stages, converted, example, data, quantized_predictions)
+    if qat_epochs > 0:
+        _qat_stages(stages, float_model, example, data, config, qat_epochs, batch_size, seed)
+
+    if verbose:
+        print(result.table())
+    return result
+
+
+def _check_options(epochs: int | None, qat_epochs: int, calibration_images: int,
+                   batch_size: int, seed: int, threads: int, verbose: bool) -> None:
+    if epochs is not None:
+        check_int(epochs, "epochs", 1)
+    for name, value, minimum in (("qat_epochs", qat_epochs, 0),
+                                 ("calibration_images", calibration_images, 1),
+                                 ("batch_size", batch_size, 1), ("seed", seed, 0),
+                                 ("threads", threads, 1)):
+        check_int(value, name, minimum)
+    check_bool(verbose, "verbose")
+
+
+def _ptc_stages(stages: _Stages, float_model: nn.Module, example: tuple, data: DemoData,
+                config: qf.QuantConfig, calibration_images: int, batch_size: int
+                ) -> tuple[nn.Module, torch.Tensor]:
+    """prepare -> calibrate -> convert -> evaluate; the converted model and its predictions."""
     prepared = stages.run("prepare", lambda: qf.prepare(float_model, example, config))
     calibration = TensorDataset(data.train.tensors[0][:calibration_images])
     calibration_loader = DataLoader(calibration, batch_size=batch_size)
@@ -167,14 +187,7 @@ def run_demo(
         "quantized eval (converted model)", lambda: predict(converted, data.test)
     )
     stages.set_accuracy(accuracy_of(quantized_predictions, data.test), "int8 power-of-2 simulation")
-
-    _export_stages(stages, converted, example, data, quantized_predictions)
-    if qat_epochs > 0:
-        _qat_stages(stages, float_model, example, data, config, qat_epochs, batch_size, seed)
-
-    if verbose:
-        print(result.table())
-    return result
+    return converted, quantized_predictions
 
 
 def _export_stages(

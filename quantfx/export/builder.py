@@ -80,6 +80,11 @@ class Builder:
         """Add one ONNX node."""
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attributes))
 
+    def op(self, op_type: str, inputs: list[str], name: str, **attributes: Any) -> str:
+        """Add one ONNX node whose one output has the node's `name`; returns that name."""
+        self.add(op_type, inputs, [name], name, **attributes)
+        return name
+
     def emit(self, node: fx.Node, op_type: str, inputs: list[str], **attributes: Any) -> None:
         """Add the ONNX node that computes `node` (node and output named after it)."""
         self.add(op_type, inputs, [node.name], node.name, **attributes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -24,6 +24,7 @@ from quantfx.errors import ExportError
 from quantfx.export.graph import build_model
 from quantfx.export.meta_arch import SsdMetaArch, YoloxMetaArch
 from quantfx.export.postprocess import check_detection, run_detector, whole_detector
+from quantfx.export.report import ExportReport
 from quantfx.export.tidl import bit_widths, check_constraints, compile_options
 from quantfx.export.verify import (
     clip_simulation,
@@ -38,7 +39,7 @@ from quantfx.layers import IntegerLayer
 from quantfx.partial import catching_calls, model_inputs, part_calls, quantized_parts, run_batch
 from quantfx.quantizers import FrozenQuantizer
 from quantfx.state import CONVERTED, PTC, QAT, require_state, state_of, unwrap
-from quantfx.tidl.checker import TidlReport, check_model
+from quantfx.tidl.checker import check_model
 from quantfx.tidl.profiles import DeviceProfile
 from quantfx.version import __version__
 
@@ -55,80 +56,6 @@ INT16_QDQ_OPSET = 21
 MIN_OPSET, MAX_OPSET = 11, 21
 
 __all__ = ["ExportReport", "export_onnx", "options_path_for"]
-
-
-@dataclass
-class ExportReport:
-    """What `export_onnx` wrote and how closely ONNX Runtime reproduces the PyTorch model."""
-
-    path: str
-    options_path: str
-    opset: int
-    legacy: bool
-    tidl_options: dict[str, Any]
-    sixteen_bit_features: list[str] = field(default_factory=list)
-    sixteen_bit_params: list[str] = field(default_factory=list)
-    verified: bool = False
-    elements_compared: int = 0
-    fraction_identical: float | None = None
-    """Share of output elements that are bit-identical (QDQ) to the converted model."""
-    max_lsb_diff: float | None = None
-    """Largest output difference in LSBs of the output quantizer's scale."""
-    argmax_agreement: float | None = None
-    """Share of rows whose argmax agrees (2-D outputs only: classifiers)."""
-    output_scales: list[float | None] = field(default_factory=list)
-    optimized_fraction_identical: float | None = None
-    """The same comparison in ONNX Runtime's deployment session (all graph optimizations, its
-    integer kernels) on this CPU: exact with VNNI, not always without (docs/export.md)."""
-    optimized_max_lsb_diff: float | None = None
-    cpu_dot_product: str | None = None
-    """This CPU's integer dot-product extension ("avx512_vnni", ...), or None."""
-    optimized_error: str | None = None
-    """Why ONNX Runtime's deployment session could not run the file, if it could not (its
-    graph optimizer, e.g. on some opset-21 Q/DQ around transposes; the file itself passed)."""
-    target: str = "generic"
-    tidl: TidlReport | None = None
-    """What TIDL would run on the accelerator for `target` (`quantfx.check_tidl`)."""
-    prototxt_path: str | None = None
-    """The detection meta-architecture file written beside the model (`detection=`)."""
-    head_outputs: list[str] = field(default_factory=list)
-    """The head tensors the prototxt names (graph outputs, before decode and NMS)."""
-    detection_outputs: list[str] = field(default_factory=list)
-    """The float decode + NMS outputs after them: boxes, labels, scores."""
-    calibration_sqnr_db: float | None = None
-    """The converted model's output SQNR against float on calibration samples, measured at the
-    end of `calibrate` (None for QAT models and partly quantized ones)."""
-    measured_sixteen_bit: list[str] = field(default_factory=list)
-    """The layers and tensors calibration widened to 16 bit by measurement
-    (`QuantConfig.widen_sensitive_layers`)."""
-
-    def summary(self) -> str:
-        """A few lines for logs: agreement in both ONNX Runtime sessions, TIDL's verdict."""
-        tidl = f"\n  TIDL {self.tidl.summary()}" if self.tidl is not None else ""
-        if self.calibration_sqnr_db is not None:
-            tidl += (f"\n  calibration check: output SQNR {self.calibration_sqnr_db:.1f} dB "
-                     "against float")
-        if self.measured_sixteen_bit:
-            tidl += f"\n  16 bit by measurement: {', '.join(self.measured_sixteen_bit)}"
-        if self.prototxt_path is not None:
-            tidl += (f"\n  detection: heads {', '.join(self.head_outputs)} -> "
-                     f"{', '.join(self.detection_outputs)}; meta-architecture "
-                     f"{self.prototxt_path}")
-        if not self.verified:
-            return f"{self.path}: opset {self.opset}, not verified{tidl}"
-        argmax = "n/a" if self.argmax_agreement is None else f"{100 * self.argmax_agreement:.2f}%"
-        optimized = ""
-        if self.optimized_error is not None:
-            optimized = f"\n  ONNX Runtime optimized session failed: {self.optimized_error}"
-        if self.optimized_fraction_identical is not None:
-            optimized = (f"\n  ONNX Runtime optimized session on this CPU "
-                         f"({self.cpu_dot_product or 'no VNNI'}): "
-                         f"{100 * self.optimized_fraction_identical:.3f}% bit-identical, max "
-                         f"{self.optimized_max_lsb_diff:g} LSB")
-        return (f"{self.path}: opset {self.opset}, {self.elements_compared} elements, "
-                f"{100 * self.fraction_identical:.3f}% bit-identical in ONNX Runtime's reference "
-                f"kernels, max {self.max_lsb_diff:g} LSB, argmax agreement {argmax}"
-                f"{optimized}{tidl}")
 
 
 def _check_inputs(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, ...]:
@@ -247,6 +174,53 @@ def export_onnx(
     path = _check_options(path, opset, verify, legacy, max_lsb_diff, threads)
     check_bool(strict_tidl, "strict_tidl", ExportError)
     check_detection(detection, legacy, inputs)
+    model = _on_cpu(model)
+    built = build_export(model, inputs, opset, legacy)
+    detection_files = whole_detector(built.model, detection, inputs, path, built.options)
+    report = _report(model, path, built)
+    if strict_tidl and not report.tidl.fully_offloaded:
+        raise ExportError(f"strict_tidl: {report.tidl.summary()}. Nothing was written; the "
+                          "reasons are in quantfx.check_tidl(...) of a non-strict export.")
+    batches = verification_batches(inputs, verify_data)  # checked even when verify=False
+    try:
+        with staged_files(*_destinations(report, detection_files)) as temporaries:
+            _save_verified(model, built, temporaries, detection_files, report,
+                           batches if verify else None, inputs, max_lsb_diff, threads)
+    except OSError as error:
+        raise ExportError(f"could not write {path!r} (or its options file): "
+                          f"{error.strerror or error}. Nothing was written.") from error
+    return report
+
+
+def _destinations(report: ExportReport, detection_files: dict | None) -> list[str]:
+    """The files the export will write (checked writable): model, options, prototxt."""
+    check_destination(report.path, "model")
+    check_destination(report.options_path, "TIDL options")
+    finals = [report.path, report.options_path]
+    if detection_files is not None:
+        report.prototxt_path, report.head_outputs, report.detection_outputs = (
+            detection_files["path"], detection_files["heads"], detection_files["outputs"])
+        check_destination(report.prototxt_path, "detection meta-architecture")
+        finals.append(report.prototxt_path)
+    return finals
+
+
+@dataclass
+class BuiltExport:
+    """The build step's result: the ONNX graph, its opset, its 16-bit tensors, TIDL options."""
+
+    model: onnx.ModelProto
+    opset: int
+    legacy: bool
+    widths: Any
+    options: dict
+    profile: DeviceProfile
+
+
+def build_export(model: fx.GraphModule, inputs: tuple[Tensor, ...], opset: int | None = None,
+                 legacy: bool = False) -> BuiltExport:
+    """Build step of `export_onnx` (nothing written): the opset (21 where a tensor is 16 bit),
+    the ONNX graph of the converted CPU `model`, TIDL's structural constraints, the options."""
     profile = state_of(model).config.profile
     needs_int16 = any(
         (isinstance(module, FrozenQuantizer) and module.bits == 16)
@@ -254,7 +228,6 @@ def export_onnx(
         for module in model.modules()
     )
     chosen_opset = _choose_opset(opset, legacy, needs_int16, profile)
-    model = _on_cpu(model)
     built = build_model(model, inputs, legacy, chosen_opset)
     problems = check_constraints(built.model)
     if problems:
@@ -262,48 +235,41 @@ def export_onnx(
     widths = bit_widths(model, built.emitted, built.names)
     options = compile_options(widths, legacy, profile)
     _record_target(built.model, profile)
-    options_path = options_path_for(path)
-    detection_files = whole_detector(built.model, detection, inputs, path, options)
-    report = ExportReport(
-        path=path, options_path=options_path, opset=chosen_opset, legacy=legacy,
-        tidl_options=options, sixteen_bit_features=widths.sixteen_bit_features(),
-        sixteen_bit_params=widths.sixteen_bit_params(), target=profile.name,
-        tidl=check_model(built.model, profile.name),
-        calibration_sqnr_db=getattr(state_of(model).calibration_check, "output_sqnr_db", None),
-        measured_sixteen_bit=list(getattr(state_of(model).calibration_check, "sixteen_bit", [])),
+    return BuiltExport(built.model, chosen_opset, legacy, widths, options, profile)
+
+
+def _report(model: fx.GraphModule, path: str, built: BuiltExport) -> ExportReport:
+    """The report of a built export, before verification fills in its agreement figures."""
+    check = state_of(model).calibration_check
+    return ExportReport(
+        path=path, options_path=options_path_for(path), opset=built.opset, legacy=built.legacy,
+        tidl_options=built.options, sixteen_bit_features=built.widths.sixteen_bit_features(),
+        sixteen_bit_params=built.widths.sixteen_bit_params(), target=built.profile.name,
+        tidl=check_model(built.model, built.profile.name),
+        calibration_sqnr_db=getattr(check, "output_sqnr_db", None),
+        measured_sixteen_bit=list(getattr(check, "sixteen_bit", [])),
     )
-    if strict_tidl and not report.tidl.fully_offloaded:
-        raise ExportError(f"strict_tidl: {report.tidl.summary()}. Nothing was written; the "
-                          "reasons are in quantfx.check_tidl(...) of a non-strict export.")
-    batches = verification_batches(inputs, verify_data)  # checked even when verify=False
-    check_destination(path, "model")
-    check_destination(options_path, "TIDL options")
-    finals = [path, options_path]
-    if detection_files is not None:
-        report.prototxt_path, report.head_outputs, report.detection_outputs = (
-            detection_files["path"], detection_files["heads"], detection_files["outputs"])
-        check_destination(report.prototxt_path, "detection meta-architecture")
-        finals.append(report.prototxt_path)
-    try:
-        with staged_files(*finals) as temporaries:
-            temporary_model, temporary_options = temporaries[:2]
-            onnx.save(built.model, temporary_model)
-            with open(temporary_options, "w", encoding="utf-8") as handle:
-                json.dump(options, handle, indent=2)
-                handle.write("\n")
-            if verify:
-                _verify_file(model, temporary_model, batches, legacy, max_lsb_diff, threads,
-                             report)
-            if detection_files is not None:  # the heads verified: now the whole detector
-                onnx.save(detection_files["model"], temporary_model)
-                if verify:
-                    run_detector(temporary_model, inputs, threads)
-                with open(temporaries[2], "w", encoding="utf-8") as handle:
-                    handle.write(detection_files["text"])
-    except OSError as error:
-        raise ExportError(f"could not write {path!r} (or its options file): "
-                          f"{error.strerror or error}. Nothing was written.") from error
-    return report
+
+
+def _save_verified(model: fx.GraphModule, built: BuiltExport, temporaries: list[str],
+                   detection_files: dict | None, report: ExportReport, batches: Any,
+                   inputs: tuple[Tensor, ...], max_lsb_diff: float | None, threads: int) -> None:
+    """Save step: the model and its options into their staged files, verified in ONNX Runtime
+    on `batches` (None: not verified), then the whole detector and its prototxt."""
+    temporary_model, temporary_options = temporaries[:2]
+    onnx.save(built.model, temporary_model)
+    with open(temporary_options, "w", encoding="utf-8") as handle:
+        json.dump(built.options, handle, indent=2)
+        handle.write("\n")
+    if batches is not None:
+        _verify_file(model, temporary_model, batches, built.legacy, max_lsb_diff, threads,
+                     report)
+    if detection_files is not None:  # the heads verified: now the whole detector
+        onnx.save(detection_files["model"], temporary_model)
+        if batches is not None:
+            run_detector(temporary_model, inputs, threads)
+        with open(temporaries[2], "w", encoding="utf-8") as handle:
+            handle.write(detection_files["text"])
 
 
 def _on_cpu(model: fx.GraphModule) -> fx.GraphModule:
