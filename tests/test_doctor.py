@@ -28,6 +28,13 @@ def test_a_clean_model_and_optimizer_get_no_finding(build):
     assert "nothing to fix" in str(report)
 
 
+def test_a_16_bit_config_is_checked_at_the_opset_its_export_would_use():
+    model = randomize_batchnorm(resnet_style()).eval()
+    config = qf.QuantConfig(activation_bits=16, weight_bits=16, progress=False)
+    report = qf.doctor(model, torch.randn(1, 1, 28, 28), _sgd(model), config=config)
+    assert report.findings == [], str(report)
+
+
 class Planted(nn.Module):
     """One of each problem a guide warns about (the comments say which)."""
 
