@@ -70,10 +70,12 @@ def precision_units(model: fx.GraphModule, outputs: bool = True) -> list[Precisi
 
 
 def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Tensor:
+    """Every floating-point output value of `model` on `batches`, flattened (maybe empty)."""
     with torch.no_grad():
         return torch.cat([leaf.detach().flatten() for inputs in batches
                           for leaf in flatten_values(model(*inputs))
-                          if isinstance(leaf, Tensor) and leaf.is_floating_point()])
+                          if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+                         or [torch.zeros(0)])
 
 
 def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
@@ -85,6 +87,8 @@ def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
         quantizer.set_mode(observe=False, quantize=False)
     try:
         reference = _outputs(model, batches)
+        if not bool(reference.ne(0).any()):  # no float output, or all zero: nothing to rank
+            return [float("inf")] * len(units)
         measured = []
         for unit in tqdm(units, desc="mixed precision", unit="layer", leave=False,
                          disable=None if progress else True):

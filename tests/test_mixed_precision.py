@@ -234,3 +234,16 @@ def test_the_measured_widths_travel_in_the_state_dict_and_a_new_calibration_deci
     qf.calibrate(fresh, _CALIBRATION)  # narrowed to the placed widths, then measured again
     assert state_of(fresh).calibration_check.sixteen_bit == ["convs.4"]
     assert sum(q.bits == 16 for _, q in calibration_quantizers(fresh)) == 2
+
+
+class _Labels(_Chain):
+    """The chain's output channel index: no float output to measure against."""
+
+    def forward(self, x):
+        return super().forward(x).argmax(1)
+
+
+def test_a_model_without_float_outputs_calibrates_and_widens_nothing():
+    prepared = _calibrated(_Labels(spread=4))
+    assert state_of(prepared).measured_sixteen_bit == []
+    assert {q.bits for _, q in calibration_quantizers(prepared)} == {8}
