@@ -61,10 +61,13 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="FILE", default=None,
                         help="a state dict file (torch.save(model.state_dict(), FILE), or a "
                              "checkpoint holding one), read with weights_only=True")
-    parser.add_argument("--target", choices=TARGETS, default="generic", type=resolve_target,
+    parser.add_argument("--target", choices=TARGETS, default=None, type=resolve_target,
                         help="the device the model is for (its bias width, per-channel rules "
-                             "and options file); TI's Jacinto names (j721e, j721s2, ...) work "
-                             "too")
+                             "and options file; default generic); TI's Jacinto names (j721e, "
+                             "j721s2, ...) work too")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="QuantConfig fields from a .toml or .json file (e.g. target = "
+                             "\"tda4vm\"); the flags given and --set override it")
     parser.add_argument("--set", dest="settings", action="append", default=[],
                         metavar="FIELD=VALUE",
                         help="any QuantConfig field, e.g. --set per_channel_depthwise=false "
@@ -100,7 +103,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx",
                         help="the ONNX file to write; the TIDL options go to FILE.tidl.json and "
                              "a short report to FILE.report.md")
-    parser.add_argument("--bits", type=int, choices=(8, 16), default=8,
+    parser.add_argument("--bits", type=int, choices=(8, 16), default=None,
                         help="activation and weight bits")
     parser.add_argument("--sixteen-bit-layers", default="", metavar="NAMES",
                         help="comma-separated layers kept at 16 bit (as `quantfx analyze` "

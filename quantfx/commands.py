@@ -19,13 +19,14 @@ import torch
 from quantfx.analysis.analyze import analyze
 from quantfx.analysis.doctor import doctor
 from quantfx.analysis.plots import check_report_folder
-from quantfx.config import QuantConfig, settings_from_text
+from quantfx.config import QuantConfig
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, LoadError
 from quantfx.export.onnx import export_onnx
 from quantfx.files import check_destination, write_text_files
 from quantfx.passes.graph_utils import flatten_values
 from quantfx.ptc import calibrate, prepare
+from quantfx.settings import settings_from_file, settings_from_text
 from quantfx.sources import (
     ImageOptions,
     load_calibration,
@@ -35,10 +36,13 @@ from quantfx.sources import (
 from quantfx.state import state_of
 
 
-def _config(args: argparse.Namespace, **overrides: object) -> QuantConfig:
-    """The options given as flags, then every `--set FIELD=VALUE` over them."""
-    keywords = dict(target=args.target, progress=not getattr(args, "no_progress", False),
-                    **overrides)
+def config_from_arguments(args: argparse.Namespace, **flags: object) -> QuantConfig:
+    """The fields of `--config FILE`, then the flags given (None: not given), then every
+    `--set FIELD=VALUE` over them."""
+    keywords = settings_from_file(args.config) if getattr(args, "config", None) else {}
+    flags.update(target=args.target,
+                 progress=False if getattr(args, "no_progress", False) else None)
+    keywords.update({name: value for name, value in flags.items() if value is not None})
     keywords.update(settings_from_text(getattr(args, "settings", None) or []))
     return QuantConfig(**keywords)
 
@@ -52,15 +56,18 @@ def _batches(args: argparse.Namespace) -> list[torch.Tensor]:
     return batches
 
 
-def _report_lines(args: argparse.Namespace, batches: list[torch.Tensor], sqnr: float,
-                  seconds: float, export_summary: str, measured: list[str]) -> list[str]:
+def _report_lines(args: argparse.Namespace, prepared: torch.nn.Module,
+                  batches: list[torch.Tensor], sqnr: float, seconds: float,
+                  export_summary: str) -> list[str]:
     count = sum(len(batch) for batch in batches)
+    config, measured = state_of(prepared).config, state_of(prepared).measured_sixteen_bit
     return [f"# quantfx quantize: {args.model}", "",
             f"- weights: {args.weights or 'random (no --weights given)'}",
             f"- calibration: {count} inputs of shape {tuple(batches[0].shape[1:])} from "
             f"{args.calib}",
-            f"- target: {args.target}, {args.bits} bit, 16-bit layers: "
-            f"{args.sixteen_bit_layers or 'none'}; by measurement: "
+            f"- target: {config.target}, {config.activation_bits}-bit activations, "
+            f"{config.weight_bits}-bit weights, 16-bit layers: "
+            f"{', '.join(config.sixteen_bit_layers) or 'none'}; by measurement: "
             f"{', '.join(measured) or 'none'}",
             f"- output SQNR against float on the calibration data: {sqnr:.2f} dB",
             f"- time: {seconds:.1f} s", "", "```", export_summary, "```", ""]
@@ -75,8 +82,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_destination(output, "ONNX")
     report_path = os.path.splitext(output)[0] + ".report.md"
     layers = tuple(name.strip() for name in args.sixteen_bit_layers.split(",") if name.strip())
-    config = _config(args, activation_bits=args.bits, weight_bits=args.bits,
-                     sixteen_bit_layers=layers)
+    config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
+                     sixteen_bit_layers=layers or None)
     model = load_model(args.model, args.weights)
     batches = _batches(args)
     example = batches[0][:1]
@@ -86,8 +93,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     sqnr = _output_sqnr(model, converted, batches[:4])
     export = export_onnx(converted, example, output, verify=not args.no_verify,
                          verify_data=batches[1:3], strict_tidl=args.strict_tidl)
-    lines = _report_lines(args, batches, sqnr, time.perf_counter() - start, export.summary(),
-                          state_of(prepared).measured_sixteen_bit)
+    lines = _report_lines(args, prepared, batches, sqnr, time.perf_counter() - start,
+                          export.summary())
     write_text_files({report_path: "\n".join(lines)})
     print("\n".join(line for line in lines[2:] if line and line != "```"))
     print(f"wrote {export.path}, {export.options_path} and {report_path}")
@@ -116,7 +123,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     """Print doctor's findings; 1 if any is a warning or an error."""
     model = load_model(args.model, args.weights)
     example = torch.randn(parse_shape(args.input_shape))
-    report = doctor(model, example, config=_config(args))
+    report = doctor(model, example, config=config_from_arguments(args))
     print(_formatted(report, args.format))
     return 0 if report.ok else 1
 
@@ -127,7 +134,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         check_report_folder(args.output)  # before minutes of work, not after
     model = load_model(args.model, args.weights)
     batches = _batches(args)
-    report = analyze(model, batches[0][:1], batches, config=_config(args), target=args.target_db)
+    report = analyze(model, batches[0][:1], batches, config=config_from_arguments(args),
+                     target=args.target_db)
     print(_formatted(report, args.format))
     if args.output is not None:
         written = report.save(args.output)

@@ -309,39 +309,3 @@ def resolve_config(config: QuantConfig | None) -> QuantConfig:
         raise ConfigError(f"config must be a quantfx.QuantConfig, got {type(config).__name__}.")
     config.validate()
     return dataclasses.replace(config)  # a copy: changing the user's object later changes nothing
-
-
-TEXT_FIELDS_EXCLUDED = ("autowrap_functions", "qat_schedule")
-"""Fields a text setting cannot give (functions, a `QATSchedule`)."""
-LIST_FIELDS = ("sixteen_bit_layers", "leaf_modules", "quantize_only")
-
-
-def settings_from_text(pairs: Sequence[str]) -> dict[str, Any]:
-    """`QuantConfig` keywords from "field=value" texts (the command line's `--set`): true /
-    false, none, numbers, comma-separated lists for the list fields, else the text itself."""
-    names = [item.name for item in fields(QuantConfig) if item.name not in TEXT_FIELDS_EXCLUDED]
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        name, equals, text = (part.strip() for part in pair.partition("="))
-        if not equals:
-            raise ConfigError(f"--set {pair!r} must be FIELD=VALUE, e.g. "
-                              "per_channel_depthwise=false.")
-        check_choice(name, f"--set {pair!r}: the field", names)
-        settings[name] = _value_from_text(name, text)
-    return settings
-
-
-def _value_from_text(name: str, text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    if name in LIST_FIELDS and text != AUTO_PARTS:
-        return tuple(item.strip() for item in text.split(",") if item.strip())
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return text

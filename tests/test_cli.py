@@ -295,10 +295,39 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_config_file_sets_fields_and_the_flags_given_and_set_override_it(tmp_path):
+    from quantfx.arguments import build_parser
+    from quantfx.commands import config_from_arguments as config_of
+
+    toml = tmp_path / "quant.toml"
+    toml.write_text('target = "tda4vm"\nsixteen_bit_layers = ["first"]\n'
+                    "widen_sensitive_layers = false\n")
+    parse = build_parser().parse_args
+    config = config_of(parse(["doctor", "m", "--config", str(toml)]))
+    assert (config.target, config.sixteen_bit_layers) == ("tda4vm", ("first",))
+    assert not config.widen_sensitive_layers
+    config = config_of(parse(["doctor", "m", "--config", str(toml), "--target", "am68a",
+                            "--set", "sixteen_bit_layers=last"]))
+    assert (config.target, config.sixteen_bit_layers) == ("am68a", ("last",))
+    as_json = tmp_path / "quant.json"
+    as_json.write_text('{"per_channel_weights": true, "target": "am68a"}')
+    assert config_of(parse(["doctor", "m", "--config", str(as_json)])).per_channel_weights
+    for text, message in (('{"per_chanel_weights": true}', "Did you mean 'per_channel_weights'"),
+                          ('{"histogram_bins": 1000}', "power of two"),
+                          ("[1, 2]", "table of QuantConfig fields"), ("{", "not valid JSON")):
+        as_json.write_text(text)
+        with pytest.raises(qf.QuantFxError, match=message):
+            config_of(parse(["doctor", "m", "--config", str(as_json)]))
+    with pytest.raises(qf.QuantFxError, match="is not a file"):
+        config_of(parse(["doctor", "m", "--config", str(tmp_path)]))
+    with pytest.raises(qf.QuantFxError, match="must end with .toml or .json"):
+        config_of(parse(["doctor", "m", "--config", __file__]))
+
+
 def test_every_config_field_is_reachable_with_set(workspace, capsys):
     """5 of 22 QuantConfig fields were reachable from the command line: doctor's own fixes
     (per_channel_depthwise, ...) could not be set."""
-    from quantfx.config import settings_from_text
+    from quantfx.settings import settings_from_text
 
     assert settings_from_text(["per_channel_depthwise=false", "sixteen_bit_layers=first,last",
                                "percentile=99.9", "histogram_bins=1024", "equalization=none",

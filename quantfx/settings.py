@@ -1,0 +1,84 @@
+"""QuantConfig fields from text: the command line's `--set FIELD=VALUE` and `--config FILE`
+(TOML or JSON). Values are checked by `QuantConfig` itself; a misspelt field names the closest
+one."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from quantfx.checks import check_choice
+from quantfx.config import AUTO_PARTS, QuantConfig
+from quantfx.errors import ConfigError, LoadError
+
+TEXT_FIELDS_EXCLUDED = ("autowrap_functions", "qat_schedule")
+"""Fields a text setting cannot give (functions, a `QATSchedule`)."""
+LIST_FIELDS = ("sixteen_bit_layers", "leaf_modules", "quantize_only")
+
+
+def settings_from_text(pairs: Sequence[str]) -> dict[str, Any]:
+    """`QuantConfig` keywords from "field=value" texts (the command line's `--set`): true /
+    false, none, numbers, comma-separated lists for the list fields, else the text itself."""
+    names = [item.name for item in fields(QuantConfig) if item.name not in TEXT_FIELDS_EXCLUDED]
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        name, equals, text = (part.strip() for part in pair.partition("="))
+        if not equals:
+            raise ConfigError(f"--set {pair!r} must be FIELD=VALUE, e.g. "
+                              "per_channel_depthwise=false.")
+        check_choice(name, f"--set {pair!r}: the field", names)
+        settings[name] = _value_from_text(name, text)
+    return settings
+
+
+def _value_from_text(name: str, text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    if name in LIST_FIELDS and text != AUTO_PARTS:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def settings_from_file(path: str | os.PathLike) -> dict[str, Any]:
+    """`QuantConfig` keywords from a TOML (`.toml`) or JSON file whose top-level keys are
+    fields, e.g. `target = "tda4vm"` / `sixteen_bit_layers = ["first"]`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LoadError(f"--config {path!r} is not a file: give a .toml or .json file of "
+                        "QuantConfig fields.")
+    if not path.endswith((".toml", ".json")):
+        raise ConfigError(f"--config {path!r}: the file must end with .toml or .json.")
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read()
+        if path.endswith(".toml"):
+            import tomllib  # Python 3.11+
+
+            settings = tomllib.loads(content.decode("utf-8"))
+        else:
+            settings = json.loads(content)
+    except ImportError:
+        raise ConfigError("--config FILE.toml needs Python 3.11 or later (tomllib); give the "
+                          "same fields as a .json file.") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path!r} is not valid {path.rpartition('.')[2].upper()}: "
+                          f"{str(error)[:200]}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--config {path!r} must hold a table of QuantConfig fields.")
+    names = [item.name for item in fields(QuantConfig) if item.name not in TEXT_FIELDS_EXCLUDED]
+    for name, value in settings.items():
+        check_choice(name, f"--config {path!r}: the field", names)
+        if isinstance(value, list):
+            settings[name] = tuple(value)
+    return settings
