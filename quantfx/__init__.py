@@ -6,6 +6,7 @@
 """
 
 import importlib
+import logging
 import sys
 import types
 from typing import Any
@@ -23,6 +24,8 @@ from quantfx.errors import (
     TraceError,
 )
 from quantfx.version import __version__
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # silent unless the app logs
 
 _LAZY = {
     "quantfx.analysis.analyze": ("AnalysisReport", "analyze"),

@@ -56,7 +56,19 @@ def floats(text: str) -> tuple[float, ...]:
                                          ) from None
 
 
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-v / -q: how much the command says on stderr while it works."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also log each step's details (e.g. every layer's measured "
+                            "8-bit loss)")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="only warnings and errors on stderr: no step lines, no progress "
+                            "bars (quantize: no summary either; the files are still written)")
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
+    add_verbosity(parser)
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="FILE", default=None,
                         help="a state dict file (torch.save(model.state_dict(), FILE), or a "
@@ -160,6 +172,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    add_verbosity(parser)
     parser.add_argument("file", help="the exported .onnx file")
     parser.add_argument("--target", choices=TARGETS, default="generic", type=resolve_target,
                         help="the device whose rules apply (TI's Jacinto names work too)")

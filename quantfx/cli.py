@@ -7,6 +7,7 @@ Errors are one line on stderr and exit status 2 (`--traceback` shows where they 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -52,6 +53,17 @@ def run(args: argparse.Namespace) -> int:
             "analyze": commands.run_analyze}[args.command](args)
 
 
+def _log_to_stderr(args: argparse.Namespace) -> logging.Handler:
+    """The command's step lines on stderr: info, debug with -v, only warnings with -q."""
+    logger = logging.getLogger("quantfx")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"quantfx {args.command}: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if getattr(args, "verbose", False)
+                    else logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantfx` console script."""
     parser = build_parser()
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     handles_term = hasattr(signal, "SIGTERM") and (
         threading.current_thread() is threading.main_thread())
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_term else None
+    handler = _log_to_stderr(args)
     try:
         return run(args)
     except BrokenPipeError:  # `quantfx ... | head`: the reader left; not an error
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantfx {args.command}: error: {message}{hint}", file=sys.stderr)
         return 2
     finally:
+        logging.getLogger("quantfx").removeHandler(handler)
+        logging.getLogger("quantfx").setLevel(logging.NOTSET)
         if handles_term:
             signal.signal(signal.SIGTERM, previous)
 

@@ -9,9 +9,9 @@ this module only then, and turns errors into one line.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
-import sys
 import time
 
 import torch
@@ -35,22 +35,28 @@ from quantfx.sources import (
 )
 from quantfx.state import state_of
 
+LOG = logging.getLogger(__name__)
+
 
 def config_from_arguments(args: argparse.Namespace, **flags: object) -> QuantConfig:
     """The fields of `--config FILE`, then the flags given (None: not given), then every
     `--set FIELD=VALUE` over them."""
     keywords = settings_from_file(args.config) if getattr(args, "config", None) else {}
-    flags.update(target=args.target,
-                 progress=False if getattr(args, "no_progress", False) else None)
+    flags.update(target=args.target, progress=False if _quiet_bars(args) else None)
     keywords.update({name: value for name, value in flags.items() if value is not None})
     keywords.update(settings_from_text(getattr(args, "settings", None) or []))
     return QuantConfig(**keywords)
 
 
+def _quiet_bars(args: argparse.Namespace) -> bool:
+    """No progress bars: --no-progress or -q."""
+    return getattr(args, "no_progress", False) or getattr(args, "quiet", False)
+
+
 def _batches(args: argparse.Namespace) -> list[torch.Tensor]:
     images = ImageOptions(args.resize, args.crop, args.mean, args.std, args.grayscale)
     batches = load_calibration(args.calib, args.max_images, args.batch_size, images,
-                               progress=not args.no_progress)
+                               progress=not _quiet_bars(args))
     if not batches:
         raise LoadError(f"{args.calib!r} holds no calibration inputs.")
     return batches
@@ -85,19 +91,25 @@ def run_quantize(args: argparse.Namespace) -> int:
     config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
                      sixteen_bit_layers=layers or None)
     model = load_model(args.model, args.weights)
+    LOG.info("loaded %s (%s)", args.model, args.weights or "random weights")
     batches = _batches(args)
+    LOG.info("calibration data: %d inputs of shape %s", sum(len(b) for b in batches),
+             tuple(batches[0].shape[1:]))
     example = batches[0][:1]
     prepared = prepare(model, example, config)
     calibrate(prepared, batches)
     converted = convert(prepared)
     sqnr = _output_sqnr(model, converted, batches[:4])
+    LOG.info("exporting %s (verified in ONNX Runtime: %s)", output,
+             "no" if args.no_verify else "yes")
     export = export_onnx(converted, example, output, verify=not args.no_verify,
                          verify_data=batches[1:3], strict_tidl=args.strict_tidl)
     lines = _report_lines(args, prepared, batches, sqnr, time.perf_counter() - start,
                           export.summary())
     write_text_files({report_path: "\n".join(lines)})
-    print("\n".join(line for line in lines[2:] if line and line != "```"))
-    print(f"wrote {export.path}, {export.options_path} and {report_path}")
+    if not args.quiet:
+        print("\n".join(line for line in lines[2:] if line and line != "```"))
+        print(f"wrote {export.path}, {export.options_path} and {report_path}")
     return 0
 
 
@@ -139,7 +151,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     print(_formatted(report, args.format))
     if args.output is not None:
         written = report.save(args.output)
-        print(f"wrote {', '.join(written)}", file=sys.stderr)
+        LOG.info("wrote %s", ", ".join(written))
     return 0
 
 

@@ -11,6 +11,7 @@ The widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ early layers of EfficientNet-Lite 17-30 dB)."""
 MEASURE_SAMPLES = 8
 """Calibration samples each layer's own rounding is measured on."""
 WIDE_BITS = 16
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,6 +128,8 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
     samples = first_samples(batches, MEASURE_SAMPLES)
     measured = own_rounding_db(model, units, samples, config.progress)
+    for unit, db in zip(units, measured):
+        LOG.debug("mixed precision: %s alone at 8 bit: %.1f dB", unit.name, db)
     ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
     chosen = [units[index] for _, index in ranked[:budget]]
     for unit in chosen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -46,6 +47,8 @@ from quantfx.state import (
     state_of,
 )
 from quantfx.weight_search import choose_weight_exponents
+
+LOG = logging.getLogger(__name__)
 
 QAT_HINT = ("A QAT model estimates its ranges while it trains; to start QAT from calibrated "
            "ranges, calibrate the prepared model and pass it to quantfx.prepare_qat.")
@@ -224,6 +227,8 @@ def calibrate(
         state.calibration_failed = False
         state.calibration_check = check_calibration(model, checks, float_outputs,
                                                     state.measured_sixteen_bit)
+        if state.calibration_check is not None:
+            LOG.info(state.calibration_check.summary())
     finally:
         model.train(was_training)
     return model

@@ -70,6 +70,8 @@ def test_quantize_writes_onnx_options_and_report(workspace):
                      "am68a", "--no-progress", cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert "bit-identical" in result.stdout and "wrote out.onnx" in result.stdout
+    assert "quantfx quantize: calibration check: output SQNR" in result.stderr  # a step line
+    assert "alone at 8 bit" not in result.stderr  # details only with -v
     options = json.loads((workspace / "out.tidl.json").read_text())
     assert options["tensor_bits"] == 8
     report = (workspace / "out.report.md").read_text()
@@ -79,6 +81,20 @@ def test_quantize_writes_onnx_options_and_report(workspace):
                                    np.zeros((1, 3, 16, 16), np.float32)})
     assert output.shape == (1, 4)
     assert not [name for name in os.listdir(workspace) if name.endswith(".tmp")]
+
+
+def test_quiet_says_nothing_and_verbose_says_each_layers_measurement(workspace):
+    arguments = ("quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "quiet.onnx")
+    quiet = quantfx(*arguments, "-q", cwd=workspace)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and "quantfx quantize:" not in quiet.stderr
+    assert (workspace / "quiet.onnx").is_file() and (workspace / "quiet.report.md").is_file()
+    verbose = quantfx(*arguments, "-v", "--no-progress", cwd=workspace)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "quantfx quantize: mixed precision: " in verbose.stderr
+    assert "alone at 8 bit" in verbose.stderr and "wrote quiet.onnx" in verbose.stdout
+    both = quantfx(*arguments, "-q", "-v", cwd=workspace)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
 def test_quantize_a_package_factory_with_weights_and_a_tensor_file(workspace):
