@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 import quantfx as qf
+from quantfx.state import state_of
 
 CONFIG = qf.QuantConfig(progress=False, weight_observer="minmax", bias_calibration=False,
                         widen_coarse_weights=False,
@@ -133,3 +136,26 @@ def test_report_json_is_valid_json_even_with_an_infinite_sqnr():
 
     parsed = json.loads(report.to_json(), parse_constant=refuse)
     assert parsed["output_sqnr_db"] == {"int16": None, "int8": 31.5}
+
+
+def test_one_overall_bar_counts_every_calibration(monkeypatch):
+    """analyze ran a dozen calibrations, each restarting its own bars with no overall one."""
+    import quantfx.analysis.analyze as module
+
+    bars = []
+
+    class Recording(module.tqdm):
+        def __init__(self, *args, **kwargs):
+            assert kwargs.pop("disable") is None  # shown where the terminal shows bars
+            super().__init__(*args, disable=False, file=io.StringIO(), **kwargs)
+            bars.append(self)
+
+    configs = []
+    monkeypatch.setattr(module, "tqdm", Recording)
+    monkeypatch.setattr(module, "calibrate", lambda prepared, batches: configs.append(
+        state_of(prepared).config) or qf.calibrate(prepared, batches))
+    data = _data()
+    report = qf.analyze(Chain().eval(), data[0][:1], data,
+                        config=replace(CONFIG, progress=True), target=200.0)
+    assert len(bars) == 1 and bars[0].n == len(configs) == 3  # int8, int16, all candidates
+    assert not report.reached and not any(config.progress for config in configs)

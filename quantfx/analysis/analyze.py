@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from quantfx.checks import check_number
 from quantfx.config import QuantConfig, resolve_config
@@ -239,9 +240,12 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
 
 
 def _quantize(model: nn.Module, example: Any, config: QuantConfig,
-              batches: list[tuple[Tensor, ...]]) -> tuple[fx.GraphModule, fx.GraphModule]:
-    prepared = prepare(model, example, config)
+              batches: list[tuple[Tensor, ...]], bar: tqdm) -> tuple[fx.GraphModule,
+                                                                   fx.GraphModule]:
+    """One calibration (its own bars off: `bar` counts analyze's calibrations)."""
+    prepared = prepare(model, example, replace(config, progress=False))
     calibrate(prepared, batches)
+    bar.update(1)
     return prepared, convert(prepared)
 
 
@@ -260,13 +264,15 @@ def _partial(prepared: fx.GraphModule, weights: bool, activations: bool,
 
 
 def _suggest(model: nn.Module, example: Any, config: QuantConfig, candidates: list[str],
-             batches: list[tuple[Tensor, ...]], good_enough: Callable[[nn.Module], bool]
-             ) -> tuple[list[str], nn.Module, bool]:
+             batches: list[tuple[Tensor, ...]], good_enough: Callable[[nn.Module], bool],
+             bar: tqdm) -> tuple[list[str], nn.Module, bool]:
     """The shortest prefix of `candidates` (worst first) that makes the model good enough,
     found by bisection: log2(len) calibrations, not one per layer; and whether it is."""
     low, high = 0, len(candidates)
+    bar.total += 1 + math.ceil(math.log2(len(candidates) + 1))
+    bar.refresh()
     _, converted = _quantize(model, example, replace(config, sixteen_bit_layers=tuple(
-        candidates)), batches)
+        candidates)), batches, bar)
     if not good_enough(converted):
         return candidates, converted, False  # even all of them does not reach the target
     best = (candidates, converted)
@@ -274,7 +280,7 @@ def _suggest(model: nn.Module, example: Any, config: QuantConfig, candidates: li
         middle = (low + high) // 2
         chosen = candidates[:middle]
         _, trial = _quantize(model, example, replace(config, sixteen_bit_layers=tuple(chosen)),
-                             batches)
+                             batches, bar)
         if good_enough(trial):
             best, high = (chosen, trial), middle
         else:
@@ -295,7 +301,18 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     """
     config = resolve_config(config)
     batches = _checked_batches(model, data, evaluate, target)
-    prepared, converted = _quantize(model, example_inputs, config, batches)
+    with tqdm(total=2, desc="analyze", unit="calibration", leave=False,
+              disable=None if config.progress else True) as bar:
+        report = _analyze(model, example_inputs, batches, evaluate, config, target, bar)
+        bar.total = bar.n  # the bisection may stop early: end the bar full
+        return report
+
+
+def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, ...]],
+             evaluate: Callable[[nn.Module], float] | None, config: QuantConfig,
+             target: float | None, bar: tqdm) -> AnalysisReport:
+    """`analyze` once its arguments are checked; `bar` counts its calibrations."""
+    prepared, converted = _quantize(model, example_inputs, config, batches, bar)
     inputs = [batch[:len(state_of(prepared).input_shapes)] for batch in batches]
     was_training = model.training
     model.eval()
@@ -311,7 +328,7 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     report.output_sqnr_db["activations only"] = _output_sqnr(
         reference, _partial(prepared, False, True, inputs))
     wide = replace(config, activation_bits=16, weight_bits=16, sixteen_bit_layers=())
-    _, sixteen = _quantize(model, example_inputs, wide, batches)
+    _, sixteen = _quantize(model, example_inputs, wide, batches, bar)
     report.output_sqnr_db["int16"] = _output_sqnr(reference, _run(sixteen, inputs))
     # a layer's name widens its weights too; other tensors (adds, inputs, ...) by node name
     candidates = list(dict.fromkeys(t.layer or t.tensor for t in report.tensors))
@@ -329,7 +346,7 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
         report.sixteen_bit_layers, suggested = [], converted
     else:
         report.sixteen_bit_layers, suggested, report.reached = _suggest(
-            model, example_inputs, config, candidates, batches, good)
+            model, example_inputs, config, candidates, batches, good, bar)
     report.output_sqnr_db["suggested"] = _output_sqnr(reference, _run(suggested, inputs))
     if evaluate is not None:
         report.scores["suggested"] = _score(evaluate, suggested)
