@@ -159,8 +159,10 @@ def test_a_bad_argument_is_one_line_and_exit_two(workspace):
 def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(workspace)
     assert cli.main(arguments + (["--no-progress"] if arguments[0] != "doctor" else [])) == 2
-    error = capsys.readouterr().err
-    assert message in error and error.count("\n") == 1, error
+    lines = capsys.readouterr().err.splitlines()  # step lines, then the error, one line
+    assert ": error: " in lines[-1] and message in lines[-1], lines
+    assert all(line.startswith(f"quantfx {arguments[0]}: ") for line in lines), lines
+    assert sum(": error: " in line for line in lines) == 1, lines
 
 
 @pytest.mark.parametrize("command", ["quantize", "doctor", "analyze", "check", "demo"])
