@@ -155,8 +155,9 @@ class QuantConfig:
     output, nothing else quantized) at the model's output on 8 calibration samples, and run the
     layers that alone hold the output below 30 dB SQNR at 16 bit (weights and output), the
     worst first, a tenth of the layers at most (`quantfx.mixed_precision`). The choice is in
-    the calibration check (`summary()`) and the state_dict. Costs one forward of 8 samples
-    per layer."""
+    the calibration check (`summary()`) and the state_dict. Costs a forward of 8 samples per
+    group measured (layers are measured in halving groups: few forwards when few layers are
+    sensitive)."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""

@@ -4,8 +4,10 @@ Once calibration has every range, each layer's own 8-bit rounding -- its weights
 nothing else quantized -- is measured at the model's output on a few calibration samples. A
 layer that alone holds the model below `SENSITIVE_DB` gets 16-bit weights and a 16-bit output
 (TIDL's `params_16bit_names_list` / `output_feature_16bit_names_list`), the worst first, at most
-`MAX_WIDENED_SHARE` of the layers. Other quantized tensors (a residual add's output, a
-standalone BatchNorm's) are candidates too, by their graph node name, as `analyze` names them.
+`MAX_WIDENED_SHARE` of the layers. Layers are measured in halving groups (`own_rounding_db`),
+so a model with few sensitive layers costs a few dozen forwards. Other quantized tensors (a
+residual add's output, a standalone BatchNorm's) are candidates too, by their graph node name,
+as `analyze` names them.
 The widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
 """
 
@@ -82,27 +84,57 @@ def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Te
 
 def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
                     batches: Sequence[tuple[Tensor, ...]], progress: bool) -> list[float]:
-    """Output SQNR against float with only each unit's quantizers quantizing, one at a time."""
+    """Output SQNR against float with only each unit's quantizers quantizing.
+
+    Units are measured in groups first: rounding noise adds, so a group whose output stays at
+    or above `SENSITIVE_DB` has no member below it and is not split (its members get the
+    group's figure, a lower bound of their own). Groups below are halved down to single units,
+    which get their exact figure: about (sensitive units) x log2(units) forwards, not one per
+    unit (a model that 8 bit serves: one forward)."""
     quantizers = [q for _, q in model.named_modules() if isinstance(q, CalibrationQuantizer)]
     modes = [(bool(q.observer_enabled), bool(q.quant_enabled)) for q in quantizers]
     for quantizer in quantizers:
         quantizer.set_mode(observe=False, quantize=False)
+    measured = [float("inf")] * len(units)
     try:
         reference = _outputs(model, batches)
         if not bool(reference.ne(0).any()):  # no float output, or all zero: nothing to rank
-            return [float("inf")] * len(units)
-        measured = []
-        for unit in tqdm(units, desc="mixed precision", unit="layer", leave=False,
-                         disable=None if progress else True):
-            for quantizer in unit.quantizers:
-                quantizer.set_mode(observe=False, quantize=quantizer.observed)
-            measured.append(sqnr_db(reference, _outputs(model, batches)))
-            for quantizer in unit.quantizers:
-                quantizer.set_mode(observe=False, quantize=False)
+            return measured
+        pending = [list(range(len(units)))] if units else []
+        with tqdm(desc="mixed precision", unit="pass", leave=False,
+                  disable=None if progress else True) as bar:
+            while pending:
+                group = pending.pop()
+                db = _group_db(model, [units[index] for index in group], batches, reference)
+                bar.update(1)
+                if db >= SENSITIVE_DB or len(group) == 1:
+                    for index in group:
+                        measured[index] = db
+                else:
+                    pending += [group[len(group) // 2:], group[:len(group) // 2]]
         return measured
     finally:
         for quantizer, (observe, quantize) in zip(quantizers, modes):
             quantizer.set_mode(observe, quantize)
+
+
+def _group_db(model: fx.GraphModule, group: list[PrecisionUnit],
+              batches: Sequence[tuple[Tensor, ...]], reference: Tensor) -> float:
+    """Output SQNR with only `group`'s quantizers quantizing (all off again afterwards)."""
+    members = [quantizer for unit in group for quantizer in unit.quantizers]
+    for quantizer in members:
+        quantizer.set_mode(observe=False, quantize=quantizer.observed)
+    try:
+        db = sqnr_db(reference, _outputs(model, batches))
+    finally:
+        for quantizer in members:
+            quantizer.set_mode(observe=False, quantize=False)
+    if len(group) == 1:
+        LOG.debug("mixed precision: %s alone at 8 bit: %.1f dB", group[0].name, db)
+    else:
+        LOG.debug("mixed precision: %d layers and tensors together at 8 bit: %.1f dB",
+                  len(group), db)
+    return db
 
 
 def restore_placed_widths(model: fx.GraphModule) -> None:
@@ -128,8 +160,6 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
     samples = first_samples(batches, MEASURE_SAMPLES)
     measured = own_rounding_db(model, units, samples, config.progress)
-    for unit, db in zip(units, measured):
-        LOG.debug("mixed precision: %s alone at 8 bit: %.1f dB", unit.name, db)
     ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
     chosen = [units[index] for _, index in ranked[:budget]]
     for unit in chosen:

@@ -71,7 +71,7 @@ def test_quantize_writes_onnx_options_and_report(workspace):
     assert result.returncode == 0, result.stderr
     assert "bit-identical" in result.stdout and "wrote out.onnx" in result.stdout
     assert "quantfx quantize: calibration check: output SQNR" in result.stderr  # a step line
-    assert "alone at 8 bit" not in result.stderr  # details only with -v
+    assert "at 8 bit: " not in result.stderr  # details only with -v
     options = json.loads((workspace / "out.tidl.json").read_text())
     assert options["tensor_bits"] == 8
     report = (workspace / "out.report.md").read_text()
@@ -91,8 +91,8 @@ def test_quiet_says_nothing_and_verbose_says_each_layers_measurement(workspace):
     assert (workspace / "quiet.onnx").is_file() and (workspace / "quiet.report.md").is_file()
     verbose = quantfx(*arguments, "-v", "--no-progress", cwd=workspace)
     assert verbose.returncode == 0, verbose.stderr
-    assert "quantfx quantize: mixed precision: " in verbose.stderr
-    assert "alone at 8 bit" in verbose.stderr and "wrote quiet.onnx" in verbose.stdout
+    assert "quantfx quantize: mixed precision: " in verbose.stderr  # its measurements
+    assert "at 8 bit: " in verbose.stderr and "wrote quiet.onnx" in verbose.stdout
     both = quantfx(*arguments, "-q", "-v", cwd=workspace)
     assert both.returncode == 2 and "not allowed with" in both.stderr
 

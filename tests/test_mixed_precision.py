@@ -149,10 +149,10 @@ class _Chain(nn.Module):
     output channel 0 (and its weights) 300x the others, the next layer reading it 300x
     smaller: the same function, but one 8-bit grid per tensor rounds that layer coarsely."""
 
-    def __init__(self, spread: int | None = None) -> None:
+    def __init__(self, spread: int | None = None, depth: int = 10) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 1) for _ in range(10))
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 1) for _ in range(depth))
         with torch.no_grad():
             for conv in self.convs:
                 conv.weight.copy_(torch.randn(8, 8, 1, 1, generator=generator) * 0.5)
@@ -247,3 +247,26 @@ def test_a_model_without_float_outputs_calibrates_and_widens_nothing():
     prepared = _calibrated(_Labels(spread=4))
     assert state_of(prepared).measured_sixteen_bit == []
     assert {q.bits for _, q in calibration_quantizers(prepared)} == {8}
+
+
+def test_layers_are_measured_in_halving_groups_and_the_sensitive_one_exactly(monkeypatch):
+    import quantfx.mixed_precision as module
+
+    prepared = _calibrated(_Chain(spread=38, depth=40), widen_sensitive_layers=False)
+    units = module.precision_units(prepared)
+    batch = [(_CALIBRATION[0],)]
+    passes = []
+    measure = module._outputs
+    monkeypatch.setattr(module, "_outputs", lambda *args: passes.append(1) or measure(*args))
+    grouped = module.own_rounding_db(prepared, units, batch, progress=False)
+    assert len(passes) < len(units) / 2  # one forward per unit would be 1 + len(units)
+    (sensitive,) = [index for index, unit in enumerate(units) if unit.name == "convs.38"]
+    alone = [sqnr for sqnr in grouped if sqnr < module.SENSITIVE_DB]
+    passes.clear()
+    exact = module.own_rounding_db(prepared, [units[sensitive]], batch, progress=False)
+    assert grouped[sensitive] == exact[0] == min(alone)
+    served = _calibrated(_Chain(), widen_sensitive_layers=False)
+    passes.clear()
+    served_units = module.precision_units(served)
+    module.own_rounding_db(served, served_units, batch, progress=False)
+    assert len(passes) < (1 + len(served_units)) / 2  # every layer alone is above 30 dB
