@@ -1,14 +1,13 @@
-"""Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers run 16 bit.
+"""Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers get 16-bit
+weights.
 
-Once calibration has every range, each layer's own 8-bit rounding -- its weights and its output,
-nothing else quantized -- is measured at the model's output on a few calibration samples. A
-layer that alone holds the model below `SENSITIVE_DB` gets 16-bit weights and a 16-bit output
-(TIDL's `params_16bit_names_list` / `output_feature_16bit_names_list`), the worst first, at most
-`MAX_WIDENED_SHARE` of the layers. Layers are measured in halving groups (`own_rounding_db`),
-so a model with few sensitive layers costs a few dozen forwards. Other quantized tensors (a
-residual add's output, a standalone BatchNorm's) are candidates too, by their graph node name,
-as `analyze` names them.
-The widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
+Once calibration has every range, each layer's own 8-bit weight rounding -- nothing else
+quantized -- is measured at the model's output on a few calibration samples. A layer whose
+weights alone hold the model below `SENSITIVE_DB` gets 16-bit weights (TIDL's
+`params_16bit_names_list`; activations stay 8 bit, see `precision_units`), the worst first, at
+most `MAX_WIDENED_SHARE` of the layers. Layers are measured in halving groups
+(`own_rounding_db`), so a model with few sensitive layers costs a few dozen forwards. The
+widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
 """
 
 from __future__ import annotations
@@ -24,17 +23,16 @@ from tqdm.auto import tqdm
 
 from quantfx.config import QuantConfig
 from quantfx.layers import FakeQuantLayer
-from quantfx.ops import FUSABLE_ACTIVATIONS
-from quantfx.passes.graph_utils import first_input, flatten_values, module_of
+from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.passes.place import MAX_WIDENED_SHARE
 from quantfx.qmath import sqnr_db
 from quantfx.quantizers import CalibrationQuantizer
 from quantfx.reconstruction import first_samples
 
 SENSITIVE_DB = 30.0
-"""A layer whose own 8-bit rounding alone leaves the model's output below this SQNR is widened
-(8-bit tensors alone measure 35-50 dB on the real models of docs/benchmarks.md; the BN-folded
-early layers of EfficientNet-Lite 17-30 dB)."""
+"""A layer whose own 8-bit weight rounding alone leaves the model's output below this SQNR is
+widened (most layers measure above 30 dB on the real models of docs/benchmarks.md; the
+BN-folded early layers of EfficientNet-Lite 17-30 dB)."""
 MEASURE_SAMPLES = 8
 """Calibration samples each layer's own rounding is measured on."""
 WIDE_BITS = 16
@@ -43,34 +41,19 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class PrecisionUnit:
-    """What widens together: a layer's weight and output quantizers, or one tensor's."""
+    """What widens together (a layer's weight quantizer)."""
 
     name: str
     quantizers: list[CalibrationQuantizer]
 
 
-def precision_units(model: fx.GraphModule, outputs: bool = True) -> list[PrecisionUnit]:
-    """Each conv/linear (module path) with its weight and output quantizers (the output after a
-    fused activation), then each other quantized op output (node name); network inputs are
-    the data's own precision and never widened. Without `outputs`, the weights alone."""
-    units: dict[str, PrecisionUnit] = {}
-    for node in model.graph.nodes:
-        module = module_of(model, node)
-        if isinstance(module, FakeQuantLayer):
-            unit = units.setdefault(str(node.target), PrecisionUnit(str(node.target), []))
-            unit.quantizers.append(module.weight_quantizer)
-        elif isinstance(module, CalibrationQuantizer) and outputs:
-            source = first_input(node)
-            if source is None or source.op == "placeholder":
-                continue
-            if isinstance(module_of(model, source), FUSABLE_ACTIVATIONS):
-                layer = first_input(source)
-                if layer is not None and isinstance(module_of(model, layer), FakeQuantLayer):
-                    source = layer
-            name = (str(source.target) if isinstance(module_of(model, source), FakeQuantLayer)
-                    else source.name)
-            units.setdefault(name, PrecisionUnit(name, [])).quantizers.append(module)
-    return list(units.values())
+def precision_units(model: fx.GraphModule) -> list[PrecisionUnit]:
+    """Each conv/linear (module path) with its weight quantizer, in graph order. Only weights
+    widen: a 16-bit activation makes the next layer's float32 accumulation inexact (int16 x
+    int8 sums pass 2**24), so ONNX Runtime could no longer reproduce the model bit for bit,
+    and on TDA4VM the next layer's 16-bit bias would no longer hold its bias."""
+    return [PrecisionUnit(str(node.target), [module_of(model, node).weight_quantizer])
+            for node in model.graph.nodes if isinstance(module_of(model, node), FakeQuantLayer)]
 
 
 def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Tensor:
@@ -151,10 +134,7 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     if not (config.widen_sensitive_layers and batches and config.weight_bits == 8
             and config.activation_bits == 8):
         return []
-    # A 16-bit output makes the next layer's bias step tiny: a 16-bit bias (TDA4VM's, for
-    # 8-bit weights) no longer holds it, so there only weights widen (32-bit biases then).
-    outputs = config.profile.bias_bits_for(config.weight_bits) >= 32
-    units = [unit for unit in precision_units(model, outputs)
+    units = [unit for unit in precision_units(model)
              if any(q.bits < WIDE_BITS for q in unit.quantizers)]
     layers = sum(isinstance(m, FakeQuantLayer) for m in model.modules())
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
@@ -165,6 +145,8 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     for unit in chosen:
         for quantizer in unit.quantizers:
             quantizer.set_bits(WIDE_BITS)
+            if hasattr(quantizer.observer, "choose"):  # an 8-bit search's exponent: not at 16
+                quantizer.observer.choose(None)
             if quantizer.observed:
                 quantizer.compute_exponent()
     return [unit.name for unit in chosen]

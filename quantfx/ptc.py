@@ -247,6 +247,8 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
     for _, quantizer in calibration_quantizers(model):
         if quantizer.observed:
             quantizer.compute_exponent()
+    # before the output-error search, which then skips the widened layers (measured on the
+    # real models: EfficientNet-Lite2 19.47 dB this way, 18.82 with the search first)
     state_of(model).measured_sixteen_bit = widen_sensitive_layers(model, config, kept)
     choose_weight_exponents(model, kept)  # by each layer's output error, where MSE-observed
     if config.weight_rounding == "learned":  # bias calibration in the same pass

@@ -360,3 +360,4 @@ def test_every_config_field_is_reachable_with_set(workspace, capsys):
     assert cli.main(["doctor", "resnet18", "--input-shape", "1,3,32,32", "--target", "tda4vm",
                      "--set", "per_channel_depthwise=true"]) == 2
     assert "runs per-tensor weights only" in capsys.readouterr().err  # QuantConfig checked it
+
