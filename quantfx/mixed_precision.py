@@ -21,9 +21,10 @@ import torch.fx as fx
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from quantfx.calibration_check import output_rows
 from quantfx.config import QuantConfig
 from quantfx.layers import FakeQuantLayer
-from quantfx.passes.graph_utils import flatten_values, module_of
+from quantfx.passes.graph_utils import module_of
 from quantfx.passes.place import MAX_WIDENED_SHARE
 from quantfx.qmath import sqnr_db
 from quantfx.quantizers import CalibrationQuantizer
@@ -41,10 +42,10 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class PrecisionUnit:
-    """What widens together (a layer's weight quantizer)."""
+    """A layer that may widen: its module path and its weight quantizer."""
 
     name: str
-    quantizers: list[CalibrationQuantizer]
+    quantizer: CalibrationQuantizer
 
 
 def precision_units(model: fx.GraphModule) -> list[PrecisionUnit]:
@@ -52,16 +53,15 @@ def precision_units(model: fx.GraphModule) -> list[PrecisionUnit]:
     widen: a 16-bit activation makes the next layer's float32 accumulation inexact (int16 x
     int8 sums pass 2**24), so ONNX Runtime could no longer reproduce the model bit for bit,
     and on TDA4VM the next layer's 16-bit bias would no longer hold its bias."""
-    return [PrecisionUnit(str(node.target), [module_of(model, node).weight_quantizer])
+    return [PrecisionUnit(str(node.target), module_of(model, node).weight_quantizer)
             for node in model.graph.nodes if isinstance(module_of(model, node), FakeQuantLayer)]
 
 
 def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Tensor:
     """Every floating-point output value of `model` on `batches`, flattened (maybe empty)."""
     with torch.no_grad():
-        return torch.cat([leaf.detach().flatten() for inputs in batches
-                          for leaf in flatten_values(model(*inputs))
-                          if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+        return torch.cat([leaf.flatten() for inputs in batches
+                          for leaf in output_rows(model(*inputs), inputs[0].shape[0])]
                          or [torch.zeros(0)])
 
 
@@ -104,7 +104,7 @@ def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
 def _group_db(model: fx.GraphModule, group: list[PrecisionUnit],
               batches: Sequence[tuple[Tensor, ...]], reference: Tensor) -> float:
     """Output SQNR with only `group`'s quantizers quantizing (all off again afterwards)."""
-    members = [quantizer for unit in group for quantizer in unit.quantizers]
+    members = [unit.quantizer for unit in group]
     for quantizer in members:
         quantizer.set_mode(observe=False, quantize=quantizer.observed)
     try:
@@ -135,7 +135,7 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
             and config.activation_bits == 8):
         return []
     units = [unit for unit in precision_units(model)
-             if any(q.bits < WIDE_BITS for q in unit.quantizers)]
+             if unit.quantizer.bits < WIDE_BITS]
     layers = sum(isinstance(m, FakeQuantLayer) for m in model.modules())
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
     samples = first_samples(batches, MEASURE_SAMPLES)
@@ -143,10 +143,9 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
     chosen = [units[index] for _, index in ranked[:budget]]
     for unit in chosen:
-        for quantizer in unit.quantizers:
-            quantizer.set_bits(WIDE_BITS)
-            if hasattr(quantizer.observer, "choose"):  # an 8-bit search's exponent: not at 16
-                quantizer.observer.choose(None)
-            if quantizer.observed:
-                quantizer.compute_exponent()
+        unit.quantizer.set_bits(WIDE_BITS)
+        if hasattr(unit.quantizer.observer, "choose"):  # a search's 8-bit exponent: not at 16
+            unit.quantizer.observer.choose(None)
+        if unit.quantizer.observed:
+            unit.quantizer.compute_exponent()
     return [unit.name for unit in chosen]

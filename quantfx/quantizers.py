@@ -47,13 +47,14 @@ class Quantizer(nn.Module):
         self.qmin, self.qmax = qrange(bits, self.signed)
         self.width.fill_(bits)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
-        """Take the saved width too; a state_dict saved before widths were kept has none."""
-        key = prefix + "width"
-        saved = state_dict.get(key)
-        if saved is None:
-            state_dict = {**state_dict, key: self.width.clone()}
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list, *args: object) -> None:
+        """Take the saved width too; a state_dict saved before widths were kept has none (the
+        placed width stays)."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      *args)
+        if prefix + "width" in missing_keys:
+            missing_keys.remove(prefix + "width")
         self.set_bits(int(self.width))
 
     @property

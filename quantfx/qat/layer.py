@@ -144,6 +144,9 @@ class QATLayer(FakeQuantLayer):
         scaled up. Returns the count."""
         with torch.no_grad():
             folded, _ = self.folded_weight_bias()
+            rows = folded.flatten(1) if folded.dim() > 1 else folded.reshape(1, -1)
+            if rows.shape[1] < MIN_CHANNEL_WEIGHTS:
+                return 0
             raw = self.layer.weight
             fold_scale = folded / torch.where(raw == 0, torch.ones_like(raw), raw)
             if self.weight_quantizer.axis is None:
@@ -152,9 +155,6 @@ class QATLayer(FakeQuantLayer):
                 limit = num_std * _sigma_clipped_std(folded.flatten(1), num_std)
                 limit = limit.reshape(channel_shape(folded.dim(), 0))
             outliers = folded.abs() > limit
-            rows = folded.flatten(1) if folded.dim() > 1 else folded.reshape(1, -1)
-            if rows.shape[1] < MIN_CHANNEL_WEIGHTS:
-                return 0
             deviation = (rows - rows.median(dim=1, keepdim=True).values).abs()
             own = num_std * 1.4826 * deviation.median(dim=1, keepdim=True).values
             outliers &= (rows.abs() > own).reshape(folded.shape)
