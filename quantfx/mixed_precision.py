@@ -1,11 +1,15 @@
 """Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers get 16-bit
 weights.
 
-Once calibration has every range, each layer's own 8-bit weight rounding -- nothing else
-quantized -- is measured at the model's output on a few calibration samples. A layer whose
-weights alone hold the model below `SENSITIVE_DB` gets 16-bit weights (TIDL's
-`params_16bit_names_list`; activations stay 8 bit, see `precision_units`), the worst first, at
-most `MAX_WIDENED_SHARE` of the layers. Layers are measured in halving groups
+Once calibration has every range, each layer's own 8-bit rounding -- its weights and its
+output, nothing else quantized -- is measured at the model's output on a few calibration
+samples. A layer that alone holds the model below `SENSITIVE_DB` gets 16-bit weights and a
+16-bit output (TIDL's `params_16bit_names_list` / `output_feature_16bit_names_list`; on a
+target with 16-bit biases, TDA4VM, the weights only), the worst first, at most
+`MAX_WIDENED_SHARE` of the layers. Other quantized tensors (a residual add's output, a
+standalone BatchNorm's) are candidates too, by their graph node name. A 16-bit activation makes
+the next layer's float32 sums inexact in ONNX Runtime's reference kernels; the export verifies
+such files step by step (`quantfx.export.stepwise`). Layers are measured in halving groups
 (`own_rounding_db`), so a model with few sensitive layers costs a few dozen forwards. The
 widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
 """
@@ -24,15 +28,16 @@ from tqdm.auto import tqdm
 from quantfx.calibration_check import output_rows
 from quantfx.config import QuantConfig
 from quantfx.layers import FakeQuantLayer
-from quantfx.passes.graph_utils import module_of
+from quantfx.ops import FUSABLE_ACTIVATIONS
+from quantfx.passes.graph_utils import first_input, module_of
 from quantfx.passes.place import MAX_WIDENED_SHARE
 from quantfx.qmath import sqnr_db
 from quantfx.quantizers import CalibrationQuantizer
 from quantfx.reconstruction import first_samples
 
 SENSITIVE_DB = 30.0
-"""A layer whose own 8-bit weight rounding alone leaves the model's output below this SQNR is
-widened (most layers measure above 30 dB on the real models of docs/benchmarks.md; the
+"""A layer whose own 8-bit rounding (weights and output) alone leaves the model's output below
+this SQNR is widened (most layers measure above 30 dB on the real models of docs/benchmarks.md; the
 BN-folded early layers of EfficientNet-Lite 17-30 dB)."""
 MEASURE_SAMPLES = 8
 """Calibration samples each layer's own rounding is measured on."""
@@ -42,19 +47,43 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class PrecisionUnit:
-    """A layer that may widen: its module path and its weight quantizer."""
+    """What widens together: a layer's weight and output quantizers, or one tensor's."""
 
     name: str
-    quantizer: CalibrationQuantizer
+    quantizers: list[CalibrationQuantizer]
 
 
-def precision_units(model: fx.GraphModule) -> list[PrecisionUnit]:
-    """Each conv/linear (module path) with its weight quantizer, in graph order. Only weights
-    widen: a 16-bit activation makes the next layer's float32 accumulation inexact (int16 x
-    int8 sums pass 2**24), so ONNX Runtime could no longer reproduce the model bit for bit,
-    and on TDA4VM the next layer's 16-bit bias would no longer hold its bias."""
-    return [PrecisionUnit(str(node.target), module_of(model, node).weight_quantizer)
-            for node in model.graph.nodes if isinstance(module_of(model, node), FakeQuantLayer)]
+def precision_units(model: fx.GraphModule, outputs: bool = True) -> list[PrecisionUnit]:
+    """Each conv/linear (module path) with its weight and output quantizers (the output after a
+    fused activation), then each other quantized op output (node name, as `analyze` names
+    it); network inputs are the data's own precision and never widen. Without `outputs`, the
+    weights alone."""
+    units: dict[str, PrecisionUnit] = {}
+    for node in model.graph.nodes:
+        module = module_of(model, node)
+        if isinstance(module, FakeQuantLayer):
+            unit = units.setdefault(str(node.target), PrecisionUnit(str(node.target), []))
+            unit.quantizers.append(module.weight_quantizer)
+        elif isinstance(module, CalibrationQuantizer) and outputs:
+            source = _producer(model, node)
+            if source is not None:
+                name = (str(source.target) if isinstance(module_of(model, source), FakeQuantLayer)
+                        else source.name)
+                units.setdefault(name, PrecisionUnit(name, [])).quantizers.append(module)
+    return list(units.values())
+
+
+def _producer(model: fx.GraphModule, quantizer: fx.Node) -> fx.Node | None:
+    """The node whose output `quantizer` holds: the layer under a fused activation, the op;
+    None for a network input."""
+    source = first_input(quantizer)
+    if source is None or source.op == "placeholder":
+        return None
+    if isinstance(module_of(model, source), FUSABLE_ACTIVATIONS):
+        layer = first_input(source)
+        if layer is not None and isinstance(module_of(model, layer), FakeQuantLayer):
+            return layer
+    return source
 
 
 def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Tensor:
@@ -104,7 +133,7 @@ def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
 def _group_db(model: fx.GraphModule, group: list[PrecisionUnit],
               batches: Sequence[tuple[Tensor, ...]], reference: Tensor) -> float:
     """Output SQNR with only `group`'s quantizers quantizing (all off again afterwards)."""
-    members = [unit.quantizer for unit in group]
+    members = [quantizer for unit in group for quantizer in unit.quantizers]
     for quantizer in members:
         quantizer.set_mode(observe=False, quantize=quantizer.observed)
     try:
@@ -134,18 +163,21 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     if not (config.widen_sensitive_layers and batches and config.weight_bits == 8
             and config.activation_bits == 8):
         return []
-    units = [unit for unit in precision_units(model)
-             if unit.quantizer.bits < WIDE_BITS]
+    # A 16-bit output makes the next layer's bias step tiny: a 16-bit bias (TDA4VM's, for
+    # 8-bit weights) cannot hold it, so there only weights widen (their biases are 32 bit).
+    outputs = config.profile.bias_bits_for(config.weight_bits) >= 32
+    units = [unit for unit in precision_units(model, outputs)
+             if any(quantizer.bits < WIDE_BITS for quantizer in unit.quantizers)]
     layers = sum(isinstance(m, FakeQuantLayer) for m in model.modules())
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
     samples = first_samples(batches, MEASURE_SAMPLES)
     measured = own_rounding_db(model, units, samples, config.progress)
     ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
     chosen = [units[index] for _, index in ranked[:budget]]
-    for unit in chosen:
-        unit.quantizer.set_bits(WIDE_BITS)
-        if hasattr(unit.quantizer.observer, "choose"):  # a search's 8-bit exponent: not at 16
-            unit.quantizer.observer.choose(None)
-        if unit.quantizer.observed:
-            unit.quantizer.compute_exponent()
+    for quantizer in (quantizer for unit in chosen for quantizer in unit.quantizers):
+        quantizer.set_bits(WIDE_BITS)
+        if hasattr(quantizer.observer, "choose"):  # a search's 8-bit exponent: not at 16 bit
+            quantizer.observer.choose(None)
+        if quantizer.observed:
+            quantizer.compute_exponent()
     return [unit.name for unit in chosen]

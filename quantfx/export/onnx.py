@@ -25,6 +25,7 @@ from quantfx.export.graph import build_model
 from quantfx.export.meta_arch import SsdMetaArch, YoloxMetaArch
 from quantfx.export.postprocess import check_detection, run_detector, whole_detector
 from quantfx.export.report import ExportReport
+from quantfx.export.stepwise import verify_stepwise
 from quantfx.export.tidl import bit_widths, check_constraints, compile_options
 from quantfx.export.verify import (
     clip_simulation,
@@ -215,6 +216,8 @@ class BuiltExport:
     widths: Any
     options: dict
     profile: DeviceProfile
+    names: dict[fx.Node, Any]
+    """FX node -> ONNX tensor name (step-by-step verification reads the quantized tensors)."""
 
 
 def build_export(model: fx.GraphModule, inputs: tuple[Tensor, ...], opset: int | None = None,
@@ -235,7 +238,8 @@ def build_export(model: fx.GraphModule, inputs: tuple[Tensor, ...], opset: int |
     widths = bit_widths(model, built.emitted, built.names)
     options = compile_options(widths, legacy, profile)
     _record_target(built.model, profile)
-    return BuiltExport(built.model, chosen_opset, legacy, widths, options, profile)
+    return BuiltExport(built.model, chosen_opset, legacy, widths, options, profile,
+                       built.names)
 
 
 def _report(model: fx.GraphModule, path: str, built: BuiltExport) -> ExportReport:
@@ -262,8 +266,7 @@ def _save_verified(model: fx.GraphModule, built: BuiltExport, temporaries: list[
         json.dump(built.options, handle, indent=2)
         handle.write("\n")
     if batches is not None:
-        _verify_file(model, temporary_model, batches, built.legacy, max_lsb_diff, threads,
-                     report)
+        _verify_file(model, built, temporary_model, batches, max_lsb_diff, threads, report)
     if detection_files is not None:  # the heads verified: now the whole detector
         onnx.save(detection_files["model"], temporary_model)
         if batches is not None:
@@ -315,9 +318,12 @@ def _part_to_export(model: Any, part: str | None, example_inputs: Any,
     return model.get_submodule(part), calls[part].tensor_inputs(), batches
 
 
-def _verify_file(model: fx.GraphModule, temporary_model: str,
-                 batches: list[tuple[Tensor, ...]], legacy: bool, max_lsb_diff: float | None,
+def _verify_file(model: fx.GraphModule, built: BuiltExport, temporary_model: str,
+                 batches: list[tuple[Tensor, ...]], max_lsb_diff: float | None,
                  threads: int, report: ExportReport) -> None:
+    """Verify step: end to end; where that differs by more than the default tolerance, step by
+    step (`quantfx.export.stepwise`), which decides."""
+    legacy = built.legacy
     reference = clip_simulation(model) if legacy else model
     figures = verify(model, temporary_model, batches, reference, threads, max_lsb_diff)
     report.verified = True
@@ -326,8 +332,12 @@ def _verify_file(model: fx.GraphModule, temporary_model: str,
     report.max_lsb_diff = figures["max_lsb_diff"]
     report.argmax_agreement = figures["argmax_agreement"]
     report.output_scales = figures["output_scales"]
-    if not figures["within_tolerance"]:
-        error = disagreement(figures, model, legacy)
+    stepwise = None
+    if not figures["within_tolerance"] and not legacy and max_lsb_diff is None:
+        stepwise = verify_stepwise(model, built.model, built.names, batches, threads)
+        report.stepwise = stepwise
+    if not figures["within_tolerance"] and (stepwise is None or not stepwise.within_tolerance):
+        error = disagreement(figures, model, legacy, stepwise)
         error.report = report  # type: ignore[attr-defined] - the figures, for tools
         raise error
     if not legacy:  # what a deployment session on this CPU computes, reported as measured

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantfx.export.stepwise import StepwiseFigures
 from quantfx.tidl.checker import TidlReport
 
 
@@ -53,6 +54,11 @@ class ExportReport:
     measured_sixteen_bit: list[str] = field(default_factory=list)
     """The layers and tensors calibration widened to 16 bit by measurement
     (`QuantConfig.widen_sensitive_layers`)."""
+    stepwise: StepwiseFigures | None = None
+    """Set when the outputs differed by more than the default tolerance end to end (float32
+    sums that are not exact, compounded over depth) and the file was verified step by step
+    instead: each quantized tensor from the file's own quantized inputs
+    (`quantfx.export.stepwise`)."""
 
     def summary(self) -> str:
         """A few lines for logs: agreement in both ONNX Runtime sessions, TIDL's verdict."""
@@ -77,7 +83,13 @@ class ExportReport:
                          f"({self.cpu_dot_product or 'no VNNI'}): "
                          f"{100 * self.optimized_fraction_identical:.3f}% bit-identical, max "
                          f"{self.optimized_max_lsb_diff:g} LSB")
+        stepwise = ""
+        if self.stepwise is not None:
+            stepwise = (f"\n  step by step (each of {self.stepwise.steps} quantized tensors from "
+                        f"the file's own inputs): {100 * self.stepwise.fraction_identical:.3f}% "
+                        f"bit-identical, max {self.stepwise.max_lsb_diff:g} LSB; end to end, "
+                        "float32 sums that are not exact differ and compound over depth")
         return (f"{self.path}: opset {self.opset}, {self.elements_compared} elements, "
                 f"{100 * self.fraction_identical:.3f}% bit-identical in ONNX Runtime's reference "
                 f"kernels, max {self.max_lsb_diff:g} LSB, argmax agreement {argmax}"
-                f"{optimized}{tidl}")
+                f"{stepwise}{optimized}{tidl}")

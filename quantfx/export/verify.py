@@ -35,8 +35,9 @@ def cpu_dot_product_extension() -> str | None:
     return next((flag for flag in ("avx512_vnni", "avx_vnni") if flag in flags), None)
 
 
-def onnxruntime_session(path: str, threads: int = 1, optimized: bool = False) -> Any:
-    """An ONNX Runtime CPU session; by default one that executes the file as written.
+def onnxruntime_session(path: str | bytes, threads: int = 1, optimized: bool = False) -> Any:
+    """An ONNX Runtime CPU session (of a file, or a serialized model); by default one that
+    executes the file as written.
 
     Without `optimized`, graph optimizations are off: ORT would otherwise fuse DQ->Conv->Q into
     integer kernels (QLinearConv), and on CPUs without VNNI its u8s8 kernels may saturate int16
@@ -197,8 +198,10 @@ def float_rounding_ops(model: nn.Module) -> str:
     return ", ".join(f"{name} x{count}" for name, count in counts.items())
 
 
-def disagreement(figures: dict[str, Any], model: nn.Module, legacy: bool) -> ExportError:
-    """The error to raise when the file's outputs are outside the allowed difference."""
+def disagreement(figures: dict[str, Any], model: nn.Module, legacy: bool,
+                 stepwise: Any = None) -> ExportError:
+    """The error to raise when the file's outputs are outside the allowed difference (and, if
+    it was checked, a step differs too: `stepwise`, a `StepwiseFigures`)."""
     allowed = ", ".join(f"{limit:g}" for limit in figures["allowed_lsb_diff"])
     against = "its clip simulation" if legacy else "the converted model"
     float_ops = float_rounding_ops(model)
@@ -211,6 +214,11 @@ def disagreement(figures: dict[str, Any], model: nn.Module, legacy: bool) -> Exp
         )
     else:
         advice = "Please report this model to the quantfx developers."
+    if stepwise is not None:
+        advice = (f"Step by step (each quantized tensor from the file's own inputs) "
+                  f"'{stepwise.worst_step}' differs most: up to {stepwise.max_lsb_diff:g} LSB "
+                  f"on {100 * stepwise.max_differing_share:.1f}% of its elements (1 LSB on a "
+                  f"few allowed). {advice}")
     return ExportError(
         f"ONNX Runtime's outputs differ from {against} by up to {figures['max_lsb_diff']:g} "
         f"LSB (allowed: {allowed}); {100 * figures['fraction_identical']:.3f}% of "
