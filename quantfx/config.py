@@ -26,7 +26,7 @@ ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 LAYER_ALIASES = ("first", "last", "heads")
 RANGE_SEARCHES = ("mse", "percentile", "none")
-WEIGHT_ROUNDINGS = ("nearest", "learned")
+WEIGHT_ROUNDINGS = ("nearest", "learned", "error_feedback")
 AUTO_PARTS = "auto"
 """`QuantConfig(quantize_only="auto")`: quantize the largest submodules that trace."""
 GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
@@ -141,9 +141,12 @@ class QuantConfig:
     rare outlier weights when that halves the step for all the others). PTC only: QAT's rule is
     `QATSchedule.weight_exponent` (never clipping by default: measured no better with "mse")."""
     weight_rounding: str = "nearest"
-    """How PTC rounds weights onto their grid: "nearest", or "learned" (AdaRound-style: each
+    """How PTC rounds weights onto their grid: "nearest"; "learned" (AdaRound-style: each
     weight rounds up or down as the layer's output error on the calibration data decides,
-    layer by layer; `quantfx.learned_rounding`; costs a few seconds per layer)."""
+    layer by layer; `quantfx.learned_rounding`; costs a few seconds per layer); or
+    "error_feedback" (GPTQ-style: each weight column's rounding error is spread over the
+    columns not yet rounded, weighted by the layer input's second moments;
+    `quantfx.error_feedback`; about 2.5x a plain calibration, helps coarse per-tensor grids)."""
     widen_coarse_weights: bool = True
     """PTC: give 16-bit weights (activations stay 8 bit; TIDL's `params_16bit_names_list`) to
     the layers whose one 8-bit per-tensor weight grid leaves a quarter or more of their output

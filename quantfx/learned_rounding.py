@@ -27,7 +27,12 @@ from torch import Tensor, nn
 
 from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.qmath import from_codes
-from quantfx.reconstruction import correct_bias, first_samples, reconstruct_layers
+from quantfx.reconstruction import (
+    correct_bias,
+    first_samples,
+    layer_output_error,
+    reconstruct_layers,
+)
 
 ITERATIONS = 500
 """Optimizer steps per layer."""
@@ -61,13 +66,6 @@ def _decided(soft: Tensor) -> bool:
 
 def _rectified_sigmoid(variable: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(variable) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-def _output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, weight: Tensor,
-                  activation: Callable[[Tensor], Tensor]) -> float:
-    with torch.no_grad():
-        output = activation(layer_forward(layer.layer, inputs, weight, layer.layer.bias))
-        return float((output - target).double().pow(2).mean())
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -153,8 +151,8 @@ def learn_layer_rounding(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     with torch.no_grad():
         learned = torch.clamp(floor + (_rectified_sigmoid(variable) >= 0.5).to(floor.dtype),
                               quantizer.qmin, quantizer.qmax) * scale
-    nearest_error = _output_error(layer, inputs, target, nearest, activation)
-    learned_error = _output_error(layer, inputs, target, learned, activation)
+    nearest_error = layer_output_error(layer, inputs, target, nearest, activation)
+    learned_error = layer_output_error(layer, inputs, target, learned, activation)
     chosen = learned if learned_error < nearest_error else nearest
     layer.layer.weight.data.copy_(chosen)
     return nearest_error, min(learned_error, nearest_error)

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quantfx.layers import FakeQuantLayer
+from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import set_quant_mode
@@ -155,6 +155,16 @@ def first_samples(batches: Sequence[tuple[Tensor, ...]], count: int
         chosen.append(tuple(tensor[:count - seen] for tensor in batch))
         seen += chosen[-1][0].shape[0]
     return chosen
+
+
+def layer_output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, weight: Tensor,
+                       activation: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Mean squared error of `layer` with `weight` on `inputs` against float output `target`,
+    both after the fused `activation` (what it clips away does not count)."""
+    activation = activation or (lambda value: value)
+    with torch.no_grad():
+        output = activation(layer_forward(layer.layer, inputs, weight, layer.layer.bias))
+        return float((output - activation(target)).double().pow(2).mean())
 
 
 def correct_bias(layer: FakeQuantLayer, inputs: Tensor, target: Tensor) -> None:

@@ -11,7 +11,7 @@ output channel for per-channel weights. Cost: one float pass, each layer run onc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,8 +20,13 @@ from torch import Tensor, nn
 from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.observers import WeightMSEObserver
 from quantfx.ops import FUSABLE_ACTIVATIONS
-from quantfx.passes.graph_utils import module_of
-from quantfx.qmath import WEIGHT_SEARCH_DEPTH, fake_quantize, never_clipping_exponent
+from quantfx.passes.graph_utils import input_quantizer, module_of
+from quantfx.qmath import (
+    WEIGHT_SEARCH_DEPTH,
+    fake_quantize,
+    fit_bias_exponent,
+    never_clipping_exponent,
+)
 from quantfx.quantizers import set_quant_mode
 
 SEARCH_SAMPLES = 16
@@ -107,3 +112,24 @@ def choose_weight_exponents(model: fx.GraphModule,
             layer.weight_quantizer.observer.choose(search.best())
             layer.weight_quantizer.compute_exponent()
     return len(searches)
+
+
+def fit_bias_exponents(model: fx.GraphModule, bias_bits_for: Callable[[int], int]) -> list[str]:
+    """Raise each weight exponent where the layer's bias would not fit the engine's bias width
+    at input x weight scale (TDA4VM keeps the biases of 8-bit layers in 16 bit), as `convert`
+    and the device will: calibration's later steps (measured mixed precision, bias
+    calibration) then see the arithmetic the file computes. Returns the raised layers."""
+    raised = []
+    for node in model.graph.nodes:
+        layer = module_of(model, node)
+        quantizer = layer.weight_quantizer if isinstance(layer, FakeQuantLayer) else None
+        bias_bits = bias_bits_for(quantizer.bits) if quantizer is not None else 32
+        source = input_quantizer(model, node) if bias_bits < 32 else None
+        if source is None or not getattr(source, "observed", True) or not quantizer.observed:
+            continue
+        fitted = fit_bias_exponent(quantizer.exponent, source.exponent, layer.layer.bias,
+                                   bias_bits)
+        if bool((fitted != quantizer.exponent).any()):
+            quantizer.exponent.copy_(fitted)
+            raised.append(str(node.target))
+    return raised

@@ -19,6 +19,7 @@ from torch import nn
 
 import quantfx as qf
 from quantfx import QATSchedule, QuantConfig, QuantFxError
+from quantfx.config import WEIGHT_ROUNDINGS
 
 SETTINGS = settings(deadline=None, max_examples=60, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +71,7 @@ VALIDITY = {
     and v in ("minmax", "moving_average", "histogram"),
     "weight_observer": lambda v: isinstance(v, str) and v in ("minmax", "mse"),
     "range_search": lambda v: isinstance(v, str) and v in ("mse", "percentile", "none"),
-    "weight_rounding": lambda v: isinstance(v, str) and v in ("nearest", "learned"),
+    "weight_rounding": lambda v: isinstance(v, str) and v in WEIGHT_ROUNDINGS,
     "percentile": lambda v: _is_number(v) and 50 < v <= 100,
     "histogram_bins": lambda v: _is_int(v) and v >= 64 and v & (v - 1) == 0,
     "moving_average_momentum": lambda v: _is_number(v) and 0 < v <= 1,

@@ -1,0 +1,90 @@
+"""Weight rounding with error feedback (quantfx/error_feedback.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import quantfx as qf
+from quantfx.error_feedback import input_columns, input_moments, round_with_feedback
+from quantfx.state import state_of
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2, bias=False),
+    nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),  # depthwise
+    nn.Conv1d(3, 5, 3, dilation=2, bias=False),
+    nn.Linear(7, 3, bias=False),
+])
+def test_columns_times_the_flattened_weight_is_the_layer(layer):
+    """The unfolding order must be the weight's: input channel, then kernel rows, columns."""
+    torch.manual_seed(0)
+    shape = {nn.Conv2d: (2, layer.weight.shape[1] * getattr(layer, "groups", 1), 9, 9),
+             nn.Conv1d: (2, 3, 11), nn.Linear: (2, 5, 7)}[type(layer)]
+    inputs = torch.randn(shape)
+    groups = getattr(layer, "groups", 1)
+    weight = layer.weight.detach().reshape(groups, layer.weight.shape[0] // groups, -1)
+    columns = input_columns(layer, inputs)  # (groups, positions, d)
+    products = columns @ weight.transpose(1, 2)  # (groups, positions, rows per group)
+    with torch.no_grad():
+        output = layer(inputs)
+    if isinstance(layer, nn.Linear):
+        expected = output.reshape(1, -1, output.shape[-1])
+    else:
+        flat = output.flatten(2)  # (n, channels, positions)
+        expected = flat.reshape(flat.shape[0], groups, -1, flat.shape[2]).permute(
+            1, 0, 3, 2).reshape(groups, -1, flat.shape[1] // groups)
+    torch.testing.assert_close(products, expected, rtol=1e-4, atol=1e-4)
+    assert input_moments(layer, inputs).shape == (groups,) + (columns.shape[2],) * 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 8), st.integers(0, 10_000))
+def test_uncorrelated_inputs_give_round_to_nearest(groups, rows, columns, seed):
+    """With H diagonal no column's error shows in another's output: nothing to feed back."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(groups, rows, columns, generator=generator)
+    scale = torch.full_like(weight, 2.0 ** -4)
+    moments = torch.diag_embed(torch.rand(groups, columns, generator=generator) + 0.1).double()
+    rounded = round_with_feedback(weight, scale, moments, -128, 127)
+    nearest = torch.clamp(torch.round(weight / scale), -128, 127) * scale
+    torch.testing.assert_close(rounded.float(), nearest)
+
+
+def test_correlated_inputs_lower_the_output_error_and_stay_on_the_grid():
+    torch.manual_seed(0)
+    mixing = torch.randn(16, 16)
+    inputs = torch.randn(4096, 16) @ mixing  # strongly correlated features
+    weight = torch.randn(8, 16) * 0.05
+    scale = torch.full_like(weight, 2.0 ** -6)
+    moments = (inputs.T @ inputs).double().unsqueeze(0)
+    rounded = round_with_feedback(weight.unsqueeze(0), scale.unsqueeze(0), moments, -128,
+                                  127)[0].float()
+    nearest = torch.round(weight / scale) * scale
+    assert torch.equal(rounded / scale, torch.round(rounded / scale))  # grid values
+    feedback_error = (inputs @ (rounded - weight).T).pow(2).mean()
+    nearest_error = (inputs @ (nearest - weight).T).pow(2).mean()
+    assert feedback_error < 0.7 * nearest_error
+
+
+def test_calibration_with_error_feedback_keeps_grid_weights_and_starts_again_each_time():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    data = [torch.rand(16, 3, 8, 8) for _ in range(2)]
+    config = qf.QuantConfig(progress=False, weight_rounding="error_feedback",
+                            per_channel_weights=False)
+    prepared = qf.calibrate(qf.prepare(model, (data[0][:1],), config), data)
+    first = prepared.get_submodule("0").layer.weight.detach().clone()
+    assert prepared.get_submodule("0").float_weight is not None
+    assert torch.equal(first, model[0].weight) is False
+    qf.calibrate(prepared, data)  # from the float weights again: the same result
+    assert torch.equal(prepared.get_submodule("0").layer.weight, first)
+    converted = qf.convert(prepared)
+    assert state_of(prepared).calibration_check.output_sqnr_db > 25.0
+    layer = converted.get_submodule("0")
+    torch.testing.assert_close(layer.layer.weight, first)
