@@ -63,6 +63,16 @@ def test_the_suggestion_reaches_its_target_with_few_layers(report):
     assert len(report.sixteen_bit_layers) < 4
     config = report.config(CONFIG)  # in the form QuantConfig takes
     assert config.sixteen_bit_layers == tuple(report.sixteen_bit_layers)
+    assert report.advice == "" and "nearly a 16-bit model" not in str(report)
+
+
+def test_a_suggestion_of_most_of_the_model_names_the_levers_that_keep_8_bit():
+    data = _data()
+    demanding = qf.analyze(Chain().eval(), data[0][:1], data, config=CONFIG, target=80.0)
+    assert len(demanding.sixteen_bit_layers) > len(demanding.tensors) / 2
+    assert "nearly a 16-bit model" in str(demanding) and "per_channel_weights" in str(demanding)
+    assert "nearly a 16-bit model" in demanding.to_markdown()
+    assert json.loads(demanding.to_json())["advice"] == demanding.advice
 
 
 def test_end_to_end_figures_are_ordered(report):

@@ -64,6 +64,9 @@ class TensorSensitivity:
         return min(self.activation_alone_db, self.weight_alone_db or math.inf)
 
 
+MOST_OF_THE_MODEL = 0.5  # a suggestion above this share of the tensors comes with `_advice`
+
+
 @dataclass
 class AnalysisReport:
     """What `analyze` measured; `sixteen_bit_layers` is the suggestion."""
@@ -80,6 +83,8 @@ class AnalysisReport:
     the suggestion is then all of them)."""
     scores: dict[str, float] = field(default_factory=dict)
     """`evaluate` of the float, int8, int16 and suggested models, when given."""
+    advice: str = ""
+    """What to try before the suggestion when it keeps most of the model at 16 bit."""
 
     def config(self, base: QuantConfig | None = None) -> QuantConfig:
         """`base` (or the defaults) with the suggested 16-bit layers."""
@@ -95,6 +100,8 @@ class AnalysisReport:
         lines.append(f"keep at 16 bit ({len(self.sixteen_bit_layers)}): "
                      f"{', '.join(self.sixteen_bit_layers) or 'nothing'}; {verdict} the target "
                      f"{target}{'' if self.scores else ' dB'}")
+        if self.advice:
+            lines.append(self.advice)
         lines.append("worst tensors (own rounding / in the quantized model):")
         lines += [f"  {t.tensor:<40} {t.alone_db:6.1f} dB / {t.sqnr_in_model_db:6.1f} dB"
                   for t in self.tensors[:10]]
@@ -106,7 +113,8 @@ class AnalysisReport:
         rows += [f"| {t.tensor} | {t.layer or ''} | {t.bits} | {t.activation_alone_db:.1f} | "
                  f"{'' if t.weight_alone_db is None else f'{t.weight_alone_db:.1f}'} | "
                  f"{t.sqnr_in_model_db:.1f} |" for t in self.tensors]
-        summary = "\n".join(f"- {line}" for line in str(self).splitlines()[:3])
+        text = str(self).split("\nworst tensors", 1)[0]
+        summary = "\n".join(f"- {line}" for line in text.splitlines())
         return f"# analyze\n\n{summary}\n\n" + "\n".join(rows) + "\n"
 
     def to_json(self) -> str:
@@ -348,9 +356,19 @@ def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, 
         report.sixteen_bit_layers, suggested, report.reached = _suggest(
             model, example_inputs, config, candidates, batches, good, bar)
     report.output_sqnr_db["suggested"] = _output_sqnr(reference, _run(suggested, inputs))
+    report.advice = _advice(len(report.sixteen_bit_layers), len(candidates))
     if evaluate is not None:
         report.scores["suggested"] = _score(evaluate, suggested)
     return report
+
+
+def _advice(suggested: int, candidates: int) -> str:
+    """When the suggestion is most of the model, the levers that keep it 8 bit."""
+    return "" if suggested <= MOST_OF_THE_MODEL * candidates else (
+        f"that is {suggested} of the model's {candidates} quantized tensors: nearly a 16-bit "
+        "model in memory and speed. Try what keeps 8 bit first: per_channel_weights=True "
+        "(AM6xA), weight_rounding='learned' or 'error_feedback', equalization=True, QAT "
+        "(quantfx.prepare_qat), or a lower target.")
 
 
 def _checked_batches(model: Any, data: Any, evaluate: Any, target: Any
