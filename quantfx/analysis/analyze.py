@@ -1,11 +1,9 @@
 """`analyze`: "which layer loses the accuracy?" in one call.
 
-On real data: the SQNR of every quantized tensor against float with the whole model quantized;
-the error each quantizer adds on its own (its rounding of the float tensor, and each layer's
-weight rounding on its float input) from one float and one quantized pass per batch, no model
-run per layer; end-to-end weights-only vs activations-only vs 8 vs 16 bit; and the fewest layers
-to keep at 16 bit to reach a target, in the form `QuantConfig(sixteen_bit_layers=...)` takes
-(the exported file then names them in TIDL's 16-bit options).
+On real data: each quantized tensor's SQNR against float in the quantized model, and what its
+own rounding (and its layer's weight rounding) costs alone, from one float and one quantized
+pass per batch; end to end weights-only / activations-only / 8 / 16 bit; and the fewest layers
+to keep at 16 bit to reach a target, as `QuantConfig(sixteen_bit_layers=...)` takes them.
 """
 
 from __future__ import annotations
