@@ -178,6 +178,10 @@ def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the device whose rules apply (TI's Jacinto names work too)")
     parser.add_argument("--format", choices=FORMATS, default="text",
                         help="text: summary and findings; markdown: a table of every node")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 on warnings too (what TIDL would run differently from "
+                             "the file: per-channel weights on tda4vm, biases past 16 bit, "
+                             "...): a CI gate")
 
 
 SUBCOMMANDS = {

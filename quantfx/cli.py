@@ -22,7 +22,8 @@ MAX_ERROR_CHARACTERS = 600
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """`quantfx check FILE --target T`: print the report; 1 if a node falls back to ARM."""
+    """`quantfx check FILE --target T`: print the report; 1 if a node falls back to ARM (or,
+    with --strict, if there is a warning)."""
     if not os.path.isfile(args.file):
         what = "is a folder" if os.path.isdir(args.file) else "does not exist"
         print(f"quantfx check: error: {args.file} {what}; give an exported .onnx file.",
@@ -32,7 +33,8 @@ def run_check(args: argparse.Namespace) -> int:
     report = check_tidl(args.file, args.target)
     print({"text": str, "markdown": lambda r: r.to_markdown(),
            "json": lambda r: r.to_json()}[args.format](report))
-    return 0 if report.fully_offloaded else 1
+    failed = not report.fully_offloaded or (args.strict and bool(report.warnings()))
+    return 1 if failed else 0
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -295,6 +295,27 @@ def test_check_command_exits_1_on_fallback_and_0_when_offloaded(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_check_strict_is_a_ci_gate_that_refuses_a_file_made_for_another_device(tmp_path):
+    """A per-channel file made for am68a runs on tda4vm (nothing falls back) but not as
+    written: plain `check` exits 0 with warnings, `--strict` exits 1; on its own target 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(4, 3, 12, 12)
+    prepared = qf.prepare(model, (x[:1],), qf.QuantConfig(target="am68a", progress=False))
+    path = tmp_path / "am68a.onnx"
+    qf.export_onnx(qf.convert(qf.calibrate(prepared, [x])), (x[:1],), path)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "quantfx", "check", str(path), *args],
+                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+
+    assert run("--target", "tda4vm").returncode == 0
+    strict = run("--target", "tda4vm", "--strict")
+    assert strict.returncode == 1 and "per-channel weights on tda4vm" in strict.stdout
+    assert run("--target", "am68a", "--strict").returncode == 0
+
+
 def test_a_standalone_batchnorm_reports_its_coarse_channels(tmp_path):
     """TIDL runs a BatchNorm that folds nowhere with one per-tensor weight scale: the checker
     counts the channel scales that keep fewer than 8 codes in the exported file."""
