@@ -154,13 +154,14 @@ class QuantConfig:
     20x -- the coarsest tenth of the layers at most (`quantfx.passes.place`). Decided from the
     weights at `prepare`; per-channel weights are never coarse."""
     widen_sensitive_layers: bool = True
-    """PTC, 8 bit: after the ranges, measure each layer's own 8-bit weight rounding (nothing else
-    quantized) at the model's output on 8 calibration samples, and give 16-bit weights to the
-    layers whose weights alone hold the output below 30 dB SQNR, the worst first, a tenth of
-    the layers at most (`quantfx.mixed_precision`; activations stay 8 bit, so the file stays
-    bit-exact in ONNX Runtime). The choice is in the calibration check (`summary()`) and the
-    state_dict. Costs a forward of 8 samples per group measured (layers are measured in
-    halving groups: few forwards when few layers are sensitive)."""
+    """PTC, 8 bit: after the ranges, measure each layer's own 8-bit rounding (its weights and
+    output, nothing else quantized) at the model's output on 8 calibration samples, and give
+    16-bit weights and a 16-bit output (on TDA4VM, whose 8-bit layers keep 16-bit biases, the
+    weights only) to the layers that alone hold the output below 30 dB SQNR, the worst first,
+    a tenth of the layers at most (`quantfx.mixed_precision`; the export verifies such files
+    step by step, `quantfx.export.stepwise`). The choice is in the calibration check
+    (`summary()`) and the state_dict. Costs a forward of 8 samples per group measured
+    (layers are measured in halving groups: few forwards when few layers are sensitive)."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""

@@ -24,13 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantfx.layers import FakeQuantLayer
-from quantfx.qmath import from_codes
-from quantfx.reconstruction import (
-    correct_bias,
-    first_samples,
-    layer_output_error,
-    reconstruct_layers,
-)
+from quantfx.qmath import from_codes, to_codes
+from quantfx.reconstruction import first_samples, layer_output_error, round_weights
 
 DAMPING = 0.01
 """Added to H's diagonal, as a share of its mean: keeps H invertible (dead inputs) and the
@@ -121,7 +116,8 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     quantizer = layer.weight_quantizer
     weight = layer.layer.weight.detach()
     scale = from_codes(torch.ones_like(weight), quantizer.exponent, quantizer.axis)
-    nearest = torch.clamp(torch.round(weight / scale), quantizer.qmin, quantizer.qmax) * scale
+    nearest = from_codes(to_codes(weight, quantizer.exponent, quantizer.qmin, quantizer.qmax,
+                                  quantizer.axis), quantizer.exponent, quantizer.axis)
     nearest_error = layer_output_error(layer, inputs, target, nearest, activation)
     if not supported(layer.layer):
         layer.layer.weight.data.copy_(nearest)
@@ -148,15 +144,5 @@ def error_feedback_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tenso
     order, in one pass (exponents must be computed). With `correct_biases`, each layer's bias
     then gets bias calibration's shift in the same pass. Returns layer name -> (nearest MSE,
     kept MSE)."""
-
-    def step(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
-             activation: nn.Module | None) -> tuple[float, float]:
-        if layer.float_weight is None:
-            layer.float_weight = layer.layer.weight.detach().clone()
-        errors = round_layer(layer, inputs, target, activation)
-        if correct_biases:
-            correct_bias(layer, inputs, target)
-        return errors
-
-    kept = first_samples(batches, MAX_SAMPLES)
-    return reconstruct_layers(model, kept, step, progress, "error-feedback rounding")
+    return round_weights(model, first_samples(batches, MAX_SAMPLES), round_layer,
+                         correct_biases, progress, "error-feedback rounding")

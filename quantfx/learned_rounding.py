@@ -27,12 +27,7 @@ from torch import Tensor, nn
 
 from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.qmath import from_codes
-from quantfx.reconstruction import (
-    correct_bias,
-    first_samples,
-    layer_output_error,
-    reconstruct_layers,
-)
+from quantfx.reconstruction import first_samples, layer_output_error, round_weights
 
 ITERATIONS = 500
 """Optimizer steps per layer."""
@@ -178,14 +173,9 @@ def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
     -> (nearest MSE, kept MSE)."""
     steps = ITERATIONS if iterations is None else iterations
 
-    def step(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
-             activation: nn.Module | None) -> tuple[float, float]:
-        if layer.float_weight is None:
-            layer.float_weight = layer.layer.weight.detach().clone()
-        errors = learn_layer_rounding(layer, inputs, target, steps, activation=activation)
-        if correct_biases:
-            correct_bias(layer, inputs, target)
-        return errors
+    def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
+                    activation: nn.Module | None) -> tuple[float, float]:
+        return learn_layer_rounding(layer, inputs, target, steps, activation=activation)
 
-    kept = first_samples(batches, MAX_SAMPLES)
-    return reconstruct_layers(model, kept, step, progress, "learned rounding")
+    return round_weights(model, first_samples(batches, MAX_SAMPLES), round_layer,
+                         correct_biases, progress, "learned rounding")

@@ -1,5 +1,4 @@
-"""Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers get 16-bit
-weights.
+"""Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers run 16 bit.
 
 Once calibration has every range, each layer's own 8-bit rounding -- its weights and its
 output, nothing else quantized -- is measured at the model's output on a few calibration

@@ -236,7 +236,7 @@ def calibrate(
 
 
 def _kept_samples(config: QuantConfig) -> int:
-    """How many samples calibration keeps for bias calibration and learned rounding."""
+    """How many samples calibration keeps for bias calibration and weight rounding."""
     return max(config.bias_calibration_samples if config.bias_calibration else 0,
                ROUNDING_SAMPLES if config.weight_rounding != "nearest" else 0, CHECK_SAMPLES)
 

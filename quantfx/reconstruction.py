@@ -157,6 +157,25 @@ def first_samples(batches: Sequence[tuple[Tensor, ...]], count: int
     return chosen
 
 
+def round_weights(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
+                  round_layer: LayerStep, correct_biases: bool, progress: bool,
+                  description: str) -> dict[str, Any]:
+    """A weight-rounding pass (learned rounding, error feedback): each layer keeps its float
+    weights (so a new calibration starts from them), is rounded by `round_layer`, then, with
+    `correct_biases`, gets bias calibration's shift, all in one `reconstruct_layers` pass."""
+
+    def step(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
+             activation: nn.Module | None) -> Any:
+        if layer.float_weight is None:
+            layer.float_weight = layer.layer.weight.detach().clone()
+        result = round_layer(layer, inputs, target, activation)
+        if correct_biases:
+            correct_bias(layer, inputs, target)
+        return result
+
+    return reconstruct_layers(model, batches, step, progress, description)
+
+
 def layer_output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, weight: Tensor,
                        activation: Callable[[Tensor], Tensor] | None = None) -> float:
     """Mean squared error of `layer` with `weight` on `inputs` against float output `target`,

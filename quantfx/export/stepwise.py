@@ -27,7 +27,7 @@ from onnx import helper
 from torch import Tensor
 
 from quantfx.export.verify import onnxruntime_session
-from quantfx.passes.graph_utils import flatten_values, module_of
+from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import FrozenQuantizer
 
 STEP_TOLERANCE_LSB = 1.0
@@ -136,7 +136,7 @@ def verify_stepwise(model: fx.GraphModule, onnx_model: onnx.ModelProto,
         values.update(feed)
         theirs = {node: values[name] for node, name in steps.items() if name in values}
         with torch.no_grad():
-            flatten_values(_Forced(model, theirs, figures).run(*batch))
+            _Forced(model, theirs, figures).run(*batch)
     total = figures["total"]
     return StepwiseFigures(len(steps), figures["identical"] / total if total else 1.0,
                            figures["max"], figures["share"], figures["worst"])
