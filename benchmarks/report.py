@@ -118,7 +118,7 @@ def markdown_table(table: Table) -> str:
 
 
 def draw_bar_chart(chart: Chart, path: Path) -> None:
-    """Write `chart` as a PNG (quantfx's Pillow chart; no matplotlib needed)."""
+    """Write `chart` as a PNG (quantfx's sorted bar chart; matplotlib, the `plot` extra)."""
     bar_chart(chart.title, chart.labels, chart.values, str(path), chart.unit)
 
 

@@ -103,7 +103,10 @@ def test_report_files_and_bad_arguments(report, tmp_path):
     # each tensor's float histogram holds every value it saw (4 batches of its shape)
     first = saved[0]
     assert len(first["histogram"]) == 48 and first["clip"] > 0 and sum(first["histogram"]) > 0
-    assert '<img src="ranges.png"' in (tmp_path / "analysis" / "report.html").read_text()
+    page = (tmp_path / "analysis" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2  # self-contained: charts embedded
+    assert "<td>c2</td>" in page and "Infinity" not in page
+    assert (tmp_path / "analysis" / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in (tmp_path / "analysis").iterdir() if p.name.startswith(".")]
     with pytest.raises(qf.ConfigError, match="is a file"):
         report.save(paths[0])
@@ -169,3 +172,13 @@ def test_one_overall_bar_counts_every_calibration(monkeypatch):
                         config=replace(CONFIG, progress=True), target=200.0)
     assert len(bars) == 1 and bars[0].n == len(configs) == 3  # int8, int16, all candidates
     assert not report.reached and not any(config.progress for config in configs)
+
+
+def test_report_without_matplotlib_keeps_the_numbers(report, tmp_path, monkeypatch):
+    from quantfx.analysis import plots
+
+    monkeypatch.setattr(plots, "_figure_class", lambda: None)
+    paths = report.save(str(tmp_path / "plain"))
+    assert {p.rsplit("/", 1)[1] for p in paths} == {"report.md", "report.html", "report.json"}
+    page = (tmp_path / "plain" / "report.html").read_text()
+    assert "pip install quantfx[plot]" in page and "<img" not in page

@@ -121,9 +121,9 @@ class AnalysisReport:
         return json.dumps(data, indent=2, default=lambda value: None, allow_nan=False)
 
     def save(self, folder: str) -> list[str]:
-        """Write report.md, report.html and report.json into `folder` and, with Pillow
-        (`pip install quantfx[plot]`; torchvision brings it), sqnr.png (per-tensor SQNR) and
-        ranges.png (value histograms of the worst tensors); returns the paths written."""
+        """Write report.md, report.html (self-contained) and report.json into `folder` and,
+        with matplotlib (`pip install quantfx[plot]`), sqnr.png (per-tensor SQNR) and
+        ranges.png (log-scale value histograms of the worst tensors); returns the paths."""
         from quantfx.analysis.plots import write_report
 
         return write_report(self, folder)

@@ -1,10 +1,12 @@
-"""PNG charts (with Pillow: `pip install quantfx[plot]`, which torchvision already brings) and
-the analysis report files. The numbers never need Pillow: without it the charts are skipped."""
+"""The analysis report's files: charts drawn with matplotlib (`pip install quantfx[plot]`)
+and a self-contained HTML page (Jinja2, which torch already requires; images embedded). The
+numbers never need matplotlib: without it the charts are skipped and the page says so."""
 
 from __future__ import annotations
 
-import html
+import base64
 import io
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,46 +16,58 @@ from quantfx.files import staged_files, write_text_files
 
 WORST_HISTOGRAMS = 4
 """How many of the worst tensors get a value histogram in ranges.png."""
+WORST_BARS = 20
+"""How many of the worst tensors sqnr.png shows."""
+TEMPLATE = "report.html.j2"
 
 
-def _pillow() -> Any:
-    """PIL's Image and ImageDraw, or None when Pillow is not installed."""
+def _figure_class() -> Any:
+    """matplotlib's Figure (drawn without pyplot: no global state, no display), or None."""
     try:
-        from PIL import Image, ImageDraw
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    return Image, ImageDraw
+    return Figure
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def bar_chart_png(title: str, labels: Sequence[str], values: Sequence[float],
                   unit: str = "") -> bytes | None:
-    """A horizontal bar chart, one bar per label (negative values in red), as PNG bytes; None
-    without Pillow."""
-    pillow = _pillow()
-    if pillow is None:
+    """A horizontal bar chart, sorted, smallest value on top (negative bars red, infinite ones
+    drawn to the largest finite value), with a labelled value axis; PNG bytes, None without
+    matplotlib."""
+    figure_class = _figure_class()
+    if figure_class is None or not labels:
         return None
-    image_class, draw_class = pillow
-    row_height, label_width, bar_width, margin = 18, 260, 420, 10
-    height = 2 * margin + 24 + row_height * len(labels)
-    image = image_class.new("RGB", (label_width + bar_width + 90, height), "white")
-    draw = draw_class.Draw(image)
-    draw.text((margin, margin), title, fill="black")
-    finite = [abs(value) for value in values if value == value and abs(value) != float("inf")]
-    top = max(finite + [1e-12])
-    for index, (label, value) in enumerate(zip(labels, values)):
-        y = margin + 24 + index * row_height
-        draw.text((margin, y + 2), label[:42], fill="black")
-        shown = min(abs(value), top) if value == value else 0.0
-        length = int(bar_width * shown / top)
-        draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row_height - 3],
-                       fill=(70, 110, 180) if value >= 0 else (200, 80, 60))
-        draw.text((label_width + length + 4, y + 2), f"{value:.2f}{unit}", fill="black")
-    return _png(image)
+    rows = sorted(zip(labels, values), key=lambda row: row[1] if row[1] == row[1] else -math.inf)
+    finite = [value for _, value in rows if math.isfinite(value)] or [0.0]
+    shown = [min(max(value, min(finite)), max(finite)) if value == value else 0.0
+             for _, value in rows]
+    figure = figure_class(figsize=(8, 1.2 + 0.28 * len(rows)))
+    axes = figure.add_subplot()
+    positions = list(range(len(rows)))
+    axes.barh(positions, shown, color=["#c0503c" if value < 0 else "#466eb4" for value in shown])
+    axes.set_yticks(positions, [label if len(label) <= 48 else label[:45] + "..."
+                                for label, _ in rows], fontsize=8)
+    axes.invert_yaxis()  # the worst first, at the top
+    for position, (_, value), length in zip(positions, rows, shown):
+        axes.annotate(f"{value:.1f}{unit}", (length, position), xytext=(3, 0),
+                      textcoords="offset points", va="center", fontsize=7)
+    axes.set_xlabel(unit.strip() or "value")
+    axes.set_title(title, fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+    return _png(figure)
 
 
 def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], path: str,
               unit: str = "") -> bool:
-    """`bar_chart_png` written atomically to `path`; False (nothing written) without Pillow."""
+    """`bar_chart_png` written atomically to `path`; False (nothing written) without
+    matplotlib."""
     data = bar_chart_png(title, labels, values, unit)
     if data is not None:
         _write_bytes(path, data)
@@ -61,41 +75,35 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], path: 
 
 
 def histograms_png(tensors: Sequence[Any]) -> bytes | None:
-    """One panel per tensor: its float value histogram over [-2 clip, 2 clip] with the
-    quantizer's range marked (red bars fall outside it and saturate); None without Pillow."""
-    pillow = _pillow()
-    if pillow is None or not tensors:
+    """One panel per tensor: its float values' histogram over [-2 clip, 2 clip] on a log count
+    scale (the saturating tails are rare, so invisible on a linear one), the quantizer's range
+    marked by dashed lines and the values it clips in red; PNG bytes, None without
+    matplotlib."""
+    figure_class = _figure_class()
+    if figure_class is None or not tensors:
         return None
-    image_class, draw_class = pillow
-    panel_width, panel_height, margin = 360, 150, 10
-    image = image_class.new("RGB", (panel_width + 2 * margin,
-                                    len(tensors) * (panel_height + margin) + margin), "white")
-    draw = draw_class.Draw(image)
+    figure = figure_class(figsize=(8, 2.4 * len(tensors)))
     for index, tensor in enumerate(tensors):
-        top = margin + index * (panel_height + margin)
-        draw.text((margin, top), f"{tensor.tensor}  (range +-{tensor.clip:.4g}, "
-                                 f"{tensor.bits} bit)", fill="black")
+        axes = figure.add_subplot(len(tensors), 1, index + 1)
         counts = tensor.histogram or [0]
-        tallest = max(max(counts), 1)
-        bin_width = panel_width / len(counts)
-        base = top + panel_height - 4
-        for bin_index, count in enumerate(counts):
-            # bins cover [-2 clip, 2 clip]: the middle half is inside the quantizer's range
-            inside = len(counts) / 4 <= bin_index < 3 * len(counts) / 4
-            left = margin + bin_index * bin_width
-            height = int((panel_height - 24) * count / tallest)
-            draw.rectangle([left, base - height, left + bin_width - 1, base],
-                           fill=(70, 110, 180) if inside else (200, 80, 60))
-        for quarter in (1, 3):
-            x = margin + quarter * panel_width / 4
-            draw.line([x, top + 16, x, base], fill="black")
-    return _png(image)
-
-
-def _png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+        width = 4.0 * tensor.clip / len(counts)
+        lefts = [-2.0 * tensor.clip + bin_index * width for bin_index in range(len(counts))]
+        inside = [-tensor.clip - 1e-12 <= left and left + width <= tensor.clip + 1e-12
+                  for left in lefts]
+        axes.bar(lefts, [max(count, 0) for count in counts], width=width, align="edge",
+                 color=["#466eb4" if keep else "#c0503c" for keep in inside])
+        if any(counts):
+            axes.set_yscale("log")
+        for edge in (-tensor.clip, tensor.clip):
+            axes.axvline(edge, color="black", linestyle="--", linewidth=1)
+        clipped = sum(count for count, keep in zip(counts, inside) if not keep)
+        share = clipped / max(sum(counts), 1)
+        axes.set_title(f"{tensor.tensor}: range ±{tensor.clip:.4g} at {tensor.bits} bit, "
+                       f"{100 * share:.2g} % of values clipped", fontsize=9)
+        axes.set_ylabel("count (log)")
+    figure.axes[-1].set_xlabel("float value (dashed: the quantizer's range)")
+    figure.tight_layout()
+    return _png(figure)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -103,19 +111,20 @@ def _write_bytes(path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def _html(report: Any, images: list[str]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(t.tensor)}</td><td>{html.escape(t.layer or '')}</td>"
-        f"<td>{t.bits}</td><td>{t.activation_alone_db:.1f}</td>"
-        f"<td>{'' if t.weight_alone_db is None else f'{t.weight_alone_db:.1f}'}</td>"
-        f"<td>{t.sqnr_in_model_db:.1f}</td></tr>" for t in report.tensors)
-    summary = "".join(f"<li>{html.escape(line)}</li>" for line in str(report).splitlines()[:3])
-    pictures = "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>quantfx analyze</title>"
-            "</head><body><h1>quantfx analyze</h1>"
-            f"<ul>{summary}</ul>{pictures}<table border='1'><tr><th>tensor</th><th>layer</th>"
-            "<th>bits</th><th>own rounding dB</th><th>weights alone dB</th><th>in model dB</th>"
-            f"</tr>{rows}</table></body></html>\n")
+def report_html(report: Any, images: dict[str, bytes]) -> str:
+    """The report as one self-contained HTML page (its charts embedded as data URIs)."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(os.path.dirname(os.path.abspath(__file__))),
+        autoescape=True, keep_trailing_newline=True)
+    titles = {"sqnr.png": "SQNR of each tensor's own rounding (worst first)",
+              "ranges.png": "Value histograms of the worst tensors"}
+    embedded = [{"title": titles.get(name, name), "data": base64.b64encode(data).decode()}
+                for name, data in images.items()]
+    summary = str(report).split("\nworst tensors", 1)[0].splitlines()
+    return environment.get_template(TEMPLATE).render(
+        summary=summary, images=embedded, tensors=report.tensors)
 
 
 def check_report_folder(folder: Any) -> str:
@@ -134,11 +143,11 @@ def check_report_folder(folder: Any) -> str:
 
 
 def write_report(report: Any, folder: str) -> list[str]:
-    """report.md, report.html, report.json and (Pillow permitting) sqnr.png and ranges.png in
-    `folder` (created if missing), each written atomically; returns the paths written."""
+    """report.md, report.html, report.json and (matplotlib permitting) sqnr.png and ranges.png
+    in `folder` (created if missing), each written atomically; returns the paths written."""
     folder = check_report_folder(folder)
     os.makedirs(folder, exist_ok=True)
-    worst = report.tensors[:20]
+    worst = report.tensors[:WORST_BARS]
     images = {
         "sqnr.png": bar_chart_png("SQNR of each tensor's own rounding (worst first)",
                                   [item.tensor for item in worst],
@@ -147,7 +156,7 @@ def write_report(report: Any, folder: str) -> list[str]:
     }
     images = {name: data for name, data in images.items() if data is not None}
     texts = {os.path.join(folder, "report.md"): report.to_markdown(),
-             os.path.join(folder, "report.html"): _html(report, list(images)),
+             os.path.join(folder, "report.html"): report_html(report, images),
              os.path.join(folder, "report.json"): report.to_json()}
     write_text_files(texts)
     written = list(texts)
