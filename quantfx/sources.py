@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import logging
 import os
 import pickle
 import sys
@@ -28,6 +29,10 @@ from quantfx.errors import LoadError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+UPSAMPLED = 2.0
+"""Images whose median shorter side is this many times smaller than --resize get a warning:
+a model trained on small images (32x32) was otherwise calibrated and exported at 224."""
+LOG = logging.getLogger(__name__)
 """Keys under which training checkpoints commonly keep the model's state dict."""
 
 
@@ -175,14 +180,28 @@ def _load_images(folder: str, limit: int, options: ImageOptions, progress: bool)
     transform = transforms.Compose([
         transforms.Resize(options.resize), transforms.CenterCrop(options.crop),
         transforms.ToTensor(), transforms.Normalize(options.mean, options.std)])
-    images = []
+    images, sides = [], []
     for path in tqdm(files[:limit], desc="reading images", unit="image", disable=not progress):
         try:
             with Image.open(path) as image:
+                sides.append(min(image.size))
                 images.append(transform(_eight_bit(image, options.grayscale)))
         except (UnidentifiedImageError, OSError) as error:
             raise LoadError(f"cannot read the image {path!r}: {error}") from error
+    _warn_if_upsampled(sorted(sides)[len(sides) // 2], options)
     return torch.stack(images)
+
+
+def _warn_if_upsampled(median_side: int, options: ImageOptions) -> None:
+    """Say so when the images are blown up to the input size: the model (and its export) then
+    sees inputs of a size it was likely not trained on."""
+    if median_side * UPSAMPLED <= options.resize:
+        LOG.warning(
+            "the images' shorter side is about %d pixels, but they are resized to %d and "
+            "cropped to %d (upsampled %.0fx); the model is calibrated and exported at %dx%d. "
+            "If it was trained on %dx%d inputs, give --resize %d --crop %d.", median_side,
+            options.resize, options.crop, options.resize / median_side, options.crop,
+            options.crop, median_side, median_side, median_side, median_side)
 
 
 def _check_image_options(options: ImageOptions) -> None:

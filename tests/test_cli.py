@@ -273,6 +273,22 @@ def test_images_of_any_mode_and_preprocessing_that_cannot_be_meant(tmp_path):
         load_calibration(folder, images=ImageOptions(resize=8, crop=16), progress=False)
 
 
+def test_small_images_blown_up_to_the_default_size_are_named(tmp_path, caplog):
+    """A 32x32 model given no --resize/--crop was calibrated and exported at 224 silently."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * index, np.uint8)).save(folder / f"{index}.png")
+    with caplog.at_level("WARNING", logger="quantfx"):
+        (batch,) = load_calibration(folder, progress=False)
+    assert batch.shape == (3, 3, 224, 224)
+    assert "about 32 pixels" in caplog.text and "--resize 32 --crop 32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantfx"):
+        load_calibration(folder, images=ImageOptions(resize=32, crop=32), progress=False)
+    assert not caplog.records
+
+
 def test_analyze_checks_its_output_folder_before_any_work(tmp_path, capsys):
     """`analyze -o` refused an unwritable path after minutes of work: now before the model
     even loads (a model that does not exist would be the error otherwise)."""
