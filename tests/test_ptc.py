@@ -66,12 +66,13 @@ def test_converted_model_is_eval_only():
 
 
 def test_plain_forward_passes_calibrate():
-    prepared = qf.prepare(ConvBnReLU(), X)
+    """A prepared model observes in plain forward passes, as `calibrate` does."""
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    prepared = qf.prepare(model, X)
     with torch.no_grad():
         prepared(X)
-    converted = qf.convert(prepared)
-    with torch.no_grad():
-        assert converted(X).shape == (2, 4)
+        converted = qf.convert(prepared)
+        assert qf.qmath.sqnr_db(model(X), converted(X)) > 20.0
 
 
 def test_quantized_output_is_close_to_float():
@@ -130,9 +131,38 @@ def test_every_observer_choice_gives_the_exponent_it_promises(observer, search):
 
 
 def test_calibrate_accepts_dataloader_style_batches():
-    prepared = qf.prepare(ConvBnReLU(), X)
-    batches = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1])) for _ in range(3)]
+    """(inputs, labels) batches: the labels are dropped, and `num_batches` is the limit."""
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 3, 16, 16, generator=generator), torch.tensor([0, 1]))
+               for _ in range(3)]
+    batches[2] = (100 * batches[2][0], batches[2][1])  # would widen every range if used
+    prepared, inputs_only = qf.prepare(model, X), qf.prepare(model, X)
     assert qf.calibrate(prepared, batches, num_batches=2) is prepared
+    qf.calibrate(inputs_only, [inputs for inputs, _ in batches[:2]])
+    for (key, value), other in zip(prepared.state_dict().items(),
+                                   inputs_only.state_dict().values()):
+        assert torch.equal(value, other), key
+
+
+def test_equalization_is_on_where_the_profile_says_and_off_when_asked():
+    """prepare equalizes when depthwise weights are per tensor (tda4vm); switching it off
+    inside prepare passed every test before, since only `equalize()` itself was tested."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[2].weight[3].mul_(100.0)  # one depthwise channel 100x the others
+
+    def spread(config: qf.QuantConfig) -> float:
+        weight = qf.prepare(model, X, config).get_submodule("2").layer.weight.detach()
+        ranges = weight.abs().flatten(1).amax(1)
+        return float(ranges.max() / ranges.median())
+
+    assert spread(qf.QuantConfig(target="tda4vm")) < 5
+    assert spread(qf.QuantConfig(target="am68a")) > 50  # per-channel depthwise: not needed
+    assert spread(qf.QuantConfig(target="tda4vm", equalization=False)) > 50
+    assert spread(qf.QuantConfig(target="am68a", equalization=True)) < 5
 
 
 # ---- errors: every one a QuantFxError that says what to do ----
