@@ -36,6 +36,8 @@ JUNK = st.one_of(
                      "am68a", "TDA4VM", "nearest", "learned", "Learned"]),
     st.lists(st.integers(-3, 20), max_size=3),
     st.lists(st.text(max_size=3), max_size=3),
+    st.lists(st.sampled_from([nn.ReLU, nn.Module, int, len, math.sqrt, "head", "a.b", ""]),
+             max_size=3),
     st.tuples(st.integers(), st.text(max_size=2)),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     st.binary(max_size=3),
@@ -48,6 +50,20 @@ JUNK = st.one_of(
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sequence_of(is_item):
+    """What `as_tuple` takes: None, one item, or an iterable of items."""
+    def valid(value) -> bool:
+        if value is None or is_item(value):
+            return True
+        if isinstance(value, str):
+            return False
+        try:
+            return all(is_item(item) for item in value)
+        except TypeError:
+            return False
+    return valid
 
 
 def _is_number(value) -> bool:
@@ -77,8 +93,16 @@ VALIDITY = {
     "moving_average_momentum": lambda v: _is_number(v) and 0 < v <= 1,
     "bias_calibration_samples": lambda v: _is_int(v) and v >= 1,
     "qat_schedule": lambda v: v is None or isinstance(v, QATSchedule),
+    "sixteen_bit_layers": _sequence_of(lambda item: isinstance(item, str)),
+    "leaf_modules": _sequence_of(lambda item: isinstance(item, str) or (
+        isinstance(item, type) and issubclass(item, nn.Module))),
+    "autowrap_functions": _sequence_of(
+        lambda item: callable(item) and not isinstance(item, type)),
+    "quantize_only": lambda v: v == "auto" or _sequence_of(
+        lambda item: isinstance(item, str) and item not in ("", "auto"))(v),
 }
-"""What each scalar field accepts (the sequence fields are only required not to crash)."""
+"""What each field accepts: construction succeeds exactly for these (valid values included:
+infinity where a finite number is required, or a class among functions, once passed)."""
 
 SCHEDULE_VALIDITY = {
     "freeze_bn_step": lambda v: v is None or (_is_int(v) and v >= 0),
@@ -106,8 +130,7 @@ def _construct(cls, name: str, value, validity: dict) -> None:
 
 
 def test_every_field_has_a_strategy() -> None:
-    sequences = {"sixteen_bit_layers", "leaf_modules", "autowrap_functions", "quantize_only"}
-    assert set(CONFIG_FIELDS) == set(VALIDITY) | sequences
+    assert set(CONFIG_FIELDS) == set(VALIDITY)
     assert set(SCHEDULE_FIELDS) == set(SCHEDULE_VALIDITY)
 
 
@@ -167,14 +190,15 @@ EXPORT_SETTINGS = settings(deadline=None, max_examples=80, derandomize=True, dat
                            suppress_health_check=[HealthCheck.too_slow])
 
 
-def _export(options: dict) -> None:
-    """Export with `options`: success writes both files, a QuantFxError writes nothing, any
-    other exception fails the test."""
+def _export(options: dict, valid: bool = False) -> None:
+    """Export with `options`: success writes both files, a QuantFxError writes nothing (and
+    fails the test when every option is `valid`), any other exception fails the test."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
         try:
             report = qf.export_onnx(CONVERTED, (EXAMPLE,), path, **options)
         except QuantFxError:
+            assert not valid, f"valid options {options} refused"
             assert os.listdir(folder) == []  # a refused export writes nothing
         else:
             assert sorted(os.listdir(folder)) == ["model.onnx", "model.tidl.json"]
@@ -207,3 +231,15 @@ def test_one_junk_keyword_among_valid_ones(data, junk) -> None:
         optional={keyword: VALID_EXPORT[keyword] for keyword in EXPORT_KEYWORDS
                   if keyword != junk}))
     _export(options)
+
+
+def _legacy_below_13(options: dict) -> dict:
+    """QDQ needs opset 13 (per-channel DequantizeLinear): opset 11 is valid with legacy=True."""
+    return {**options, "legacy": True} if options.get("opset") == 11 else options
+
+
+@EXPORT_SETTINGS
+@given(options=st.fixed_dictionaries({}, optional=VALID_EXPORT).map(_legacy_below_13))
+def test_valid_keywords_always_export(options) -> None:
+    """Valid options are accepted, in any combination (a valid threads=2 was once refused)."""
+    _export(options, valid=True)
