@@ -80,6 +80,13 @@ def test_calibrate_with_learned_rounding_is_repeatable_and_exports(tmp_path, mon
     assert torch.equal(qf.convert(plain)(x), first(x))
     report = qf.export_onnx(first, (x,), tmp_path / "learned.onnx")
     assert report.fraction_identical == 1.0
+    # calibrating on other data starts from the float weights, as a fresh model would (from
+    # the rounded ones, the same data gave the same result, and hid a missing restore)
+    other = [torch.randn(8, 3, 12, 12) for _ in range(3)]
+    qf.calibrate(prepared, other)
+    fresh = qf.prepare(model, data[0][:1], qf.QuantConfig(**FAST))
+    qf.calibrate(fresh, other)
+    assert torch.equal(qf.convert(prepared)(x), qf.convert(fresh)(x))
 
 
 def test_the_option_is_checked():

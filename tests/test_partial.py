@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import quantfx as qf
+from quantfx.layers import FakeQuantLayer, IntegerLayer
+from quantfx.quantizers import CalibrationQuantizer
 from tests.helpers import randomize_batchnorm
 
 CONFIG = dict(progress=False)
@@ -74,6 +76,11 @@ def test_named_parts_are_quantized_and_the_rest_is_untouched_float(model):
     sqnr = qf.qmath.sqnr_db(float_raw, raw)
     assert sqnr > 25
     assert model.backbone.__class__ is nn.Sequential  # the user's model is never modified
+    for part in (converted.backbone, converted.head):  # every part converted, none left fake
+        modules = list(part.modules())
+        assert any(isinstance(module, IntegerLayer) for module in modules)
+        assert not any(isinstance(module, (FakeQuantLayer, CalibrationQuantizer))
+                       for module in modules)
 
 
 def test_auto_finds_the_traceable_parts_and_says_what_stays_float(model):
@@ -122,6 +129,10 @@ def test_qat_from_a_calibrated_partial_model(model):
     qf.calibrate(prepared, _calibration())
     qat_model = qf.prepare_qat(prepared, (_images(1, 0),))
     assert isinstance(qat_model.head, torch.fx.GraphModule) and qat_model.training
+    images = _images(2, 8)
+    with torch.no_grad():  # QAT starts where calibration ended, in both parts
+        calibrated = qf.convert(prepared)(images)[0]
+        assert qf.qmath.sqnr_db(calibrated, qat_model.eval()(images)[0]) > 30
 
 
 @pytest.mark.parametrize("names, message", [
@@ -165,9 +176,14 @@ def test_a_part_with_list_inputs_is_refused_with_the_fix():
 def test_auto_quantizes_a_model_that_traces_whole_as_one():
     from tests.helpers import ConvBnReLU
 
-    prepared = qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8),
-                          qf.QuantConfig(quantize_only="auto", **CONFIG))
+    model, x = ConvBnReLU().eval(), torch.randn(4, 3, 8, 8)
+    prepared = qf.prepare(model, x[:1], qf.QuantConfig(quantize_only="auto", **CONFIG))
     assert isinstance(prepared, torch.fx.GraphModule)
+    whole = qf.prepare(model, x[:1], qf.QuantConfig(**CONFIG))
+    qf.calibrate(prepared, [x])
+    qf.calibrate(whole, [x])
+    with torch.no_grad():  # the same as quantizing it whole
+        assert torch.equal(qf.convert(prepared)(x), qf.convert(whole)(x))
 
 
 def test_the_option_is_checked():
