@@ -139,7 +139,8 @@ def test_bad_detection_options_are_quantfx_errors(tmp_path, tiny_yolox) -> None:
     for bad in [dict(strides=()), dict(strides=(8, -16)), dict(strides="8"),
                 dict(num_classes=0), dict(confidence_threshold=1.5),
                 dict(nms_threshold=0), dict(top_k=True), dict(keep_top_k=2.5)]:
-        with pytest.raises(qf.ExportError):
+        named = next(iter(bad))
+        with pytest.raises(qf.ExportError, match=rf"(?s){named}.*(e\.g\.|such as)"):
             qf.YoloxMetaArch(**{"strides": (8, 16), "num_classes": 10, **bad})
     with pytest.raises(qf.ExportError, match="variance needs 4"):
         qf.SsdMetaArch(priors=[qf.PriorBoxes(30, 60, (2,), 16)], num_classes=3,

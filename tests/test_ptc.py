@@ -202,9 +202,11 @@ def test_model_without_quantizable_layer_is_an_error():
         qf.prepare(nn.Sequential(nn.ReLU(), nn.Flatten()), X)
 
 
-@pytest.mark.parametrize("bad_inputs", [torch.randn(2, 5, 16, 16), "image", (), (X, X)])
-def test_wrong_example_inputs_are_an_error(bad_inputs):
-    with pytest.raises(qf.PrepareError):
+@pytest.mark.parametrize("bad_inputs, message", [
+    (torch.randn(2, 5, 16, 16), "expected input.*to have 3 channels"),
+    ("image", "got str. Example"), ((), "non-empty tuple"), ((X, X), "takes 1 input")])
+def test_wrong_example_inputs_are_an_error(bad_inputs, message):
+    with pytest.raises(qf.PrepareError, match=message):
         qf.prepare(ConvBnReLU(), bad_inputs)
 
 

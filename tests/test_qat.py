@@ -358,7 +358,7 @@ def test_prepare_qat_rejects_converted_and_qat_models():
     qm = qf.prepare_qat(model, x)
     with pytest.raises(qf.PrepareError, match="prepare_qat"):
         qf.prepare_qat(qm, x)
-    with pytest.raises(qf.QuantFxError):
+    with pytest.raises(qf.QuantFxError, match="returned by quantfx.prepare_qat"):
         qf.end_qat_epoch(model)
     qm(x)
     with pytest.raises(qf.PrepareError, match="converted"):

@@ -68,7 +68,7 @@ def test_fx_wrap_and_autowrap_functions_are_honoured():
     graph_module = trace(Net("wrapped"), QuantConfig(leaf_modules=[Gate]))
     functions = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
     assert wrapped_data_dependent in functions
-    with pytest.raises(qf.TraceError):
+    with pytest.raises(qf.TraceError, match="(?s)control flow.*Fix: "):
         trace(Net("plain"), QuantConfig(leaf_modules=[Gate]))
     config = QuantConfig(leaf_modules=[Gate], autowrap_functions=[data_dependent])
     graph_module = trace(Net("plain"), config)

@@ -186,7 +186,7 @@ def test_workflow_slips_are_clear_errors():
     schedule = qf.QuantConfig(progress=False, qat_schedule=qf.QATSchedule(freeze_ranges_step=0))
     with pytest.raises(qf.ConfigError, match="before they saw any data"):
         qf.prepare_qat(ConvBnReLU(), X[:1], schedule)
-    with pytest.raises(qf.PrepareError):
+    with pytest.raises(qf.PrepareError, match="got str"):
         qf.prepare_qat(qf.prepare(ConvBnReLU(), X[:1], CONFIG), "garbage")
 
 
@@ -194,7 +194,7 @@ def test_convert_refuses_a_model_whose_calibration_failed():
     prepared = qf.prepare(ConvBnReLU(), X[:1], CONFIG)
     broken = X.clone()
     broken[0, 0, 0, 0] = float("nan")
-    with pytest.raises(qf.CalibrationError):
+    with pytest.raises(qf.CalibrationError, match="batch 1 holds NaN"):
         qf.calibrate(prepared, [X, broken])
     with pytest.raises(qf.ConvertError, match="calibrate call .* stopped"):
         qf.convert(prepared)

@@ -356,7 +356,7 @@ def test_a_reloaded_converted_model_runs_bit_for_bit_and_stays_eval_only(round_t
     assert isinstance(reloaded, QuantizedGraphModule)
     assert not reloaded.training
     _assert_same_outputs(converted, reloaded, data + _data(2, seed=1))
-    with pytest.raises(qf.QuantFxError):
+    with pytest.raises(qf.QuantFxError, match="inference-only"):
         reloaded.train()
     assert not reloaded.training
     _assert_same_outputs(converted, reloaded, data)
