@@ -1,7 +1,5 @@
 """`python -m quantfx`: the `quantfx` command line."""
 
-import sys
+from quantfx.cli import console
 
-from quantfx.cli import main
-
-sys.exit(main())
+console()

@@ -102,5 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def console() -> None:
+    """The console script: `main`, then a SIGTERM that arrives while Python shuts down (after
+    the files are complete) still ends with 130, as docs/cli.md says, not the default 143."""
+    code = main()
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(130))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

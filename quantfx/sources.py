@@ -120,11 +120,18 @@ def _read_tensors(path: str, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # not a pickled object: bytes torch cannot read
+            raise LoadError(f"{path!r} is not a file torch.save wrote (or it is damaged); save "
+                            "it again with torch.save.") from error
         raise LoadError(f"{path!r} holds more than tensors (a pickled model or object?); quantfx "
                         "reads only tensors and plain containers, never arbitrary pickles. Save "
                         "torch.save(model.state_dict(), path) (or a tensor) instead.") from error
     except (RuntimeError, EOFError, OSError) as error:
         raise LoadError(f"cannot read {path!r} as a torch file: {error}") from error
+    except Exception as error:  # a corrupt file fails anywhere inside the unpickler
+        raise LoadError(f"{path!r} is not a file torch.save wrote (or it is damaged): "
+                        f"{type(error).__name__}: {error}. Save it again with torch.save."
+                        ) from error
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -110,6 +110,9 @@ def test_report_files_and_bad_arguments(report, tmp_path):
     assert not [p for p in (tmp_path / "analysis").iterdir() if p.name.startswith(".")]
     with pytest.raises(qf.ConfigError, match="is a file"):
         report.save(paths[0])
+    with pytest.raises(qf.ConfigError, match="looks like a file name"):
+        report.save(str(tmp_path / "analysis.json"))
+    assert not (tmp_path / "analysis.json").exists()
     assert "c2" in str(report) and "| c2 |" in report.to_markdown().replace("c2_", "c2 ")
     data = _data(1)
     with pytest.raises(qf.ConfigError, match="evaluate"):
@@ -136,6 +139,18 @@ def test_evaluate_runs_the_float_model_in_eval_mode_and_leaves_it_as_it_was():
     assert modes and not any(modes)
     assert model.training
     for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    def validate_then_train(candidate):  # a training script's validate(): ends in train()
+        with torch.no_grad():
+            score = float(candidate(data[0]).mean())
+        candidate.train()
+        candidate(data[0])  # a forward in train mode: BatchNorm statistics move
+        return score
+
+    with pytest.raises(qf.ConfigError, match="evaluate.*only run the model"):
+        qf.analyze(model, data[0][:1], data, validate_then_train, CONFIG, target=-1e9)
+    for name, value in model.state_dict().items():  # the float model it ran was a copy
         assert torch.equal(value, before[name]), name
 
 

@@ -198,6 +198,10 @@ def test_weights_of_ddp_checkpoints_and_mismatches(tmp_path):
     assert torch.equal(target.weight, source.weight)
     with pytest.raises(qf.LoadError, match="does not fit Linear"):
         load_weights(nn.Linear(4, 2), tmp_path / "ddp.pt")
+    for index, junk in enumerate([b"hello", bytes(range(256)) * 4]):  # KeyError: 101 before
+        (tmp_path / f"junk{index}.pth").write_bytes(junk)
+        with pytest.raises(qf.LoadError, match="not a file torch.save wrote"):
+            load_weights(nn.Linear(3, 2), tmp_path / f"junk{index}.pth")
 
 
 def test_calibration_from_arrays_lists_and_images(tmp_path):
@@ -327,6 +331,14 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
     assert done.returncode == 130, done.stderr
     assert "interrupted" in done.stderr
     assert list(tmp_path.iterdir()) == []
+    late = (  # killed after the work, while Python shuts down: 130 too (143 before)
+        "import atexit, os, signal\n"
+        "from quantfx import cli\n"
+        "cli.main = lambda: 0\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), __import__('time')"
+        ".sleep(5)))\n"
+        "cli.console()\n")
+    assert _python(late).returncode == 130
 
 
 def test_a_config_file_sets_fields_and_the_flags_given_and_set_override_it(tmp_path):

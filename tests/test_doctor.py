@@ -162,6 +162,21 @@ def test_an_optimizer_of_another_model_is_an_error():
                   f"{len(list(model.parameters()))} parameters")]
 
 
+def test_an_optimizer_holding_part_of_the_model_is_a_warning_unless_the_rest_is_frozen():
+    model = randomize_batchnorm(resnet_style()).eval()
+    head = list(model.parameters())[-2:]
+    partial = torch.optim.SGD(head, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    found = [f for f in qf.doctor(model, torch.randn(1, 1, 28, 28), partial).findings
+             if "the optimizer holds" in f.what]
+    count = len(list(model.parameters()))
+    assert [(f.severity, f.what.split(";")[0]) for f in found] == [
+        ("warning", f"the optimizer holds 2 of the model's {count} parameters")]
+    for parameter in list(model.parameters())[:-2]:
+        parameter.requires_grad_(False)  # frozen on purpose: nothing to say
+    assert not [f for f in qf.doctor(model, torch.randn(1, 1, 28, 28), partial).findings
+                if "the optimizer holds" in f.what]
+
+
 def test_a_standalone_batchnorm_reports_its_per_tensor_cost():
     """BatchNorm after a ReLU and before a padded conv folds neither way: TIDL runs it with one
     per-tensor weight scale. Channel scales 0.01..4 under 2**-4: five channels keep fewer than 8

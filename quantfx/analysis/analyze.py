@@ -8,6 +8,7 @@ to keep at 16 bit to reach a target, as `QuantConfig(sixteen_bit_layers=...)` ta
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from quantfx.checks import check_number
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
-from quantfx.errors import ConfigError
+from quantfx.errors import ConfigError, ConvertError
 from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import flatten_values, module_of
@@ -339,8 +340,8 @@ def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, 
     # a layer's name widens its weights too; other tensors (adds, inputs, ...) by node name
     candidates = list(dict.fromkeys(t.layer or t.tensor for t in report.tensors))
     if evaluate is not None:
-        report.scores = {"float": _score(evaluate, model), "int8": _score(evaluate, converted),
-                         "int16": _score(evaluate, sixteen)}
+        report.scores = {"float": _score(evaluate, copy.deepcopy(model)), "int8": _score(
+            evaluate, converted), "int16": _score(evaluate, sixteen)}
         report.target = report.scores["float"] - 1.0 if target is None else target
         good = lambda candidate: _score(evaluate, candidate) >= report.target  # noqa: E731
     else:
@@ -387,14 +388,13 @@ def _checked_batches(model: Any, data: Any, evaluate: Any, target: Any
 
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
-    """The user's score of `model`, run in eval mode (an `evaluate` that forgets `model.eval()`
-    must not update the float model's BatchNorm statistics), its mode restored after."""
-    was_training = model.training
-    model.eval()
+    """The user's score of `model` (a copy of the float model, or a converted one), in eval
+    mode: an `evaluate` that calls `model.train()` must not touch the user's BatchNorms."""
     try:
-        score = evaluate(model)
-    finally:
-        model.train(was_training)
+        score = evaluate(model.eval())
+    except ConvertError as error:
+        raise ConfigError(f"evaluate(model) failed on a quantized model ({error}); evaluate "
+                          "must only run the model: analyze sets eval mode.") from error
     if isinstance(score, Tensor) and score.numel() == 1:
         score = score.item()
     return check_number(score, "evaluate(model)", example="top-1 accuracy in %")

@@ -274,6 +274,14 @@ def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:
             "before a copy, e.g. before prepare_qat, which returns a new model)",
             "pass the optimizer that trains this model: torch.optim.SGD(model.parameters(), "
             "...) built on the model given to doctor")]
+    held_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held_ids]
+    if left:
+        findings.append(Finding(
+            WARNING, type(optimizer).__name__, f"the optimizer holds {held} of the model's "
+            f"{len(names)} parameters; not {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}",
+            "parameters that require grad but no optimizer updates stay at their values",
+            "add them to the optimizer, or set requires_grad=False on those you freeze"))
     kinds = {}
     for module in model.modules():
         kind = ("BatchNorm" if isinstance(module, nn.modules.batchnorm._NormBase)

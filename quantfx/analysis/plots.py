@@ -19,6 +19,9 @@ WORST_HISTOGRAMS = 4
 WORST_BARS = 20
 """How many of the worst tensors sqnr.png shows."""
 TEMPLATE = "report.html.j2"
+FILE_SUFFIXES = (".json", ".md", ".html", ".htm", ".png", ".txt", ".csv")
+"""A report folder that does not exist yet and ends like this is a file name given by
+mistake (it would become a folder called 'report.json')."""
 
 
 def _figure_class() -> Any:
@@ -135,6 +138,10 @@ def check_report_folder(folder: Any) -> str:
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"{folder!r} is a file; give a folder for the analysis report.")
+    if not os.path.exists(folder) and folder.lower().endswith(FILE_SUFFIXES):
+        raise ConfigError(f"{folder!r} looks like a file name, but the analysis report is a "
+                          "folder of files (report.md, .html, .json, charts): give a folder "
+                          "such as 'analysis'.")
     parent = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write the analysis report to {folder!r}: {parent!r} is "
