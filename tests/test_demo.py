@@ -25,6 +25,23 @@ def test_demo_on_digits_keeps_accuracy_and_prints_table(capsys: pytest.CaptureFi
     assert not result.failed, result.table()
 
 
+def test_the_demo_command_runs_as_a_user_runs_it(tmp_path) -> None:
+    """`python -m quantfx demo` in a fresh process: exit 0 and the table, every stage run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "quantfx", "demo", "--dataset", "digits", "--epochs", "2",
+         "--qat-epochs", "1", "--calibration-images", "128", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("float training", "quantized eval (converted model)",
+                  "ONNX Runtime eval (exported model)", "QAT eval (converted model)"):
+        assert stage in done.stdout
+    assert "top-1 agrees with converted model on 100.00%" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # its files go to a temporary folder
+
+
 def test_bad_data_dir_names_the_fix(tmp_path) -> None:
     with pytest.raises(QuantFxError, match="--data-dir.*dataset-fashion-mnist|dataset-fashion"):
         load_demo_data("fashion-mnist", str(tmp_path))

@@ -175,6 +175,9 @@ def test_op_zoo_is_bit_exact(tmp_path) -> None:
     assert report.max_lsb_diff == 0.0 and report.fraction_identical == 1.0
     model = onnx.load(tmp_path / "zoo.onnx")
     _check_qdq_scales(model)
+    # TIDL runs HardSwish as one layer: one op from opset 14, not Mul/Add/Clip/Mul steps
+    hard_swish = [n for n in model.graph.node if n.op_type == "HardSwish"]
+    assert len(hard_swish) == 1 and model.opset_import[0].version >= 14
     per_channel = [n for n in model.graph.node
                    if n.op_type == "DequantizeLinear" and n.output[0] == "depthwise.weight"]
     assert per_channel and per_channel[0].attribute[0].name == "axis"

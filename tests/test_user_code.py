@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quantfx as qf
+from quantfx.layers import IntegerLayer
 from tests.helpers import ConvBnReLU
 
 CONFIG = qf.QuantConfig(progress=False)
@@ -172,10 +173,15 @@ def test_a_submodule_named_like_the_qat_controller_is_kept():
         def forward(self, x):
             return self.qat_controller(x)
 
-    qat = qf.prepare_qat(Clash(), X[:1], CONFIG)
+    model = Clash().eval()
+    qat = qf.prepare_qat(model, X[:1], CONFIG)
     qat(X)
     qf.end_qat_epoch(qat)
-    assert qf.convert(qat.eval())(X).shape == (4, 4, 6, 6)
+    converted = qf.convert(qat.eval())
+    layer = converted.get_submodule("qat_controller")  # the user's conv, quantized
+    assert isinstance(layer, IntegerLayer) and layer.weight_int.shape == (4, 3, 3, 3)
+    with torch.no_grad():
+        assert qf.qmath.sqnr_db(model(X), converted(X)) > 25
 
 
 def test_workflow_slips_are_clear_errors():
