@@ -144,13 +144,14 @@ class HistogramObserver(Observer):
         if first:
             self.range_exponent.fill_(needed)
         elif needed > int(self.range_exponent):
-            self._widen(needed)
+            self.widen(needed)
         top = 2.0 ** int(self.range_exponent)
         sample = strided_sample(x.detach().reshape(-1))
         counts = torch.histc(sample.float().abs(), bins=self.bins, min=0.0, max=top)
         self.histogram += counts.to(torch.float64) * (x.numel() / sample.numel())
 
-    def _widen(self, new_exponent: int) -> None:
+    def widen(self, new_exponent: int) -> None:
+        """Double the range until it is 2**new_exponent, merging adjacent bins (exact)."""
         factor = 2 ** (new_exponent - int(self.range_exponent))
         merged = torch.zeros_like(self.histogram)
         if factor >= self.bins:

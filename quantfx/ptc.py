@@ -16,6 +16,7 @@ from quantfx.bias_calibration import calibrate_biases
 from quantfx.calibration_check import CHECK_SAMPLES, check_calibration, output_rows
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
+from quantfx.distributed import merge_ranks, total_over_ranks, world_size
 from quantfx.error_feedback import error_feedback_rounding
 from quantfx.errors import CalibrationError, NonFiniteError, PrepareError, QuantFxError
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
@@ -161,7 +162,7 @@ def iterate_batches(
             yield index, tuple(item.to(device) for item in items)
             seen += 1
             bar.update(1)
-    if seen == 0:
+    if (seen if world_size() == 1 else total_over_ranks(seen)) == 0:
         raise CalibrationError(
             "calibration data is empty: give at least one batch (a few hundred images is typical)."
         )
@@ -222,6 +223,9 @@ def calibrate(
                     rows = min(inputs[0].shape[0], CHECK_SAMPLES - checked)
                     float_outputs.append(output_rows(output, rows))
                     checked += rows
+        if world_size() > 1:  # torch.distributed: as one process on every rank's data
+            kept, float_outputs = merge_ranks(model, kept, float_outputs, budget, CHECK_SAMPLES,
+                                              parameter_dtype_device(model)[1])
         _finish_calibration(model, state.config, kept)
         checks = [tuple(tensor[:len(outputs[0]) if outputs else 0] for tensor in inputs)
                   for inputs, outputs in zip(kept, float_outputs)]
@@ -283,13 +287,19 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
         set_quant_mode(part, observe=True, quantize=False)
         state_of(part).calibration_failed = True
     state.calibration_failed = True
-    kept, handles = _keep_part_inputs(parts, _kept_samples(state.config))
+    budget = _kept_samples(state.config)
+    kept, handles = _keep_part_inputs(parts, budget)
     try:
         seen = _observe_whole(model, state, data, num_batches)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if world_size() > 1:  # torch.distributed: as one process on every rank's data
+        seen = total_over_ranks(seen)
+        for name, part in parts.items():
+            kept[name] = merge_ranks(part, kept[name], [], budget, 0,
+                                     parameter_dtype_device(part)[1])[0]
     if seen == 0:
         raise CalibrationError("calibration data is empty: give at least one batch.")
     for name, part in parts.items():

@@ -14,7 +14,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import quantfx as qf
+import quantfx.learned_rounding
 from quantfx.qat import QATQuantizer
+from quantfx.state import state_of
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -88,3 +90,75 @@ def test_ddp_training_gives_identical_ranges_on_every_rank():
     _, input_high, input_exponent = first["ranges"][input_quantizer]
     assert float(input_high) > 2.0 * float(first["input_max"])  # rank 0 alone never saw that
     assert 127 * 2.0 ** float(input_exponent) >= float(input_high)
+
+
+def _calibration_batches() -> list[torch.Tensor]:
+    """Four batches; the last two (rank 1's) 4x wider, so the union's ranges are rank 1's."""
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randn(3, 3, 8, 8, generator=generator) * (1 + 3 * (index >= 2))
+            for index in range(4)]
+
+
+def _calibrated_state(batches: list[torch.Tensor], config: qf.QuantConfig) -> dict:
+    torch.manual_seed(0)  # same float model on every rank and in the single process
+    model = SmallNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    prepared = qf.prepare(model, torch.zeros(1, 3, 8, 8), config)
+    qf.calibrate(prepared, batches)
+    check = state_of(prepared).calibration_check
+    converted = qf.convert(prepared)
+    with torch.no_grad():
+        out = converted(torch.ones(1, 3, 8, 8))
+    return {"state": {key: value.clone() for key, value in converted.state_dict().items()},
+            "check": check and check.output_sqnr_db, "out": out}
+
+
+CALIBRATION_CONFIGS = {
+    "default": qf.QuantConfig(progress=False),
+    "minmax_learned": qf.QuantConfig(progress=False, activation_observer="minmax",
+                                     weight_rounding="learned"),
+    "parts": qf.QuantConfig(progress=False, quantize_only=("conv", "fc")),
+}
+
+
+def _calibration_worker(rank: int, port: int, results: dict) -> None:
+    torch.set_num_threads(1)
+    quantfx.learned_rounding.ITERATIONS = 20  # the workflow, not quality (as in the parent)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        share = _calibration_batches()[2 * rank:2 * rank + 2]  # each rank half of the data
+        outcome = {name: _calibrated_state(share, config)
+                   for name, config in CALIBRATION_CONFIGS.items()}
+        # a rank with no data at all: no hang, no error of its own; rank 0 holds everything
+        everything = _calibration_batches() if rank == 0 else []
+        outcome["empty rank"] = _calibrated_state(everything, CALIBRATION_CONFIGS["default"])
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_calibration_on_two_ranks_equals_one_process_on_their_union(monkeypatch):
+    """Every observer reduced, the later steps on the union's first samples: each rank's
+    converted model is bit-identical to one process's calibration on all four batches."""
+    monkeypatch.setattr("quantfx.learned_rounding.ITERATIONS", 20)  # the workflow, not quality
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.start_processes(_calibration_worker, args=(_free_port(), results), nprocs=WORLD_SIZE,
+                       start_method="spawn")
+    torch.set_num_threads(1)
+    for name, config in {**CALIBRATION_CONFIGS,
+                         "empty rank": CALIBRATION_CONFIGS["default"]}.items():
+        alone = _calibrated_state(_calibration_batches(), config)
+        half = _calibrated_state(_calibration_batches()[:2], config)  # rank 0's data only
+        for rank in range(WORLD_SIZE):
+            ranked = results[rank][name]
+            assert ranked["state"].keys() == alone["state"].keys()
+            for key, value in alone["state"].items():
+                assert torch.equal(ranked["state"][key], value), (name, rank, key)
+            assert ranked["check"] == alone["check"] and torch.equal(ranked["out"], alone["out"])
+        assert not all(torch.equal(half["state"][key], value)  # the union really differs
+                       for key, value in alone["state"].items())
