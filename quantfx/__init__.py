@@ -17,10 +17,12 @@ from quantfx.errors import (
     ConvertError,
     ExportError,
     InputError,
+    InternalError,
     LoadError,
     NonFiniteError,
     PrepareError,
     QuantFxError,
+    QuantFxWarning,
     TraceError,
 )
 from quantfx.version import __version__
@@ -88,6 +90,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "InputError",
+    "InternalError",
     "LoadError",
     "NonFiniteError",
     "PrecisionReport",
@@ -96,6 +99,7 @@ __all__ = [
     "QATSchedule",
     "QuantConfig",
     "QuantFxError",
+    "QuantFxWarning",
     "SsdMetaArch",
     "TARGETS",
     "TidlReport",

@@ -11,7 +11,6 @@ output is below `COLLAPSE_DB` does it spend one float and one quantized pass ove
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from quantfx.errors import warn
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.qmath import sqnr_db
@@ -93,7 +93,7 @@ def check_calibration(model: fx.GraphModule, batches: list[tuple[Tensor, ...]],
                              sixteen_bit=list(sixteen_bit))
     if check.collapsed and math.isfinite(sqnr):
         check.worst_tensor, check.worst_loss_db = worst_tensor(model, batches)
-        warnings.warn(_collapse_message(check), stacklevel=3)
+        warn(_collapse_message(check))
     return check
 
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.config import QuantConfig
-from quantfx.errors import ConvertError
+from quantfx.errors import ConvertError, InternalError
 from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, IntegerLayer
 from quantfx.partial import quantized_parts, replace_parts
@@ -132,10 +132,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
             observe_weight(layer)
             quantizer = input_quantizer(working, node)
             if not isinstance(quantizer, FrozenQuantizer):
-                raise ConvertError(
-                    f"internal: the input of layer '{node.target}' is not quantized. Please "
-                    "report this model to the quantfx developers."
-                )
+                raise InternalError(f"the input of layer '{node.target}' is not quantized.")
             integer = IntegerLayer(
                 layer.layer, layer.weight_quantizer, quantizer.exponent,
                 state.config.profile.bias_bits_for(layer.weight_quantizer.bits))

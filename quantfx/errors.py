@@ -6,9 +6,41 @@ from deep inside torch to learn that their calibration data was empty.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class QuantFxError(Exception):
     """Base class of every error quantfx raises on bad input or unsupported models."""
+
+
+class InternalError(QuantFxError, RuntimeError):
+    """A quantfx bug, not the user's input: the message asks for a report with the model."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"internal error: {message} This is a quantfx bug: please report it "
+                         "with the model (or a small model that shows it).")
+
+
+class QuantFxWarning(UserWarning):
+    """Category of every warning quantfx gives: filter them with
+    `warnings.filterwarnings("ignore", category=quantfx.QuantFxWarning)`."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_PARTS = (os.sep + "torch" + os.sep, os.sep + "contextlib.py")
+
+
+def warn(message: str) -> None:
+    """Warn with `QuantFxWarning`, attributed to the user's line that called quantfx (the
+    first frame outside quantfx and torch), not to a line deep inside the package."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (
+            os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE)
+            or any(part in frame.f_code.co_filename for part in _TORCH_PARTS)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, QuantFxWarning, stacklevel=level if frame is not None else 2)
 
 
 class ConfigError(QuantFxError, ValueError):

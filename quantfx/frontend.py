@@ -6,7 +6,6 @@ The user's model object is never modified: everything happens on a deep copy.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from quantfx.config import QuantConfig
-from quantfx.errors import PrepareError
+from quantfx.errors import PrepareError, warn
 from quantfx.export.registry import unexportable
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.passes.functional_layers import functional_layers_to_modules
@@ -78,12 +77,12 @@ def build_graph(
     if training:
         training_graph = trace(working.train(), config, concrete)
         if training_graph.code != graph_module.code:
-            warnings.warn(
+            warn(
                 f"{type(model).__name__}.forward depends on self.training (it traces "
                 "differently in train and eval mode). QAT traces it in train mode, so the QAT "
                 "model (and the model convert makes of it) computes what training computes, "
                 "in eval mode too: move training-only outputs out of forward, or keep that part "
-                "in a leaf module.", stacklevel=3)
+                "in a leaf module.")
         graph_module = training_graph
     graph_module._tracer_cls = None  # a reloaded (unpickled) model re-traces with fx's own
     inputs = tuple(tensor.to(device) for tensor in inputs)
@@ -160,22 +159,22 @@ def drop_hooks(model: nn.Module) -> None:
                                f"'{name or type(model).__name__}'")
                 hooks.clear()
     if dropped:
-        warnings.warn(
+        warn(
             f"quantfx does not carry hooks into the quantized model and dropped "
             f"{len(dropped)}: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}. "
             "Your model keeps them; apply their effect outside the quantized model, or move "
-            "it into forward so tracing sees it.", stacklevel=4)
+            "it into forward so tracing sees it.")
 
 
 def warn_unexportable(graph_module: fx.GraphModule) -> None:
     """Say at prepare which ops export_onnx will refuse (before the user calibrates)."""
     missing = unexportable(graph_module)
     if missing:
-        warnings.warn(
+        warn(
             f"quantfx can prepare, calibrate and convert this model, but export_onnx has no "
             f"ONNX emitter for: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
             "Rewrite those ops with supported ones (docs/export.md lists them) or report "
-            "them to the quantfx developers.", stacklevel=3)
+            "them to the quantfx developers.")
 
 
 def require_layers(count: int, model: nn.Module) -> None:

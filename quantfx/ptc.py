@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +17,7 @@ from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.distributed import merge_ranks, total_over_ranks, world_size
 from quantfx.error_feedback import error_feedback_rounding
-from quantfx.errors import CalibrationError, NonFiniteError, PrepareError, QuantFxError
+from quantfx.errors import CalibrationError, NonFiniteError, PrepareError, QuantFxError, warn
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
 from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, with_bias
@@ -154,11 +153,10 @@ def iterate_batches(
             if state.config.nonnegative_inputs and not warned and any(
                     bool((item < 0).any()) for item in items):
                 warned = True
-                warnings.warn(
+                warn(
                     f"calibration batch {index} has negative inputs although "
                     "QuantConfig(nonnegative_inputs=True) quantizes the inputs unsigned: they "
-                    "will be clipped to 0. Leave nonnegative_inputs off for normalized data.",
-                    stacklevel=4)
+                    "will be clipped to 0. Leave nonnegative_inputs off for normalized data.")
             yield index, tuple(item.to(device) for item in items)
             seen += 1
             bar.update(1)

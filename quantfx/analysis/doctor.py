@@ -21,7 +21,7 @@ from torch import nn
 
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
-from quantfx.errors import ConfigError, QuantFxError
+from quantfx.errors import ConfigError, QuantFxError, QuantFxWarning
 from quantfx.export.onnx import build_export
 from quantfx.export.registry import unexportable
 from quantfx.frontend import as_input_tuple, build_graph, private_copy
@@ -316,7 +316,7 @@ def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                      config: QuantConfig) -> list[Finding]:
     config = replace(config, progress=False)  # a check on one example: no calibration bars
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", QuantFxWarning)  # its findings say it
         prepared = prepare(model, inputs, config)
     findings = [Finding(WARNING, item, "op export has no ONNX emitter for",
                         "prepare, calibrate and convert work, but export_onnx refuses it",
@@ -356,7 +356,7 @@ def doctor(model: nn.Module, example_inputs: Any, optimizer: Any = None,
     report.findings += _optimizer(model, optimizer)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", QuantFxWarning)  # its findings say it
             graph, _ = build_graph(model, inputs, config, training=False)
     except QuantFxError as error:
         report.findings.append(Finding(

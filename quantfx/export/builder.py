@@ -19,7 +19,7 @@ import torch.fx as fx
 from onnx import helper, numpy_helper
 from torch import Tensor
 
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, InternalError
 
 AXES_AS_INPUT_OPSET = 18
 """From opset 18, Reduce* ops take their axes as an input instead of an attribute."""
@@ -62,7 +62,7 @@ class Builder:
     def constant(self, name: str, array: np.ndarray) -> str:
         """Add an initializer and return its name."""
         if name in self._names:
-            raise ExportError(f"internal: duplicate ONNX tensor name '{name}'.")
+            raise InternalError(f"duplicate ONNX tensor name '{name}'.")
         self._names.add(name)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
@@ -115,7 +115,7 @@ class Builder:
         """Static shape and dtype of the tensor `node` computed."""
         record = self.records[node]
         if not isinstance(record, TensorInfo):
-            raise ExportError(f"internal: node '{node.name}' did not produce a tensor.")
+            raise InternalError(f"node '{node.name}' did not produce a tensor.")
         return record
 
     def input_info(self, node: fx.Node, position: int = 0) -> TensorInfo:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from onnx import TensorProto, helper
 from torch import Tensor
 
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, InternalError
 from quantfx.export.builder import Builder, TensorInfo
 from quantfx.export.emitters.quantized import requantize
 from quantfx.export.registry import emitter_for
@@ -201,7 +201,7 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
         onnx_model = onnx.shape_inference.infer_shapes(onnx_model, check_type=True,
                                                        strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"internal: the emitted ONNX graph is invalid: {error}") from error
+        raise InternalError(f"the emitted ONNX graph is invalid: {error}.") from error
     _check_inferred_shapes(onnx_model, records, b.env)
     return BuiltGraph(onnx_model, b.env, b.emitted)
 

@@ -12,7 +12,6 @@ Two kinds (the fields follow TI's `tidl_meta_arch` proto, ../shared/TIDL_FACTS.m
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from quantfx.checks import as_tuple, check_bool, check_int, check_number
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, warn
 
 __all__ = ["PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork", "YoloxMetaArch", "check_heads",
            "prototxt"]
@@ -196,7 +195,7 @@ class SsdMetaArch:
         if clamped:
             notes = (f"{clamped} anchor shapes are wider than the image: torchvision clamps "
                      "them to the image size, caffe's PriorBox (TIDL) does not.",)
-            warnings.warn("quantfx: " + notes[0], stacklevel=2)
+            warn("quantfx: " + notes[0])
         return cls(priors=priors, num_classes=detector.head.classification_head.num_columns,
                    background_label_id=0, variance=tuple(1.0 / w for w in weights),
                    notes=notes, **thresholds)

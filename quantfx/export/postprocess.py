@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, InternalError
 from quantfx.export.meta_arch import SsdMetaArch, YoloxMetaArch, check_heads, prototxt
 from quantfx.export.verify import onnxruntime_session
 
@@ -212,7 +212,7 @@ def run_detector(path: str, inputs: tuple[Tensor, ...], threads: int) -> None:
             session.run(None, {item.name: tensor.numpy() for item, tensor in
                                zip(session.get_inputs(), inputs)})
         except Exception as error:  # noqa: BLE001 - ONNX Runtime's message is the news
-            raise ExportError(f"internal: the detector file with decode and NMS does not run "
-                              f"in ONNX Runtime ({'optimized' if optimized else 'reference'} "
-                              f"session): {str(error).splitlines()[0]}. Nothing was written."
-                              ) from error
+            raise InternalError(f"the detector file with decode and NMS does not run "
+                                f"in ONNX Runtime ({'optimized' if optimized else 'reference'} "
+                                f"session): {str(error).splitlines()[0]}. Nothing was written."
+                                ) from error

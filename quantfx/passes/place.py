@@ -11,7 +11,6 @@ choice; where quantizers go and how wide they are is decided here, once, before 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch.fx as fx
@@ -19,7 +18,7 @@ from torch import nn
 
 from quantfx import modules as standins
 from quantfx.config import LAYER_ALIASES, QuantConfig
-from quantfx.errors import ConfigError
+from quantfx.errors import ConfigError, warn
 from quantfx.layers import FakeQuantLayer
 from quantfx.ops import (
     FUSABLE_ACTIVATIONS,
@@ -163,12 +162,10 @@ def _warn_float_parameters(graph_module: fx.GraphModule, wrapped: set[fx.Node]) 
                 module, UNQUANTIZED_PARAMETER_MODULES):
             float_params.append(f"{node.target} ({type(module).__name__})")
     if float_params:
-        warnings.warn(
+        warn(
             "quantfx quantizes only the outputs (not the weights) of: "
             + ", ".join(float_params)
-            + ". Their weights stay float; TIDL may run them in float or reject them.",
-            stacklevel=5,  # the caller of prepare / prepare_qat
-        )
+            + ". Their weights stay float; TIDL may run them in float or reject them.")
 
 
 def wrap_weight_layers(graph_module: fx.GraphModule, layers: list[fx.Node], wide: set[fx.Node],

@@ -6,13 +6,11 @@ counters live in buffers, so `state_dict()` round-trips the schedule's progress.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from quantfx.config import QATSchedule
-from quantfx.errors import ConfigError
+from quantfx.errors import ConfigError, warn
 from quantfx.state import state_of
 
 CONTROLLER_NAME = "qat_controller"
@@ -66,12 +64,12 @@ class QATController(nn.Module):
         trained = int(self.step) - first[0]
         if trained > 1 and fingerprint == first[1] and not self.__dict__.get("stale_warned"):
             self.__dict__["stale_warned"] = True
-            warnings.warn(
+            warn(
                 f"none of the {len(parameters)} parameters of the QAT model changed in "
                 f"{trained} training steps: the optimizer holds other parameters (typically "
                 "the float model's: prepare_qat returns a new model and leaves the float one "
                 "untouched). Build the optimizer after prepare_qat, on the returned model: "
-                "optimizer = torch.optim.SGD(qat_model.parameters(), lr=...).", stacklevel=3)
+                "optimizer = torch.optim.SGD(qat_model.parameters(), lr=...).")
 
     def apply_schedule(self) -> None:
         """Freeze BN statistics / ranges once their step or epoch count is exceeded."""

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.config import GRAPH_FIELDS, QuantConfig, resolve_config
-from quantfx.errors import ConfigError, PrepareError
+from quantfx.errors import ConfigError, InternalError, PrepareError
 from quantfx.frontend import (
     as_input_tuple,
     build_graph,
@@ -170,10 +170,7 @@ def _finish(graph_module: fx.GraphModule, state: QuantState,
         if isinstance(module, QATLayer):
             quantizer = input_quantizer(graph_module, node)
             if quantizer is None:
-                raise PrepareError(
-                    f"internal: the input of layer '{node.target}' has no quantizer. Please "
-                    "report this model to the quantfx developers."
-                )
+                raise InternalError(f"the input of layer '{node.target}' has no quantizer.")
             module.__dict__["input_quantizer"] = quantizer
             controller.layers.append(module)
             if schedule.weight_clip_std is not None:

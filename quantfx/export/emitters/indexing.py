@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, InternalError
 from quantfx.export.builder import END, Builder
 
 
@@ -77,7 +77,7 @@ def emit_getitem(b: Builder, node: fx.Node, module: Any) -> None:
         b.env[node] = container[index]
         return
     if not isinstance(container, str):
-        raise ExportError(f"internal: getitem '{node.name}' on a non-tensor reached the emitter.")
+        raise InternalError(f"getitem '{node.name}' on a non-tensor reached the emitter.")
     _emit_indexing(b, node, container, index)
 
 
