@@ -152,7 +152,7 @@ def restore_placed_widths(model: fx.GraphModule) -> None:
     """Undo an earlier calibration's widening: a new calibration measures afresh."""
     for module in model.modules():
         if isinstance(module, CalibrationQuantizer) and module.bits != module.placed_bits:
-            module.set_bits(module.placed_bits)
+            module.widen(module.placed_bits)
 
 
 def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
@@ -174,7 +174,7 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
     chosen = [units[index] for _, index in ranked[:budget]]
     for quantizer in (quantizer for unit in chosen for quantizer in unit.quantizers):
-        quantizer.set_bits(WIDE_BITS)
+        quantizer.widen(WIDE_BITS)
         if hasattr(quantizer.observer, "choose"):  # a search's 8-bit exponent: not at 16 bit
             quantizer.observer.choose(None)
         if quantizer.observed:

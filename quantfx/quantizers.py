@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from quantfx.config import QuantConfig
-from quantfx.errors import NonFiniteError
+from quantfx.errors import LoadError, NonFiniteError
 from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
@@ -38,6 +38,7 @@ class Quantizer(nn.Module):
         self.axis = axis
         self.register_buffer("exponent", torch.zeros(channels))
         self.register_buffer("width", torch.tensor(bits))  # in the state_dict: widths can change
+        self.register_buffer("measured", torch.tensor(False))  # widened by measurement
         self.placed_bits = bits  # placement's width; measured mixed precision may widen it
         self.set_bits(bits)
 
@@ -47,14 +48,31 @@ class Quantizer(nn.Module):
         self.qmin, self.qmax = qrange(bits, self.signed)
         self.width.fill_(bits)
 
+    def widen(self, bits: int) -> None:
+        """Widen to `bits` because calibration measured that this tensor needs it."""
+        self.set_bits(bits)
+        self.measured.fill_(bits != self.placed_bits)
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list, *args: object) -> None:
-        """Take the saved width too; a state_dict saved before widths were kept has none (the
-        placed width stays)."""
+        """Take the saved width too, when this model could have it: the placed one, or wider by
+        measurement. Another width comes from a model quantized with another config (a 16-bit
+        model's state in an 8-bit one ran it at 16 bit, silently). A state_dict saved before
+        widths were kept has none (the placed width stays)."""
+        saved = state_dict.get(prefix + "width")
+        measured = state_dict.get(prefix + "measured")
+        if saved is not None and measured is not None and int(saved) != self.placed_bits and (
+                int(saved) < self.placed_bits or not bool(measured)):
+            raise LoadError(
+                f"the state_dict holds a {int(saved)}-bit quantizer '{prefix.rstrip('.')}' where "
+                f"this model places {self.placed_bits} bit: it comes from a model quantized "
+                "with other bit widths. Prepare with the same QuantConfig (activation_bits, "
+                "weight_bits, sixteen_bit_layers) before loading.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       *args)
-        if prefix + "width" in missing_keys:
-            missing_keys.remove(prefix + "width")
+        for key in ("width", "measured"):
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
         self.set_bits(int(self.width))
 
     @property
