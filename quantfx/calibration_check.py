@@ -22,7 +22,7 @@ from quantfx.errors import warn
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.qmath import sqnr_db
-from quantfx.quantizers import Quantizer, set_quant_mode
+from quantfx.quantizers import Quantizer, quant_mode, set_quant_mode
 
 CHECK_SAMPLES = 32
 """Calibration samples whose float outputs are kept and run again quantized."""
@@ -179,11 +179,8 @@ def worst_tensor(model: fx.GraphModule, batches: list[tuple[Tensor, ...]]
     nodes = [node for node in model.graph.nodes
              if node.op == "call_module" and isinstance(module_of(model, node), Quantizer)]
     float_values = _float_pass(model, nodes, batch)
-    set_quant_mode(model, observe=False, quantize=True)
-    try:
+    with quant_mode(model, observe=False, quantize=True):
         quantized = _capture(model, nodes, batch, inputs=False)
-    finally:
-        set_quant_mode(model, observe=True, quantize=False)
     sqnr = {node: sqnr_db(float_values[node], quantized[node]) for node in nodes
             if node in float_values and node in quantized}
     best: tuple[str | None, float | None] = (None, None)

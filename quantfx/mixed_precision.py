@@ -31,7 +31,7 @@ from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import first_input, module_of
 from quantfx.passes.place import MAX_WIDENED_SHARE
 from quantfx.qmath import sqnr_db
-from quantfx.quantizers import CalibrationQuantizer
+from quantfx.quantizers import CalibrationQuantizer, quant_mode
 from quantfx.reconstruction import first_samples
 
 SENSITIVE_DB = 30.0
@@ -102,12 +102,8 @@ def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
     group's figure, a lower bound of their own). Groups below are halved down to single units,
     which get their exact figure: about (sensitive units) x log2(units) forwards, not one per
     unit (a model that 8 bit serves: one forward)."""
-    quantizers = [q for _, q in model.named_modules() if isinstance(q, CalibrationQuantizer)]
-    modes = [(bool(q.observer_enabled), bool(q.quant_enabled)) for q in quantizers]
-    for quantizer in quantizers:
-        quantizer.set_mode(observe=False, quantize=False)
     measured = [float("inf")] * len(units)
-    try:
+    with quant_mode(model, observe=False, quantize=False):
         reference = _outputs(model, batches)
         if not bool(reference.ne(0).any()):  # no float output, or all zero: nothing to rank
             return measured
@@ -123,10 +119,7 @@ def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
                         measured[index] = db
                 else:
                     pending += [group[len(group) // 2:], group[:len(group) // 2]]
-        return measured
-    finally:
-        for quantizer, (observe, quantize) in zip(quantizers, modes):
-            quantizer.set_mode(observe, quantize)
+    return measured
 
 
 def _group_db(model: fx.GraphModule, group: list[PrecisionUnit],

@@ -14,6 +14,9 @@ weight quantizer and it builds the PTC or the QAT kind from the `QuantConfig`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -245,6 +248,20 @@ def set_quant_mode(model: nn.Module, observe: bool, quantize: bool) -> None:
     """Switch observing / quantizing for every observing quantizer of `model`."""
     for _, quantizer in calibration_quantizers(model):
         quantizer.set_mode(observe, quantize)
+
+
+@contextlib.contextmanager
+def quant_mode(model: nn.Module, observe: bool, quantize: bool) -> Iterator[None]:
+    """Every observing quantizer of `model` observing / quantizing as asked inside the block,
+    and back to the mode each had before it afterwards, error or not."""
+    saved = [(quantizer, bool(quantizer.observer_enabled), bool(quantizer.quant_enabled))
+             for _, quantizer in calibration_quantizers(model)]
+    set_quant_mode(model, observe, quantize)
+    try:
+        yield
+    finally:
+        for quantizer, observing, quantizing in saved:
+            quantizer.set_mode(observing, quantizing)
 
 
 def named_non_finite(model: nn.Module, error: NonFiniteError) -> NonFiniteError:

@@ -27,7 +27,7 @@ from quantfx.qmath import (
     fit_bias_exponent,
     never_clipping_exponent,
 )
-from quantfx.quantizers import set_quant_mode
+from quantfx.quantizers import quant_mode
 
 SEARCH_SAMPLES = 16
 """Calibration samples the output errors are measured on."""
@@ -94,9 +94,8 @@ def choose_weight_exponents(model: fx.GraphModule,
     if not searches or not batches:
         return 0
     handles = [layer.register_forward_hook(search) for layer, search in searches.items()]
-    set_quant_mode(model, observe=False, quantize=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quant_mode(model, observe=False, quantize=False):
             seen = 0
             for inputs in batches:
                 if seen >= SEARCH_SAMPLES:
@@ -106,7 +105,6 @@ def choose_weight_exponents(model: fx.GraphModule,
     finally:
         for handle in handles:
             handle.remove()
-        set_quant_mode(model, observe=True, quantize=False)
     for layer, search in searches.items():
         if bool(search.errors.sum() > 0):
             layer.weight_quantizer.observer.choose(search.best())
