@@ -1,5 +1,6 @@
 """Weight rounding with error feedback (GPTQ, Frantar et al. 2022), on quantfx's power-of-2
-grids: `QuantConfig(weight_rounding="error_feedback")`.
+grids: `QuantConfig(weight_rounding="error_feedback")`, the default where depthwise weights are
+per tensor (TDA4VM).
 
 Each conv/linear layer, in graph order, on its *quantized* input (the layers before it already
 rounded; `quantfx.reconstruction`): the input's second moments H = E[x x^T] over every output

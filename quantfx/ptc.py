@@ -240,7 +240,7 @@ def calibrate(
 def _kept_samples(config: QuantConfig) -> int:
     """How many samples calibration keeps for bias calibration and weight rounding."""
     return max(config.bias_calibration_samples if config.bias_calibration else 0,
-               ROUNDING_SAMPLES if config.weight_rounding != "nearest" else 0, CHECK_SAMPLES)
+               ROUNDING_SAMPLES if config.rounding != "nearest" else 0, CHECK_SAMPLES)
 
 
 def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
@@ -256,9 +256,9 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
     state_of(model).measured_sixteen_bit = widen_sensitive_layers(model, config, kept)
     choose_weight_exponents(model, kept)  # by each layer's output error, where MSE-observed
     fit_bias_exponents(model, config.profile.bias_bits_for)
-    if config.weight_rounding == "learned":  # bias calibration in the same pass
+    if config.rounding == "learned":  # bias calibration in the same pass
         learn_rounding(model, kept, config.progress, correct_biases=config.bias_calibration)
-    elif config.weight_rounding == "error_feedback":
+    elif config.rounding == "error_feedback":
         error_feedback_rounding(model, kept, config.progress,
                                 correct_biases=config.bias_calibration)
     elif config.bias_calibration:

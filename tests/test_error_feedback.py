@@ -88,3 +88,27 @@ def test_calibration_with_error_feedback_keeps_grid_weights_and_starts_again_eac
     assert state_of(prepared).calibration_check.output_sqnr_db > 25.0
     layer = converted.get_submodule("0")
     torch.testing.assert_close(layer.layer.weight, first)
+
+
+@pytest.mark.parametrize("fields, rounding", [
+    ({}, "nearest"), ({"target": "tda4vm"}, "error_feedback"),
+    ({"per_channel_depthwise": False}, "error_feedback"),
+    ({"target": "tda4vm", "weight_rounding": "nearest"}, "nearest"),
+    ({"target": "am68a"}, "nearest")])
+def test_error_feedback_is_the_default_where_depthwise_grids_are_per_tensor(fields, rounding):
+    assert qf.QuantConfig(**fields).rounding == rounding
+
+
+def test_tda4vm_calibration_rounds_with_error_feedback_by_default():
+    """The default is wired: a TDA4VM calibration keeps the float weights aside and rounds
+    them by error feedback, as asking for it does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    data = [torch.rand(16, 3, 8, 8) for _ in range(2)]
+    weights = {}
+    for rounding in (None, "error_feedback", "nearest"):
+        config = qf.QuantConfig(progress=False, target="tda4vm", weight_rounding=rounding)
+        prepared = qf.calibrate(qf.prepare(model, (data[0][:1],), config), data)
+        weights[rounding] = prepared.get_submodule("2").layer.weight.detach().clone()
+    assert torch.equal(weights[None], weights["error_feedback"])
+    assert not torch.equal(weights[None], weights["nearest"])

@@ -87,7 +87,7 @@ VALIDITY = {
     and v in ("minmax", "moving_average", "histogram"),
     "weight_observer": lambda v: isinstance(v, str) and v in ("minmax", "mse"),
     "range_search": lambda v: isinstance(v, str) and v in ("mse", "percentile", "none"),
-    "weight_rounding": lambda v: isinstance(v, str) and v in WEIGHT_ROUNDINGS,
+    "weight_rounding": lambda v: v is None or (isinstance(v, str) and v in WEIGHT_ROUNDINGS),
     "percentile": lambda v: _is_number(v) and 50 < v <= 100,
     "histogram_bins": lambda v: _is_int(v) and v >= 64 and v & (v - 1) == 0,
     "moving_average_momentum": lambda v: _is_number(v) and 0 < v <= 1,
