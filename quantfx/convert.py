@@ -136,8 +136,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
             integer = IntegerLayer(
                 layer.layer, layer.weight_quantizer, quantizer.exponent,
                 state.config.profile.bias_bits_for(layer.weight_quantizer.bits))
-            _refuse_zeroed_weights(str(node.target), layer.layer, integer, quantizer,
-                                   state.config)
+            _refuse_zeroed_weights(str(node.target), layer, integer, quantizer, state.config)
             set_submodule(working, node.target, integer)
     working.delete_all_unused_submodules()
     working.to(parameter_dtype_device(model)[1])  # the frozen quantizers join the model
@@ -148,17 +147,18 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
     return converted.eval()
 
 
-def _refuse_zeroed_weights(name: str, layer: nn.Module, integer: IntegerLayer,
+def _refuse_zeroed_weights(name: str, layer: FakeQuantLayer, integer: IntegerLayer,
                            input_quantizer: FrozenQuantizer, config: QuantConfig) -> None:
     """A bias too large for the engine's bias width raises the weight exponent; when no weight
     code survives although the weights could move the output by more than 1/256 of the bias,
     the layer would silently compute its bias only."""
-    weight = layer.weight.detach()
-    if bool(integer.weight_int.any()) or layer.bias is None:
+    weight = (layer.layer.weight if layer.float_weight is None  # the weight before rounding
+              else layer.float_weight).detach()
+    if bool(integer.weight_int.any()) or layer.layer.bias is None:
         return
     largest_input = float(input_quantizer.qmax * 2.0 ** input_quantizer.exponent.max())
     reach = float(weight.abs().flatten(1).sum(dim=1).max()) * largest_input
-    if reach <= float(layer.bias.detach().abs().max()) / 256:
+    if reach <= float(layer.layer.bias.detach().abs().max()) / 256:
         return  # the weights never mattered next to the bias at this input range
     raise ConvertError(
         f"layer '{name}' would keep no weight: its bias does not fit the "

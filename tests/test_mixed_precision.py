@@ -117,10 +117,12 @@ def test_a_bias_that_would_zero_the_weights_is_an_error():
     with torch.no_grad():
         model[0].weight.fill_(0.9)
         model[0].bias.fill_(2000.0)
-    prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),),
-                          qf.QuantConfig(target="tda4vm", bias_calibration=False, progress=False))
-    with pytest.raises(qf.ConvertError, match="layer '0' would keep no weight"):
-        qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])  # its check converts
+    for rounding in ("nearest", None):  # None: error feedback, which rounds the weight itself
+        config = qf.QuantConfig(target="tda4vm", bias_calibration=False, progress=False,
+                                weight_rounding=rounding)
+        prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),), config)
+        with pytest.raises(qf.ConvertError, match="layer '0' would keep no weight"):
+            qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])  # its check converts
     wide = qf.QuantConfig(target="tda4vm", sixteen_bit_layers=["0"], bias_calibration=False,
                           progress=False)
     prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),), wide)
@@ -128,8 +130,7 @@ def test_a_bias_that_would_zero_the_weights_is_an_error():
     assert bool(qf.convert(prepared).get_submodule("0").weight_int.any())
     with torch.no_grad():
         model[0].weight.fill_(1e-3)  # weights that never matter next to the bias: no error
-    prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),),
-                          qf.QuantConfig(target="tda4vm", bias_calibration=False, progress=False))
+    prepared = qf.prepare(model, (torch.randn(1, 3, 4, 4),), config)
     qf.calibrate(prepared, [torch.randn(2, 3, 4, 4)])
 
 
