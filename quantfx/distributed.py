@@ -13,6 +13,7 @@ they are averaged, which one process does not reproduce exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -28,6 +29,13 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def shows_progress(config: Any) -> Any:
+    """`config` as this rank uses it: progress bars on rank 0 only (N ranks, one set of bars)."""
+    if world_size() > 1 and dist.get_rank() != 0 and config.progress:
+        return dataclasses.replace(config, progress=False)
+    return config
 
 
 def _device(observer: Observer) -> torch.device:

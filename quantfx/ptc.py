@@ -15,7 +15,7 @@ from quantfx.bias_calibration import calibrate_biases
 from quantfx.calibration_check import CHECK_SAMPLES, check_calibration, output_rows
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
-from quantfx.distributed import merge_ranks, total_over_ranks, world_size
+from quantfx.distributed import merge_ranks, shows_progress, total_over_ranks, world_size
 from quantfx.error_feedback import error_feedback_rounding
 from quantfx.errors import CalibrationError, NonFiniteError, PrepareError, QuantFxError, warn
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
@@ -144,7 +144,7 @@ def iterate_batches(
     seen = 0
     warned = False
     with tqdm(total=total, desc=description, unit="batch", leave=False,
-              disable=None if state.config.progress else True) as bar:
+              disable=None if shows_progress(state.config).progress else True) as bar:
         for index, batch in enumerate(iterator):
             if num_batches is not None and index >= num_batches:
                 break
@@ -224,7 +224,7 @@ def calibrate(
         if world_size() > 1:  # torch.distributed: as one process on every rank's data
             kept, float_outputs = merge_ranks(model, kept, float_outputs, budget, CHECK_SAMPLES,
                                               parameter_dtype_device(model)[1])
-        _finish_calibration(model, state.config, kept)
+        _finish_calibration(model, shows_progress(state.config), kept)
         checks = [tuple(tensor[:len(outputs[0]) if outputs else 0] for tensor in inputs)
                   for inputs, outputs in zip(kept, float_outputs)]
         state.calibration_failed = False
@@ -305,7 +305,7 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
             raise CalibrationError(f"part {name!r} never ran during calibration: check that "
                                    "the batches reach it (a detector needs images with the "
                                    "objects' sizes it expects).")
-        _finish_calibration(part, state.config, kept[name])
+        _finish_calibration(part, shows_progress(state.config), kept[name])
         state_of(part).calibration_failed = False
     state.calibration_failed = False
     return model
@@ -333,7 +333,8 @@ def _observe_whole(model: nn.Module, state: QuantState, data: Iterable,
     seen = 0
     with torch.no_grad():
         for index, batch in enumerate(tqdm(data, desc="calibrate", unit="batch", leave=False,
-                                           disable=None if state.config.progress else True)):
+                                           disable=None if shows_progress(
+                                               state.config).progress else True)):
             if num_batches is not None and index >= num_batches:
                 break
             try:

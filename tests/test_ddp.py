@@ -15,6 +15,7 @@ from torch import nn
 
 import quantfx as qf
 import quantfx.learned_rounding
+from quantfx.distributed import shows_progress
 from quantfx.qat import QATQuantizer
 from quantfx.state import state_of
 
@@ -135,6 +136,7 @@ def _calibration_worker(rank: int, port: int, results: dict) -> None:
         # a rank with no data at all: no hang, no error of its own; rank 0 holds everything
         everything = _calibration_batches() if rank == 0 else []
         outcome["empty rank"] = _calibrated_state(everything, CALIBRATION_CONFIGS["default"])
+        outcome["bars"] = shows_progress(qf.QuantConfig(progress=True)).progress
         results[rank] = outcome
     finally:
         dist.destroy_process_group()
@@ -162,3 +164,4 @@ def test_calibration_on_two_ranks_equals_one_process_on_their_union(monkeypatch)
             assert ranked["check"] == alone["check"] and torch.equal(ranked["out"], alone["out"])
         assert not all(torch.equal(half["state"][key], value)  # the union really differs
                        for key, value in alone["state"].items())
+    assert [results[rank]["bars"] for rank in range(WORLD_SIZE)] == [True, False]  # one set
