@@ -454,7 +454,7 @@ def test_the_weight_exponent_rule_is_the_schedules_and_eval_matches_convert():
     assert exponents["mse"] < exponents["minmax"]  # the outlier is clipped, the step halves
 
 
-def test_an_optimizer_built_before_prepare_qat_is_reported():
+def test_an_optimizer_built_before_prepare_qat_is_reported(tmp_path):
     """A script that builds its optimizer on the float model and then calls prepare_qat trains
     nothing (prepare_qat returns a new model): quantfx says so at the end of the epoch."""
     model = randomize_batchnorm(ConvBnReLU())
@@ -469,3 +469,7 @@ def test_an_optimizer_built_before_prepare_qat_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qf.end_qat_epoch(fresh)
+    # the journey's end: the script, fixed as the warning says, exports a verified file
+    report = qf.export_onnx(qf.convert(fresh.eval()), (torch.randn(2, 3, 16, 16),),
+                            tmp_path / "qat.onnx")
+    assert report.verified and report.fraction_identical == 1.0
