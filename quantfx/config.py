@@ -214,8 +214,8 @@ class QuantConfig:
     @property
     def rounding(self) -> str:
         """How PTC rounds weights (resolved): error feedback where depthwise grids are per
-        tensor, the coarse grids it helps (measured on TDA4VM: EfficientNet-Lite1 +1.5 dB,
-        Lite2 +0.2, the Keras-style net +0.2; none lost)."""
+        tensor, the coarse grids it helps (measured on TDA4VM: EfficientNet-Lite1 +1.3 dB,
+        Lite2 +1.1, the Keras-style net +0.2; docs/ptc.md)."""
         if self.weight_rounding is None:
             return "nearest" if self.depthwise_per_channel else "error_feedback"
         return self.weight_rounding

@@ -8,8 +8,9 @@ position say how an error in one weight column shows at the output, and the colu
 rounded one at a time, each column's rounding error spread over the columns not yet rounded so
 that the layer's output moves least (the optimal update for a quadratic loss, via the Cholesky
 factor of H^-1). The grid (every exponent) is the one calibration chose; the weights are set to
-grid values, so convert, export and QAT need nothing new. A layer keeps round-to-nearest when
-error feedback does not lower its output error on the calibration data.
+grid values, so convert, export and QAT need nothing new. H comes from the first three
+quarters of the kept samples, and a layer keeps round-to-nearest unless error feedback lowers
+its output error on the last quarter, which H never saw.
 
 Cost: the one pass of the two streams, the input moments (one product per layer input) and a
 loop over the columns of each layer: seconds where learned rounding takes minutes.
@@ -38,6 +39,9 @@ calibration samples instead of the layer (EfficientNet-Lite1's classifier: 64 sa
 columns; per-channel Lite1 on held-apart photos 23.39 dB without this rule, 23.52 with it)."""
 MAX_SAMPLES = 256
 """Kept samples a layer's input moments are measured on."""
+HELD_OUT_SHARE = 0.25
+"""Share of the samples (the last ones) kept out of the moments: the rounding is kept only if
+it lowers the output error on them too, so it must carry to data it did not fit."""
 CHUNK_ELEMENTS = 1 << 24
 """Unfolded input elements per product while the moments accumulate (bounds the memory)."""
 
@@ -125,17 +129,21 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
         return nearest_error, nearest_error
     groups = layer.layer.groups if isinstance(layer.layer, nn.Conv1d | nn.Conv2d) else 1
     shape = (groups, weight.shape[0] // groups, -1)
+    fit = inputs.shape[0] - max(1, int(HELD_OUT_SHARE * inputs.shape[0]))
     columns = input_columns(layer.layer, inputs[:1])
-    if columns.shape[1] * inputs.shape[0] < MIN_POSITIONS * columns.shape[2]:
+    if fit < 1 or columns.shape[1] * fit < MIN_POSITIONS * columns.shape[2]:
         layer.layer.weight.data.copy_(nearest)
         return nearest_error, nearest_error
     rounded = round_with_feedback(weight.reshape(shape), scale.reshape(shape),
-                                  input_moments(layer.layer, inputs), quantizer.qmin,
+                                  input_moments(layer.layer, inputs[:fit]), quantizer.qmin,
                                   quantizer.qmax).to(weight.dtype).reshape(weight.shape)
-    error = layer_output_error(layer, inputs, target, rounded, activation)
-    chosen, kept_error = (rounded, error) if error < nearest_error else (nearest, nearest_error)
-    layer.layer.weight.data.copy_(chosen)
-    return nearest_error, kept_error
+    held_out = [layer_output_error(layer, inputs[fit:], target[fit:], candidate, activation)
+                for candidate in (rounded, nearest)]
+    if held_out[0] >= held_out[1]:  # fits the samples it saw, not the layer
+        layer.layer.weight.data.copy_(nearest)
+        return nearest_error, nearest_error
+    layer.layer.weight.data.copy_(rounded)
+    return nearest_error, layer_output_error(layer, inputs, target, rounded, activation)
 
 
 def error_feedback_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],

@@ -112,3 +112,31 @@ def test_tda4vm_calibration_rounds_with_error_feedback_by_default():
         weights[rounding] = prepared.get_submodule("2").layer.weight.detach().clone()
     assert torch.equal(weights[None], weights["error_feedback"])
     assert not torch.equal(weights[None], weights["nearest"])
+
+
+def test_a_rounding_that_only_fits_its_samples_is_not_kept(monkeypatch):
+    """The held-out quarter decides: a rounding that lowers the error on the samples it was
+    fitted to, but not on the others, leaves round-to-nearest (it would not carry to data)."""
+    from quantfx import error_feedback
+
+    torch.manual_seed(0)
+    inputs = torch.randn(16, 8, 16, 16)  # enough positions per weight column to fit H
+    config = qf.QuantConfig(progress=False, weight_rounding="nearest")
+    prepared = qf.calibrate(qf.prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval(),
+                                       (inputs[:1],), config), [inputs])
+    layer = prepared.get_submodule("0")
+    target = layer.layer(inputs).detach()
+    quantizer = layer.weight_quantizer
+    nearest_weight = qf.qmath.fake_quantize(layer.layer.weight.detach(), quantizer.exponent,
+                                            quantizer.qmin, quantizer.qmax)
+    seen = []
+
+    def errors(layer, inputs, target, weight, activation):  # the rounding: better on what it
+        seen.append(len(inputs))  # fitted, worse on the held-out quarter
+        held_out = len(inputs) < 16
+        return 2.0 if held_out and not torch.equal(weight, nearest_weight) else 1.0
+
+    monkeypatch.setattr(error_feedback, "layer_output_error", errors)
+    nearest, kept = error_feedback.round_layer(layer, inputs, target)
+    assert kept == nearest and 4 in seen
+    assert torch.equal(layer.layer.weight.detach(), nearest_weight)
