@@ -38,16 +38,16 @@ def shows_progress(config: Any) -> Any:
     return config
 
 
-def _device(observer: Observer) -> torch.device:
-    """Where the collectives run: NCCL needs CUDA tensors, gloo takes CPU ones."""
+def _device(default: torch.device) -> torch.device:
+    """Where the collectives run: NCCL needs CUDA tensors; gloo takes `default`'s."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return observer.min_val.device
+    return default
 
 
 def _reduce_min_max(observer: Observer) -> None:
     """Global min/max; a rank that saw nothing contributes nothing."""
-    device = _device(observer)
+    device = _device(observer.min_val.device)
     observed = bool(observer.observed)
     infinity = torch.full_like(observer.min_val, float("inf"))
     low = observer.min_val if observed else infinity
@@ -66,7 +66,7 @@ def _average_moving(observer: MovingAverageMinMaxObserver) -> None:
     packed = torch.cat([observer.min_val.reshape(-1) * observed,
                         observer.max_val.reshape(-1) * observed,
                         torch.tensor([observed], device=observer.min_val.device)])
-    packed = packed.to(_device(observer), torch.float64)
+    packed = packed.to(_device(observer.min_val.device), torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     count = float(packed[-1])
     if count > 0:
@@ -80,12 +80,12 @@ def _sum_histograms(observer: HistogramObserver) -> None:
     """Widen every rank's histogram to the widest range, then add the counts."""
     observed = bool(observer.observed)
     exponent = torch.tensor([int(observer.range_exponent) if observed else -(2**62)],
-                            dtype=torch.int64, device=_device(observer))
+                            dtype=torch.int64, device=_device(observer.min_val.device))
     dist.all_reduce(exponent, op=dist.ReduceOp.MAX)
     widest = int(exponent)
     if observed and widest > int(observer.range_exponent):
         observer.widen(widest)
-    counts = observer.histogram.to(_device(observer))
+    counts = observer.histogram.to(_device(observer.min_val.device))
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     observer.histogram.copy_(counts)
     _reduce_min_max(observer)
@@ -123,22 +123,9 @@ def _to_cpu(value: Any) -> Any:
 def total_over_ranks(count: int) -> int:
     """`count` summed over the ranks (a rank with no data must not raise alone: the others
     would wait for it forever)."""
-    total = torch.tensor([count], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        total = total.cuda()
+    total = torch.tensor([count], dtype=torch.int64, device=_device(torch.device("cpu")))
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return int(total)
-
-
-def _first_rows(outputs: list[list[Tensor]], count: int) -> list[list[Tensor]]:
-    """The first `count` rows of per-batch output lists, cut as one process cuts them."""
-    chosen, seen = [], 0
-    for batch in outputs:
-        if seen >= count or not batch:
-            break
-        chosen.append([tensor[:count - seen] for tensor in batch])
-        seen += chosen[-1][0].shape[0]
-    return chosen
 
 
 def merge_ranks(model: nn.Module, kept: list[tuple[Tensor, ...]],
@@ -148,6 +135,6 @@ def merge_ranks(model: nn.Module, kept: list[tuple[Tensor, ...]],
     float outputs of the union (rank order) on every rank, cut as one process cuts them."""
     reduce_observers(model)
     samples = first_samples(gather_in_rank_order(kept), budget)
-    outputs = _first_rows(gather_in_rank_order(float_outputs), check_samples)
+    outputs = first_samples(gather_in_rank_order(float_outputs), check_samples)
     return ([tuple(tensor.to(device) for tensor in batch) for batch in samples],
             [[tensor.to(device) for tensor in batch] for batch in outputs])

@@ -145,14 +145,14 @@ def reconstruct_layers(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ..
     return results
 
 
-def first_samples(batches: Sequence[tuple[Tensor, ...]], count: int
-                  ) -> list[tuple[Tensor, ...]]:
-    """The first `count` samples of `batches` (kept batches serve several budgets)."""
+def first_samples(batches: Sequence[Any], count: int) -> list[Any]:
+    """The first `count` samples of `batches` (kept batches serve several budgets), each batch a
+    tuple (or list, kept as one) of tensors; a batch with no tensor ends them."""
     chosen, seen = [], 0
     for batch in batches:
-        if seen >= count:
+        if seen >= count or not batch:
             break
-        chosen.append(tuple(tensor[:count - seen] for tensor in batch))
+        chosen.append(type(batch)(tensor[:count - seen] for tensor in batch))
         seen += chosen[-1][0].shape[0]
     return chosen
 

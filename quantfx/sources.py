@@ -29,11 +29,11 @@ from quantfx.errors import LoadError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+"""Keys under which training checkpoints commonly keep the model's state dict."""
 UPSAMPLED = 2.0
 """Images whose median shorter side is this many times smaller than --resize get a warning:
 a model trained on small images (32x32) was otherwise calibrated and exported at 224."""
 LOG = logging.getLogger(__name__)
-"""Keys under which training checkpoints commonly keep the model's state dict."""
 
 
 def _torchvision_names() -> list[str]:
