@@ -24,6 +24,8 @@ from quantfx.tidl.profiles import PROFILES, TARGETS, DeviceProfile, resolve_targ
 SUPPORTED_BITS = (8, 16)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
+QAT_WEIGHT_EXPONENTS = (*WEIGHT_OBSERVERS, "calibrated")
+"""`QATSchedule.weight_exponent`: the per-step rules, or the exponent calibration chose."""
 LAYER_ALIASES = ("first", "last", "heads")
 RANGE_SEARCHES = ("mse", "percentile", "none")
 WEIGHT_ROUNDINGS = ("nearest", "learned", "error_feedback")
@@ -81,18 +83,22 @@ class QATSchedule:
     10.7 dB with no clip, 10.6 at 12, 10.1 at 8, 5.9 at 4; PTC gives 11.8); the Fashion-MNIST
     nets of the benchmarks have no weight beyond 4. None disables it."""
 
-    weight_exponent: str = "minmax"
-    """How each QAT step picks a weight's exponent: "minmax" (never clipping; the clipping
-    above already tamed the outliers) or "mse" (PTC's least-error search, every step).
-    Measured from calibrated mobilenetv2_style, 1 epoch: minmax 91.26 / 91.24 %, mse 91.20 /
-    91.20 % (per-channel / per-tensor depthwise; PTC 91.20 / 91.19 %)."""
+    weight_exponent: str = "calibrated"
+    """How QAT picks a weight's exponent: "calibrated" (QAT from a calibrated `quantfx.prepare`
+    model keeps each exponent calibration chose, so training starts exactly where calibration
+    ended; from a float model it is "minmax"), "minmax" (each step's never-clipping exponent)
+    or "mse" (PTC's least-error search, every step). Per-step exponents undo calibration:
+    EfficientNet-Lite1 on TDA4VM started at 12.1 dB instead of PTC's 16.7 and one optimizer
+    step of 1e-6 took it to -4.9 dB (weights rounded onto their grid's edge moved a power of 2
+    up). From float, calibrated mobilenetv2_style, 1 epoch: minmax 91.26 / 91.24 %, mse
+    91.20 / 91.20 % (per-channel / per-tensor depthwise; PTC 91.20 / 91.19 %)."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise `ConfigError` on any invalid field (run again wherever the schedule is used)."""
-        check_choice(self.weight_exponent, "QATSchedule.weight_exponent", WEIGHT_OBSERVERS)
+        check_choice(self.weight_exponent, "QATSchedule.weight_exponent", QAT_WEIGHT_EXPONENTS)
         for name in ("freeze_bn_step", "freeze_ranges_step", "freeze_bn_epoch",
                      "freeze_ranges_epoch"):
             value = getattr(self, name)
@@ -138,8 +144,8 @@ class QuantConfig:
     weight_observer: str = "mse"
     """Weight exponent choice: "minmax" (never clip) or "mse" (the exponent, among the
     never-clipping one and up to four below it, with the least squared weight error: clipping
-    rare outlier weights when that halves the step for all the others). PTC only: QAT's rule is
-    `QATSchedule.weight_exponent` (never clipping by default: measured no better with "mse")."""
+    rare outlier weights when that halves the step for all the others). QAT from a calibrated
+    model keeps the exponents it chose (`QATSchedule.weight_exponent`)."""
     weight_rounding: str | None = None
     """How PTC rounds weights onto their grid: "nearest"; "learned" (AdaRound-style: each
     weight rounds up or down as the layer's output error on the calibration data decides,

@@ -1,6 +1,7 @@
 """Quantization-aware training: STE, on-the-fly BN folding, schedule, resume, eval == convert."""
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import quantfx as qf
 from quantfx.qat import QATLayer, QATQuantizer, freeze_ranges
 from quantfx.qmath import fake_quantize
 from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
+from quantfx.state import state_of
 from tests.helpers import randomize_batchnorm
 
 torch.set_num_threads(1)
@@ -473,3 +475,39 @@ def test_an_optimizer_built_before_prepare_qat_is_reported(tmp_path):
     report = qf.export_onnx(qf.convert(fresh.eval()), (torch.randn(2, 3, 16, 16),),
                             tmp_path / "qat.onnx")
     assert report.verified and report.fraction_identical == 1.0
+
+
+def test_qat_from_calibration_keeps_its_weight_exponents_and_rounding():
+    """Calibration clips a weight (least-error exponent); QAT from it starts exactly there and
+    a tiny step moves no exponent. Per-step "minmax" exponents start elsewhere (coarser)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    with torch.no_grad():  # a range just over a power of two: calibration clips one weight
+        model[0].weight.copy_(torch.linspace(-0.99, 0.99, model[0].weight.numel()).view_as(
+            model[0].weight))
+        model[0].weight[0, 0, 0, 0] = 1.01
+    data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    config = qf.QuantConfig(progress=False, target="tda4vm", equalization=False,
+                            weight_rounding="nearest")  # the float weight stays in the layer
+    prepared = qf.prepare(model, data[0][:1], config)
+    qf.calibrate(prepared, data)
+    expected = qf.convert(prepared)(data[0])
+    started = {}
+    for rule in ("calibrated", "minmax"):
+        schedule = qf.QATSchedule(weight_exponent=rule)
+        config = dataclasses.replace(state_of(prepared).config, qat_schedule=schedule)
+        qat_model = qf.prepare_qat(prepared, data[0][:1], config).eval()
+        with torch.no_grad():
+            started[rule] = torch.equal(qat_model(data[0]), expected)
+        layers = [m for m in qat_model.modules() if isinstance(m, QATLayer)]
+        exponents = [layer.weight_quantizer.exponent.clone() for layer in layers]
+        optimizer = torch.optim.Adam(qat_model.parameters(), lr=1e-6)
+        qat_model.train()
+        qat_model(data[1]).pow(2).mean().backward()
+        optimizer.step()
+        qat_model.eval()
+        qat_model(data[1])
+        if rule == "calibrated":
+            assert all(torch.equal(layer.weight_quantizer.exponent, exponent)
+                       for layer, exponent in zip(layers, exponents))
+    assert started == {"calibrated": True, "minmax": False}

@@ -88,16 +88,28 @@ class QATLayer(FakeQuantLayer):
             return self._forward_live_bn(x)
         return self._forward_folded(x)
 
+    @property
+    def fixed_exponent(self) -> bool:
+        """Whether the weight keeps the exponent calibration chose (rule "calibrated")."""
+        return getattr(self, "weight_rule", "minmax") == "calibrated"  # older pickles: minmax
+
+    def weight_exponent_of(self, weight: Tensor) -> Tensor:
+        """The exponent(s) a forward gives `weight` (before the bias rule may raise them)."""
+        return self._weight_exponent(weight)
+
     def _weight_exponent(self, weight: Tensor) -> Tensor:
         quantizer = self.weight_quantizer
+        if self.fixed_exponent:
+            return quantizer.exponent.clone()
         return weight_exponent(weight, quantizer.qmax, quantizer.axis,
-                               getattr(self, "weight_rule", "minmax"))  # older pickles: minmax
+                               getattr(self, "weight_rule", "minmax"))
 
     def _quantize_weight(self, weight: Tensor, exponent: Tensor) -> Tensor:
         quantizer = self.weight_quantizer
         if not self.training:
             return fake_quantize(weight, exponent, quantizer.qmin, quantizer.qmax, quantizer.axis)
-        quantizer.exponent.copy_(exponent)  # a record of the last training step's exponent
+        if not self.fixed_exponent:
+            quantizer.exponent.copy_(exponent)  # a record of the last training step's exponent
         return fake_quantize_ste(weight, exponent, quantizer.qmin, quantizer.qmax,
                                  quantizer.axis, clip_gradient=False)
 
@@ -145,8 +157,8 @@ class QATLayer(FakeQuantLayer):
         with torch.no_grad():
             folded, _ = self.folded_weight_bias()
             rows = folded.flatten(1) if folded.dim() > 1 else folded.reshape(1, -1)
-            if rows.shape[1] < MIN_CHANNEL_WEIGHTS:
-                return 0
+            if rows.shape[1] < MIN_CHANNEL_WEIGHTS or self.fixed_exponent:
+                return 0  # a calibrated exponent saturates outliers already
             raw = self.layer.weight
             fold_scale = folded / torch.where(raw == 0, torch.ones_like(raw), raw)
             if self.weight_quantizer.axis is None:

@@ -89,7 +89,7 @@ def prepare_qat(
     def qat_layer(layer: nn.Module, bn: nn.Module | None, quantizer: nn.Module) -> QATLayer:
         return QATLayer(layer, bn, quantizer,
                         bias_bits=config.profile.bias_bits_for(quantizer.bits),
-                        weight_rule=config.schedule.weight_exponent)
+                        weight_rule=_from_float(config.schedule.weight_exponent))
 
     count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), qat_layer,
                              fold_bn=True)
@@ -97,6 +97,11 @@ def prepare_qat(
     warn_unexportable(graph_module)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)),
                    inputs[0].device)
+
+
+def _from_float(rule: str) -> str:
+    """A float model has no calibrated exponents: "calibrated" follows "minmax" there."""
+    return "minmax" if rule == "calibrated" else rule
 
 
 def _parts_from_ptc(model: nn.Module, example_inputs: Any, state: QuantState,
@@ -139,11 +144,7 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
     for node in graph_module.graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, FakeQuantLayer):
-            quantizer = factory.weight(module.layer, module.weight_quantizer.bits)
-            set_submodule(graph_module, node.target, QATLayer(
-                module.layer, None, quantizer,
-                bias_bits=config.profile.bias_bits_for(quantizer.bits),
-                weight_rule=config.schedule.weight_exponent))
+            set_submodule(graph_module, node.target, _qat_layer_from_ptc(module, factory, config))
         elif isinstance(module, CalibrationQuantizer):
             started = factory.activation(module.bits, module.signed)
             if module.observed:
@@ -151,6 +152,22 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
             set_submodule(graph_module, node.target, started)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, list(state.input_shapes)),
                    parameter_dtype_device(model)[1])
+
+
+def _qat_layer_from_ptc(module: FakeQuantLayer, factory: QuantizerFactory,
+                        config: QuantConfig) -> QATLayer:
+    """The QAT layer of a calibrated layer: with rule "calibrated", its weight keeps the
+    exponent calibration chose (an uncalibrated one follows "minmax")."""
+    calibrated = module.weight_quantizer
+    quantizer = factory.weight(module.layer, calibrated.bits)
+    rule = config.schedule.weight_exponent
+    if rule == "calibrated":
+        if calibrated.observed:
+            quantizer.exponent.copy_(calibrated.current_exponent())
+        else:
+            rule = "minmax"
+    return QATLayer(module.layer, None, quantizer,
+                    bias_bits=config.profile.bias_bits_for(quantizer.bits), weight_rule=rule)
 
 
 def _finish(graph_module: fx.GraphModule, state: QuantState,
