@@ -24,6 +24,7 @@ PARTS = {
     "detection": "benchmarks.detection",
     "detector": "benchmarks.detector_accuracy",
     "real_models": "benchmarks.real_models",
+    "distill": "benchmarks.distill",
     "reconstruction_cost": "benchmarks.reconstruction_cost",
 }
 

@@ -35,6 +35,7 @@ _LAZY = {
     "quantfx.analysis.precision": ("PrecisionReport", "compare_bit_depths"),
     "quantfx.config": ("QATSchedule", "QuantConfig"),
     "quantfx.convert": ("convert",),
+    "quantfx.distillation": ("distill",),
     "quantfx.export.meta_arch": ("PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork",
                                  "YoloxMetaArch"),
     "quantfx.export.onnx": ("ExportReport", "export_onnx"),

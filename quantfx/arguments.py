@@ -120,6 +120,12 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sixteen-bit-layers", default="", metavar="NAMES",
                         help="comma-separated layers kept at 16 bit (as `quantfx analyze` "
                              "suggests; 'first', 'last' and 'heads' work too)")
+    parser.add_argument("--distill", type=count(1), default=None, metavar="STEPS",
+                        help="after calibration, train STEPS steps without labels, the float "
+                             "model teaching the quantized one on the calibration data "
+                             "(quantfx.distill)")
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="with --distill: save progress here and resume from it")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip running the file in ONNX Runtime against PyTorch")
     parser.add_argument("--strict-tidl", action="store_true",

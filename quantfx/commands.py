@@ -75,6 +75,7 @@ def _report_lines(args: argparse.Namespace, prepared: torch.nn.Module,
             f"{config.weight_bits}-bit weights, 16-bit layers: "
             f"{', '.join(config.sixteen_bit_layers) or 'none'}; by measurement: "
             f"{', '.join(measured) or 'none'}",
+            f"- distill: {f'{args.distill} steps without labels' if args.distill else 'no'}",
             f"- output SQNR against float on the calibration data: {sqnr:.2f} dB",
             f"- time: {seconds:.1f} s", "", "```", export_summary, "```", ""]
 
@@ -86,6 +87,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if not output.endswith(".onnx"):
         raise ConfigError(f"the output {output!r} must end with .onnx.")
     check_destination(output, "ONNX")
+    if args.checkpoint is not None and not args.distill:
+        raise ConfigError("--checkpoint saves distillation progress: give --distill STEPS too.")
     report_path = os.path.splitext(output)[0] + ".report.md"
     layers = tuple(name.strip() for name in args.sixteen_bit_layers.split(",") if name.strip())
     config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
@@ -98,7 +101,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     example = batches[0][:1]
     prepared = prepare(model, example, config)
     calibrate(prepared, batches)
-    converted = convert(prepared)
+    if args.distill:
+        from quantfx.distillation import distill
+
+        LOG.info("distilling %d steps", args.distill)
+        converted = convert(distill(prepared, batches, steps=args.distill,
+                                    checkpoint=args.checkpoint))
+    else:
+        converted = convert(prepared)
     sqnr = _output_sqnr(model, converted, batches[:4])
     LOG.info("exporting %s (verified in ONNX Runtime: %s)", output,
              "no" if args.no_verify else "yes")

@@ -117,9 +117,13 @@ def batch_inputs(batch: Any, count: int, index: int) -> tuple[torch.Tensor, ...]
 
 
 def iterate_batches(
-    model: fx.GraphModule, data: Iterable, num_batches: int | None, description: str
+    model: fx.GraphModule, data: Iterable, num_batches: int | None, description: str,
+    local: bool = False
 ) -> Iterable[tuple[torch.Tensor, ...]]:
-    """Yield each batch's inputs (checked, on the model's device), with a progress bar."""
+    """Yield each batch's inputs (checked, on the model's device), with a progress bar.
+
+    `local`: no bar and no collective (a training loop under torch.distributed, where each
+    rank's passes end at different steps); the data must be non-empty on this rank."""
     state = state_of(model)
     shapes = state.input_shapes
     if isinstance(data, torch.Tensor):
@@ -144,7 +148,8 @@ def iterate_batches(
     seen = 0
     warned = False
     with tqdm(total=total, desc=description, unit="batch", leave=False,
-              disable=None if shows_progress(state.config).progress else True) as bar:
+              disable=None if shows_progress(state.config).progress and not local else True
+              ) as bar:
         for index, batch in enumerate(iterator):
             if num_batches is not None and index >= num_batches:
                 break
@@ -160,7 +165,7 @@ def iterate_batches(
             yield index, tuple(item.to(device) for item in items)
             seen += 1
             bar.update(1)
-    if (seen if world_size() == 1 else total_over_ranks(seen)) == 0:
+    if (seen if world_size() == 1 or local else total_over_ranks(seen)) == 0:
         raise CalibrationError(
             "calibration data is empty: give at least one batch (a few hundred images is typical)."
         )

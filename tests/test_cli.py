@@ -111,6 +111,21 @@ def test_quantize_a_package_factory_with_weights_and_a_tensor_file(workspace):
     assert abs(float(output.mean()) - 3.0) < 0.5  # the checkpoint's bias, not the factory's
 
 
+def test_quantize_with_distill_trains_checkpoints_and_exports(workspace):
+    arguments = ("quantize", "tiny_model.py:build", "--calib", "calib.pt", "--batch-size", "4",
+                 "--no-progress", "--target", "tda4vm")
+    result = quantfx(*arguments, "-o", "distilled.onnx", "--distill", "3", "--checkpoint",
+                     "distill.pt", cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "bit-identical" in result.stdout
+    assert "- distill: 3 steps without labels" in (workspace / "distilled.report.md").read_text()
+    assert torch.load(workspace / "distill.pt", weights_only=True)["step"] == 3
+    alone = quantfx(*arguments, "-o", "lonely.onnx", "--checkpoint", "distill.pt",
+                    cwd=workspace)
+    assert alone.returncode == 2 and "give --distill STEPS too" in alone.stderr
+    assert not (workspace / "lonely.onnx").exists()
+
+
 def test_doctor_exit_status_follows_the_findings(workspace):
     clean = quantfx("doctor", "tiny_model.py:build", "--input-shape", "1,3,16,16",
                     cwd=workspace)

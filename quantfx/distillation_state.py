@@ -1,0 +1,139 @@
+"""What `quantfx.distill` keeps besides the student: the held-out judge (the best state seen)
+and checkpoints (student, optimizer, step and judge in one file written atomically, by rank 0
+only under torch.distributed), resumed on restart."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantfx.errors import LoadError
+from quantfx.files import check_destination, staged_files
+
+FORMAT = "quantfx-distill-1"
+"""Written into every checkpoint; a file without it is not one."""
+
+
+JUDGE_EVERY = 25
+"""Steps between judgements of the held-out error (and at the end)."""
+
+
+def save_checkpoint(path: str, student: nn.Module, optimizer: torch.optim.Optimizer,
+                    step: int, held_out: HeldOut) -> None:
+    """Write the checkpoint at `path` (atomically; only rank 0 writes under distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_rank() != 0):
+        return
+    check_destination(path, "distill checkpoint", LoadError)
+    with staged_files(path) as (temporary,):
+        torch.save({"format": FORMAT, "step": step, "student": student.state_dict(),
+                    "optimizer": optimizer.state_dict(), "held_out": held_out.state()},
+                   temporary)
+
+
+def check_checkpoint_path(path: str) -> None:
+    """`LoadError` unless a checkpoint can be read from / written at `path` (checked before
+    calibration and training, not after)."""
+    if os.path.isdir(path):
+        raise LoadError(f"the distill checkpoint {path!r} is a folder; give a file path.")
+    check_destination(path, "distill checkpoint", LoadError)
+
+
+def load_checkpoint(path: str, student: nn.Module, optimizer: torch.optim.Optimizer,
+                    held_out: HeldOut) -> int:
+    """Resume from the checkpoint at `path` if there is one: the step it reached (0 if none)."""
+    check_checkpoint_path(path)
+    if not os.path.exists(path):
+        return 0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,
+            ValueError) as error:
+        raise LoadError(f"cannot read the distill checkpoint {path!r}: {error}. Delete it to "
+                        "start again.") from error
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise LoadError(f"{path!r} is not a quantfx distill checkpoint; give another path or "
+                        "delete it.")
+    try:
+        student.load_state_dict(saved["student"])
+        optimizer.load_state_dict(saved["optimizer"])
+        held_out.load(saved["held_out"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0][:300]
+        raise LoadError(f"the distill checkpoint {path!r} belongs to another model or setup "
+                        f"({first}). Delete it, or use the model and options it was made "
+                        "with.") from error
+    return int(saved["step"])
+
+
+class HeldOut:
+    """The student's output error on a batch kept out of training, judged every
+    `JUDGE_EVERY` steps: distill returns the best state it saw, never one worse than its start
+    (straight-through training can lose: a network calibrated to 43 dB lost 1 dB)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, inputs: tuple) -> None:
+        self.inputs = inputs
+        with torch.no_grad():
+            self.targets = output_tensors(teacher(*inputs))
+        self.best_error = math.inf
+        self.best_state: dict[str, Tensor] = {}
+        self.best_step = 0
+        self.first_error = self.judge(student, 0)
+
+    def error(self, student: nn.Module) -> float:
+        """The student's mean relative output error (eval mode), averaged over the ranks."""
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            outputs = output_tensors(student(*self.inputs))
+        student.train(was_training)
+        error = sum(float(relative_error(output, target))
+                    for output, target in zip(outputs, self.targets)) / max(1, len(outputs))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            value = torch.tensor([error], dtype=torch.float64)
+            torch.distributed.all_reduce(value)
+            error = float(value) / torch.distributed.get_world_size()
+        return error
+
+    def judge(self, student: nn.Module, step: int) -> float:
+        """Keep the student's state if it is the best so far; its error."""
+        error = self.error(student)
+        if error < self.best_error:
+            self.best_error, self.best_step = error, step
+            self.best_state = {key: value.detach().clone()
+                               for key, value in student.state_dict().items()}
+        return error
+
+    def restore_best(self, student: nn.Module) -> None:
+        """Load the best state seen into `student`."""
+        student.load_state_dict(self.best_state)
+
+    def state(self) -> dict[str, Any]:
+        return {"best_error": self.best_error, "best_step": self.best_step,
+                "best_state": self.best_state, "first_error": self.first_error}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.best_error, self.best_step = float(saved["best_error"]), int(saved["best_step"])
+        self.best_state, self.first_error = saved["best_state"], float(saved["first_error"])
+
+
+def output_tensors(value: Any) -> list[Tensor]:
+    """Every floating-point tensor in a model output (tensor, tuple, list or dict)."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in output_tensors(item)]
+    return []
+
+
+def relative_error(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error over the teacher's mean square (1 / linear SQNR)."""
+    return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp(min=1e-12)

@@ -1,0 +1,202 @@
+"""`quantfx.distill`: QAT without labels, the float model as the teacher."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import quantfx as qf
+
+CONFIG = qf.QuantConfig(target="tda4vm", progress=False, bias_calibration=False,
+                        widen_sensitive_layers=False, weight_rounding="nearest")
+"""TDA4VM's per-tensor depthwise weights (what distillation has to repair), the slow
+calibration steps off: these tests are about the training."""
+
+
+class DepthwiseNet(nn.Module):
+    """conv-BN-ReLU6, a depthwise conv whose channels differ 100x in scale (one per-tensor
+    exponent leaves the small ones a few levels; ReLU6 keeps equalization from evening them
+    out), a pointwise conv that undoes the scales, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6())
+        self.pointwise = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+        with torch.no_grad():
+            self.depthwise[0].weight.mul_(torch.logspace(0, -2, 8).reshape(8, 1, 1, 1))
+            self.pointwise[0].weight.mul_(torch.logspace(0, 2, 8).reshape(1, 8, 1, 1))
+
+    def forward(self, x):
+        x = self.pointwise(self.depthwise(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = DepthwiseNet()
+    model.stem[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _batches(count: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 12, 12, generator=generator) for _ in range(count)]
+
+
+def _sqnr(model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected, got = reference(images), model(images)
+    return 10 * math.log10(float(expected.pow(2).sum() / (got - expected).pow(2).sum()))
+
+
+def _calibrated(model: nn.Module, data: list[torch.Tensor]) -> torch.fx.GraphModule:
+    prepared = qf.prepare(model, (data[0][:1],), CONFIG)
+    qf.calibrate(prepared, data)
+    return prepared
+
+
+def test_distill_gains_over_calibration_on_held_out_data():
+    """The student starts exactly at calibration and beats it on data it never saw."""
+    model, data, held_out = _model(), _batches(6, 1), torch.cat(_batches(4, 2))
+    prepared = _calibrated(model, data)
+    calibrated = _sqnr(qf.convert(prepared), model, held_out)
+    start = qf.distill(prepared, data, steps=1, learning_rate=1e-12)
+    assert _sqnr(qf.convert(start), model, held_out) == pytest.approx(calibrated, abs=1e-9)
+    student = qf.distill(prepared, data, steps=60)
+    assert not student.training
+    assert _sqnr(qf.convert(student), model, held_out) > calibrated + 5.0
+    assert _sqnr(qf.convert(prepared), model, held_out) == calibrated  # the user's is kept
+
+
+def test_distill_never_returns_worse_than_its_start_on_the_held_out_batch():
+    """Without ReLU6 equalization repairs the depthwise scales and calibration reaches 43 dB;
+    straight-through steps then only lose (measured: 41-42.6 dB after 60 steps at any rate):
+    distill returns the calibrated model itself."""
+    model, data, held_out = _model(), _batches(6, 1), torch.cat(_batches(4, 2))
+    model.depthwise[1] = nn.Identity()
+    prepared = _calibrated(model, data)
+    student = qf.distill(prepared, data, steps=50)
+    assert torch.equal(qf.convert(student)(held_out), qf.convert(prepared)(held_out))
+
+
+def test_distill_from_the_float_model_and_from_a_qat_model():
+    model, data = _model(), _batches(4, 1)
+    from_float = qf.distill(model, data, steps=3, config=CONFIG)
+    assert torch.equal(qf.convert(from_float)(data[0]), from_float(data[0]))
+    qat_model = qf.prepare_qat(model, (data[0][:1],), CONFIG)
+    for batch in data:  # ranges from data, as a user's first QAT steps would
+        qat_model(batch)
+    from_qat = qf.distill(qat_model, data, steps=3)
+    assert int(from_qat.qat_controller.step) == int(qat_model.qat_controller.step) + 3
+    assert any(not torch.equal(mine, theirs) for mine, theirs in zip(
+        from_qat.parameters(), qat_model.parameters()))
+
+
+def test_distill_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+    """A run killed after its first checkpoint and started again with the same arguments ends
+    where the uninterrupted run ends, bit for bit."""
+    monkeypatch.setattr("quantfx.distillation.CHECKPOINT_EVERY", 3)
+    model, data = _model(), _batches(4, 1)
+    prepared = _calibrated(model, data)
+    uninterrupted = qf.distill(prepared, data, steps=8)
+
+    class Interrupted(list):
+        served = 0
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                Interrupted.served += 1
+                if Interrupted.served > 7:  # the example, the held-out batch, 1.5 passes
+                    raise KeyboardInterrupt
+                yield batch
+
+    checkpoint = tmp_path / "distill.pt"
+    with pytest.raises(KeyboardInterrupt):
+        qf.distill(prepared, Interrupted(data), steps=8, checkpoint=checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    resumed = qf.distill(prepared, data, steps=8, checkpoint=str(checkpoint))
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert oct(os.stat(checkpoint).st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert [path.name for path in tmp_path.iterdir()] == ["distill.pt"]  # no temporary left
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"steps": "10"}, "steps='10' must be an integer"),
+    ({"steps": 0}, "must be an integer >= 1"),
+    ({"minutes": 0}, "minutes=0"),
+    ({"features": "yes"}, "features"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"checkpoint": 3}, "checkpoint=3 must be a file path"),
+])
+def test_wrong_options_are_config_errors(options, message):
+    with pytest.raises(qf.ConfigError, match=message):
+        qf.distill(_model(), _batches(1, 1), **options)
+
+
+def test_wrong_inputs_say_what_to_give(tmp_path):
+    model, data = _model(), _batches(2, 1)
+    prepared = _calibrated(model, data)
+    with pytest.raises(qf.CalibrationError, match="one-pass"):
+        qf.distill(prepared, iter(data), steps=1)
+    with pytest.raises(qf.CalibrationError, match="empty"):
+        qf.distill(prepared, [], steps=1)
+    with pytest.raises(qf.ConfigError, match="no config"):
+        qf.distill(prepared, data, steps=1, config=CONFIG)
+    with pytest.raises(qf.ConfigError, match="float model or one returned"):
+        qf.distill(qf.convert(prepared), data, steps=1)
+    with pytest.raises(qf.LoadError, match="is a folder"):
+        qf.distill(prepared, data, steps=1, checkpoint=tmp_path)
+    stranger = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, stranger)
+    with pytest.raises(qf.LoadError, match="not a quantfx distill checkpoint"):
+        qf.distill(prepared, data, steps=1, checkpoint=stranger)
+    other = tmp_path / "other_model.pt"
+    qf.distill(nn.Sequential(nn.Conv2d(3, 2, 1)).eval(), data, steps=1, config=CONFIG,
+               checkpoint=other)
+    with pytest.raises(qf.LoadError, match="another model"):
+        qf.distill(prepared, data, steps=1, checkpoint=other)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        data = _batches(4, 1)
+        share = data[2 * rank:2 * rank + 2]  # each rank its half
+        student = qf.distill(_model(), share, steps=4, config=CONFIG)
+        results[rank] = {key: value.clone() for key, value in student.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_distill_on_two_ranks_ends_with_identical_models():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.start_processes(_worker, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    first, second = results[0], results[1]
+    for key, value in first.items():
+        assert torch.equal(second[key], value), key
+    alone = qf.distill(_model(), _batches(4, 1)[:2], steps=4, config=CONFIG).state_dict()
+    assert any(not torch.equal(alone[key], value) for key, value in first.items())
