@@ -21,6 +21,8 @@ from quantfx.analysis.doctor import doctor
 from quantfx.analysis.plots import check_report_folder
 from quantfx.config import QuantConfig
 from quantfx.convert import convert
+from quantfx.distillation import distill
+from quantfx.distillation_state import check_checkpoint_path
 from quantfx.errors import ConfigError, LoadError
 from quantfx.export.onnx import export_onnx
 from quantfx.files import check_destination, write_text_files
@@ -89,6 +91,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_destination(output, "ONNX")
     if args.checkpoint is not None and not args.distill:
         raise ConfigError("--checkpoint saves distillation progress: give --distill STEPS too.")
+    if args.checkpoint is not None:
+        check_checkpoint_path(args.checkpoint)
     report_path = os.path.splitext(output)[0] + ".report.md"
     layers = tuple(name.strip() for name in args.sixteen_bit_layers.split(",") if name.strip())
     config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
@@ -102,8 +106,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     prepared = prepare(model, example, config)
     calibrate(prepared, batches)
     if args.distill:
-        from quantfx.distillation import distill
-
         LOG.info("distilling %d steps", args.distill)
         converted = convert(distill(prepared, batches, steps=args.distill,
                                     checkpoint=args.checkpoint))

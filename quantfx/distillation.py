@@ -1,13 +1,10 @@
 """`distill`: quantization-aware training without labels, the float model as the teacher.
 
 The student is the QAT model (`prepare_qat` from a calibrated model: it starts exactly where
-calibration ended), the teacher its float self; unlabeled batches go through both and the
-student learns to match the teacher's outputs and, optionally, every quantized activation
-(normalized mean squared errors: the loss is what output SQNR measures). Adam moves each
-weight in units of its own quantization step (`LEARNING_RATE` steps of 2**exponent), so one
-rate fits layers whose scales differ by a thousand; biases and other parameters move by a
-small share of their own magnitude. Warm-up, then a cosine decay over the budget (steps or
-minutes). Under `torch.distributed` the ranks average gradients and stop together.
+calibration ended, BN folded, ranges frozen), the teacher its float self; unlabeled batches go
+through both and the student learns to match the teacher (`quantfx.distillation_training`).
+The first batch of the data is held out of training and judges the student every few steps;
+the best state is returned (`quantfx.distillation_state`), never one worse there than the start.
 """
 
 from __future__ import annotations
@@ -16,52 +13,30 @@ import copy
 import logging
 import math
 import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from quantfx.checks import check_bool, check_int, check_number
 from quantfx.config import QuantConfig
-from quantfx.distillation_state import (
-    JUDGE_EVERY,
-    HeldOut,
-    check_checkpoint_path,
-    load_checkpoint,
-    output_tensors,
-    relative_error,
-    save_checkpoint,
-)
-from quantfx.distributed import shows_progress, world_size
+from quantfx.distillation_state import HeldOut, check_checkpoint_path, load_checkpoint
+from quantfx.distillation_training import LEARNING_RATE, NO_STEP_LIMIT, Trainer, db
 from quantfx.errors import CalibrationError, ConfigError
 from quantfx.learned_rounding import restore_float_parameters
-from quantfx.ptc import calibrate, iterate_batches, prepare
-from quantfx.qat import QATLayer, freeze_batchnorm, freeze_ranges, prepare_qat
-from quantfx.quantizers import QATQuantizer, set_quant_mode
+from quantfx.ptc import batch_inputs, calibrate, iterate_batches, prepare
+from quantfx.qat import freeze_batchnorm, freeze_ranges, prepare_qat
+from quantfx.quantizers import calibration_quantizers, set_quant_mode
 from quantfx.state import FLOAT, PREPARED, PTC, QAT, require_state, state_of
 
 DEFAULT_STEPS = 200
 """Optimizer steps when neither `steps` nor `minutes` is given."""
-LEARNING_RATE = 0.01
-"""Adam's step for a weight, in its quantization steps (2**exponent) (measured on
-EfficientNet-Lite1, TDA4VM: 0.01 and 0.03 alike, 0.1 and more lose to calibration)."""
-OTHER_SHARE = 0.1
-"""Adam's step for biases and other parameters, as a share of LEARNING_RATE times the
-parameter's root mean square (biases that grow can force a coarser weight scale on engines
-with 16-bit biases: measured 3x larger lost 7 dB)."""
-WARMUP_STEPS = 10
-"""Linear warm-up: Adam's first steps move every weight by the full rate at once."""
-CHECKPOINT_EVERY = 50
-"""Steps between checkpoints (and at the end)."""
 
 _log = logging.getLogger(__name__)
 
 
-def distill(model: nn.Module, data: Iterable | str | os.PathLike, *,
+def distill(model: nn.Module, data: Iterable | Tensor | str | os.PathLike, *,
             steps: int | None = None, minutes: float | None = None,
             example_inputs: Any = None, config: QuantConfig | None = None,
             features: bool = True, learning_rate: float = LEARNING_RATE,
@@ -81,16 +56,17 @@ def distill(model: nn.Module, data: Iterable | str | os.PathLike, *,
         check_checkpoint_path(os.fspath(checkpoint))
     batches = _batches(data)
     student, teacher = _student_and_teacher(model, batches, example_inputs, config)
-    held_out = HeldOut(student, teacher, next(_cycle(student, batches, 0, False)))
-    trainer = _Trainer(student, teacher, features, learning_rate, held_out)
-    start = 0
-    if checkpoint is not None:
-        start = load_checkpoint(os.fspath(checkpoint), student, trainer.optimizer, held_out)
-    hold_first = _batch_count(batches) != 1
-    trainer.run(_cycle(student, batches, start, hold_first), start, budget, checkpoint)
+    training = _Passes(student, batches)
+    held_out = HeldOut(student, teacher, training.held_out)
+    trainer = Trainer(student, teacher, features, learning_rate, held_out)
+    try:
+        start = 0 if checkpoint is None else load_checkpoint(os.fspath(checkpoint), trainer)
+        trainer.run(training.inputs(skip=start), start, budget, checkpoint)
+    finally:
+        trainer.close()
     held_out.restore_best(student)
     _log.info("distill: held-out output SQNR %.2f dB at the start, %.2f dB at step %d (kept)",
-              _db(held_out.first_error), _db(held_out.best_error), held_out.best_step)
+              db(held_out.first_error), db(held_out.best_error), held_out.best_step)
     return student.eval()
 
 
@@ -108,7 +84,7 @@ def _check_options(steps: Any, minutes: Any, features: Any, learning_rate: Any,
         raise ConfigError(f"distill checkpoint={checkpoint!r} must be a file path or None.")
     if steps is None and minutes is None:
         steps = DEFAULT_STEPS
-    return (steps if steps is not None else 2**62,
+    return (steps if steps is not None else NO_STEP_LIMIT,
             60.0 * minutes if minutes is not None else math.inf)
 
 
@@ -118,6 +94,8 @@ def _batches(data: Any) -> Any:
         from quantfx.sources import load_calibration
 
         return load_calibration(data)
+    if isinstance(data, Tensor):
+        return [data]  # one batch, not a batch per row
     if isinstance(data, Iterator):
         raise CalibrationError(
             f"distill uses its data again and again, but got a one-pass "
@@ -139,6 +117,7 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
             raise ConfigError("distill takes no config with a prepare_qat model: it keeps "
                               "the config that model was prepared with.")
         student = copy.deepcopy(model).train()
+        freeze_batchnorm(student)  # unlabeled batches must not move BN statistics
         teacher = copy.deepcopy(model).eval()
         set_quant_mode(teacher, observe=False, quantize=False)
         return student, _frozen(teacher)
@@ -161,8 +140,6 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
 
 def _example(batches: Any, count: int) -> tuple[Tensor, ...]:
     """The first sample of the first batch, as the model's `count` inputs."""
-    from quantfx.ptc import batch_inputs
-
     for batch in batches:
         if isinstance(batch, Tensor):
             batch = (batch,)
@@ -186,8 +163,6 @@ def _calibrated_copy(model: fx.GraphModule, state: Any, batches: Any,
 
 def _activation_quantizers(model: nn.Module) -> list[nn.Module]:
     """The activation quantizers of a prepared or QAT model (weights' are inside layers)."""
-    from quantfx.quantizers import calibration_quantizers
-
     return [quantizer for name, quantizer in calibration_quantizers(model)
             if not name.endswith("weight_quantizer")]
 
@@ -198,155 +173,32 @@ def _frozen(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def _cycle(model: fx.GraphModule, batches: Any, skip: int,
-           hold_first: bool) -> Iterator[tuple[Tensor, ...]]:
-    """The batches' inputs (checked, on the model's device), pass after pass: without each
-    pass's first batch when `hold_first` (the held-out batch), the first `skip` left out (a
-    resumed run sees what the uninterrupted one would have)."""
-    while True:
-        for index, inputs in iterate_batches(model, batches, None, "distill data", local=True):
-            if hold_first and index == 0:
-                continue
-            if skip:
-                skip -= 1
-                continue
-            yield inputs
+class _Passes:
+    """The data's inputs (checked, on the model's device) pass after pass, the first batch of
+    each pass held out (`held_out`: the first pass's) unless there is only one batch."""
 
+    def __init__(self, model: fx.GraphModule, batches: Any) -> None:
+        self.model, self.batches = model, batches
+        first = iterate_batches(model, batches, None, "distill data", local=True)
+        try:
+            _, self.held_out = next(first)
+        finally:
+            first.close()  # a DataLoader's workers stop
+        self.hold_first = True
 
-def _batch_count(batches: Any) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None
-
-
-def _db(error: float) -> float:
-    return -10.0 * math.log10(max(error, 1e-30))
-
-
-class _Trainer:
-    """The optimizer, the feature hooks and the training loop of one distillation."""
-
-    def __init__(self, student: fx.GraphModule, teacher: nn.Module, features: bool,
-                 learning_rate: float, held_out: HeldOut) -> None:
-        self.student, self.teacher, self.held_out = student, teacher, held_out
-        self.optimizer = torch.optim.Adam(_parameter_groups(student, learning_rate))
-        self.features: dict[tuple[str, str], Tensor] = {}
-        self.feature_names = _feature_names(student, teacher) if features else []
-        for name in self.feature_names:
-            student.get_submodule(name).register_forward_hook(self._keep("student", name))
-            teacher.get_submodule(name).register_forward_hook(self._keep("teacher", name))
-        self.progress = shows_progress(state_of(student).config).progress
-
-    def _keep(self, side: str, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            self.features[side, name] = output
-        return hook
-
-    def loss(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        """Output error plus the mean error of the quantized activations (both relative)."""
-        with torch.no_grad():
-            targets = output_tensors(self.teacher(*inputs))
-        outputs = output_tensors(self.student(*inputs))
-        loss = sum(relative_error(output, target.detach())
-                   for output, target in zip(outputs, targets)) / max(1, len(outputs))
-        if self.feature_names:
-            loss = loss + sum(
-                relative_error(self.features["student", name], self.features["teacher", name])
-                for name in self.feature_names) / len(self.feature_names)
-        self.features.clear()
-        return loss
-
-    def run(self, batches: Iterator[tuple[Tensor, ...]], start: int, budget: tuple[int, float],
-            checkpoint: str | os.PathLike | None) -> None:
-        """Train from step `start` until the budget ends (steps, or seconds from now)."""
-        steps, seconds = budget
-        began = time.monotonic()
-        bar = tqdm(total=None if steps >= 2**62 else steps, initial=start, desc="distill",
-                   unit="step", leave=False, disable=None if self.progress else True)
-        step = start
-        with bar:
-            while True:
-                progress = _agreed(max(step / steps, (time.monotonic() - began) / seconds))
-                if progress >= 1.0:
-                    break
-                for group in self.optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * _rate_factor(step, progress)
-                self.student.train()
-                loss = self.loss(next(batches))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_gradients(self.student)
-                self.optimizer.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(error_db=f"{_db(loss.item()):.1f}")
-                self._after_step(step, checkpoint, final=False)
-        self._after_step(step, checkpoint, final=True)
-
-    def _after_step(self, step: int, checkpoint: str | os.PathLike | None, final: bool) -> None:
-        """Judge the held-out error every `JUDGE_EVERY` steps, checkpoint every
-        `CHECKPOINT_EVERY` (both at the end too)."""
-        if (step % JUDGE_EVERY == 0) != final:
-            self.held_out.judge(self.student, step)
-        if checkpoint is not None and (step % CHECKPOINT_EVERY == 0) != final:
-            save_checkpoint(os.fspath(checkpoint), self.student, self.optimizer, step,
-                            self.held_out)
-
-
-def _rate_factor(step: int, progress: float) -> float:
-    """Linear warm-up over `WARMUP_STEPS`, then cosine decay with the budget's progress."""
-    return min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _agreed(progress: float) -> float:
-    """The budget's progress every rank uses (the furthest rank's): they stop together."""
-    if world_size() == 1:
-        return progress
-    import torch.distributed as dist
-
-    value = torch.tensor([min(progress, 1.0)], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value)
-
-
-def _average_gradients(model: nn.Module) -> None:
-    """Under torch.distributed, every rank steps with the mean gradient of all ranks."""
-    if world_size() == 1:
-        return
-    import torch.distributed as dist
-
-    for parameter in model.parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
-            parameter.grad.div_(world_size())
-
-
-def _parameter_groups(student: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
-    """Adam groups: each QAT weight at `learning_rate` of its quantization steps, every other
-    parameter at `OTHER_SHARE` of that relative to its own root mean square."""
-    groups, weights = [], set()
-    for layer in student.modules():
-        if isinstance(layer, QATLayer):
-            weight = layer.layer.weight
-            with torch.no_grad():
-                folded, _ = layer.folded_weight_bias()
-                step = float(torch.exp2(layer.weight_exponent_of(folded).float().max()))
-            groups.append({"params": [weight], "base_lr": learning_rate * step})
-            weights.add(id(weight))
-    for parameter in student.parameters():
-        if id(parameter) not in weights:
-            size = float(parameter.detach().float().pow(2).mean().sqrt().clamp(min=1e-8))
-            groups.append({"params": [parameter],
-                           "base_lr": learning_rate * OTHER_SHARE * size})
-    for group in groups:
-        group["params"][0].requires_grad_(True)
-        group["lr"] = group["base_lr"]
-    return groups
-
-
-def _feature_names(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """The activation quantizers the student and the teacher both have, by module name."""
-    names = dict(teacher.named_modules())
-    return [name for name, module in student.named_modules()
-            if isinstance(module, QATQuantizer) and name in names]
+    def inputs(self, skip: int) -> Iterator[tuple[Tensor, ...]]:
+        """Training inputs forever, the first `skip` left out (a resumed run sees what the
+        uninterrupted one would have)."""
+        while True:
+            trained = 0
+            for index, inputs in iterate_batches(self.model, self.batches, None,
+                                                 "distill data", local=True):
+                if self.hold_first and index == 0:
+                    continue
+                trained += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield inputs
+            if not trained:  # one batch: it trains and judges both
+                self.hold_first = False

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quantfx.distributed import broadcast_from_first, mean_over_ranks, world_size
 from quantfx.errors import LoadError
 from quantfx.files import check_destination, staged_files
 
@@ -24,17 +25,16 @@ JUDGE_EVERY = 25
 """Steps between judgements of the held-out error (and at the end)."""
 
 
-def save_checkpoint(path: str, student: nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, held_out: HeldOut) -> None:
-    """Write the checkpoint at `path` (atomically; only rank 0 writes under distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and (
-            torch.distributed.get_rank() != 0):
+def save_checkpoint(path: str, trainer: Any, step: int) -> None:
+    """Write `trainer`'s checkpoint at `path` (atomically; only rank 0 under distributed)."""
+    if world_size() > 1 and torch.distributed.get_rank() != 0:
         return
     check_destination(path, "distill checkpoint", LoadError)
     with staged_files(path) as (temporary,):
-        torch.save({"format": FORMAT, "step": step, "student": student.state_dict(),
-                    "optimizer": optimizer.state_dict(), "held_out": held_out.state()},
-                   temporary)
+        torch.save({"format": FORMAT, "step": step, "elapsed": trainer.elapsed,
+                    "options": trainer.options, "student": trainer.student.state_dict(),
+                    "optimizer": trainer.optimizer.state_dict(),
+                    "held_out": trainer.held_out.state()}, temporary)
 
 
 def check_checkpoint_path(path: str) -> None:
@@ -45,31 +45,45 @@ def check_checkpoint_path(path: str) -> None:
     check_destination(path, "distill checkpoint", LoadError)
 
 
-def load_checkpoint(path: str, student: nn.Module, optimizer: torch.optim.Optimizer,
-                    held_out: HeldOut) -> int:
-    """Resume from the checkpoint at `path` if there is one: the step it reached (0 if none)."""
-    check_checkpoint_path(path)
-    if not os.path.exists(path):
+def load_checkpoint(path: str, trainer: Any) -> int:
+    """Resume `trainer` from the checkpoint at `path` if there is one: the step it reached (0
+    if none). Under torch.distributed rank 0 reads it and every rank resumes from that."""
+    saved = broadcast_from_first(_read(path) if world_size() == 1 or
+                                 torch.distributed.get_rank() == 0 else None)
+    if isinstance(saved, str):
+        raise LoadError(saved)
+    if saved is None:
         return 0
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,
-            ValueError) as error:
-        raise LoadError(f"cannot read the distill checkpoint {path!r}: {error}. Delete it to "
-                        "start again.") from error
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise LoadError(f"{path!r} is not a quantfx distill checkpoint; give another path or "
-                        "delete it.")
-    try:
-        student.load_state_dict(saved["student"])
-        optimizer.load_state_dict(saved["optimizer"])
-        held_out.load(saved["held_out"])
-    except (RuntimeError, ValueError, KeyError) as error:
+        options = saved["options"]
+        if options != trainer.options:
+            raise ValueError(f"it was made with {options}, this call asks for "
+                             f"{trainer.options}")
+        trainer.student.load_state_dict(saved["student"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.held_out.load(saved["held_out"])
+        trainer.elapsed = float(saved["elapsed"])
+        return int(saved["step"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
         first = str(error).strip().splitlines()[0][:300]
         raise LoadError(f"the distill checkpoint {path!r} belongs to another model or setup "
                         f"({first}). Delete it, or use the model and options it was made "
                         "with.") from error
-    return int(saved["step"])
+
+
+def _read(path: str) -> dict | str | None:
+    """The checkpoint's contents, None if there is none, or what is wrong with it (a message,
+    so that under torch.distributed every rank raises it)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,
+            ValueError) as error:
+        return f"cannot read the distill checkpoint {path!r}: {error}. Delete it to start again."
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        return f"{path!r} is not a quantfx distill checkpoint; give another path or delete it."
+    return saved
 
 
 class HeldOut:
@@ -95,16 +109,12 @@ class HeldOut:
         student.train(was_training)
         error = sum(float(relative_error(output, target))
                     for output, target in zip(outputs, self.targets)) / max(1, len(outputs))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            value = torch.tensor([error], dtype=torch.float64)
-            torch.distributed.all_reduce(value)
-            error = float(value) / torch.distributed.get_world_size()
-        return error
+        return mean_over_ranks(error)
 
     def judge(self, student: nn.Module, step: int) -> float:
         """Keep the student's state if it is the best so far; its error."""
         error = self.error(student)
-        if error < self.best_error:
+        if error < self.best_error or not self.best_state:  # the start is kept, even if NaN
             self.best_error, self.best_step = error, step
             self.best_state = {key: value.detach().clone()
                                for key, value in student.state_dict().items()}

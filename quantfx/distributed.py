@@ -38,16 +38,55 @@ def shows_progress(config: Any) -> Any:
     return config
 
 
-def _device(default: torch.device) -> torch.device:
+def collective_device(default: torch.device) -> torch.device:
     """Where the collectives run: NCCL needs CUDA tensors; gloo takes `default`'s."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return default
 
 
+def mean_over_ranks(value: float) -> float:
+    """`value` averaged over the ranks (itself with one process)."""
+    if world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64,
+                         device=collective_device(torch.device("cpu")))
+    dist.all_reduce(total)
+    return float(total) / world_size()
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest `value` of all ranks (itself with one process)."""
+    if world_size() == 1:
+        return value
+    largest = torch.tensor([value], dtype=torch.float64,
+                           device=collective_device(torch.device("cpu")))
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(largest)
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Every rank's gradients replaced by their mean over the ranks (no-op alone)."""
+    if world_size() == 1:
+        return
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad.div_(world_size())
+
+
+def broadcast_from_first(value: Any) -> Any:
+    """Rank 0's `value` on every rank (any picklable object; itself with one process)."""
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, device=collective_device(torch.device("cpu")))
+    return holder[0]
+
+
 def _reduce_min_max(observer: Observer) -> None:
     """Global min/max; a rank that saw nothing contributes nothing."""
-    device = _device(observer.min_val.device)
+    device = collective_device(observer.min_val.device)
     observed = bool(observer.observed)
     infinity = torch.full_like(observer.min_val, float("inf"))
     low = observer.min_val if observed else infinity
@@ -66,7 +105,7 @@ def _average_moving(observer: MovingAverageMinMaxObserver) -> None:
     packed = torch.cat([observer.min_val.reshape(-1) * observed,
                         observer.max_val.reshape(-1) * observed,
                         torch.tensor([observed], device=observer.min_val.device)])
-    packed = packed.to(_device(observer.min_val.device), torch.float64)
+    packed = packed.to(collective_device(observer.min_val.device), torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     count = float(packed[-1])
     if count > 0:
@@ -80,12 +119,12 @@ def _sum_histograms(observer: HistogramObserver) -> None:
     """Widen every rank's histogram to the widest range, then add the counts."""
     observed = bool(observer.observed)
     exponent = torch.tensor([int(observer.range_exponent) if observed else -(2**62)],
-                            dtype=torch.int64, device=_device(observer.min_val.device))
+                            dtype=torch.int64, device=collective_device(observer.min_val.device))
     dist.all_reduce(exponent, op=dist.ReduceOp.MAX)
     widest = int(exponent)
     if observed and widest > int(observer.range_exponent):
         observer.widen(widest)
-    counts = observer.histogram.to(_device(observer.min_val.device))
+    counts = observer.histogram.to(collective_device(observer.min_val.device))
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     observer.histogram.copy_(counts)
     _reduce_min_max(observer)
@@ -123,7 +162,7 @@ def _to_cpu(value: Any) -> Any:
 def total_over_ranks(count: int) -> int:
     """`count` summed over the ranks (a rank with no data must not raise alone: the others
     would wait for it forever)."""
-    total = torch.tensor([count], dtype=torch.int64, device=_device(torch.device("cpu")))
+    total = torch.tensor([count], dtype=torch.int64, device=collective_device(torch.device("cpu")))
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return int(total)
 

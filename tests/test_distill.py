@@ -86,6 +86,17 @@ def test_distill_never_returns_worse_than_its_start_on_the_held_out_batch():
     assert torch.equal(qf.convert(student)(held_out), qf.convert(prepared)(held_out))
 
 
+def test_one_tensor_of_inputs_is_one_batch_and_the_result_pickles(tmp_path):
+    """A tensor is one batch (not a batch per row), trained on and judged both; the returned
+    model keeps no training hooks: it pickles and runs as any QAT model."""
+    model, data = _model(), _batches(1, 1)[0]
+    student = qf.distill(model, data, steps=3, config=CONFIG)
+    assert int(student.qat_controller.step) == 3
+    torch.save(student, tmp_path / "student.pt")
+    loaded = torch.load(tmp_path / "student.pt", weights_only=False)
+    assert torch.equal(loaded(data), student(data))
+
+
 def test_distill_from_the_float_model_and_from_a_qat_model():
     model, data = _model(), _batches(4, 1)
     from_float = qf.distill(model, data, steps=3, config=CONFIG)
@@ -102,7 +113,7 @@ def test_distill_from_the_float_model_and_from_a_qat_model():
 def test_distill_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
     """A run killed after its first checkpoint and started again with the same arguments ends
     where the uninterrupted run ends, bit for bit."""
-    monkeypatch.setattr("quantfx.distillation.CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr("quantfx.distillation_training.CHECKPOINT_EVERY", 3)
     model, data = _model(), _batches(4, 1)
     prepared = _calibrated(model, data)
     uninterrupted = qf.distill(prepared, data, steps=8)
@@ -126,6 +137,8 @@ def test_distill_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
         assert torch.equal(resumed.state_dict()[key], value), key
     assert oct(os.stat(checkpoint).st_mode & 0o777) == oct(0o666 & ~_umask())
     assert [path.name for path in tmp_path.iterdir()] == ["distill.pt"]  # no temporary left
+    with pytest.raises(qf.LoadError, match="learning_rate"):  # not silently the old rate
+        qf.distill(prepared, data, steps=9, checkpoint=checkpoint, learning_rate=0.02)
 
 
 def _umask() -> int:
