@@ -102,10 +102,3 @@ FLOAT_ROUNDING_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
 )
 """Modules exported as float math whose rounding ONNX Runtime need not reproduce exactly."""
-
-WRAPPED_TORCHVISION_FUNCTIONS = (
-    "torchvision.models.swin_transformer._patch_merging_pad",
-    "torchvision.models.swin_transformer.shifted_window_attention",
-)
-"""`@torch.fx.wrap` functions of torchvision that stay single calls in quantfx's graph (their
-output is quantized like any op's) and that the exporter knows by qualified name."""

@@ -64,3 +64,16 @@ def test_calibrate_moves_cpu_batches_and_a_wrong_device_forward_is_an_input_erro
     converted = qf.convert(prepared)
     with pytest.raises(qf.InputError, match="cuda"):
         converted(torch.randn(2, 3, 16, 16))
+
+
+def test_distill_trains_on_cuda_and_converts_there(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvBnReLU()).eval().cuda()
+    data = _data("cuda", 4)
+    student = qf.distill(model, data, steps=4, config=CONFIG, checkpoint=tmp_path / "ck.pt")
+    assert all(parameter.device.type == "cuda" for parameter in student.parameters())
+    converted = qf.convert(student)
+    with torch.no_grad():
+        assert torch.equal(student(data[0]), converted(data[0]))
+    again = qf.distill(model, data, steps=6, config=CONFIG, checkpoint=tmp_path / "ck.pt")
+    assert int(again.qat_controller.step) == 6  # resumed from 4 on the GPU
