@@ -88,7 +88,7 @@ class QATSchedule:
     model keeps each exponent calibration chose, so training starts exactly where calibration
     ended; from a float model it is "minmax"), "minmax" (each step's never-clipping exponent)
     or "mse" (PTC's least-error search, every step). Per-step exponents undo calibration:
-    EfficientNet-Lite1 on TDA4VM started at 12.1 dB instead of PTC's 16.7 and one optimizer
+    EfficientNet-Lite1 on TDA4VM started at 12.7 dB instead of PTC's 16.7 and one optimizer
     step of 1e-6 took it to -4.9 dB (weights rounded onto their grid's edge moved a power of 2
     up). From float, calibrated mobilenetv2_style, 1 epoch: minmax 91.26 / 91.24 %, mse
     91.20 / 91.20 % (per-channel / per-tensor depthwise; PTC 91.20 / 91.19 %)."""
