@@ -14,13 +14,13 @@ same run.
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 
 import torch
 
 import quantfx as qf
+from benchmarks.real_models import logits_of, scores
 from benchmarks.report import PartResult, Table
 from benchmarks.training import configure_threads
 
@@ -32,18 +32,6 @@ independent of the machine's load)."""
 BATCH = 8
 TRAINING_BATCHES = 48
 """48 batches of 8 random crops (384 crops of the 10 calibration photos), used in turn."""
-
-
-def _scores(reference: torch.Tensor, model: torch.nn.Module,
-            images: torch.Tensor) -> dict[str, float]:
-    with torch.no_grad():
-        logits = model(images)
-    noise = float((logits.double() - reference.double()).pow(2).sum())
-    top1 = reference.argmax(1)
-    return {"output SQNR dB": 10.0 * math.log10(float(reference.double().pow(2).sum()) / noise),
-            "top-1 agreement %": 100.0 * float((logits.argmax(1) == top1).float().mean()),
-            "top-5 agreement %": 100.0 * float(
-                (logits.topk(5, dim=1).indices == top1[:, None]).any(1).float().mean())}
 
 
 def _float_step_seconds(model: torch.nn.Module, batch: torch.Tensor, rounds: int = 5) -> float:
@@ -74,8 +62,7 @@ def _measure(variant: str, table: Table, progress: bool) -> None:
     calibration, evaluation = list(preprocess(calibration).split(16)), preprocess(evaluation)
     training = [preprocess(crops(CALIBRATION_PHOTOS, BATCH, size, seed=1000 + index))
                 for index in range(TRAINING_BATCHES)]
-    with torch.no_grad():
-        reference = model(evaluation)
+    reference = logits_of(model, evaluation)
     table.add(model=name, method="float", **{"top-1 agreement %": 100.0,
                                              "top-5 agreement %": 100.0})
     config = qf.QuantConfig(target="tda4vm", progress=progress)
@@ -86,7 +73,7 @@ def _measure(variant: str, table: Table, progress: bool) -> None:
         qf.calibrate(prepared, calibration)
     table.add(model=name, method="PTC (calibrate), target=tda4vm",
               seconds=time.perf_counter() - start,
-              **_scores(reference, qf.convert(prepared), evaluation))
+              **scores(reference, logits_of(qf.convert(prepared), evaluation), top5=True))
     float_step = _float_step_seconds(model, training[0])
     for features in (True, False):
         start = time.perf_counter()
@@ -97,7 +84,7 @@ def _measure(variant: str, table: Table, progress: bool) -> None:
         table.add(model=name, method=f"distill {STEPS} steps from PTC ({label})",
                   seconds=seconds, **{"kept step": kept,
                                       "step / float step": seconds / STEPS / float_step},
-                  **_scores(reference, qf.convert(student), evaluation))
+                  **scores(reference, logits_of(qf.convert(student), evaluation), top5=True))
         print(f"[distill] {name} {label}: {table.rows[-1]}", flush=True)
 
 

@@ -106,14 +106,14 @@ def _lite_subject(variant: str) -> Subject | str:
                         "crops of held-apart photos")
 
 
-def _outputs(predictor: Predictor, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+def logits_of(predictor: Predictor, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
     """The logits of `predictor` over `images`, in batches."""
     with torch.no_grad():
         return torch.cat([torch.as_tensor(predictor(images[start:start + batch])).float()
                           for start in range(0, len(images), batch)])
 
 
-def _scores(reference: torch.Tensor, logits: torch.Tensor, top5: bool) -> dict[str, Any]:
+def scores(reference: torch.Tensor, logits: torch.Tensor, top5: bool) -> dict[str, Any]:
     """Output SQNR (dB) of `logits` against float, top-1 and top-5 agreement (%)."""
     noise = float((logits.double() - reference.double()).pow(2).sum())
     signal = float(reference.double().pow(2).sum())
@@ -215,7 +215,7 @@ def _methods(threads: int, folder: Path) -> list[tuple[str, Callable | str]]:
 
 def _measure(subject: Subject, table: Table, threads: int) -> None:
     """Every method's row for `subject`; a method that fails gives a row with its error."""
-    reference = _outputs(subject.model, subject.evaluation)
+    reference = logits_of(subject.model, subject.evaluation)
     table.add(model=subject.name, method="float", note=subject.note,
               **{"top-1 agreement %": 100.0,
                  "top-5 agreement %": 100.0 if subject.top5 else None})
@@ -228,7 +228,7 @@ def _measure(subject: Subject, table: Table, threads: int) -> None:
             try:
                 predictor, extra = work(subject)
                 seconds = time.perf_counter() - start
-                row = _scores(reference, _outputs(predictor, subject.evaluation), subject.top5)
+                row = scores(reference, logits_of(predictor, subject.evaluation), subject.top5)
             except Exception as error:  # noqa: BLE001 - a failing method is a result
                 note = f"FAILED: {type(error).__name__}: {str(error)[:160]}"
                 table.add(model=subject.name, method=label, note=note)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from quantfx.distributed import broadcast_from_first, mean_over_ranks, world_size
 from quantfx.errors import LoadError
 from quantfx.files import check_destination, staged_files
+from quantfx.passes.graph_utils import flatten_values
 
 FORMAT = "quantfx-distill-1"
 """Written into every checkpoint; a file without it is not one."""
@@ -135,13 +136,8 @@ class HeldOut:
 
 def output_tensors(value: Any) -> list[Tensor]:
     """Every floating-point tensor in a model output (tensor, tuple, list or dict)."""
-    if isinstance(value, Tensor):
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [tensor for item in value for tensor in output_tensors(item)]
-    return []
+    return [leaf for leaf in flatten_values(value)
+            if isinstance(leaf, Tensor) and leaf.is_floating_point()]
 
 
 def relative_error(student: Tensor, teacher: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """Small models and utilities shared by the tests."""
 
+import socket
+
 import torch
 from torch import nn
 
@@ -71,3 +73,10 @@ class TinyDecoder(nn.Module):
     def forward(self, x):
         x = self.relu(self.bn1(self.up1(self.encode(x))))
         return self.head(self.up2(x))
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a torch.distributed process group in a test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ Every rank must end with identical quantizer ranges, and those ranges must cover
 (`broadcast_buffers=False`), so equality comes from the reduction itself.
 """
 
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import quantfx.learned_rounding
 from quantfx.distributed import shows_progress
 from quantfx.qat import QATQuantizer
 from quantfx.state import state_of
+from tests.helpers import free_port
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -34,12 +34,6 @@ class SmallNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, results: dict) -> None:
@@ -75,7 +69,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 def test_ddp_training_gives_identical_ranges_on_every_rank():
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(_free_port(), results), nprocs=WORLD_SIZE,
+    mp.start_processes(_worker, args=(free_port(), results), nprocs=WORLD_SIZE,
                        start_method="spawn")
     first, second = results[0], results[1]
     assert first["step"] == second["step"] == STEPS
@@ -149,7 +143,7 @@ def test_calibration_on_two_ranks_equals_one_process_on_their_union(monkeypatch)
     monkeypatch.setattr("quantfx.learned_rounding.ITERATIONS", 20)  # the workflow, not quality
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_calibration_worker, args=(_free_port(), results), nprocs=WORLD_SIZE,
+    mp.start_processes(_calibration_worker, args=(free_port(), results), nprocs=WORLD_SIZE,
                        start_method="spawn")
     torch.set_num_threads(1)
     for name, config in {**CALIBRATION_CONFIGS,

@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import quantfx as qf
+from tests.helpers import free_port
 
 CONFIG = qf.QuantConfig(target="tda4vm", progress=False, bias_calibration=False,
                         widen_sensitive_layers=False, weight_rounding="nearest")
@@ -184,12 +184,6 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
         qf.distill(prepared, data, steps=1, checkpoint=other)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -207,7 +201,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 def test_distill_on_two_ranks_ends_with_identical_models():
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), results), nprocs=2, start_method="spawn")
     first, second = results[0], results[1]
     for key, value in first.items():
         assert torch.equal(second[key], value), key
