@@ -25,6 +25,7 @@ PARTS = {
     "detector": "benchmarks.detector_accuracy",
     "real_models": "benchmarks.real_models",
     "distill": "benchmarks.distill",
+    "transformers": "benchmarks.transformers",
     "reconstruction_cost": "benchmarks.reconstruction_cost",
 }
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 __all__ = ["HARD_CASE_BUILDERS", "MODEL_BUILDERS", "build_model", "mobilenetv2_norecipe",
-           "mobilenetv2_style", "regnetx_style", "resnet_style"]
+           "mobilenetv2_style", "regnetx_style", "resnet_style", "TRANSFORMER_BUILDERS",
+           "vit_style"]
 
 
 def conv_bn(
@@ -187,6 +188,34 @@ def mobilenetv2_norecipe(num_classes: int = 10, width: int = 16, expansion: int 
     return Classifier(features, 128, num_classes)
 
 
+class VitStyle(nn.Module):
+    """DeiT-tiny's shape scaled down to 28x28: 4x4 patches (49 tokens and a class token),
+    torchvision's ViT encoder (pre-LayerNorm blocks of nn.MultiheadAttention and a GELU MLP),
+    the class token's LayerNorm-ed features into a Linear head."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, depth: int = 4, heads: int = 4,
+                 patch: int = 4) -> None:
+        super().__init__()
+        from torchvision.models.vision_transformer import Encoder
+
+        self.patch_embedding = nn.Conv2d(1, width, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+        tokens = (28 // patch) ** 2 + 1
+        self.encoder = Encoder(tokens, depth, heads, width, 2 * width, dropout=0.0,
+                               attention_dropout=0.0)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(images).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(images.shape[0], -1, -1), patches], dim=1)
+        return self.head(self.encoder(tokens)[:, 0])
+
+
+def vit_style(num_classes: int = 10) -> nn.Module:
+    """A small vision transformer (see `VitStyle`), 0.2 M parameters."""
+    return VitStyle(num_classes)
+
+
 MODEL_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "resnet_style": resnet_style,
     "mobilenetv2_style": mobilenetv2_style,
@@ -197,12 +226,14 @@ HARD_CASE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mobilenetv2_norecipe": mobilenetv2_norecipe,
 }
 """Nets only the hard-case part trains (`benchmarks.hard_cases`)."""
+TRANSFORMER_BUILDERS: dict[str, Callable[[], nn.Module]] = {"vit_style": vit_style}
+"""Nets only the transformer part trains (`benchmarks.transformers`), with Adam."""
 
 
 def build_model(name: str) -> nn.Module:
     """A freshly initialized model by its builder's name (`MODEL_BUILDERS` or
-    `HARD_CASE_BUILDERS`)."""
-    builders = MODEL_BUILDERS | HARD_CASE_BUILDERS
+    `HARD_CASE_BUILDERS`, `TRANSFORMER_BUILDERS`)."""
+    builders = MODEL_BUILDERS | HARD_CASE_BUILDERS | TRANSFORMER_BUILDERS
     if name not in builders:
         raise KeyError(f"unknown benchmark model {name!r}; choose from {sorted(builders)}")
     return builders[name]()

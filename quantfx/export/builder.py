@@ -55,6 +55,9 @@ class Builder:
         only (folded: they become initializers when a computed node uses them)."""
         self.emitted: list[fx.Node] = []
         """The FX nodes an emitter wrote ONNX nodes for, in order."""
+        self.quantized_by_producer: set[fx.Node] = set()
+        """Quantizer nodes whose Q/DQ the producing layer already wrote (inside it, before a
+        trailing Reshape): they export as no node."""
         self._names: set[str] = set()
 
     # -- initializers -------------------------------------------------------------------------

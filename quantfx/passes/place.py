@@ -11,8 +11,10 @@ choice; where quantizers go and how wide they are is decided here, once, before 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -201,6 +203,29 @@ def _output_bits(
     return config.activation_bits
 
 
+MATMULS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
+"""Calls that multiply two activations (TIDL's MatMul)."""
+
+
+def _feeds_matmul(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node`'s value reaches a MatMul, directly or through shape-only ops."""
+    for user in node.users:
+        if user.target in MATMULS and user.op in ("call_function", "call_method"):
+            return True
+        if is_shape_only(graph_module, user) and _feeds_matmul(graph_module, user):
+            return True
+    return False
+
+
+def _signed(graph_module: fx.GraphModule, node: fx.Node, nonneg: set[fx.Node],
+            config: QuantConfig) -> bool:
+    """Signed unless provably non-negative; always signed into a MatMul on a device that has
+    no signed x unsigned MatMul (TDA4VM [T11.2]): softmax probabilities times values."""
+    if node not in nonneg:
+        return True
+    return not config.profile.signed_unsigned_matmul and _feeds_matmul(graph_module, node)
+
+
 def _not(excluded: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not excluded
 
@@ -225,7 +250,8 @@ def place_activation_quantizers(graph_module: fx.GraphModule, wide: set[fx.Node]
             continue
         name = unique_submodule_name(graph_module, f"{QUANTIZER_PREFIX}.{node.name}")
         bits = _output_bits(graph_module, node, wide, config)
-        graph_module.add_submodule(name, factory.activation(bits, signed=node not in nonneg))
+        graph_module.add_submodule(name, factory.activation(
+            bits, signed=_signed(graph_module, node, nonneg, config)))
         with graph.inserting_after(node):
             quant_node = graph.call_module(name, args=(node,))
         quant_node.meta = dict(node.meta)

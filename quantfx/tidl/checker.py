@@ -178,8 +178,11 @@ def _users_through_shape_ops(tensor: str, graph: Graph) -> list[onnx.NodeProto]:
 
 
 def _qdq_findings(graph: Graph) -> list[Finding]:
-    """Float tensors TIDL would have to quantize itself (undocumented: it picks a scale)."""
+    """Float tensors TIDL would have to quantize itself. For a TIDL device that is undocumented
+    for a pre-quantized file (it picks a scale of its own, or refuses the layer): counted as a
+    fallback of the node that computes the tensor, never beside "fully offloaded"."""
     findings = []
+    severity = FALLBACK if graph.profile.tidl else WARNING
     for nodes, tensors in _unquantized_regions(graph):
         kinds = collections.Counter(node.op_type for node in nodes)
         if len(nodes) == 2 and {n.op_type for n in nodes} & FUSED_ACTIVATIONS and (
@@ -189,9 +192,10 @@ def _qdq_findings(graph: Graph) -> list[Finding]:
             continue
         for tensor in tensors:
             findings.append(Finding(
-                WARNING, tensor, f"float tensor without Q/DQ ({graph.producers[tensor].op_type} "
-                "output): TIDL would choose its own scale, and the device would no longer "
-                "compute what quantfx simulated", QUANTIZATION))
+                severity, _key(graph.producers[tensor]),
+                f"float tensor without Q/DQ ({graph.producers[tensor].op_type} output "
+                f"'{tensor}'): TIDL holds it in fixed point at a scale of its own choosing, "
+                "and the device would no longer compute what quantfx simulated", QUANTIZATION))
     return findings
 
 
@@ -295,12 +299,8 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
         report.findings.append(Finding(WARNING, "model", f"opset {opset} is newer than TIDL "
                                        f"validated ({MAX_VALIDATED_OPSET})", "T11.2"))
     for node in model.graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        found = check_node(node, graph)
-        report.findings += found
-        report.nodes.append((node.name or node.output[0], node.op_type,
-                             not any(f.severity == FALLBACK for f in found)))
+        if node.op_type not in QDQ_OPS:
+            report.findings += check_node(node, graph)
     if any(node.op_type in QDQ_OPS for node in model.graph.node):
         report.findings += _qdq_findings(graph) + _quantization_findings(graph)
     elif graph.profile.tidl:
@@ -309,6 +309,9 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
                                        "simulated); export it with quantfx.export_onnx", "T11.2"))
     if graph.profile.tidl:
         report.findings += _batchnorm_findings(graph)
+    falling = {finding.node for finding in report.findings if finding.severity == FALLBACK}
+    report.nodes = [(_key(node), node.op_type, _key(node) not in falling)
+                    for node in model.graph.node if node.op_type not in QDQ_OPS]
     return report
 
 

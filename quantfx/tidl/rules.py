@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from quantfx.tidl.profiles import (
     DEPTHWISE_KERNELS,
+    NO_QDQ_OPS,
     ONLY_INSIDE_FUSIONS,
     SUPPORTED_OPS,
     DeviceProfile,
@@ -261,6 +262,8 @@ def _matmul(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
     kinds = set()
     for name in node.input:
         producer = graph.producers.get(name)
+        while producer is not None and producer.op_type in NO_QDQ_OPS:
+            producer = graph.producers.get(producer.input[0])
         if producer is not None and producer.op_type == "DequantizeLinear":
             zero = graph.constants.get(producer.input[2]) if len(producer.input) > 2 else None
             kinds.add(None if zero is None else zero.dtype.kind)

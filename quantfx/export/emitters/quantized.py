@@ -11,6 +11,7 @@ from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
 from quantfx.layers import IntegerLayer
 from quantfx.modules import BatchNormLayer
+from quantfx.passes.graph_utils import module_of
 from quantfx.qmath import is_power_of_two, scale_of
 from quantfx.quantizers import FrozenQuantizer
 
@@ -33,11 +34,19 @@ def _qdq_pair(b: Builder, prefix: str, source: str, output: str,
           f"{prefix}.dequantize")
 
 
+def _check_scale(node: fx.Node, quantizer: FrozenQuantizer) -> None:
+    if not is_power_of_two(quantizer.scale):
+        raise ExportError(f"quantizer '{node.target}' has scale {quantizer.scale!r}, not a "
+                          "power of two.")
+
+
 def emit_quantize(b: Builder, node: fx.Node, quantizer: FrozenQuantizer) -> None:
     source = b.tensor_input(node)
+    if node in b.quantized_by_producer:
+        b.env[node] = source
+        return
+    _check_scale(node, quantizer)
     scale = quantizer.scale
-    if not is_power_of_two(scale):
-        raise ExportError(f"quantizer '{node.target}' has scale {scale!r}, not a power of two.")
     if b.legacy:
         b.clip(node.name, source, node.name, quantizer.qmin * scale, quantizer.qmax * scale)
     else:
@@ -98,7 +107,8 @@ def conv_pads(layer: nn.modules.conv._ConvNd) -> list[int]:
 
 def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
     """Gemm; a Linear on (..., features) runs as Reshape -> 2-D Gemm -> Reshape, so the layer
-    is one node (TIDL's inner product) with no float tensor between its product and bias."""
+    is one node (TIDL's inner product) with no float tensor between its product and bias, and
+    the output's Q/DQ sits on the Gemm, before the Reshape (no float tensor after it either)."""
     weight, bias = _layer_parameters(b, node, integer)
     in_shape = b.input_info(node).shape
     if len(in_shape) == 2:
@@ -106,9 +116,17 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
         return
     rows = int(np.prod(in_shape[:-1]))
     b.reshape(f"{node.name}.rows", source, f"{node.name}.rows", (rows, in_shape[-1]))
-    b.add("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []),
-          [f"{node.name}.gemm"], f"{node.name}.gemm", transB=1)
-    b.reshape(node.name, f"{node.name}.gemm", node.name, b.info(node).shape)
+    product = f"{node.name}.gemm"
+    b.add("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []), [product], product,
+          transB=1)
+    users = list(node.users)
+    quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
+    if isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the Gemm itself
+        _check_scale(users[0], quantizer)
+        _qdq_pair(b, users[0].name, product, f"{users[0].name}.rows", quantizer)
+        product = f"{users[0].name}.rows"
+        b.quantized_by_producer.add(users[0])
+    b.reshape(node.name, product, node.name, b.info(node).shape)
     b.env[node] = node.name
 
 

@@ -1,0 +1,229 @@
+"""nn.MultiheadAttention rewritten into the pieces an engine runs, so each can be quantized.
+
+TIDL runs attention as Linear projections, MatMuls, a Softmax and Linear again, and stores
+every tensor between them in 8 bit [T11.2]. Left whole, nn.MultiheadAttention would keep float
+projection weights and float scores, probabilities and context. This pass replaces each call
+(without masks, bias_k/bias_v or add_zero_attn, which stay whole and float) by: one nn.Linear
+per projection (query, key, value: quantized weights like any Linear; the 1/sqrt(head_dim)
+scale folded into the query projection), `torch.matmul` for the scores, nn.Softmax, nn.Dropout
+on the probabilities (training only), `torch.matmul` for the context and the output Linear.
+`F.scaled_dot_product_attention` (unmasked, as user code calls it after its own projections)
+becomes MatMul, a Mul by the scale, nn.Softmax and MatMul the same way. Placement then quantizes
+each of those tensors; export writes them as Gemm/MatMul/Mul/Softmax.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantfx.passes.graph_utils import module_of, set_submodule, unique_submodule_name
+from quantfx.passes.unshare import tied_copy
+
+FORWARD_PARAMETERS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
+"""query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, ..."""
+UNSUPPORTED_CALL = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
+"""Call arguments attention is decomposed only with (masked attention stays whole, in float)."""
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+class AttentionPieces(nn.Module):
+    """One nn.MultiheadAttention as projections, MatMuls and Softmax (traced through, never a
+    leaf). `sequence_first`: the inputs are (L, N, E) (batch_first=False, batched)."""
+
+    def __init__(self, attention: nn.MultiheadAttention, sequence_first: bool,
+                 need_weights: bool, average_weights: bool) -> None:
+        super().__init__()
+        embed, self.heads = attention.embed_dim, attention.num_heads
+        scale = attention.head_dim ** -0.5
+        if attention.in_proj_weight is not None:
+            weights = attention.in_proj_weight.detach().split(embed)
+        else:
+            weights = tuple(getattr(attention, f"{role}_proj_weight").detach() for role in "qkv")
+        biases = (attention.in_proj_bias.detach().split(embed)
+                  if attention.in_proj_bias is not None else (None, None, None))
+        self.q_proj = _linear(weights[0] * scale, None if biases[0] is None else biases[0] * scale)
+        self.k_proj = _linear(weights[1], biases[1])
+        self.v_proj = _linear(weights[2], biases[2])
+        self.softmax = nn.Softmax(dim=-1)
+        self.dropout = nn.Dropout(attention.dropout)
+        self.out_proj = _linear(attention.out_proj.weight.detach(),
+                                None if attention.out_proj.bias is None
+                                else attention.out_proj.bias.detach())
+        self.sequence_first = sequence_first
+        self.need_weights = need_weights
+        self.average_weights = average_weights
+
+    def _split_heads(self, projected: Tensor) -> Tensor:
+        """(..., L, E) -> (..., heads, L, head_dim)."""
+        return projected.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.sequence_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        scores = torch.matmul(self._split_heads(self.q_proj(query)),
+                              self._split_heads(self.k_proj(key)).transpose(-2, -1))
+        probabilities = self.softmax(scores)
+        context = torch.matmul(self.dropout(probabilities), self._split_heads(self.v_proj(value)))
+        output = self.out_proj(context.transpose(-3, -2).flatten(-2))
+        if self.sequence_first:
+            output = output.transpose(0, 1)
+        if not self.need_weights:
+            return output, None
+        return output, probabilities.mean(dim=-3) if self.average_weights else probabilities
+
+
+def _call_arguments(node: fx.Node) -> dict[str, Any]:
+    """The call's arguments by name, defaults filled in."""
+    signature = inspect.signature(nn.MultiheadAttention.forward)
+    bound = signature.bind(None, *node.args, **node.kwargs)
+    bound.apply_defaults()
+    return {name: bound.arguments[name] for name in FORWARD_PARAMETERS}
+
+
+def _decomposable(attention: nn.Module, node: fx.Node, arguments: dict[str, Any]) -> bool:
+    if type(attention).forward is not nn.MultiheadAttention.forward:
+        return False  # a subclass that computes something else
+    if attention.bias_k is not None or attention.add_zero_attn:
+        return False
+    if any(arguments[name] is not default for name, default in UNSUPPORTED_CALL.items()):
+        return False
+    if not all(isinstance(arguments[name], bool) for name in ("need_weights",
+                                                              "average_attn_weights")):
+        return False
+    weights_used = any(user.args[1] == 1 and user.users for user in node.users
+                       if user.target is operator.getitem)
+    return all(user.op == "call_function" and user.target is operator.getitem
+               and user.args[1] in (0, 1) for user in node.users) and (
+        arguments["need_weights"] or not weights_used)
+
+
+def _rank(node: Any) -> int | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _inline(graph_module: fx.GraphModule, node: fx.Node, pieces: nn.Module, target: str,
+            inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Copy `pieces`' traced graph in place of `node` (its modules under `target`); returns
+    the nodes of its outputs."""
+    graph = graph_module.graph
+    traced = fx.symbolic_trace(pieces)
+    copies: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    result: tuple[Any, ...] = ()
+    with graph.inserting_before(node):
+        for inner in traced.graph.nodes:
+            if inner.op == "placeholder":
+                copies[inner] = next(placeholders)
+            elif inner.op == "output":
+                result = fx.node.map_arg(inner.args[0], copies.__getitem__)
+            else:
+                copies[inner] = graph.create_node(
+                    inner.op,
+                    f"{target}.{inner.target}" if inner.op in ("call_module", "get_attr")
+                    else inner.target,
+                    fx.node.map_arg(inner.args, copies.__getitem__),
+                    fx.node.map_arg(inner.kwargs, copies.__getitem__),
+                    name=f"{node.name}_{INNER_NAMES.get(inner.name, inner.name)}")
+    return result
+
+
+def _pieces_for(graph_module: fx.GraphModule, node: fx.Node, attention: nn.MultiheadAttention,
+                options: tuple[bool, bool, bool], first: dict[str, AttentionPieces]) -> str:
+    """The path of the pieces for this call: the module's first pieces (registered at its own
+    path), or a copy tied to them when this call asks for other outputs."""
+    pieces = first.get(node.target)
+    if pieces is None:
+        first[node.target] = AttentionPieces(attention, *options)
+        set_submodule(graph_module, node.target, first[node.target])
+        return node.target
+    if (pieces.sequence_first, pieces.need_weights, pieces.average_weights) == options:
+        return node.target
+    variant = tied_copy(pieces)
+    variant.sequence_first, variant.need_weights, variant.average_weights = options
+    target = unique_submodule_name(graph_module, node.target)
+    graph_module.add_submodule(target, variant)
+    return target
+
+
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                 "enable_gqa": False}
+"""F.scaled_dot_product_attention's optional arguments, in order after query, key, value."""
+INNER_NAMES = {"matmul": "scores", "softmax": "probabilities", "matmul_1": "context"}
+"""Names of the pieces' tensors in the model's graph (and the ONNX file)."""
+
+
+def _decompose_sdpa(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """`F.scaled_dot_product_attention(q, k, v)` (no mask, not causal) as MatMul, Mul by the
+    scale, nn.Softmax and MatMul; False (left whole) when it has a mask or dropout."""
+    arguments = dict(zip(("query", "key", "value", *SDPA_DEFAULTS), node.args))
+    arguments.update(node.kwargs)
+    options = {name: arguments.get(name, default) for name, default in SDPA_DEFAULTS.items()}
+    if (options["attn_mask"] is not None or options["is_causal"] or options["enable_gqa"]
+            or options["dropout_p"] != 0.0 or _rank(arguments.get("query")) is None):
+        return False
+    query, key, value = (arguments[name] for name in ("query", "key", "value"))
+    head_dim = query.meta["tensor_meta"].shape[-1]
+    scale = options["scale"] if options["scale"] is not None else head_dim ** -0.5
+    softmax = unique_submodule_name(graph_module, f"{node.name}_probabilities")
+    graph_module.add_submodule(softmax, nn.Softmax(dim=-1))
+    graph = graph_module.graph
+
+    def add(op: str, target: Any, args: tuple, name: str) -> fx.Node:
+        return graph.create_node(op, target, args, name=f"{node.name}_{name}")
+
+    with graph.inserting_before(node):
+        transposed = add("call_method", "transpose", (key, -2, -1), "key_transposed")
+        scores = add("call_function", torch.matmul, (query, transposed), "scores")
+        scaled = add("call_function", operator.mul, (scores, float(scale)), "scaled_scores")
+        probabilities = add("call_module", softmax, (scaled,), "probabilities")
+        context = add("call_function", torch.matmul, (probabilities, value), "context")
+    node.replace_all_uses_with(context)
+    graph.erase_node(node)
+    return True
+
+
+def decompose_attention(graph_module: fx.GraphModule) -> int:
+    """Replace every decomposable nn.MultiheadAttention and F.scaled_dot_product_attention
+    call (see the module text) by its pieces; returns how many calls were replaced. A module
+    called at several sites keeps one set of weights (unsharing ties its sites' copies)."""
+    replaced = sum(_decompose_sdpa(graph_module, node) for node in list(graph_module.graph.nodes)
+                   if node.op == "call_function" and node.target is F.scaled_dot_product_attention)
+    calls = [(node, module_of(graph_module, node)) for node in graph_module.graph.nodes
+             if isinstance(module_of(graph_module, node), nn.MultiheadAttention)]
+    first: dict[str, AttentionPieces] = {}
+    for node, attention in calls:
+        arguments = _call_arguments(node)
+        if not _decomposable(attention, node, arguments):
+            continue
+        options = (not attention.batch_first and _rank(arguments["query"]) == 3,
+                   arguments["need_weights"], arguments["average_attn_weights"])
+        target = _pieces_for(graph_module, node, attention, options, first)
+        outputs = _inline(graph_module, node, graph_module.get_submodule(target), target,
+                          tuple(arguments[name] for name in ("query", "key", "value")))
+        for user in list(node.users):
+            replacement = outputs[user.args[1]]
+            if replacement is not None:
+                user.replace_all_uses_with(replacement)
+            graph_module.graph.erase_node(user)
+        graph_module.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return replaced

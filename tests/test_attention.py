@@ -1,0 +1,166 @@
+"""Attention as the engine runs it (quantfx/passes/attention.py): nn.MultiheadAttention and
+F.scaled_dot_product_attention in quantizable pieces, every projection weight and every tensor
+TIDL holds quantized, signed MatMul inputs where the device has no signed x unsigned MatMul."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quantfx as qf
+from quantfx.layers import FakeQuantLayer
+
+FAST = {"bias_calibration": False, "progress": False, "widen_sensitive_layers": False}
+
+
+class TokenAttention(nn.Module):
+    """A conv stem into nn.MultiheadAttention, in any of its layouts."""
+
+    def __init__(self, batch_first: bool = True, kdim: int | None = None,
+                 need_weights: bool = False, average: bool = True) -> None:
+        super().__init__()
+        self.batch_first, self.need_weights, self.average = batch_first, need_weights, average
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.keys = nn.Conv2d(3, kdim or 8, 3, padding=1)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim,
+                                               vdim=kdim)
+
+    def forward(self, images: torch.Tensor):
+        order = (0, 2, 1) if self.batch_first else (2, 0, 1)
+        query = self.conv(images).flatten(2).permute(*order)
+        keys = self.keys(images).flatten(2).permute(*order)
+        output, weights = self.attention(query, keys, keys, need_weights=self.need_weights,
+                                         average_attn_weights=self.average)
+        return (output, weights) if self.need_weights else output
+
+
+class UserAttention(nn.Module):
+    """Attention as user code (timm's style) writes it: one qkv Linear, then
+    F.scaled_dot_product_attention."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, width, 2, stride=2)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(images).flatten(2).transpose(1, 2)
+        batch, length, width = tokens.shape
+        qkv = self.qkv(tokens).reshape(batch, length, 3, self.heads, width // self.heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        context = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(context.transpose(1, 2).reshape(batch, length, width))
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+@pytest.mark.parametrize("layout", [
+    {"batch_first": True},
+    {"batch_first": False, "kdim": 6, "need_weights": True},
+    {"batch_first": True, "need_weights": True, "average": False},
+])
+def test_pieces_compute_what_multihead_attention_computes(layout) -> None:
+    """Before calibration the quantizers pass values through: the pieces (scale folded into the
+    query projection, heads split and merged) must equal nn.MultiheadAttention's outputs."""
+    torch.manual_seed(0)
+    model = TokenAttention(**layout).eval()
+    images = torch.randn(2, 3, 4, 4)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(**FAST))
+    assert not any(isinstance(module, nn.MultiheadAttention) for module in prepared.modules())
+    with torch.no_grad():
+        for expected, got in zip(_outputs(model(images)), _outputs(prepared(images)),
+                                 strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _float_weight_feeds(path) -> list[str]:
+    """Names of MatMul/Gemm/Conv nodes that read a float initializer as weight."""
+    model = onnx.load(str(path))
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type in ("MatMul", "Gemm", "Conv")
+            and any(name in initializers for name in node.input[1:2])]
+
+
+@pytest.mark.parametrize("model_class", [TokenAttention, UserAttention])
+@pytest.mark.parametrize("target", ["am68a", "tda4vm"])
+def test_every_projection_and_attention_tensor_is_quantized(tmp_path, model_class,
+                                                            target) -> None:
+    """Exported for a TIDL device: no float weight into a MatMul/Gemm, every tensor TIDL holds
+    carries Q/DQ (the checker reports no float tensor), the file equals the converted model,
+    and on TDA4VM no MatMul mixes a signed and an unsigned input."""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    images = torch.randn(8, 3, 4, 4)
+    config = qf.QuantConfig(target=target, **FAST)
+    prepared = qf.prepare(model, (images[:1],), config)
+    weight_layers = [name for name, module in prepared.named_modules()
+                     if isinstance(module, FakeQuantLayer)]
+    if model_class is TokenAttention:
+        assert {f"attention.{role}_proj" for role in ("q", "k", "v", "out")} <= set(weight_layers)
+    qf.calibrate(prepared, [images])
+    path = tmp_path / "attention.onnx"
+    report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
+    assert report.max_lsb_diff <= 1
+    assert _float_weight_feeds(path) == []
+    tidl = qf.check_tidl(path, target)
+    assert tidl.fully_offloaded, str(tidl)
+    assert not [finding for finding in tidl.findings if "without Q/DQ" in finding.rule]
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMul") == 2 and "Softmax" in ops
+
+
+def test_tda4vm_probabilities_are_signed_and_am68a_unsigned() -> None:
+    """Softmax output into the context MatMul: unsigned where the device multiplies signed by
+    unsigned (a bit more precision), signed on TDA4VM, which cannot."""
+    images = torch.randn(4, 3, 4, 4)
+    signs = {}
+    for target in ("am68a", "tda4vm"):
+        torch.manual_seed(0)
+        prepared = qf.prepare(TokenAttention().eval(), (images[:1],),
+                              qf.QuantConfig(target=target, **FAST))
+        signs[target] = prepared.get_submodule("quantizers.attention_probabilities").signed
+    assert signs == {"am68a": False, "tda4vm": True}
+
+
+def test_masked_attention_stays_whole() -> None:
+    """A mask is not decomposed (the module keeps running in float, as before)."""
+
+    class Masked(TokenAttention):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.triu(torch.ones(16, 16, dtype=torch.bool), 1))
+
+        def forward(self, images):
+            tokens = self.conv(images).flatten(2).transpose(1, 2)
+            return self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
+
+    images = torch.randn(2, 3, 4, 4)
+    with pytest.warns(qf.QuantFxWarning, match="MultiheadAttention"):
+        prepared = qf.prepare(Masked().eval(), (images[:1],), qf.QuantConfig(**FAST))
+    assert isinstance(prepared.get_submodule("attention"), nn.MultiheadAttention)
+
+
+def test_qat_trains_the_projections() -> None:
+    """prepare_qat: gradients reach each projection's weight (they are QAT layers, not
+    constants), and attention dropout is active in training only."""
+    torch.manual_seed(0)
+    model = TokenAttention().eval()
+    model.attention.dropout = 0.5
+    images = torch.randn(4, 3, 4, 4)
+    qat = qf.prepare_qat(model, (images[:1],), qf.QuantConfig(**FAST))
+    qat.train()
+    qat(images).square().mean().backward()
+    for role in "qkv":
+        assert qat.get_submodule(f"attention.{role}_proj.layer").weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not torch.equal(qat(images), qat(images))  # dropout on the probabilities
+        qat.eval()
+        assert torch.equal(qat(images), qat(images))
