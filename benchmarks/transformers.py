@@ -59,23 +59,25 @@ def _ort_predictor(path: Path, threads: int) -> Predictor:
     return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
 
-def _ptc(model: torch.nn.Module, target: str, folder: Path
+def _ptc(model: torch.nn.Module, target: str, folder: Path, example: torch.Tensor
          ) -> Callable[[], tuple[Predictor, str]]:
-    """PTC for `target`, exported to `folder/quantfx-{target}.onnx`; the note is check_tidl's
-    summary for the device (the export's own verification for the generic runtime)."""
+    """PTC for `target`, exported at `example`'s shape (and verified on it) to
+    `folder/quantfx-{target}.onnx`; the note is check_tidl's summary for the device (the
+    export's own verification for the generic runtime)."""
     def work() -> tuple[Predictor, str]:
         _, converted = quantfx_ptc(model, qf.QuantConfig(target=target, progress=False))
         path = folder / f"quantfx-{target}.onnx"
-        report = qf.export_onnx(converted, (torch.zeros(1, 1, 28, 28),), path)
+        report = qf.export_onnx(converted, (example,), path)
         if target != "generic":
             return converted, qf.check_tidl(path, target).summary()
         return converted, f"export verified: max {report.max_lsb_diff:g} LSB"
     return work
 
 
-def _methods(model: torch.nn.Module, train: TensorDataset, folder: Path, threads: int
-             ) -> list[tuple[str, Callable[[], tuple[Predictor, str]]]]:
+def _methods(model: torch.nn.Module, train: TensorDataset, test: TensorDataset, folder: Path,
+             threads: int) -> list[tuple[str, Callable[[], tuple[Predictor, str]]]]:
     float_path = folder / "float.onnx"
+    example = test.tensors[0][:EVAL_BATCH]  # the ORT row runs the file in batches of this size
 
     def ort_static(per_channel: bool) -> Callable[[], tuple[Predictor, str]]:
         def work() -> tuple[Predictor, str]:
@@ -91,12 +93,12 @@ def _methods(model: torch.nn.Module, train: TensorDataset, folder: Path, threads
         return quantfx_qat(prepared, train), f"{QAT_EPOCHS} epoch(s) from PTC default"
 
     return [
-        ("quantfx PTC default (generic)", _ptc(model, "generic", folder)),
+        ("quantfx PTC default (generic)", _ptc(model, "generic", folder, example)),
         ("ORT on quantfx export (generic)",
          lambda: (_ort_predictor(folder / "quantfx-generic.onnx", threads),
                   "the file export_onnx wrote, run as written")),
-        ("quantfx PTC default (tda4vm)", _ptc(model, "tda4vm", folder)),
-        ("quantfx PTC default (am68a)", _ptc(model, "am68a", folder)),
+        ("quantfx PTC default (tda4vm)", _ptc(model, "tda4vm", folder, example)),
+        ("quantfx PTC default (am68a)", _ptc(model, "am68a", folder, example)),
         ("quantfx QAT", qat),
         ("torch.ao FX PTQ (x86)", lambda: (torch_ao_ptq(model), "per-channel weights, affine")),
         ("ORT quantize_static per-tensor", ort_static(False)),
@@ -126,7 +128,7 @@ def run(progress: bool = True) -> PartResult:
                                  "note": f"{EPOCHS} epochs Adam" + (" (cached)" if info.cached
                                                                     else "")})
     with tempfile.TemporaryDirectory(prefix="quantfx-bench-") as folder:
-        for method, work in _methods(model, train, Path(folder), threads):
+        for method, work in _methods(model, train, test, Path(folder), threads):
             start = time.perf_counter()
             try:
                 predictor, note = work()

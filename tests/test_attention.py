@@ -164,3 +164,35 @@ def test_qat_trains_the_projections() -> None:
         assert not torch.equal(qat(images), qat(images))  # dropout on the probabilities
         qat.eval()
         assert torch.equal(qat(images), qat(images))
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum, as MaxViT writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(images).flatten(2).transpose(1, 2).unflatten(-1, (2, 4))
+        query, key, value = self.qkv(tokens.flatten(-2)).unflatten(-1, (2, 3, 4)).unbind(-2)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        scores = torch.einsum("B H I D, B H J D -> B H I J", query, key).softmax(-1)
+        return torch.einsum("bhij,bjhd->bhid", scores, value)
+
+
+def test_einsum_matrix_products_become_matmul(tmp_path) -> None:
+    """A two-operand einsum that is a batched matrix product exports as MatMul (TIDL has no
+    Einsum); one that is not (here the second: its value operand is not in batch order)
+    stays."""
+    torch.manual_seed(0)
+    model = EinsumAttention().eval()
+    images = torch.randn(4, 3, 4, 4)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(**FAST))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
+    qf.calibrate(prepared, [images])
+    qf.export_onnx(qf.convert(prepared), (images[:2],), tmp_path / "einsum.onnx")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "einsum.onnx")).graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("Einsum") == 1

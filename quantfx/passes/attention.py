@@ -8,8 +8,9 @@ per projection (query, key, value: quantized weights like any Linear; the 1/sqrt
 scale folded into the query projection), `torch.matmul` for the scores, nn.Softmax, nn.Dropout
 on the probabilities (training only), `torch.matmul` for the context and the output Linear.
 `F.scaled_dot_product_attention` (unmasked, as user code calls it after its own projections)
-becomes MatMul, a Mul by the scale, nn.Softmax and MatMul the same way. Placement then quantizes
-each of those tensors; export writes them as Gemm/MatMul/Mul/Softmax.
+becomes MatMul, a Mul by the scale, nn.Softmax and MatMul the same way, and a two-operand
+`torch.einsum` that is a batched matrix product (MaxViT's attention) becomes `torch.matmul`.
+Placement then quantizes each of those tensors; export writes them as Gemm/MatMul/Softmax.
 """
 
 from __future__ import annotations
@@ -198,16 +199,63 @@ def _decompose_sdpa(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _matmul_form(equation: str) -> bool | None:
+    """For a two-operand einsum that is a batched matrix product: whether the second operand is
+    transposed ('...ik,...jk->...ij': True; '...ik,...kj->...ij': False); None otherwise."""
+    equation = equation.replace(" ", "")
+    if equation.count(",") != 1 or "->" not in equation or "." in equation:
+        return None
+    operands, output = equation.split("->")
+    first, second = operands.split(",")
+    if len(first) < 2 or not (len(first) == len(second) == len(output)):
+        return None
+    batch, (row, inner) = first[:-2], first[-2:]
+    column = output[-1]
+    if output != batch + row + column or len({*batch, row, inner, column}) != len(first) + 1:
+        return None
+    if second == batch + column + inner:
+        return True
+    return False if second == batch + inner + column else None
+
+
+def _einsum_as_matmul(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """`torch.einsum("bhid,bhjd->bhij", q, k)` (any letters, any batch dims) as torch.matmul,
+    the second operand transposed where the equation says: TIDL runs MatMul, not Einsum."""
+    if not node.args or not isinstance(node.args[0], str):
+        return False
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    transposed = _matmul_form(node.args[0])
+    if transposed is None or len(operands) != 2 or not all(
+            _rank(operand) is not None for operand in operands):
+        return False
+    graph = graph_module.graph
+    left, right = operands
+    with graph.inserting_before(node):
+        if transposed:
+            right = graph.create_node("call_method", "transpose", (right, -2, -1),
+                                      name=f"{node.name}_transposed")
+        product = graph.create_node("call_function", torch.matmul, (left, right),
+                                    name=f"{node.name}_matmul")
+    node.replace_all_uses_with(product)
+    graph.erase_node(node)
+    return True
+
+
 def decompose_attention(graph_module: fx.GraphModule) -> int:
     """Replace every decomposable nn.MultiheadAttention and F.scaled_dot_product_attention
     call (see the module text) by its pieces; returns how many calls were replaced. A module
     called at several sites keeps one set of weights (unsharing ties its sites' copies)."""
-    replaced = sum(_decompose_sdpa(graph_module, node) for node in list(graph_module.graph.nodes)
-                   if node.op == "call_function" and node.target is F.scaled_dot_product_attention)
-    calls = [(node, module_of(graph_module, node)) for node in graph_module.graph.nodes
-             if isinstance(module_of(graph_module, node), nn.MultiheadAttention)]
+    calls = [node for node in graph_module.graph.nodes if node.op == "call_function"]
+    replaced = sum(_decompose_sdpa(graph_module, node) for node in calls
+                   if node.target is F.scaled_dot_product_attention)
+    replaced += sum(_einsum_as_matmul(graph_module, node) for node in calls
+                    if node.target is torch.einsum)
+    modules = [(node, module_of(graph_module, node)) for node in graph_module.graph.nodes
+               if isinstance(module_of(graph_module, node), nn.MultiheadAttention)]
     first: dict[str, AttentionPieces] = {}
-    for node, attention in calls:
+    for node, attention in modules:
         arguments = _call_arguments(node)
         if not _decomposable(attention, node, arguments):
             continue
