@@ -14,7 +14,7 @@ from torch import nn
 
 __all__ = ["HARD_CASE_BUILDERS", "MODEL_BUILDERS", "build_model", "mobilenetv2_norecipe",
            "mobilenetv2_style", "regnetx_style", "resnet_style", "TRANSFORMER_BUILDERS",
-           "vit_style"]
+           "swin_style", "vit_style"]
 
 
 def conv_bn(
@@ -216,6 +216,17 @@ def vit_style(num_classes: int = 10) -> nn.Module:
     return VitStyle(num_classes)
 
 
+def swin_style(num_classes: int = 10) -> nn.Module:
+    """A small Swin (torchvision's SwinTransformer V1) for 28x28: 2x2 patches (14x14 tokens),
+    7x7 windows (shifted by 3 in every second block: the shift mask is used), two stages of two
+    blocks, 32 and 64 wide, 2 and 4 heads; the first conv reads one channel."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer([2, 2], 32, [2, 2], [2, 4], [7, 7], num_classes=num_classes)
+    model.features[0][0] = nn.Conv2d(1, 32, 2, stride=2)
+    return model
+
+
 MODEL_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "resnet_style": resnet_style,
     "mobilenetv2_style": mobilenetv2_style,
@@ -226,7 +237,8 @@ HARD_CASE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mobilenetv2_norecipe": mobilenetv2_norecipe,
 }
 """Nets only the hard-case part trains (`benchmarks.hard_cases`)."""
-TRANSFORMER_BUILDERS: dict[str, Callable[[], nn.Module]] = {"vit_style": vit_style}
+TRANSFORMER_BUILDERS: dict[str, Callable[[], nn.Module]] = {"vit_style": vit_style,
+                                                             "swin_style": swin_style}
 """Nets only the transformer part trains (`benchmarks.transformers`), with Adam."""
 
 

@@ -129,6 +129,19 @@ class Interpolate(nn.Module):
         )
 
 
+class AdditiveMask(nn.Module):
+    """Masked attention scores: -inf where `mask` is set (torchvision Swin adds -100 there).
+    The quantizer after it saturates those to its lowest code without counting them in its
+    range, exactly what the exported Add of a -32768 constant followed by Q/DQ computes."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.masked_fill(self.mask, float("-inf"))
+
+
 class Pad(nn.Module):
     """`F.pad` that only moves values: zero, reflect, replicate or circular padding. Zero is on
     every grid, so the output keeps its input's quantizer (a shape-only op)."""

@@ -46,6 +46,15 @@ def strided_sample(flat: Tensor) -> Tensor:
     return flat[::sample_stride(flat.numel())]
 
 
+def unmasked(x: Tensor) -> Tensor:
+    """`x` without its -inf values (flattened when it had any). -inf is a masked value (an
+    attention mask, `masked_fill(mask, -inf)` before a softmax): the quantizer saturates it to
+    its lowest code, so it must not widen the range the other values are quantized in."""
+    if x.is_floating_point() and bool(torch.isneginf(x.detach()).any()):
+        return x.detach()[~torch.isneginf(x.detach())]
+    return x
+
+
 class Observer(nn.Module):
     """Base class: min/max bookkeeping, per tensor or per channel along `axis`."""
 
@@ -70,9 +79,10 @@ class Observer(nn.Module):
         return low, high
 
     def forward(self, x: Tensor) -> Tensor:
-        """Record `x` and return it unchanged."""
-        if x.numel() > 0:
-            self.update(x)
+        """Record `x` and return it unchanged (-inf values excepted: see `unmasked`)."""
+        observed = unmasked(x) if self.axis is None else x
+        if observed.numel() > 0:
+            self.update(observed)
         return x
 
     def update(self, x: Tensor) -> None:

@@ -26,7 +26,7 @@ from quantfx.errors import LoadError, NonFiniteError
 from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
-from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer
+from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer, unmasked
 from quantfx.qmath import fake_quantize, fake_quantize_ste, qrange, scale_of
 
 
@@ -181,6 +181,10 @@ class QATQuantizer(CalibrationQuantizer):
         check_quantizer_input(x, self.exponent)
         if self.training and bool(self.observer_enabled) and x.numel() > 0:
             low, high = torch.aminmax(x.detach().float())
+            if bool(torch.isneginf(low)):  # masked values: the range of the others
+                finite = unmasked(x).float()
+                low, high = (torch.aminmax(finite) if finite.numel()
+                             else (torch.zeros_like(low), torch.zeros_like(high)))
             low, high = _reduce_min_max(low, high)
             self.observer(torch.stack([low, high]))
             self.compute_exponent()

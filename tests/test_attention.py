@@ -196,3 +196,36 @@ def test_einsum_matrix_products_become_matmul(tmp_path) -> None:
     qf.export_onnx(qf.convert(prepared), (images[:2],), tmp_path / "einsum.onnx")
     ops = [node.op_type for node in onnx.load(str(tmp_path / "einsum.onnx")).graph.node]
     assert ops.count("MatMul") == 1 and ops.count("Einsum") == 1
+
+
+def _small_swin() -> nn.Module:
+    """torchvision's Swin V1 on 16x16: 8x8 tokens, 4x4 windows, the second block shifted (so
+    its shift mask is used)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5).eval()
+
+
+def test_swin_window_attention_is_quantized(tmp_path) -> None:
+    """Swin's shifted-window attention: the pieces compute what torchvision computes (the -100
+    mask as -inf), the qkv and proj weights are quantized, every tensor carries Q/DQ and the
+    file (the mask as an Add of -32768, saturated by the next Q/DQ) equals the model."""
+    model = _small_swin()
+    images = torch.randn(4, 3, 16, 16)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="am68a", **FAST))
+    assert "shifted_window_attention(" not in prepared.code
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
+    layers = [name for name, module in prepared.named_modules()
+              if isinstance(module, FakeQuantLayer) and name.endswith(("qkv", "proj"))]
+    assert len(layers) == 4
+    qf.calibrate(prepared, [images])
+    path = tmp_path / "swin.onnx"
+    report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
+    assert report.fraction_identical >= 0.99
+    assert _float_weight_feeds(path) == []
+    tidl = qf.check_tidl(path, "am68a")
+    assert tidl.fully_offloaded, str(tidl)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMul") == 4 and ops.count("Softmax") == 2

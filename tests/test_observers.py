@@ -3,12 +3,14 @@
 import pytest
 import torch
 
+from quantfx.errors import NonFiniteError
 from quantfx.observers import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
 )
 from quantfx.qmath import exponent_for_max, fake_quantize
+from quantfx.quantizers import QATQuantizer
 
 
 def test_minmax_tracks_extremes_over_batches():
@@ -137,3 +139,30 @@ def test_weight_mse_search_never_worse_than_round_up():
         assert error_chosen <= error_round_up
         if axis is None:
             assert chosen < round_up  # clipping the lone outlier pays for everyone else
+
+
+@pytest.mark.parametrize("observer", [MinMaxObserver, MovingAverageMinMaxObserver,
+                                      HistogramObserver])
+def test_masked_values_are_not_counted_in_the_range(observer):
+    """-inf is a masked value (masked_fill before a softmax): the range is the other values',
+    exactly as if the masked ones were absent; NaN and +inf still raise."""
+    values = torch.randn(64) * 3
+    masked = values.clone()
+    masked[::4] = float("-inf")
+    plain, with_mask = observer(), observer()
+    plain(values[masked.isfinite()])
+    assert torch.equal(with_mask(masked), masked)  # returned unchanged
+    assert float(with_mask.min_val) == float(plain.min_val)
+    assert float(with_mask.max_val) == float(plain.max_val)
+    assert int(with_mask.exponent(127)) == int(plain.exponent(127))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteError):
+            observer()(torch.tensor([1.0, bad]))
+
+
+def test_qat_quantizer_ranges_ignore_masked_values():
+    quantizer = QATQuantizer(8, signed=True).train()
+    scores = torch.tensor([[-2.0, float("-inf")], [1.0, 0.5]])
+    out = quantizer(scores)
+    assert float(quantizer.observer.min_val) == -2.0 and float(quantizer.observer.max_val) == 1.0
+    assert float(out[0, 1]) == -128 * 2.0 ** float(quantizer.exponent)  # saturated, finite

@@ -164,6 +164,19 @@ def test_a_float_tensor_without_qdq_is_flagged_and_documented_fusions_are_not():
         assert not any("without Q/DQ" in rule for rule in _warnings(clean))
 
 
+def test_a_float_tensor_is_a_fallback_of_its_node_on_tidl_devices():
+    """On a TIDL device a tensor TIDL must hold without Q/DQ is not "offloaded with a warning":
+    the node computing it counts as an ARM fallback (a warning for the generic runtime)."""
+    unquantized = _qdq_chain(([helper.make_node("Sigmoid", ["a"], ["t"], name="t"),
+                               helper.make_node("Tanh", ["t"], ["b"], name="b")], []))
+    for target in ("tda4vm", "am68a"):
+        report = check_model(unquantized, target)
+        assert not report.fully_offloaded
+        assert ("t", "Sigmoid", False) in report.nodes and ("b", "Tanh", True) in report.nodes
+        assert any("without Q/DQ" in rule for rule in _fallbacks(unquantized, target))
+    assert check_model(unquantized, "generic").fully_offloaded
+
+
 def test_sixteen_bit_qdq_is_a_warning_on_tidl_devices_only():
     wide = _qdq_chain(([helper.make_node("Relu", ["a"], ["b"], name="b")], []), np.int16)
     assert any("16-bit Q/DQ" in rule for rule in _warnings(wide, "tda4vm"))

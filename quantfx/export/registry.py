@@ -59,6 +59,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitt
     (nn.LayerNorm, norms.emit_layer_norm),
     (nn.GroupNorm, norms.emit_group_norm),
     (nn.MultiheadAttention, attention.emit_multihead_attention),
+    (standins.AdditiveMask, attention.emit_additive_mask),
     (standins.Add, arithmetic.binary("Add")),
     (standins.Sub, arithmetic.binary("Sub")),
     (standins.Mul, arithmetic.binary("Mul")),

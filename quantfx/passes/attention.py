@@ -24,8 +24,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantfx.passes.graph_utils import module_of, set_submodule, unique_submodule_name
+from quantfx.passes.graph_utils import (
+    inline_module,
+    module_of,
+    set_submodule,
+    unique_submodule_name,
+)
 from quantfx.passes.unshare import tied_copy
+from quantfx.passes.window_attention import decompose_window_attention
 
 FORWARD_PARAMETERS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 """query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, ..."""
@@ -116,32 +122,6 @@ def _decomposable(attention: nn.Module, node: fx.Node, arguments: dict[str, Any]
 def _rank(node: Any) -> int | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _inline(graph_module: fx.GraphModule, node: fx.Node, pieces: nn.Module, target: str,
-            inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Copy `pieces`' traced graph in place of `node` (its modules under `target`); returns
-    the nodes of its outputs."""
-    graph = graph_module.graph
-    traced = fx.symbolic_trace(pieces)
-    copies: dict[fx.Node, Any] = {}
-    placeholders = iter(inputs)
-    result: tuple[Any, ...] = ()
-    with graph.inserting_before(node):
-        for inner in traced.graph.nodes:
-            if inner.op == "placeholder":
-                copies[inner] = next(placeholders)
-            elif inner.op == "output":
-                result = fx.node.map_arg(inner.args[0], copies.__getitem__)
-            else:
-                copies[inner] = graph.create_node(
-                    inner.op,
-                    f"{target}.{inner.target}" if inner.op in ("call_module", "get_attr")
-                    else inner.target,
-                    fx.node.map_arg(inner.args, copies.__getitem__),
-                    fx.node.map_arg(inner.kwargs, copies.__getitem__),
-                    name=f"{node.name}_{INNER_NAMES.get(inner.name, inner.name)}")
-    return result
 
 
 def _pieces_for(graph_module: fx.GraphModule, node: fx.Node, attention: nn.MultiheadAttention,
@@ -247,8 +227,9 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
     """Replace every decomposable nn.MultiheadAttention and F.scaled_dot_product_attention
     call (see the module text) by its pieces; returns how many calls were replaced. A module
     called at several sites keeps one set of weights (unsharing ties its sites' copies)."""
+    replaced = decompose_window_attention(graph_module)
     calls = [node for node in graph_module.graph.nodes if node.op == "call_function"]
-    replaced = sum(_decompose_sdpa(graph_module, node) for node in calls
+    replaced += sum(_decompose_sdpa(graph_module, node) for node in calls
                    if node.target is F.scaled_dot_product_attention)
     replaced += sum(_einsum_as_matmul(graph_module, node) for node in calls
                     if node.target is torch.einsum)
@@ -262,8 +243,9 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
         options = (not attention.batch_first and _rank(arguments["query"]) == 3,
                    arguments["need_weights"], arguments["average_attn_weights"])
         target = _pieces_for(graph_module, node, attention, options, first)
-        outputs = _inline(graph_module, node, graph_module.get_submodule(target), target,
-                          tuple(arguments[name] for name in ("query", "key", "value")))
+        outputs = inline_module(graph_module, node, graph_module.get_submodule(target), target,
+                               tuple(arguments[name] for name in ("query", "key", "value")),
+                               INNER_NAMES)
         for user in list(node.users):
             replacement = outputs[user.args[1]]
             if replacement is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -160,3 +161,56 @@ def output_values(graph_module: fx.GraphModule) -> list[Any]:
 def output_quantizers(graph_module: fx.GraphModule) -> list[Quantizer | None]:
     """The quantizer each model output lies on (through shape-only ops), or None."""
     return [grid_quantizer(graph_module, value) for value in output_values(graph_module)]
+
+
+def constant_value(graph_module: fx.GraphModule, value: Any) -> Any:
+    """The value of `value` when it is computed from parameters and buffers only (evaluated
+    node by node); `LookupError` when it depends on a model input."""
+    if not isinstance(value, fx.Node):
+        return value
+    if value.op == "get_attr":
+        return fetch_attribute(graph_module, value.target)
+    if value.op not in ("call_function", "call_method", "call_module"):
+        raise LookupError(f"'{value.name}' depends on the model's inputs")
+    args = fx.node.map_arg(value.args, lambda node: constant_value(graph_module, node))
+    kwargs = fx.node.map_arg(value.kwargs, lambda node: constant_value(graph_module, node))
+    with torch.no_grad():
+        if value.op == "call_function":
+            return value.target(*args, **kwargs)
+        if value.op == "call_method":
+            return getattr(args[0], value.target)(*args[1:], **kwargs)
+        return graph_module.get_submodule(value.target)(*args, **kwargs)
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces a module's own forward only: its submodules stay calls."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+def inline_module(graph_module: fx.GraphModule, node: fx.Node, pieces: nn.Module, target: str,
+                  inputs: tuple[Any, ...], names: dict[str, str]) -> Any:
+    """Copy `pieces`' traced graph in place of `node` (`pieces` registered at `target`), its
+    nodes named `{node.name}_{names.get(inner name, inner name)}`; returns its output (nodes).
+    `node` itself is left for the caller to replace."""
+    graph = graph_module.graph
+    traced = _ChildrenAsLeaves().trace(pieces)
+    copies: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    result: Any = None
+    with graph.inserting_before(node):
+        for inner in traced.nodes:
+            if inner.op == "placeholder":
+                copies[inner] = next(placeholders)
+            elif inner.op == "output":
+                result = fx.node.map_arg(inner.args[0], copies.__getitem__)
+            else:
+                copies[inner] = graph.create_node(
+                    inner.op,
+                    f"{target}.{inner.target}" if inner.op in ("call_module", "get_attr")
+                    else inner.target,
+                    fx.node.map_arg(inner.args, copies.__getitem__),
+                    fx.node.map_arg(inner.kwargs, copies.__getitem__),
+                    name=f"{node.name}_{names.get(inner.name, inner.name)}")
+    return result

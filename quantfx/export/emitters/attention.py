@@ -1,21 +1,43 @@
-"""nn.MultiheadAttention in float between quantizers (MatMul / Softmax / Transpose)."""
+"""nn.MultiheadAttention in float between quantizers (MatMul / Softmax / Transpose), when
+quantfx keeps it whole (masked attention), and the shift mask of quantized window attention."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 import torch.fx as fx
 from torch import nn
 
 from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
+from quantfx.modules import AdditiveMask
 
 
 def _mha_argument(node: fx.Node, position: int, keyword: str, default: Any) -> Any:
     if len(node.args) > position:
         return node.args[position]
     return node.kwargs.get(keyword, default)
+
+
+MASK_CODE, MASK_SCALE = -128, 256.0
+"""A masked score is written as the int8 code -128 at scale 256: -32768, below the range of
+any scores quantizer whose step is under 1, which saturates it to its lowest code -- what
+quantfx computes from the -inf of `AdditiveMask`."""
+
+
+def emit_additive_mask(b: Builder, node: fx.Node, module: AdditiveMask) -> None:
+    """`AdditiveMask` as Add of a Q/DQ constant (0 or -32768): the following Q/DQ saturates
+    the masked scores exactly as the converted model's -inf does."""
+    mask = module.mask.detach().cpu().numpy()
+    codes = b.constant(f"{node.name}.mask_quantized",
+                       np.where(mask, MASK_CODE, 0).astype(np.int8))
+    scale = b.float_constant(f"{node.name}.mask_scale", MASK_SCALE)
+    zero = b.constant(f"{node.name}.mask_zero_point", np.zeros((), dtype=np.int8))
+    b.add("DequantizeLinear", [codes, scale, zero], [f"{node.name}.mask"],
+          f"{node.name}.mask.dequantize")
+    b.emit(node, "Add", [b.tensor_input(node), f"{node.name}.mask"])
 
 
 def attend(b: Builder, name: str, scores: str, value: str) -> str:

@@ -15,6 +15,7 @@ from torch import Tensor
 from quantfx.errors import ExportError
 from quantfx.export.builder import END, Builder
 from quantfx.export.emitters.attention import attend
+from quantfx.passes.window_attention import shifted_window_mask
 
 
 def emit_patch_merging_pad(b: Builder, node: fx.Node, module: Any) -> None:
@@ -35,17 +36,7 @@ def emit_patch_merging_pad(b: Builder, node: fx.Node, module: Any) -> None:
 def _swin_attention_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int]
                          ) -> Tensor:
     """The shifted-window mask of torchvision's `shifted_window_attention`, (nW, N, N)."""
-    mask = torch.zeros(pad_h, pad_w)
-    count = 0
-    for rows in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
-        for columns in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
-            mask[rows[0]:rows[1], columns[0]:columns[1]] = count
-            count += 1
-    windows = (pad_h // window[0]) * (pad_w // window[1])
-    mask = mask.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
-    mask = mask.permute(0, 2, 1, 3).reshape(windows, window[0] * window[1])
-    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    return shifted_window_mask(pad_h, pad_w, window, shift).float() * -100.0
 
 
 @dataclass
