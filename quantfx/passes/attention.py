@@ -31,21 +31,12 @@ from quantfx.passes.graph_utils import (
     unique_submodule_name,
 )
 from quantfx.passes.unshare import tied_copy
-from quantfx.passes.window_attention import decompose_window_attention
+from quantfx.passes.window_attention import decompose_window_attention, linear_layer
 
 FORWARD_PARAMETERS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 """query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, ..."""
 UNSUPPORTED_CALL = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
 """Call arguments attention is decomposed only with (masked attention stays whole, in float)."""
-
-
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
 
 
 class AttentionPieces(nn.Module):
@@ -63,12 +54,13 @@ class AttentionPieces(nn.Module):
             weights = tuple(getattr(attention, f"{role}_proj_weight").detach() for role in "qkv")
         biases = (attention.in_proj_bias.detach().split(embed)
                   if attention.in_proj_bias is not None else (None, None, None))
-        self.q_proj = _linear(weights[0] * scale, None if biases[0] is None else biases[0] * scale)
-        self.k_proj = _linear(weights[1], biases[1])
-        self.v_proj = _linear(weights[2], biases[2])
+        self.q_proj = linear_layer(weights[0] * scale,
+                                   None if biases[0] is None else biases[0] * scale)
+        self.k_proj = linear_layer(weights[1], biases[1])
+        self.v_proj = linear_layer(weights[2], biases[2])
         self.softmax = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(attention.dropout)
-        self.out_proj = _linear(attention.out_proj.weight.detach(),
+        self.out_proj = linear_layer(attention.out_proj.weight.detach(),
                                 None if attention.out_proj.bias is None
                                 else attention.out_proj.bias.detach())
         self.sequence_first = sequence_first

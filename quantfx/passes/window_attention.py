@@ -47,7 +47,9 @@ def shifted_window_mask(pad_h: int, pad_w: int, window: list[int], shift: list[i
     return (regions.unsqueeze(1) - regions.unsqueeze(2)) != 0
 
 
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+def linear_layer(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` and `bias` (a projection cut out of a fused
+    weight, or read from a functional call)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -76,14 +78,14 @@ class WindowAttentionPieces(nn.Module):
         weight[:channels] *= scale
         if bias is not None:
             bias[:channels] *= scale
-        self.qkv = _linear(weight, bias)
+        self.qkv = linear_layer(weight, bias)
         self.position_bias = nn.Parameter(
             arguments["relative_position_bias"].detach().clone())
         self.mask = (AdditiveMask(shifted_window_mask(*self.padded, self.window, self.shift)
                                   .unsqueeze(1)) if sum(self.shift) else None)
         self.softmax = nn.Softmax(dim=-1)
         self.attention_dropout = nn.Dropout(float(arguments["attention_dropout"]))
-        self.proj = _linear(arguments["proj_weight"].detach(), None
+        self.proj = linear_layer(arguments["proj_weight"].detach(), None
                             if arguments["proj_bias"] is None else arguments["proj_bias"].detach())
         self.dropout = nn.Dropout(float(arguments["dropout"]))
 
