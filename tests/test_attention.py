@@ -20,9 +20,11 @@ class TokenAttention(nn.Module):
     """A conv stem into nn.MultiheadAttention, in any of its layouts."""
 
     def __init__(self, batch_first: bool = True, kdim: int | None = None,
-                 need_weights: bool = False, average: bool = True) -> None:
+                 need_weights: bool = False, average: bool = True,
+                 unused_weights: bool = False) -> None:
         super().__init__()
         self.batch_first, self.need_weights, self.average = batch_first, need_weights, average
+        self.unused_weights = unused_weights
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.keys = nn.Conv2d(3, kdim or 8, 3, padding=1)
         self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim,
@@ -32,6 +34,8 @@ class TokenAttention(nn.Module):
         order = (0, 2, 1) if self.batch_first else (2, 0, 1)
         query = self.conv(images).flatten(2).permute(*order)
         keys = self.keys(images).flatten(2).permute(*order)
+        if self.unused_weights:  # the default need_weights=True, weights thrown away
+            return self.attention(query, keys, keys)[0]
         output, weights = self.attention(query, keys, keys, need_weights=self.need_weights,
                                          average_attn_weights=self.average)
         return (output, weights) if self.need_weights else output
@@ -63,6 +67,7 @@ def _outputs(value) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("layout", [
     {"batch_first": True},
+    {"batch_first": True, "unused_weights": True},
     {"batch_first": False, "kdim": 6, "need_weights": True},
     {"batch_first": True, "need_weights": True, "average": False},
 ])
@@ -74,6 +79,8 @@ def test_pieces_compute_what_multihead_attention_computes(layout) -> None:
     images = torch.randn(2, 3, 4, 4)
     prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(**FAST))
     assert not any(isinstance(module, nn.MultiheadAttention) for module in prepared.modules())
+    assert all(node.users or node.op == "output" for node in prepared.graph.nodes
+               if "attention" in node.name)  # no dead pieces (weights nobody reads)
     with torch.no_grad():
         for expected, got in zip(_outputs(model(images)), _outputs(prepared(images)),
                                  strict=True):

@@ -232,8 +232,10 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
         arguments = _call_arguments(node)
         if not _decomposable(attention, node, arguments):
             continue
+        weights_used = any(user.args[1] == 1 and user.users for user in node.users)
         options = (not attention.batch_first and _rank(arguments["query"]) == 3,
-                   arguments["need_weights"], arguments["average_attn_weights"])
+                   arguments["need_weights"] and weights_used,  # unused weights: not computed
+                   arguments["average_attn_weights"])
         target = _pieces_for(graph_module, node, attention, options, first)
         outputs = inline_module(graph_module, node, graph_module.get_submodule(target), target,
                                tuple(arguments[name] for name in ("query", "key", "value")),
