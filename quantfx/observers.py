@@ -67,22 +67,25 @@ class Observer(nn.Module):
         self.register_buffer("observed", torch.tensor(False))
 
     def _batch_min_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's min and max (per channel along `axis`); NaN or Inf raise
-        `NonFiniteError` (they would make every later range meaningless)."""
+        """The batch's min and max (per channel along `axis`), -inf values left out (masked);
+        NaN or +inf raise `NonFiniteError` (they would make every later range meaningless).
+        The histogram counts no -inf either: `histc` skips values beyond its range."""
         if self.axis is None:
             low, high = torch.aminmax(x.detach().float())
         else:
             flat = x.detach().float().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
             low, high = torch.aminmax(flat, dim=1)
         if not bool(torch.isfinite(low.sum() + high.sum())):  # one sync; NaN/Inf propagate
-            raise NonFiniteError(self)
+            if not (self.axis is None and bool(torch.isneginf(low))
+                    and bool(torch.isfinite(high))):
+                raise NonFiniteError(self)
+            low, high = torch.aminmax(unmasked(x).float())  # -inf: masked, not in the range
         return low, high
 
     def forward(self, x: Tensor) -> Tensor:
-        """Record `x` and return it unchanged (-inf values excepted: see `unmasked`)."""
-        observed = unmasked(x) if self.axis is None else x
-        if observed.numel() > 0:
-            self.update(observed)
+        """Record `x` and return it unchanged (its -inf values left out: see `unmasked`)."""
+        if x.numel() > 0:
+            self.update(x)
         return x
 
     def update(self, x: Tensor) -> None:
