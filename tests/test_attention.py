@@ -214,12 +214,15 @@ def _small_swin() -> nn.Module:
     return SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5).eval()
 
 
-def test_swin_window_attention_is_quantized(tmp_path) -> None:
+@pytest.mark.parametrize("size", [16, 12])
+def test_swin_window_attention_is_quantized(tmp_path, size) -> None:
     """Swin's shifted-window attention: the pieces compute what torchvision computes (the -100
     mask as -inf), the qkv and proj weights are quantized, every tensor carries Q/DQ and the
-    file (the mask as an Add of -32768, saturated by the next Q/DQ) equals the model."""
+    file (the mask as an Add of -32768, saturated by the next Q/DQ) equals the model. At 12x12
+    the 6x6 tokens pad to 8x8 windows: written as Concat with zeros (TIDL's Pad takes the last
+    two axes only), still fully offloaded."""
     model = _small_swin()
-    images = torch.randn(4, 3, 16, 16)
+    images = torch.randn(4, 3, size, size)
     prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="am68a", **FAST))
     assert "shifted_window_attention(" not in prepared.code
     with torch.no_grad():

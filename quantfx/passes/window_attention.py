@@ -112,8 +112,10 @@ class WindowAttentionPieces(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows, columns = self.padded[0] // self.window[0], self.padded[1] // self.window[1]
         channels = x.shape[-1]
-        if any(self.pads):
-            x = F.pad(x, (0, 0, 0, self.pads[0], 0, self.pads[1]))
+        if self.pads[1]:  # one axis at a time, like the rolls
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pads[1]))
+        if self.pads[0]:
+            x = F.pad(x, (0, 0, 0, self.pads[0]))
         x = self._roll(x, -1)
         windows = x.unflatten(1, (rows, self.window[0])).unflatten(3, (columns, self.window[1]))
         windows = windows.permute(0, 1, 3, 2, 4, 5).flatten(0, 2).flatten(1, 2)

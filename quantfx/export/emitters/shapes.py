@@ -143,6 +143,27 @@ WRAP_PAD_OPSET = 19
 """ONNX Pad's "wrap" (torch's circular) mode exists from opset 19."""
 
 
+def _pad_by_concat(b: Builder, node: fx.Node, begins: list[int], ends: list[int]) -> None:
+    """Zero padding of axes TIDL's Pad does not take (it pads the last two axes only: Swin's
+    (N, H, W, C) windows pad H and W) as a Concat with zeros per axis, which TIDL runs on axes
+    -3 and -2; zero is on every grid, so the result keeps its input's (export adds the Q/DQ
+    after the Concat)."""
+    source, shape = b.tensor_input(node), list(b.input_info(node).shape)
+    for axis, (begin, end) in enumerate(zip(begins, ends)):
+        if not begin and not end:
+            continue
+        parts = []
+        for side, size in (("begin", begin), ("end", end)):
+            if size:
+                zeros = np.zeros(shape[:axis] + [size] + shape[axis + 1:], dtype=np.float32)
+                parts.append(b.constant(f"{node.name}.{side}{axis}_zeros", zeros))
+        parts.insert(1 if begin else 0, source)
+        source = f"{node.name}.axis{axis}"
+        b.add("Concat", parts, [source], source, axis=axis)
+        shape[axis] += begin + end
+    b.env[node] = source
+
+
 def emit_pad(b: Builder, node: fx.Node, module: Any) -> None:
     """F.pad / nn.*Pad*d as ONNX Pad: torch lists (begin, end) pairs from the last dim back,
     ONNX all begins then all ends, first dim first."""
@@ -155,6 +176,11 @@ def emit_pad(b: Builder, node: fx.Node, module: Any) -> None:
     if mode == "wrap" and b.opset < WRAP_PAD_OPSET:
         raise ExportError(f"circular pad '{node.target}' needs opset >= {WRAP_PAD_OPSET}; "
                           f"export with opset={WRAP_PAD_OPSET}.")
+    padded = {axis for axis in range(rank) if begins[axis] or ends[axis]}
+    if (mode == "constant" and not getattr(module, "value", 0.0) and rank >= 3
+            and not padded <= {rank - 2, rank - 1} and padded <= {rank - 3, rank - 2}):
+        _pad_by_concat(b, node, begins, ends)
+        return
     inputs = [b.tensor_input(node), b.int64_constant(f"{node.name}.pads", begins + ends)]
     if getattr(module, "value", 0.0):
         inputs.append(b.float_constant(f"{node.name}.value", module.value))
