@@ -26,6 +26,8 @@ ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 QAT_WEIGHT_EXPONENTS = (*WEIGHT_OBSERVERS, "calibrated")
 """`QATSchedule.weight_exponent`: the per-step rules, or the exponent calibration chose."""
+QAT_RANGES = ("statistics", "learned")
+"""`QATSchedule.ranges`: running statistics (PACT2) or learned log2 thresholds (TQT)."""
 LAYER_ALIASES = ("first", "last", "heads")
 RANGE_SEARCHES = ("mse", "percentile", "none")
 WEIGHT_ROUNDINGS = ("nearest", "learned", "error_feedback")
@@ -93,12 +95,18 @@ class QATSchedule:
     up). From float, calibrated mobilenetv2_style, 1 epoch: minmax 91.26 / 91.24 %, mse
     91.20 / 91.20 % (per-channel / per-tensor depthwise; PTC 91.20 / 91.19 %)."""
 
+    ranges: str = "statistics"
+    """How QAT sets activation ranges: "statistics" (a moving average of each batch's min/max,
+    rounded up to a power of 2: PACT2's statistical half) or "learned" (TQT: a log2 threshold
+    per tensor trained with the model from calibration's start; `LearnedRangeQuantizer`)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise `ConfigError` on any invalid field (run again wherever the schedule is used)."""
         check_choice(self.weight_exponent, "QATSchedule.weight_exponent", QAT_WEIGHT_EXPONENTS)
+        check_choice(self.ranges, "QATSchedule.ranges", QAT_RANGES)
         for name in ("freeze_bn_step", "freeze_ranges_step", "freeze_bn_epoch",
                      "freeze_ranges_epoch"):
             value = getattr(self, name)

@@ -105,7 +105,8 @@ def _batches(data: Any) -> Any:
 
 def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
                          config: QuantConfig | None) -> tuple[fx.GraphModule, nn.Module]:
-    """The QAT student (BN and calibrated ranges frozen) and its float teacher."""
+    """The QAT student (BN frozen; calibrated ranges too, unless they are learned) and its
+    float teacher."""
     state = require_state(model, "distill", ConfigError,
                           (FLOAT, (PTC, PREPARED), (QAT, PREPARED)),
                           "a float model or one returned by quantfx.prepare or prepare_qat")
@@ -130,8 +131,9 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
         prepared = _calibrated_copy(model, state, batches, config)
     student = prepare_qat(prepared, _example(batches, len(state_of(prepared).input_shapes)))
     freeze_batchnorm(student)
-    if all(quantizer.observed for quantizer in _activation_quantizers(student)):
-        freeze_ranges(student)
+    learned = state_of(student).config.schedule.ranges == "learned"
+    if not learned and all(quantizer.observed for quantizer in _activation_quantizers(student)):
+        freeze_ranges(student)  # statistics from unlabeled batches would only drift
     teacher = copy.deepcopy(prepared).eval()
     restore_float_parameters(teacher)
     set_quant_mode(teacher, observe=False, quantize=False)

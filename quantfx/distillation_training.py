@@ -32,7 +32,7 @@ from quantfx.distillation_state import (
 from quantfx.distributed import average_gradients, max_over_ranks, shows_progress
 from quantfx.qat import QATLayer
 from quantfx.qmath import channel_shape
-from quantfx.quantizers import QATQuantizer
+from quantfx.quantizers import LearnedRangeQuantizer, QATQuantizer
 from quantfx.state import state_of
 
 LEARNING_RATE = 0.01
@@ -81,9 +81,9 @@ class StepScaledAdam(torch.optim.Optimizer):
 
 def parameter_groups(student: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
     """One group per parameter: QAT weights at `learning_rate` of their quantization steps,
-    their biases and every other trainable parameter at `OTHER_SHARE` of it times their own
-    root mean square. QAT layers' weights and biases train; other parameters only if they
-    require gradients already."""
+    learned log2 thresholds at `learning_rate` octaves, biases and every other trainable
+    parameter at `OTHER_SHARE` of it times their own root mean square. QAT layers' weights and
+    biases train; other parameters only if they require gradients already."""
     groups, seen = [], set()
     for layer in student.modules():
         if not isinstance(layer, QATLayer):
@@ -99,6 +99,10 @@ def parameter_groups(student: nn.Module, learning_rate: float) -> list[dict[str,
         if layer.layer.bias is not None:
             groups.append(_relative_group(layer.layer.bias))
             seen.add(id(layer.layer.bias))
+    for quantizer in student.modules():
+        if isinstance(quantizer, LearnedRangeQuantizer):  # octaves: lr of an octave per step
+            groups.append({"params": [quantizer.log2_threshold], "scale": 1.0})
+            seen.add(id(quantizer.log2_threshold))
     for parameter in student.parameters():
         if id(parameter) not in seen and parameter.requires_grad:
             groups.append(_relative_group(parameter))

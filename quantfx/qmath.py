@@ -219,6 +219,50 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, low, high), None, None, None, None, None
 
 
+class _LearnedThresholdFakeQuantize(torch.autograd.Function):
+    """TQT (Jain et al. 2019, arXiv:1903.08066): fake quantization at `exponent` =
+    ceil(log2_threshold) - offset, differentiable in the log2 threshold.
+
+    Forward: the values of `fake_quantize` at `exponent`. Backward: the clipped STE for x; for
+    the threshold, the paper's gradient through the ceiling (straight-through):
+    d out / d log2_threshold = scale * ln 2 * (round(x/scale) - x/scale) where x rounds inside
+    the grid, scale * ln 2 * qmin or qmax where it saturates; summed over the tensor and
+    multiplied by `gradient_scale` (LSQ's 1/sqrt(elements * qmax) keeps one optimizer step of
+    the threshold comparable across tensor sizes; 0 once ranges are frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, log2_threshold: Tensor, exponent: Tensor, qmin: int,
+                qmax: int, gradient_scale: float) -> Tensor:
+        scale = torch.exp2(exponent.detach()).to(x.dtype)
+        output = torch.mul(x, torch.reciprocal(scale)).round_().clamp_(qmin, qmax).mul_(scale)
+        ctx.save_for_backward(x, scale)
+        ctx.grid = (qmin, qmax, gradient_scale)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, scale = ctx.saved_tensors
+        qmin, qmax, gradient_scale = ctx.grid
+        scaled = x / scale
+        rounded = torch.round(scaled)
+        inside = (rounded >= qmin) & (rounded <= qmax)
+        if gradient_scale == 0.0:
+            return grad * inside, torch.zeros((), device=grad.device), None, None, None, None
+        slope = torch.where(inside, rounded - scaled, rounded.clamp(qmin, qmax))
+        threshold_grad = (grad * slope).sum() * (scale * math.log(2.0) * gradient_scale)
+        return grad * inside, threshold_grad.reshape(()), None, None, None, None
+
+
+def fake_quantize_learned(x: Tensor, log2_threshold: Tensor, exponent: Tensor, qmin: int,
+                          qmax: int, learn: bool = True) -> Tensor:
+    """`fake_quantize` at `exponent` (= ceil(log2_threshold) - offset) with TQT's gradient for
+    the threshold (see `_LearnedThresholdFakeQuantize`); with `learn` False the threshold's
+    gradient is zero (frozen, yet still used, as DistributedDataParallel requires)."""
+    gradient_scale = 1.0 / math.sqrt(max(x.numel(), 1) * qmax) if learn else 0.0
+    return _LearnedThresholdFakeQuantize.apply(x, log2_threshold, exponent, qmin, qmax,
+                                               gradient_scale)
+
+
 def fake_quantize_ste(x: Tensor, exponent: Tensor, qmin: int, qmax: int,
                       axis: int | None = None, clip_gradient: bool = True) -> Tensor:
     """`fake_quantize` for training: same values, faster on CPU, clipped STE gradient."""

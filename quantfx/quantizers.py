@@ -27,7 +27,13 @@ from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
 from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer, unmasked
-from quantfx.qmath import fake_quantize, fake_quantize_ste, qrange, scale_of
+from quantfx.qmath import (
+    fake_quantize,
+    fake_quantize_learned,
+    fake_quantize_ste,
+    qrange,
+    scale_of,
+)
 
 
 class Quantizer(nn.Module):
@@ -195,6 +201,49 @@ class QATQuantizer(CalibrationQuantizer):
         return fake_quantize(x, self.exponent, self.qmin, self.qmax)
 
 
+class LearnedRangeQuantizer(QATQuantizer):
+    """QAT activation quantizer with a learned power-of-2 range (TQT, `QATSchedule.ranges`
+    "learned"): its log2 threshold is a Parameter trained with the model (the exponent is
+    ceil(log2_threshold) - (bits - 1), or - bits when unsigned). It starts from calibration's
+    exponent, or from the first training batch's range; freezing the ranges stops it."""
+
+    def __init__(self, bits: int, signed: bool, momentum: float = 0.1) -> None:
+        super().__init__(bits, signed, momentum)
+        self.offset = bits - 1 if signed else bits
+        self.log2_threshold = nn.Parameter(torch.zeros(()))
+        self.register_buffer("threshold_started", torch.tensor(False))
+
+    def start_from_exponent(self, exponent: float) -> None:
+        """Start at `exponent`: the threshold in the middle of its power-of-2 octave, so the
+        first steps do not flip it."""
+        super().start_from_exponent(exponent)
+        with torch.no_grad():
+            self.log2_threshold.fill_(float(self.exponent) + self.offset - 0.5)
+        self.threshold_started.fill_(True)
+
+    def compute_exponent(self) -> Tensor:
+        """While learning, the threshold's exponent; frozen, the one stored at the freeze."""
+        if not bool(self.threshold_started):
+            return super().compute_exponent()
+        if bool(self.observer_enabled):
+            with torch.no_grad():
+                self.exponent.copy_(torch.ceil(self.log2_threshold) - self.offset)
+        return self.exponent
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.threshold_started):  # no calibration: the first batch's range
+            output = super().forward(x)
+            if bool(self.observer.observed):
+                self.start_from_exponent(float(self.exponent))
+            return output
+        if not self.training:
+            return super().forward(x)
+        check_quantizer_input(x, self.exponent)
+        learning = bool(self.observer_enabled)
+        return fake_quantize_learned(x, self.log2_threshold, self.compute_exponent(),
+                                     self.qmin, self.qmax, learn=learning)
+
+
 class QuantizerFactory:
     """Builds every quantizer of a prepared model, of the kind its back end needs.
 
@@ -212,7 +261,8 @@ class QuantizerFactory:
         """The quantizer of one activation tensor."""
         config = self.config
         if self.qat:
-            return QATQuantizer(bits, signed, config.moving_average_momentum)
+            kind = LearnedRangeQuantizer if config.schedule.ranges == "learned" else QATQuantizer
+            return kind(bits, signed, config.moving_average_momentum)
         observer = make_observer(
             config.activation_observer,
             momentum=config.moving_average_momentum,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import quantfx as qf
-from quantfx.quantizers import CalibrationQuantizer
+from quantfx.quantizers import CalibrationQuantizer, LearnedRangeQuantizer
 
 
 def test_quant_mode_restores_what_it_found_even_on_error():
@@ -20,3 +20,79 @@ def test_quant_mode_restores_what_it_found_even_on_error():
         assert not any(bool(q.observer_enabled) or bool(q.quant_enabled) for q in quantizers)
         raise RuntimeError("inside")
     assert [(bool(q.observer_enabled), bool(q.quant_enabled)) for q in quantizers] == before
+
+
+# ------------------------------------------------------------- learned ranges (TQT, QAT)
+
+def _learned(exponent: float, signed: bool = True) -> LearnedRangeQuantizer:
+    quantizer = LearnedRangeQuantizer(8, signed).train()
+    quantizer.start_from_exponent(exponent)
+    return quantizer
+
+
+@pytest.mark.parametrize(("start", "direction"), [(2.0, -1), (-9.0, 1)])
+def test_learned_threshold_moves_toward_the_range_that_fits(start, direction):
+    """TQT's gradient has the right sign: started far too wide (every value in a few codes) the
+    threshold shrinks; far too narrow (most values saturate) it grows, minimizing the
+    quantization error alone."""
+    torch.manual_seed(0)
+    values = torch.randn(4096) * 0.5
+    quantizer = _learned(start)
+    optimizer = torch.optim.Adam([quantizer.log2_threshold], lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        (quantizer(values) - values).pow(2).mean().backward()
+        optimizer.step()
+    moved = float(quantizer.compute_exponent()) - start
+    assert moved * direction >= 3  # several octaves toward max|x| ~ 2 (exponent -5)
+
+
+def test_learned_range_eval_and_convert_use_the_learned_exponent():
+    """The threshold's exponent is what eval and the frozen quantizer compute with; after a
+    freeze the exponent stays even if the threshold parameter moves."""
+    quantizer = _learned(-4.0)
+    assert float(quantizer.exponent) == -4.0
+    with torch.no_grad():
+        quantizer.log2_threshold.add_(1.0)
+    values = torch.linspace(-20, 20, 101)
+    quantizer(values)
+    assert float(quantizer.exponent) == -3.0
+    quantizer.eval()
+    expected = torch.round(values / 0.125).clamp(-128, 127) * 0.125
+    assert torch.equal(quantizer(values), expected)
+    quantizer.train()
+    quantizer.compute_exponent()
+    quantizer.observer_enabled.fill_(False)  # what freeze_ranges does
+    with torch.no_grad():
+        quantizer.log2_threshold.add_(5.0)
+    quantizer(values).sum().backward()
+    assert float(quantizer.exponent) == -3.0 and float(quantizer.log2_threshold.grad) == 0.0
+
+
+def test_qat_with_learned_ranges_trains_and_converts_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    images = torch.randn(8, 3, 8, 8)
+    config = qf.QuantConfig(progress=False, bias_calibration=False,
+                            qat_schedule=qf.QATSchedule(ranges="learned"))
+    prepared = qf.prepare(model.eval(), (images[:1],), config)
+    qf.calibrate(prepared, [images])
+    qat = qf.prepare_qat(prepared, (images[:1],))
+    thresholds = [module.log2_threshold for module in qat.modules()
+                  if isinstance(module, LearnedRangeQuantizer)]
+    assert thresholds and all(any(t is p for p in qat.parameters()) for t in thresholds)
+    before = [float(t.detach()) for t in thresholds]
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        qat(images).square().mean().backward()
+        optimizer.step()
+    assert [float(t.detach()) for t in thresholds] != before
+    qat.eval()
+    with torch.no_grad():
+        assert torch.equal(qat(images), qf.convert(qat)(images))
+
+
+def test_unknown_range_rule_is_refused():
+    with pytest.raises(qf.ConfigError, match="ranges"):
+        qf.QATSchedule(ranges="learnt")
