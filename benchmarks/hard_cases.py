@@ -13,10 +13,10 @@ The accuracy part's nets follow TI's recipe and every method lands near float on
 
 Rows: float; quantfx's default for the case and its variants (without / with cross-layer
 equalization, learned rounding, per-channel weights, 16-bit first layer), QAT (Fashion-MNIST
-cases), torch.ao FX PTQ (x86: affine, per-channel weights), ONNX Runtime `quantize_static`
-(MinMax, per-channel), and Brevitas' graph equalization before quantfx's PTC where Brevitas
-imports. Accuracy (Fashion-MNIST: 10k test images), top-1 agreement with float, output SQNR
-against float, time.
+cases; statistical and learned ranges), torch.ao FX PTQ (x86: affine, per-channel weights),
+ONNX Runtime `quantize_static` (MinMax, per-channel), and Brevitas' graph equalization before
+quantfx's PTC where Brevitas imports. Accuracy (Fashion-MNIST: 10k test images), top-1
+agreement with float, output SQNR against float, time.
 
     python -m benchmarks hard_cases
 """
@@ -169,6 +169,12 @@ def _methods(case: Case, threads: int, folder: Path) -> list[tuple[str, Callable
         train = load_fashion_mnist("train")
         methods.append(("quantfx QAT from default (1 epoch)",
                         lambda: (quantfx_qat(default.prepared, train), "")))
+        learned = ptc(qat_schedule=qf.QATSchedule(ranges="learned"))
+
+        def qat_learned() -> tuple[Callable, str]:
+            learned()  # the same calibration, with the schedule QAT will read
+            return quantfx_qat(learned.prepared, train), "QATSchedule(ranges='learned')"
+        methods.append(("quantfx QAT from default, learned ranges (1 epoch)", qat_learned))
     methods.append(("torch.ao FX PTQ (x86)",
                     lambda: (torch_ao_ptq(case.model, case.calibration),
                              "affine uint8, per-channel weights")))
