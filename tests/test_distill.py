@@ -1,5 +1,6 @@
 """`quantfx.distill`: QAT without labels, the float model as the teacher."""
 
+import dataclasses
 import math
 import os
 
@@ -10,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import quantfx as qf
+from quantfx.quantizers import LearnedRangeQuantizer
 from tests.helpers import free_port
 
 CONFIG = qf.QuantConfig(target="tda4vm", progress=False, bias_calibration=False,
@@ -95,6 +97,24 @@ def test_one_tensor_of_inputs_is_one_batch_and_the_result_pickles(tmp_path):
     torch.save(student, tmp_path / "student.pt")
     loaded = torch.load(tmp_path / "student.pt", weights_only=False)
     assert torch.equal(loaded(data), student(data))
+
+
+def test_learned_ranges_are_trained_not_frozen():
+    """With QATSchedule(ranges="learned") distill trains each activation's log2 threshold
+    (statistical ranges it freezes: unlabeled batches would only drift them), and the result
+    still converts to exactly what it computes."""
+    model, data = _model(), _batches(6, 1)
+    config = dataclasses.replace(CONFIG, qat_schedule=qf.QATSchedule(ranges="learned"))
+    prepared = qf.prepare(model, (data[0][:1],), config)
+    qf.calibrate(prepared, data)
+    student = qf.distill(prepared, data, steps=40, features=False)
+    quantizers = [module for module in student.modules()
+                  if isinstance(module, LearnedRangeQuantizer)]
+    assert quantizers and all(bool(quantizer.observer_enabled) for quantizer in quantizers)
+    started = [float(quantizer.exponent) + quantizer.offset - 0.5 for quantizer in quantizers]
+    assert any(float(quantizer.log2_threshold.detach()) != start
+               for quantizer, start in zip(quantizers, started))
+    assert torch.equal(qf.convert(student)(data[0]), student(data[0]))
 
 
 def test_distill_from_the_float_model_and_from_a_qat_model():
