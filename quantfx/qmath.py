@@ -235,22 +235,26 @@ class _LearnedThresholdFakeQuantize(torch.autograd.Function):
                 qmax: int, gradient_scale: float) -> Tensor:
         scale = torch.exp2(exponent.detach()).to(x.dtype)
         output = torch.mul(x, torch.reciprocal(scale)).round_().clamp_(qmin, qmax).mul_(scale)
-        ctx.save_for_backward(x, scale)
-        ctx.grid = (qmin, qmax, gradient_scale)
+        step = float(scale)
+        ctx.clip = ((qmin - 0.5) * step, (qmax + 0.5) * step)
+        ctx.gradient_scale = gradient_scale
+        ctx.save_for_backward(x, output)
         return output
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, scale = ctx.saved_tensors
-        qmin, qmax, gradient_scale = ctx.grid
-        scaled = x / scale
-        rounded = torch.round(scaled)
-        inside = (rounded >= qmin) & (rounded <= qmax)
-        if gradient_scale == 0.0:
-            return grad * inside, torch.zeros((), device=grad.device), None, None, None, None
-        slope = torch.where(inside, rounded - scaled, rounded.clamp(qmin, qmax))
-        threshold_grad = (grad * slope).sum() * (scale * math.log(2.0) * gradient_scale)
-        return grad * inside, threshold_grad.reshape(()), None, None, None, None
+        """In three fused passes: s * ln2 * (q - x/s) inside and s * ln2 * q where saturated
+        sum to ln2 * (sum(grad * output) - sum(grad_x * x)), grad_x the clipped STE's."""
+        x, output = ctx.saved_tensors
+        grad_x = torch.ops.aten.hardtanh_backward(grad, x, *ctx.clip)
+        if ctx.gradient_scale == 0.0:
+            return grad_x, torch.zeros((), device=grad.device), None, None, None, None
+        inside = torch.dot(grad_x.reshape(-1), x.reshape(-1))
+        if bool(torch.isnan(inside)):  # masked -inf inputs (0 * -inf): they count as saturated
+            inside = torch.dot(grad_x.reshape(-1), x.nan_to_num(neginf=0.0).reshape(-1))
+        difference = torch.dot(grad.reshape(-1), output.reshape(-1)) - inside
+        threshold_grad = difference * (math.log(2.0) * ctx.gradient_scale)
+        return grad_x, threshold_grad.reshape(()), None, None, None, None
 
 
 def fake_quantize_learned(x: Tensor, log2_threshold: Tensor, exponent: Tensor, qmin: int,
