@@ -33,7 +33,8 @@ JUNK = st.one_of(
     st.sampled_from([8.0, 16.0, 0.5, 99.0, 99.99, 100.0, 1.5, -0.1, float("nan")]),
     st.text(max_size=5),
     st.sampled_from(["8", "False", "True", "mse", "minmax", "first", "none", "histogram", "tda4vm",
-                     "am68a", "TDA4VM", "nearest", "learned", "Learned"]),
+                     "am68a", "TDA4VM", "nearest", "learned", "Learned", "statistics",
+                     "calibrated"]),
     st.lists(st.integers(-3, 20), max_size=3),
     st.lists(st.text(max_size=3), max_size=3),
     st.lists(st.sampled_from([nn.ReLU, nn.Module, int, len, math.sqrt, "head", "a.b", ""]),
@@ -110,7 +111,8 @@ SCHEDULE_VALIDITY = {
     "freeze_bn_epoch": lambda v: v is None or (_is_int(v) and v >= 0),
     "freeze_ranges_epoch": lambda v: v is None or (_is_int(v) and v >= 0),
     "weight_clip_std": lambda v: v is None or (_is_number(v) and v > 1),
-    "weight_exponent": lambda v: isinstance(v, str) and v in ("minmax", "mse"),
+    "weight_exponent": lambda v: isinstance(v, str) and v in ("minmax", "mse", "calibrated"),
+    "ranges": lambda v: isinstance(v, str) and v in ("statistics", "learned"),
 }
 
 CONFIG_FIELDS = [item.name for item in dataclasses.fields(QuantConfig)]
