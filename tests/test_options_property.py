@@ -20,6 +20,7 @@ from torch import nn
 import quantfx as qf
 from quantfx import QATSchedule, QuantConfig, QuantFxError
 from quantfx.config import WEIGHT_ROUNDINGS
+from quantfx.tidl.profiles import resolve_target
 
 SETTINGS = settings(deadline=None, max_examples=60, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -75,7 +76,7 @@ def _is_number(value) -> bool:
 VALIDITY = {
     "activation_bits": lambda v: _is_int(v) and v in (8, 16),
     "weight_bits": lambda v: _is_int(v) and v in (8, 16),
-    "target": lambda v: isinstance(v, str) and v in qf.TARGETS,
+    "target": lambda v: isinstance(v, str) and resolve_target(v) in qf.TARGETS,  # any case
     "per_channel_depthwise": lambda v: v is None or isinstance(v, bool),
     "per_channel_weights": lambda v: v is None or isinstance(v, bool),
     "equalization": lambda v: v is None or isinstance(v, bool),
