@@ -276,3 +276,41 @@ def test_nan_made_inside_the_model_is_refused_naming_the_tensor():
     prepared = qf.prepare(NegativeSqrt(), (torch.rand(1, 3, 8, 8),), qf.QuantConfig(progress=False))
     with pytest.raises(qf.NonFiniteError, match="tensor 'sqrt' holds NaN"):
         qf.calibrate(prepared, [torch.randn(2, 3, 8, 8)])
+
+
+class DepthwisePair(nn.Module):
+    """A depthwise conv whose channels differ 50x in scale, then a pointwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.relu = nn.ReLU()
+        self.pointwise = nn.Conv2d(4, 6, 1)
+        with torch.no_grad():
+            self.depthwise.weight.mul_(torch.logspace(0, -1.7, 4).reshape(4, 1, 1, 1))
+
+    def forward(self, x):
+        return self.pointwise(self.relu(self.depthwise(x)))
+
+
+def _channel_spread(weight: torch.Tensor) -> float:
+    peaks = weight.detach().abs().flatten(1).amax(dim=1)
+    return float(peaks.max() / peaks.min())
+
+
+def test_prepare_equalizes_where_depthwise_weights_are_per_tensor():
+    """The wiring and default of cross-layer equalization: `prepare` for TDA4VM (per-tensor
+    depthwise weights) evens out the depthwise channels by default; per-channel depthwise
+    (the generic default) or equalization=False leaves them as they are."""
+    torch.manual_seed(0)
+    model, example = DepthwisePair().eval(), (torch.randn(1, 4, 6, 6),)
+    float_spread = _channel_spread(model.depthwise.weight)
+
+    def spread(config: qf.QuantConfig) -> float:
+        prepared = qf.prepare(model, example, config)
+        return _channel_spread(prepared.get_submodule("depthwise").layer.weight)
+
+    assert spread(qf.QuantConfig(target="tda4vm", progress=False)) < float_spread / 4
+    for config in (qf.QuantConfig(progress=False),
+                   qf.QuantConfig(target="tda4vm", equalization=False, progress=False)):
+        assert spread(config) == pytest.approx(float_spread)
