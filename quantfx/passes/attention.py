@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from quantfx.passes.graph_utils import (
     inline_module,
     module_of,
+    recorded_shape,
     set_submodule,
     unique_submodule_name,
 )
@@ -104,16 +105,14 @@ def _decomposable(attention: nn.Module, node: fx.Node, arguments: dict[str, Any]
     if not all(isinstance(arguments[name], bool) for name in ("need_weights",
                                                               "average_attn_weights")):
         return False
-    weights_used = any(user.args[1] == 1 and user.users for user in node.users
-                       if user.target is operator.getitem)
     return all(user.op == "call_function" and user.target is operator.getitem
                and user.args[1] in (0, 1) for user in node.users) and (
-        arguments["need_weights"] or not weights_used)
+        arguments["need_weights"] or not _weights_read(node))
 
 
-def _rank(node: Any) -> int | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def _weights_read(node: fx.Node) -> bool:
+    """Whether anything reads the call's attention weights (its output 1)."""
+    return any(user.args[1] == 1 and user.users for user in node.users)
 
 
 def _pieces_for(graph_module: fx.GraphModule, node: fx.Node, attention: nn.MultiheadAttention,
@@ -148,10 +147,10 @@ def _decompose_sdpa(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     arguments.update(node.kwargs)
     options = {name: arguments.get(name, default) for name, default in SDPA_DEFAULTS.items()}
     if (options["attn_mask"] is not None or options["is_causal"] or options["enable_gqa"]
-            or options["dropout_p"] != 0.0 or _rank(arguments.get("query")) is None):
+            or options["dropout_p"] != 0.0 or recorded_shape(arguments.get("query")) is None):
         return False
     query, key, value = (arguments[name] for name in ("query", "key", "value"))
-    head_dim = query.meta["tensor_meta"].shape[-1]
+    head_dim = recorded_shape(query)[-1]
     scale = options["scale"] if options["scale"] is not None else head_dim ** -0.5
     softmax = unique_submodule_name(graph_module, f"{node.name}_probabilities")
     graph_module.add_submodule(softmax, nn.Softmax(dim=-1))
@@ -200,7 +199,7 @@ def _einsum_as_matmul(graph_module: fx.GraphModule, node: fx.Node) -> bool:
         operands = list(operands[0])
     transposed = _matmul_form(node.args[0])
     if transposed is None or len(operands) != 2 or not all(
-            _rank(operand) is not None for operand in operands):
+            recorded_shape(operand) is not None for operand in operands):
         return False
     graph = graph_module.graph
     left, right = operands
@@ -232,9 +231,9 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
         arguments = _call_arguments(node)
         if not _decomposable(attention, node, arguments):
             continue
-        weights_used = any(user.args[1] == 1 and user.users for user in node.users)
-        options = (not attention.batch_first and _rank(arguments["query"]) == 3,
-                   arguments["need_weights"] and weights_used,  # unused weights: not computed
+        shape = recorded_shape(arguments["query"])
+        options = (not attention.batch_first and shape is not None and len(shape) == 3,
+                   arguments["need_weights"] and _weights_read(node),  # unread: not computed
                    arguments["average_attn_weights"])
         target = _pieces_for(graph_module, node, attention, options, first)
         outputs = inline_module(graph_module, node, graph_module.get_submodule(target), target,

@@ -43,6 +43,12 @@ def is_float_tensor(node: Any) -> bool:
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
+def recorded_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape shape propagation recorded for `node` (None: not a node, or not a tensor)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
 def unique_submodule_name(graph_module: fx.GraphModule, wanted: str) -> str:
     """`wanted` (dots allowed), or with a numeric suffix if that attribute path is taken."""
 

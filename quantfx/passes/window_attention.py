@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantfx.modules import AdditiveMask
-from quantfx.passes.graph_utils import constant_value, inline_module, unique_submodule_name
+from quantfx.passes.graph_utils import (
+    constant_value,
+    inline_module,
+    recorded_shape,
+    unique_submodule_name,
+)
 
 try:
     from torchvision.models import swin_transformer
@@ -159,12 +164,11 @@ def decompose_window_attention(graph_module: fx.GraphModule) -> int:
         bound = inspect.signature(function).bind(*node.args, **node.kwargs)
         bound.apply_defaults()
         arguments = _constant_arguments(graph_module, bound.arguments)
-        meta = bound.arguments["input"].meta.get("tensor_meta") if isinstance(
-            bound.arguments["input"], fx.Node) else None
-        if arguments is None or meta is None or len(meta.shape) != 4:
+        shape = recorded_shape(bound.arguments["input"])
+        if arguments is None or shape is None or len(shape) != 4:
             continue
         target = unique_submodule_name(graph_module, f"{node.name}_pieces")
-        graph_module.add_submodule(target, WindowAttentionPieces(arguments, tuple(meta.shape)))
+        graph_module.add_submodule(target, WindowAttentionPieces(arguments, shape))
         output = inline_module(graph_module, node, graph_module.get_submodule(target), target,
                                (arguments["input"],), INNER_NAMES)
         node.replace_all_uses_with(output)
