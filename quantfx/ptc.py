@@ -196,7 +196,8 @@ def calibrate(
     `data` is an iterable of batches: tensors, or tuples whose first items are the model's
     inputs (a DataLoader of (images, labels) works as is). With `bias_calibration` on (the
     default) the first batches (`bias_calibration_samples`) are kept in memory and run again,
-    once per layer depth, to correct the biases. Returns the same model.
+    once per layer depth, to correct the biases (a model calibrated at several input sizes:
+    the batches of the first batch's size). Returns the same model.
     """
     given = state_of(model)
     hint = QAT_HINT if given is not None and given.backend == QAT else ""
@@ -219,6 +220,8 @@ def calibrate(
         with torch.no_grad():
             for index, inputs in iterate_batches(model, data, num_batches, "calibrate"):
                 output = _run_batch(model, inputs, index)
+                if not shaped_like(inputs, kept):
+                    continue  # observed; kept batches must stack (reconstruction, the check)
                 if kept_samples < budget:
                     kept.append(tuple(tensor[:budget - kept_samples] for tensor in inputs))
                     kept_samples += kept[-1][0].shape[0]
@@ -240,6 +243,14 @@ def calibrate(
     finally:
         model.train(was_training)
     return model
+
+
+def shaped_like(inputs: tuple[torch.Tensor, ...], kept: list[tuple[torch.Tensor, ...]]) -> bool:
+    """Whether a batch's samples have the shapes of the first kept batch's (or none is kept):
+    a fully convolutional model calibrated at several input sizes keeps the first size's
+    batches for bias calibration, weight rounding and the check, which stack them."""
+    return not kept or all(tensor.shape[1:] == first.shape[1:]
+                           for tensor, first in zip(inputs, kept[0]))
 
 
 def _kept_samples(config: QuantConfig) -> int:

@@ -10,6 +10,7 @@ import quantfx as qf
 from quantfx.layers import IntegerLayer
 from quantfx.qmath import exponent_for_max, is_power_of_two
 from quantfx.quantizers import CalibrationQuantizer, FrozenQuantizer
+from quantfx.state import state_of
 from tests.helpers import ConvBnReLU, quantize_model, randomize_batchnorm
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(42))
@@ -143,6 +144,21 @@ def test_calibrate_accepts_dataloader_style_batches():
     for (key, value), other in zip(prepared.state_dict().items(),
                                    inputs_only.state_dict().values()):
         assert torch.equal(value, other), key
+
+
+def test_a_fully_convolutional_model_calibrates_at_several_input_sizes():
+    """An image pyramid (a detector's first stage): every size is observed; bias calibration and
+    the check, which stack their samples, keep the batches of the first size."""
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 3, size, size, generator=generator) for size in (16, 24, 16, 20)]
+    prepared = qf.calibrate(qf.prepare(model, X), batches)
+    assert state_of(prepared).calibration_check.samples == 4  # the two 16 x 16 batches
+    converted = qf.convert(prepared)
+    for batch in batches:
+        with torch.no_grad():
+            reference, output = model(batch), converted(batch)
+        assert float((output - reference).pow(2).sum() / reference.pow(2).sum()) < 0.01
 
 
 def test_equalization_is_on_where_the_profile_says_and_off_when_asked():
