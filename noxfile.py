@@ -24,6 +24,10 @@ def install_project(session: nox.Session, extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (unit, property and end-to-end tests over torchvision models)."""
     install_project(session, "test")
+    # MTCNN's pretrained weights ship inside facenet-pytorch, which pins an old torch: no deps
+    # (it imports requests).
+    session.install("--no-deps", "facenet-pytorch==2.6.0")
+    session.install("requests")
     session.run("pytest", "-q", *session.posargs)
 
 

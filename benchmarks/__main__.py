@@ -24,6 +24,7 @@ PARTS = {
     "detection": "benchmarks.detection",
     "detector": "benchmarks.detector_accuracy",
     "real_models": "benchmarks.real_models",
+    "face_detection": "benchmarks.face_detection",
     "distill": "benchmarks.distill",
     "transformers": "benchmarks.transformers",
     "reconstruction_cost": "benchmarks.reconstruction_cost",
