@@ -19,7 +19,7 @@ from torch import nn
 from quantfx.config import QuantConfig
 from quantfx.errors import ConvertError, InternalError
 from quantfx.inputs import parameter_dtype_device
-from quantfx.layers import FakeQuantLayer, IntegerLayer
+from quantfx.layers import FakeQuantLayer, IntegerLayer, PReLULayer
 from quantfx.partial import quantized_parts, replace_parts
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
 from quantfx.qat import lower_qat_layers
@@ -95,6 +95,19 @@ def _freeze_quantizers(working: fx.GraphModule, backend: str) -> None:
                           FrozenQuantizer(float(exponent), quantizer.bits, quantizer.signed))
 
 
+def _freeze_slopes(working: nn.Module) -> None:
+    """Each PReLU's slope quantizer becomes a `FrozenQuantizer` at the exponent of the slopes
+    it holds now (a model restored from a state_dict converts to the same codes)."""
+    for module in working.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if isinstance(module, PReLULayer) and isinstance(quantizer, CalibrationQuantizer):
+            if bool(quantizer.observer_enabled):
+                quantizer.observer(module.weight.detach())
+            module.weight_quantizer = FrozenQuantizer(float(quantizer.current_exponent()),
+                                                      quantizer.bits, signed=True)
+            module.weight.requires_grad_(False)  # frozen, like an IntegerLayer's weights
+
+
 def observe_weight(layer: FakeQuantLayer) -> None:
     """Let an observing weight quantizer see the layer's current weight and take its exponent:
     the exponent then follows from the weight alone (a model restored from a state_dict
@@ -126,6 +139,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
     working = copy.deepcopy(model).eval()
     _freeze_quantizers(working, state.backend)
     lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below
+    _freeze_slopes(working)
     for node in working.graph.nodes:
         layer = module_of(working, node)
         if isinstance(layer, FakeQuantLayer):

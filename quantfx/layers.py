@@ -151,3 +151,21 @@ class IntegerLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
+
+
+class PReLULayer(nn.Module):
+    """A PReLU whose slopes run through a weight quantizer, as TIDL runs PReLU: its slopes
+    symmetric and per tensor, like the weights of its BatchNorm layer (TIDL_FACTS.md). The
+    slope stays this module's `weight`, so a float model's state_dict keys still load."""
+
+    def __init__(self, prelu: nn.PReLU, weight_quantizer: nn.Module) -> None:
+        super().__init__()
+        self.weight = prelu.weight
+        self.weight_quantizer = weight_quantizer
+
+    def slope(self) -> Tensor:
+        """The slopes as the engine holds them (float while the quantizer only observes)."""
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.prelu(x, self.slope())

@@ -292,6 +292,15 @@ class QuantizerFactory:
         return quantizer
 
 
+    def slope(self, bits: int) -> CalibrationQuantizer:
+        """The quantizer of a PReLU's slopes: per tensor, never clipping (the scale TIDL would
+        derive from the slopes itself); in QAT it follows the slopes as they train."""
+        quantizer = CalibrationQuantizer(make_observer("minmax"), bits, signed=True)
+        if self.qat:
+            quantizer.set_mode(observe=True, quantize=True)
+        return quantizer
+
+
 def calibration_quantizers(model: nn.Module) -> list[tuple[str, CalibrationQuantizer]]:
     """Every observing quantizer of `model` (activations and weights), with its name."""
     return [(name, module) for name, module in model.named_modules()

@@ -770,8 +770,16 @@ def test_prelu_exports_bit_exact(tmp_path) -> None:
     report = qf.export_onnx(_convert(model.eval(), data), (data[:2],), tmp_path / "prelu.onnx",
                             verify_data=data)
     assert report.fraction_identical == 1.0
-    slopes = [n for n in onnx.load(tmp_path / "prelu.onnx").graph.node if n.op_type == "PRelu"]
+    graph = onnx.load(tmp_path / "prelu.onnx").graph
+    slopes = [n for n in graph.node if n.op_type == "PRelu"]
     assert len(slopes) == 3
+    # slopes as TIDL reads PReLU in a QDQ model: int8 codes dequantized at one scale per tensor
+    dequantizers = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    initializers = {i.name: i for i in graph.initializer}
+    for prelu in slopes:
+        codes, scale = dequantizers[prelu.input[1]].input[:2]
+        assert initializers[codes].data_type == onnx.TensorProto.INT8
+        assert list(initializers[scale].dims) == []
 
 
 def test_l2_normalize_exports(tmp_path) -> None:

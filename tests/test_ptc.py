@@ -1,6 +1,7 @@
 """prepare / calibrate / convert: the public API, the numerics contract and the errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -330,3 +331,29 @@ def test_prepare_equalizes_where_depthwise_weights_are_per_tensor():
     for config in (qf.QuantConfig(progress=False),
                    qf.QuantConfig(target="tda4vm", equalization=False, progress=False)):
         assert spread(config) == pytest.approx(float_spread)
+
+
+def test_prelu_slopes_are_quantized_per_tensor_as_tidl_runs_them():
+    """TIDL quantizes PReLU's slopes symmetric per tensor: prepare gives them a weight quantizer
+    (no float-parameter warning), convert puts them on the never-clipping 8-bit grid, and QAT
+    trains them through it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.05, 0.5)
+        model[1].weight[0] = 0.001  # a slope finer than the grid the others need
+    data = torch.randn(8, 3, 10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qf.QuantFxWarning)
+        prepared = qf.prepare(model.eval(), data[:2])
+    converted = qf.convert(qf.calibrate(prepared, [data]))
+    slopes = converted.get_submodule("1").slope()
+    exponent = exponent_for_max(model[1].weight.detach().abs().max(), 127)
+    assert torch.equal(slopes / 2.0 ** exponent, torch.round(slopes / 2.0 ** exponent))
+    assert float((slopes - model[1].weight.detach()).abs().max()) <= 2.0 ** (exponent - 1)
+    assert float(slopes[0]) == 0.0  # rounded away, as on the device
+    qat = qf.prepare_qat(model.train(), data[:2])
+    qat(data).pow(2).mean().backward()
+    layer = qat.get_submodule("1")
+    assert layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0)
+    assert torch.equal(layer.slope(), converted.get_submodule("1").slope())

@@ -24,7 +24,7 @@ from quantfx.checks import check_number
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, ConvertError
-from quantfx.layers import FakeQuantLayer, layer_forward
+from quantfx.layers import FakeQuantLayer, PReLULayer, layer_forward
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.ptc import calibrate, prepare
@@ -260,7 +260,7 @@ def _partial(prepared: fx.GraphModule, weights: bool, activations: bool,
              batches: list[tuple[Tensor, ...]]) -> list[Tensor]:
     """Outputs of the prepared model with only weights (or only activations) quantized."""
     for module in prepared.modules():
-        if isinstance(module, FakeQuantLayer):
+        if isinstance(module, (FakeQuantLayer, PReLULayer)):
             module.weight_quantizer.set_mode(observe=False, quantize=weights)
     for name in _activation_quantizers(prepared):
         prepared.get_submodule(name).set_mode(observe=False, quantize=activations)

@@ -30,7 +30,7 @@ from quantfx.export.emitters import (
     shapes,
     swin,
 )
-from quantfx.layers import FakeQuantLayer, IntegerLayer
+from quantfx.layers import FakeQuantLayer, IntegerLayer, PReLULayer
 from quantfx.ops import DROPOUT_FUNCTIONS, IDENTITY_CALLS, IDENTITY_MODULES, RESHAPE_CALLS
 from quantfx.passes.graph_utils import is_float_tensor
 from quantfx.quantizers import FrozenQuantizer, Quantizer
@@ -41,11 +41,11 @@ Emitter = Callable[[Builder, fx.Node, Any], None]
 MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitter]] = [
     (FrozenQuantizer, quantized.emit_quantize),
     (IntegerLayer, quantized.emit_integer_layer),
+    (PReLULayer, quantized.emit_prelu_layer),
     (nn.ReLU, activations.unary("Relu")),
     (nn.ReLU6, activations.emit_relu6),
     (nn.Hardtanh, activations.emit_hardtanh),
     (nn.LeakyReLU, activations.emit_leaky_relu),
-    (nn.PReLU, activations.emit_prelu),
     (standins.HardSwish, activations.emit_hard_swish),
     (standins.HardSigmoid, activations.emit_hard_sigmoid),
     (nn.Hardswish, activations.emit_hardswish),

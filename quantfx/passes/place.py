@@ -21,7 +21,7 @@ from torch import nn
 from quantfx import modules as standins
 from quantfx.config import LAYER_ALIASES, QuantConfig
 from quantfx.errors import ConfigError, warn
-from quantfx.layers import FakeQuantLayer
+from quantfx.layers import FakeQuantLayer, PReLULayer
 from quantfx.ops import (
     FUSABLE_ACTIVATIONS,
     FUSE_PRODUCERS,
@@ -188,8 +188,21 @@ def wrap_weight_layers(graph_module: fx.GraphModule, layers: list[fx.Node], wide
             graph_module.graph.erase_node(bn_node)
         quantizer = factory.weight(layer, 16 if node in wide else factory.config.weight_bits)
         set_submodule(graph_module, node.target, build(layer, bn, quantizer))
-    _warn_float_parameters(graph_module, set(layers))
+    _warn_float_parameters(graph_module, set(layers) | wrap_prelu_slopes(graph_module, factory))
     graph_module.delete_all_unused_submodules()
+
+
+def wrap_prelu_slopes(graph_module: fx.GraphModule, factory: QuantizerFactory) -> set[fx.Node]:
+    """Give each PReLU a slope quantizer (`PReLULayer`, `weight_bits` wide); returns their
+    nodes."""
+    wrapped = set()
+    for node in graph_module.graph.nodes:
+        module = module_of(graph_module, node)
+        if isinstance(module, nn.PReLU):
+            quantizer = factory.slope(factory.config.weight_bits)
+            set_submodule(graph_module, node.target, PReLULayer(module, quantizer))
+            wrapped.add(node)
+    return wrapped
 
 
 def _output_bits(

@@ -29,7 +29,7 @@ from quantfx.frontend import (
     warn_unexportable,
 )
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
-from quantfx.layers import FakeQuantLayer
+from quantfx.layers import FakeQuantLayer, PReLULayer
 from quantfx.partial import (
     model_inputs,
     part_calls,
@@ -145,6 +145,8 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
         module = module_of(graph_module, node)
         if isinstance(module, FakeQuantLayer):
             set_submodule(graph_module, node.target, _qat_layer_from_ptc(module, factory, config))
+        elif isinstance(module, PReLULayer):  # its slopes train: the quantizer follows them
+            module.weight_quantizer = factory.slope(module.weight_quantizer.bits)
         elif isinstance(module, CalibrationQuantizer):
             started = factory.activation(module.bits, module.signed)
             if module.observed:

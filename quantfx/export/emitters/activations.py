@@ -35,16 +35,6 @@ def emit_leaky_relu(b: Builder, node: fx.Node, module: nn.LeakyReLU) -> None:
     b.emit(node, "LeakyRelu", [b.tensor_input(node)], alpha=float(module.negative_slope))
 
 
-def emit_prelu(b: Builder, node: fx.Node, module: nn.PReLU) -> None:
-    """PRelu with the slope along the channel axis (dim 1), as torch applies it: x or
-    slope * x, one float multiply in both runtimes."""
-    slope = module.weight.detach().float().cpu().numpy()
-    rank = len(b.input_info(node).shape)
-    if slope.size > 1:
-        slope = slope.reshape((slope.size,) + (1,) * max(rank - 2, 0))
-    b.emit(node, "PRelu", [b.tensor_input(node), b.constant(f"{node.name}.slope", slope)])
-
-
 def _relu6_of_shifted(b: Builder, node: fx.Node, source: str) -> str:
     """min(max(x + 3, 0), 6), torch's exact float steps for hardswish / hardsigmoid."""
     shifted = f"{node.name}.add"

@@ -1,5 +1,6 @@
 """Quantizers and integer layers: QuantizeLinear/DequantizeLinear pairs (or legacy Clip ranges),
-and Conv / ConvTranspose / Gemm / MatMul on dequantized integer weights and int32 biases."""
+Conv / ConvTranspose / Gemm / MatMul on dequantized integer weights and int32 biases, and PRelu
+on dequantized integer slopes."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from torch import Tensor, nn
 
 from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
-from quantfx.layers import IntegerLayer
+from quantfx.layers import IntegerLayer, PReLULayer
 from quantfx.modules import BatchNormLayer
 from quantfx.passes.graph_utils import module_of
-from quantfx.qmath import is_power_of_two, scale_of
+from quantfx.qmath import from_codes, is_power_of_two, scale_of, to_codes
 from quantfx.quantizers import FrozenQuantizer
 
 NUMPY_INT_TYPES = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16,
@@ -168,3 +169,16 @@ def emit_integer_layer(b: Builder, node: fx.Node, integer: IntegerLayer) -> None
            [source, weight] + ([bias] if bias else []), kernel_shape=list(layer.kernel_size),
            strides=list(layer.stride), pads=conv_pads(layer), dilations=list(layer.dilation),
            group=layer.groups, **extra)
+
+
+def emit_prelu_layer(b: Builder, node: fx.Node, prelu: PReLULayer) -> None:
+    """PRelu whose slopes are integer codes + DequantizeLinear at their per-tensor scale (TIDL
+    reads them as it quantizes PReLU), shaped to broadcast along the channel axis (dim 1)."""
+    quantizer = prelu.weight_quantizer
+    codes = to_codes(prelu.weight.detach(), quantizer.exponent, quantizer.qmin, quantizer.qmax)
+    rank = len(b.input_info(node).shape)
+    if codes.numel() > 1:
+        codes = codes.reshape((codes.numel(),) + (1,) * max(rank - 2, 0))
+    slope = _dequantized_constant(b, f"{node.name}.slope", codes, quantizer.exponent,
+                                  quantizer.bits, from_codes(codes, quantizer.exponent))
+    b.emit(node, "PRelu", [b.tensor_input(node), slope])
