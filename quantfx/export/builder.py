@@ -90,7 +90,7 @@ class Builder:
 
     def emit(self, node: fx.Node, op_type: str, inputs: list[str], **attributes: Any) -> None:
         """Add the ONNX node that computes `node` (node and output named after it)."""
-        self.add(op_type, inputs, [node.name], node.name, **attributes)
+        self.op(op_type, inputs, node.name, **attributes)
         self.env[node] = node.name
 
     # -- reading FX arguments -----------------------------------------------------------------
@@ -162,10 +162,10 @@ class Builder:
                keepdims: int = 1) -> None:
         """A Reduce* node named `output` over `axes` (an input from opset 18)."""
         if self.opset >= AXES_AS_INPUT_OPSET:
-            self.add(op_type, [source, self.int64_constant(f"{output}.axes", axes)], [output],
-                     output, keepdims=keepdims)
+            self.op(op_type, [source, self.int64_constant(f"{output}.axes", axes)], output,
+                    keepdims=keepdims)
         else:
-            self.add(op_type, [source], [output], output, axes=axes, keepdims=keepdims)
+            self.op(op_type, [source], output, axes=axes, keepdims=keepdims)
 
     def split(self, name: str, source: str, outputs: list[str], axis: int,
               sizes: list[int]) -> None:
@@ -186,7 +186,7 @@ class Builder:
                   self.int64_constant(f"{prefix}.axes", axes)]
         if steps is not None:
             inputs.append(self.int64_constant(f"{prefix}.steps", steps))
-        self.add("Slice", inputs, [name], name)
+        self.op("Slice", inputs, name)
         return name
 
     def pad_end(self, name: str, source: str, shape: tuple[int, ...],
@@ -196,7 +196,7 @@ class Builder:
         if not any(ends.values()):
             return source, shape
         pads = [0] * len(shape) + [ends.get(axis, 0) for axis in range(len(shape))]
-        self.add("Pad", [source, self.int64_constant(f"{name}.pads", pads)], [name], name)
+        self.op("Pad", [source, self.int64_constant(f"{name}.pads", pads)], name)
         return name, tuple(size + ends.get(axis, 0) for axis, size in enumerate(shape))
 
     def roll(self, name: str, source: str, shape: tuple[int, ...], shifts: list[int],
@@ -209,8 +209,7 @@ class Builder:
             size = shape[axis]
             tail = self.slice(f"{name}.axis{axis}.tail", source, [size - shift], [size], [axis])
             head = self.slice(f"{name}.axis{axis}.head", source, [0], [size - shift], [axis])
-            self.add("Concat", [tail, head], [f"{name}.axis{axis}"], f"{name}.axis{axis}",
-                     axis=axis)
+            self.op("Concat", [tail, head], f"{name}.axis{axis}", axis=axis)
             source = f"{name}.axis{axis}"
         return source
 
@@ -220,8 +219,8 @@ class Builder:
         the result's name, `prefix`."""
         product = f"{prefix}_product" if bias is not None else prefix
         weight_name = self.float_constant(f"{prefix}_weight", weight.detach().t().cpu().numpy())
-        self.add("MatMul", [source, weight_name], [product], product)
+        self.op("MatMul", [source, weight_name], product)
         if bias is not None:
             bias_name = self.float_constant(f"{prefix}_bias", bias.detach().cpu().numpy())
-            self.add("Add", [product, bias_name], [prefix], prefix)
+            self.op("Add", [product, bias_name], prefix)
         return prefix

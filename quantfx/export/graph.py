@@ -122,7 +122,7 @@ def _graph_outputs(b: Builder, taken: list[str]) -> list[onnx.ValueInfoProto]:
         name = b.value(out)
         if name in taken + [value.name for value in outputs]:
             alias = f"output_{index}"
-            b.add("Identity", [name], [alias], alias)
+            b.op("Identity", [name], alias)
             name = alias
         info = b.records[out]
         outputs.append(helper.make_tensor_value_info(name, _onnx_dtype(info.dtype),

@@ -38,7 +38,7 @@ def emit_leaky_relu(b: Builder, node: fx.Node, module: nn.LeakyReLU) -> None:
 def _relu6_of_shifted(b: Builder, node: fx.Node, source: str) -> str:
     """min(max(x + 3, 0), 6), torch's exact float steps for hardswish / hardsigmoid."""
     shifted = f"{node.name}.add"
-    b.add("Add", [source, b.float_constant(f"{node.name}.three", 3.0)], [shifted], shifted)
+    b.op("Add", [source, b.float_constant(f"{node.name}.three", 3.0)], shifted)
     clipped = f"{node.name}.clip"
     b.clip(clipped, shifted, clipped, 0.0, 6.0)
     return clipped
@@ -52,7 +52,7 @@ def emit_hardswish(b: Builder, node: fx.Node, module: nn.Module) -> None:
     source = b.tensor_input(node)
     clipped = _relu6_of_shifted(b, node, source)
     product = f"{node.name}.mul"
-    b.add("Mul", [source, clipped], [product], product)
+    b.op("Mul", [source, clipped], product)
     b.emit(node, "Div", [product, b.float_constant(f"{node.name}.six", 6.0)])
 
 
@@ -78,10 +78,8 @@ def emit_hard_swish(b: Builder, node: fx.Node, module: standins.HardSwish) -> No
         b.emit(node, "HardSwish", [source])
         return
     name = node.name
-    b.add("Mul", [source, b.float_constant(f"{name}.alpha", standins.ONE_SIXTH)],
-          [f"{name}.scaled"], f"{name}.scaled")
-    b.add("Add", [f"{name}.scaled", b.float_constant(f"{name}.half", 0.5)],
-          [f"{name}.shifted"], f"{name}.shifted")
+    b.op("Mul", [source, b.float_constant(f"{name}.alpha", standins.ONE_SIXTH)], f"{name}.scaled")
+    b.op("Add", [f"{name}.scaled", b.float_constant(f"{name}.half", 0.5)], f"{name}.shifted")
     b.clip(f"{name}.gate", f"{name}.shifted", f"{name}.gate", 0.0, 1.0)
     b.emit(node, "Mul", [source, f"{name}.gate"])
 
@@ -89,7 +87,7 @@ def emit_hard_swish(b: Builder, node: fx.Node, module: standins.HardSwish) -> No
 def emit_silu(b: Builder, node: fx.Node, module: nn.Module) -> None:
     source = b.tensor_input(node)
     sigmoid = f"{node.name}.sigmoid"
-    b.add("Sigmoid", [source], [sigmoid], sigmoid)
+    b.op("Sigmoid", [source], sigmoid)
     b.emit(node, "Mul", [source, sigmoid])
 
 
@@ -99,22 +97,18 @@ def emit_gelu(b: Builder, node: fx.Node, module: nn.GELU) -> None:
     if module.approximate == "tanh":
         # 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
         cube = f"{name}.cube"
-        b.add("Mul", [source, source], [f"{name}.square"], f"{name}.square")
-        b.add("Mul", [f"{name}.square", source], [cube], cube)
-        b.add("Mul", [cube, b.float_constant(f"{name}.k", 0.044715)], [f"{name}.kcube"],
-              f"{name}.kcube")
-        b.add("Add", [source, f"{name}.kcube"], [f"{name}.inner"], f"{name}.inner")
-        b.add("Mul", [f"{name}.inner", b.float_constant(f"{name}.alpha", math.sqrt(2 / math.pi))],
-              [f"{name}.scaled"], f"{name}.scaled")
-        b.add("Tanh", [f"{name}.scaled"], [f"{name}.squash"], f"{name}.squash")
+        b.op("Mul", [source, source], f"{name}.square")
+        b.op("Mul", [f"{name}.square", source], cube)
+        b.op("Mul", [cube, b.float_constant(f"{name}.k", 0.044715)], f"{name}.kcube")
+        b.op("Add", [source, f"{name}.kcube"], f"{name}.inner")
+        alpha = b.float_constant(f"{name}.alpha", math.sqrt(2 / math.pi))
+        b.op("Mul", [f"{name}.inner", alpha], f"{name}.scaled")
+        b.op("Tanh", [f"{name}.scaled"], f"{name}.squash")
     else:
-        b.add("Mul", [source, b.float_constant(f"{name}.alpha", math.sqrt(0.5))],
-              [f"{name}.scaled"], f"{name}.scaled")
-        b.add("Erf", [f"{name}.scaled"], [f"{name}.squash"], f"{name}.squash")
-    b.add("Add", [f"{name}.squash", b.float_constant(f"{name}.one", 1.0)], [f"{name}.plus"],
-          f"{name}.plus")
-    b.add("Mul", [source, b.float_constant(f"{name}.half", 0.5)], [f"{name}.halfx"],
-          f"{name}.halfx")
+        b.op("Mul", [source, b.float_constant(f"{name}.alpha", math.sqrt(0.5))], f"{name}.scaled")
+        b.op("Erf", [f"{name}.scaled"], f"{name}.squash")
+    b.op("Add", [f"{name}.squash", b.float_constant(f"{name}.one", 1.0)], f"{name}.plus")
+    b.op("Mul", [source, b.float_constant(f"{name}.half", 0.5)], f"{name}.halfx")
     b.emit(node, "Mul", [f"{name}.halfx", f"{name}.plus"])
 
 

@@ -89,7 +89,7 @@ def emit_pow(b: Builder, node: fx.Node, module: Any) -> None:
     if exponent == 2:
         b.emit(node, "Mul", [source, source])
     elif exponent == 3:
-        b.add("Mul", [source, source], [f"{node.name}.square"], f"{node.name}.square")
+        b.op("Mul", [source, source], f"{node.name}.square")
         b.emit(node, "Mul", [f"{node.name}.square", source])
     elif exponent == 0.5:
         b.emit(node, "Sqrt", [source])

@@ -37,21 +37,21 @@ def emit_layer_norm(b: Builder, node: fx.Node, norm: nn.LayerNorm) -> None:
     axes = list(range(rank - len(norm.normalized_shape), rank))
     source, name = b.tensor_input(node), node.name
     b.reduce("ReduceMean", source, f"{name}.mean", axes)
-    b.add("Sub", [source, f"{name}.mean"], [f"{name}.centered"], f"{name}.centered")
-    b.add("Mul", [f"{name}.centered", f"{name}.centered"], [f"{name}.squared"], f"{name}.squared")
+    b.op("Sub", [source, f"{name}.mean"], f"{name}.centered")
+    b.op("Mul", [f"{name}.centered", f"{name}.centered"], f"{name}.squared")
     b.reduce("ReduceMean", f"{name}.squared", f"{name}.variance", axes)
     epsilon = b.float_constant(f"{name}.eps", norm.eps)
-    b.add("Add", [f"{name}.variance", epsilon], [f"{name}.variance_eps"], f"{name}.variance_eps")
-    b.add("Sqrt", [f"{name}.variance_eps"], [f"{name}.std"], f"{name}.std")
+    b.op("Add", [f"{name}.variance", epsilon], f"{name}.variance_eps")
+    b.op("Sqrt", [f"{name}.variance_eps"], f"{name}.std")
     normalized = name if norm.weight is None and norm.bias is None else f"{name}.normalized"
-    b.add("Div", [f"{name}.centered", f"{name}.std"], [normalized], normalized)
+    b.op("Div", [f"{name}.centered", f"{name}.std"], normalized)
     if normalized != name:
         weight = b.float_constant(f"{name}.weight", norm.weight.detach().cpu().numpy()
                                   if norm.weight is not None else np.ones(norm.normalized_shape))
         bias = b.float_constant(f"{name}.bias", norm.bias.detach().cpu().numpy()
                                 if norm.bias is not None else np.zeros(norm.normalized_shape))
-        b.add("Mul", [normalized, weight], [f"{name}.scaled"], f"{name}.scaled")
-        b.add("Add", [f"{name}.scaled", bias], [name], name)
+        b.op("Mul", [normalized, weight], f"{name}.scaled")
+        b.op("Add", [f"{name}.scaled", bias], name)
     b.env[node] = name
 
 
@@ -67,11 +67,10 @@ def emit_normalize_call(b: Builder, node: fx.Node, module: None) -> None:
                           "emitter (p=2 over one dimension has).")
     rank = len(b.input_info(node).shape)
     source, name = b.tensor_input(node), node.name
-    b.add("Mul", [source, source], [f"{name}.squared"], f"{name}.squared")
+    b.op("Mul", [source, source], f"{name}.squared")
     b.reduce("ReduceSum", f"{name}.squared", f"{name}.sum", [dim % rank])
-    b.add("Sqrt", [f"{name}.sum"], [f"{name}.norm"], f"{name}.norm")
-    b.add("Max", [f"{name}.norm", b.float_constant(f"{name}.eps", eps)], [f"{name}.denominator"],
-          f"{name}.denominator")
+    b.op("Sqrt", [f"{name}.sum"], f"{name}.norm")
+    b.op("Max", [f"{name}.norm", b.float_constant(f"{name}.eps", eps)], f"{name}.denominator")
     b.emit(node, "Div", [source, f"{name}.denominator"])
 
 
@@ -82,14 +81,13 @@ def emit_group_norm(b: Builder, node: fx.Node, norm: nn.GroupNorm) -> None:
     source, name = b.tensor_input(node), node.name
     b.reshape(f"{name}.grouped", source, f"{name}.grouped", (shape[0], norm.num_groups, -1))
     b.reduce("ReduceMean", f"{name}.grouped", f"{name}.mean", [2])
-    b.add("Sub", [f"{name}.grouped", f"{name}.mean"], [f"{name}.centered"], f"{name}.centered")
-    b.add("Mul", [f"{name}.centered", f"{name}.centered"], [f"{name}.squared"], f"{name}.squared")
+    b.op("Sub", [f"{name}.grouped", f"{name}.mean"], f"{name}.centered")
+    b.op("Mul", [f"{name}.centered", f"{name}.centered"], f"{name}.squared")
     b.reduce("ReduceMean", f"{name}.squared", f"{name}.variance", [2])
     epsilon = b.float_constant(f"{name}.eps", norm.eps)
-    b.add("Add", [f"{name}.variance", epsilon], [f"{name}.variance_eps"], f"{name}.variance_eps")
-    b.add("Sqrt", [f"{name}.variance_eps"], [f"{name}.std"], f"{name}.std")
-    b.add("Div", [f"{name}.centered", f"{name}.std"], [f"{name}.normalized"],
-          f"{name}.normalized")
+    b.op("Add", [f"{name}.variance", epsilon], f"{name}.variance_eps")
+    b.op("Sqrt", [f"{name}.variance_eps"], f"{name}.std")
+    b.op("Div", [f"{name}.centered", f"{name}.std"], f"{name}.normalized")
     affine = norm.affine
     target = f"{name}.ungrouped" if affine else name
     b.reshape(target, f"{name}.normalized", target, tuple(shape))
@@ -98,6 +96,6 @@ def emit_group_norm(b: Builder, node: fx.Node, norm: nn.GroupNorm) -> None:
         weight = b.float_constant(f"{name}.weight",
                                   norm.weight.detach().cpu().numpy().reshape(channel))
         bias = b.float_constant(f"{name}.bias", norm.bias.detach().cpu().numpy().reshape(channel))
-        b.add("Mul", [target, weight], [f"{name}.scaled"], f"{name}.scaled")
-        b.add("Add", [f"{name}.scaled", bias], [name], name)
+        b.op("Mul", [target, weight], f"{name}.scaled")
+        b.op("Add", [f"{name}.scaled", bias], name)
     b.env[node] = name

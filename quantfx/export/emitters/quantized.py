@@ -118,8 +118,7 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
     rows = int(np.prod(in_shape[:-1]))
     b.reshape(f"{node.name}.rows", source, f"{node.name}.rows", (rows, in_shape[-1]))
     product = f"{node.name}.gemm"
-    b.add("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []), [product], product,
-          transB=1)
+    b.op("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []), product, transB=1)
     users = list(node.users)
     quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
     if isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the Gemm itself

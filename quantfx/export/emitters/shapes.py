@@ -119,8 +119,7 @@ def emit_pixel_unshuffle(b: Builder, node: fx.Node, module: Any) -> None:
     name = node.name
     b.reshape(f"{name}.split", b.tensor_input(node), f"{name}.split",
               (batch, channels, height // factor, factor, width // factor, factor))
-    b.add("Transpose", [f"{name}.split"], [f"{name}.moved"], f"{name}.moved",
-          perm=[0, 1, 3, 5, 2, 4])
+    b.op("Transpose", [f"{name}.split"], f"{name}.moved", perm=[0, 1, 3, 5, 2, 4])
     b.reshape(name, f"{name}.moved", name, b.info(node).shape)
     b.env[node] = name
 
@@ -132,7 +131,7 @@ def emit_channel_shuffle(b: Builder, node: fx.Node, module: Any) -> None:
     b.reshape(grouped, b.tensor_input(node), grouped, (batch, groups, channels // groups, *rest))
     swapped = f"{node.name}.transpose"
     perm = [0, 2, 1] + list(range(3, 3 + len(rest)))
-    b.add("Transpose", [grouped], [swapped], swapped, perm=perm)
+    b.op("Transpose", [grouped], swapped, perm=perm)
     b.reshape(node.name, swapped, node.name, (batch, channels, *rest))
     b.env[node] = node.name
 
@@ -159,7 +158,7 @@ def _pad_by_concat(b: Builder, node: fx.Node, begins: list[int], ends: list[int]
                 parts.append(b.constant(f"{node.name}.{side}{axis}_zeros", zeros))
         parts.insert(1 if begin else 0, source)
         source = f"{node.name}.axis{axis}"
-        b.add("Concat", parts, [source], source, axis=axis)
+        b.op("Concat", parts, source, axis=axis)
         shape[axis] += begin + end
     b.env[node] = source
 

@@ -29,7 +29,7 @@ def emit_patch_merging_pad(b: Builder, node: fx.Node, module: Any) -> None:
     phases = [b.slice(f"{node.name}.phase{index}", source, [row, column], [END, END],
                      [height, width], [2, 2])
               for index, (row, column) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1)))]
-    b.add("Concat", phases, [node.name], node.name, axis=rank - 1)
+    b.op("Concat", phases, node.name, axis=rank - 1)
     b.env[node] = node.name
 
 
