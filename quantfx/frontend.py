@@ -23,6 +23,7 @@ from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.passes.attention import decompose_attention
 from quantfx.passes.functional_layers import functional_layers_to_modules
 from quantfx.passes.inplace import functionalize_in_place_ops
+from quantfx.passes.masks import constant_masks_to_modules
 from quantfx.passes.normalize import functionals_to_modules
 from quantfx.passes.unshare import unshare_modules
 from quantfx.state import FLOAT, require_state
@@ -88,7 +89,8 @@ def build_graph(
     graph_module._tracer_cls = None  # a reloaded (unpickled) model re-traces with fx's own
     inputs = tuple(tensor.to(device) for tensor in inputs)
     propagate_shapes(graph_module, inputs)
-    if decompose_attention(graph_module):
+    rewritten = decompose_attention(graph_module)
+    if rewritten + constant_masks_to_modules(graph_module):
         propagate_shapes(graph_module, inputs)
     functionalize_in_place_ops(graph_module)
     functional_layers_to_modules(graph_module)

@@ -46,6 +46,19 @@ def strided_sample(flat: Tensor) -> Tensor:
     return flat[::sample_stride(flat.numel())]
 
 
+MASK_MARGIN = 12.0
+"""How far below the largest value a masked (-inf) entry must land after saturation: the
+lowest code of a masked tensor's grid is at most `max - MASK_MARGIN`, so a softmax gives it a
+weight below exp(-12) = 6e-6 of the row's largest (a thousand masked entries leak under 1 %).
+Without it, attention scores spanning +-0.2 saturated their masks at -2 and a causal mask
+leaked a tenth of each row."""
+
+
+def masked_floor(high: Tensor) -> Tensor:
+    """The value a masked tensor's grid must reach down to, given its largest value `high`."""
+    return high - MASK_MARGIN
+
+
 def unmasked(x: Tensor) -> Tensor:
     """`x` without its -inf values (flattened when it had any). -inf is a masked value (an
     attention mask, `masked_fill(mask, -inf)` before a softmax): the quantizer saturates it to
@@ -65,6 +78,15 @@ class Observer(nn.Module):
         self.register_buffer("min_val", torch.zeros(shape))
         self.register_buffer("max_val", torch.zeros(shape))
         self.register_buffer("observed", torch.tensor(False))
+        self.register_buffer("masked", torch.tensor(False))  # saw -inf: keep mask headroom
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list, *args: object) -> None:
+        """A state_dict saved before masks were tracked has no `masked`: it saw none."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      *args)
+        if prefix + "masked" in missing_keys:
+            missing_keys.remove(prefix + "masked")
 
     def _batch_min_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's min and max (per channel along `axis`), -inf values left out (masked);
@@ -80,6 +102,8 @@ class Observer(nn.Module):
                     and bool(torch.isfinite(high))):
                 raise NonFiniteError(self)
             low, high = torch.aminmax(unmasked(x).float())  # -inf: masked, not in the range
+            low = torch.minimum(low, masked_floor(high))  # but the grid reaches below it
+            self.masked.fill_(True)
         return low, high
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,8 +129,17 @@ class Observer(nn.Module):
         return torch.maximum(self.min_val.abs(), self.max_val.abs())
 
     def exponent(self, qmax: int) -> Tensor:
-        """Proposed exponent(s): by default the smallest that never clips."""
-        return exponent_for_max(self.max_abs(), qmax)
+        """Proposed exponent(s): by default the smallest that never clips (nor leaves a mask
+        less than `MASK_MARGIN` below the largest value)."""
+        return torch.maximum(exponent_for_max(self.max_abs(), qmax),
+                             self.mask_floor_exponent(qmax))
+
+    def mask_floor_exponent(self, qmax: int) -> Tensor:
+        """The least exponent whose lowest code reaches `masked_floor` (masked tensors; a
+        tensor without masks has no floor)."""
+        if not bool(self.masked):
+            return torch.tensor(-float("inf"), device=self.max_val.device)
+        return exponent_for_max((-masked_floor(self.max_val)).clamp(min=0), qmax)
 
 
 class MinMaxObserver(Observer):
@@ -184,9 +217,11 @@ class HistogramObserver(Observer):
         no_clip = super().exponent(qmax)
         if self.search == "none" or self.histogram.sum() == 0:
             return no_clip
+        floor = self.mask_floor_exponent(qmax)
         if self.search == "percentile":
-            return torch.minimum(no_clip, self._percentile_exponent(qmax))
-        candidates = [no_clip - step for step in range(SEARCH_DEPTH + 1)]
+            return torch.maximum(torch.minimum(no_clip, self._percentile_exponent(qmax)), floor)
+        candidates = [no_clip - step for step in range(SEARCH_DEPTH + 1)
+                      if bool(no_clip - step >= floor)]
         errors = [self.expected_error(candidate, qmax) for candidate in candidates]
         best = min(range(len(candidates)), key=lambda index: (errors[index], index))
         return candidates[best]

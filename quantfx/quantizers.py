@@ -26,7 +26,13 @@ from quantfx.errors import LoadError, NonFiniteError
 from quantfx.inputs import check_quantizer_input
 from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
-from quantfx.observers import MovingAverageMinMaxObserver, Observer, make_observer, unmasked
+from quantfx.observers import (
+    MovingAverageMinMaxObserver,
+    Observer,
+    make_observer,
+    masked_floor,
+    unmasked,
+)
 from quantfx.qmath import (
     fake_quantize,
     fake_quantize_learned,
@@ -191,6 +197,7 @@ class QATQuantizer(CalibrationQuantizer):
                 finite = unmasked(x).float()
                 low, high = (torch.aminmax(finite) if finite.numel()
                              else (torch.zeros_like(low), torch.zeros_like(high)))
+                low = torch.minimum(low, masked_floor(high))  # the grid reaches below it
             low, high = _reduce_min_max(low, high)
             self.observer(torch.stack([low, high]))
             self.compute_exponent()

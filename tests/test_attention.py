@@ -4,6 +4,8 @@ TIDL holds quantized, signed MatMul inputs where the device has no signed x unsi
 
 from __future__ import annotations
 
+import warnings
+
 import onnx
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 import quantfx as qf
 from quantfx.layers import FakeQuantLayer
+from quantfx.modules import AdditiveMask
 
 FAST = {"bias_calibration": False, "progress": False, "widen_sensitive_layers": False}
 
@@ -239,3 +242,48 @@ def test_swin_window_attention_is_quantized(tmp_path, size) -> None:
     assert tidl.fully_offloaded, str(tidl)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     assert ops.count("MatMul") == 4 and ops.count("Softmax") == 2
+
+
+class CausalScores(nn.Module):
+    """Attention written by hand, masked with masked_fill(-inf): a constant causal mask (a
+    buffer), or a mask computed from the input (`dynamic`). Small scores: the mask's saturated
+    value must still sit far below them."""
+
+    def __init__(self, dynamic: bool = False) -> None:
+        super().__init__()
+        self.dynamic = dynamic
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.register_buffer("causal", torch.triu(torch.ones(8, 8, dtype=torch.bool), 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        query, key, value = self.qkv(tokens).chunk(3, dim=-1)
+        scores = query @ key.transpose(-2, -1) / 4.0
+        mask = scores < -0.1 if self.dynamic else self.causal
+        return self.out(torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ value)
+
+
+def test_a_constant_masked_fill_is_a_mask_the_engine_runs(tmp_path) -> None:
+    """masked_fill(causal buffer, -inf) becomes an AdditiveMask: no export warning, the file
+    bit-exact, and the masked entries saturate far enough below the scores that the softmax
+    ignores them (they leaked a tenth of each row, 10 dB, when the grid ended at -2)."""
+    torch.manual_seed(0)
+    model, tokens = CausalScores().eval(), torch.randn(64, 8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qf.QuantFxWarning)
+        prepared = qf.prepare(model, (tokens[:1],), qf.QuantConfig(progress=False))
+    masks = [m for m in prepared.modules() if isinstance(m, AdditiveMask)]
+    assert len(masks) == 1 and torch.equal(masks[0].mask, model.causal)
+    converted = qf.convert(qf.calibrate(prepared, [tokens]))
+    with torch.no_grad():
+        reference, output = model(tokens), converted(tokens)
+    assert float(10 * torch.log10(reference.pow(2).sum() / (output - reference).pow(2).sum())) > 25
+    report = qf.export_onnx(converted, (tokens[:1],), tmp_path / "causal.onnx",
+                            verify_data=[tokens[:8]])
+    assert report.fraction_identical == 1.0
+
+
+def test_a_mask_computed_from_the_input_stays_masked_fill() -> None:
+    with pytest.warns(qf.QuantFxWarning, match="masked_fill"):
+        prepared = qf.prepare(CausalScores(dynamic=True).eval(), (torch.randn(1, 8, 16),),
+                              qf.QuantConfig(progress=False))
+    assert not any(isinstance(m, AdditiveMask) for m in prepared.modules())

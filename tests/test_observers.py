@@ -5,6 +5,7 @@ import torch
 
 from quantfx.errors import NonFiniteError
 from quantfx.observers import (
+    MASK_MARGIN,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -143,18 +144,25 @@ def test_weight_mse_search_never_worse_than_round_up():
 
 @pytest.mark.parametrize("observer", [MinMaxObserver, MovingAverageMinMaxObserver,
                                       HistogramObserver])
-def test_masked_values_are_not_counted_in_the_range(observer):
-    """-inf is a masked value (masked_fill before a softmax): the range is the other values',
-    exactly as if the masked ones were absent; NaN and +inf still raise."""
-    values = torch.randn(64) * 3
+@pytest.mark.parametrize("spread", [3.0, 0.05])
+def test_masked_values_keep_their_headroom_and_nothing_else(observer, spread):
+    """-inf is a masked value (masked_fill before a softmax): it saturates to the lowest code,
+    so the range is the other values' except that the lowest code must lie MASK_MARGIN below
+    their largest (else a softmax gives masked entries weight: scores of +-0.2 saturated their
+    mask at -2). NaN and +inf still raise."""
+    values = torch.randn(64, generator=torch.Generator().manual_seed(0)) * spread
     masked = values.clone()
     masked[::4] = float("-inf")
     plain, with_mask = observer(), observer()
     plain(values[masked.isfinite()])
     assert torch.equal(with_mask(masked), masked)  # returned unchanged
-    assert float(with_mask.min_val) == float(plain.min_val)
     assert float(with_mask.max_val) == float(plain.max_val)
-    assert int(with_mask.exponent(127)) == int(plain.exponent(127))
+    floor = float(plain.max_val - MASK_MARGIN)  # in float32, as the observer computes it
+    assert float(with_mask.min_val) == min(float(plain.min_val), floor)
+    exponent = int(with_mask.exponent(127))
+    assert -128 * 2.0 ** exponent <= floor  # a masked entry lands at least 12 below the top
+    if spread == 3.0 and observer is not HistogramObserver:  # the floor is inside the range
+        assert exponent == int(plain.exponent(127))
     for bad in (float("nan"), float("inf")):
         with pytest.raises(NonFiniteError):
             observer()(torch.tensor([1.0, bad]))
@@ -164,5 +172,7 @@ def test_qat_quantizer_ranges_ignore_masked_values():
     quantizer = QATQuantizer(8, signed=True).train()
     scores = torch.tensor([[-2.0, float("-inf")], [1.0, 0.5]])
     out = quantizer(scores)
-    assert float(quantizer.observer.min_val) == -2.0 and float(quantizer.observer.max_val) == 1.0
+    assert float(quantizer.observer.max_val) == 1.0
+    assert float(quantizer.observer.min_val) == 1.0 - MASK_MARGIN  # the mask's headroom
     assert float(out[0, 1]) == -128 * 2.0 ** float(quantizer.exponent)  # saturated, finite
+    assert float(out[0, 1]) <= 1.0 - MASK_MARGIN
