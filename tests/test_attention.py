@@ -140,21 +140,51 @@ def test_tda4vm_probabilities_are_signed_and_am68a_unsigned() -> None:
     assert signs == {"am68a": False, "tda4vm": True}
 
 
-def test_masked_attention_stays_whole() -> None:
-    """A mask is not decomposed (the module keeps running in float, as before)."""
+class MaskedTokens(TokenAttention):
+    """Self-attention over 16 tokens with a mask: a constant causal buffer (bool, or 0/-inf
+    floats as nn.Transformer.generate_square_subsequent_mask makes), or a padding mask."""
 
-    class Masked(TokenAttention):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("mask", torch.triu(torch.ones(16, 16, dtype=torch.bool), 1))
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        causal = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)
+        self.register_buffer("mask", causal if kind == "bool" else
+                             torch.zeros(16, 16).masked_fill(causal, float("-inf")))
 
-        def forward(self, images):
-            tokens = self.conv(images).flatten(2).transpose(1, 2)
-            return self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
+    def forward(self, images):
+        tokens = self.conv(images).flatten(2).transpose(1, 2)
+        if self.kind == "padding":
+            return self.attention(tokens, tokens, tokens,
+                                  key_padding_mask=tokens[..., 0] < -0.5)[0]
+        return self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
 
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_constant_attention_mask_is_decomposed(kind, tmp_path) -> None:
+    """attn_mask as a buffer: the pieces apply it as an AdditiveMask, every projection is
+    quantized, the float function is unchanged and the file is bit-exact."""
+    torch.manual_seed(0)
+    model, images = MaskedTokens(kind).eval(), torch.randn(16, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qf.QuantFxWarning)
+        prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(**FAST))
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in prepared.modules())
+    masks = [m for m in prepared.modules() if isinstance(m, AdditiveMask)]
+    assert len(masks) == 1 and torch.equal(masks[0].mask, torch.triu(torch.ones(16, 16), 1) > 0)
+    with torch.no_grad():  # a prepared model computes float until calibrated
+        assert torch.allclose(prepared(images), model(images), atol=1e-5)
+    converted = qf.convert(qf.calibrate(prepared, [images]))
+    report = qf.export_onnx(converted, (images[:1],), tmp_path / "masked.onnx",
+                            verify_data=[images[:4]])
+    assert report.fraction_identical == 1.0
+
+
+def test_a_padding_mask_stays_whole() -> None:
+    """A key padding mask comes from the inputs: the module keeps running in float."""
     images = torch.randn(2, 3, 4, 4)
     with pytest.warns(qf.QuantFxWarning, match="MultiheadAttention"):
-        prepared = qf.prepare(Masked().eval(), (images[:1],), qf.QuantConfig(**FAST))
+        prepared = qf.prepare(MaskedTokens("padding").eval(), (images[:1],),
+                              qf.QuantConfig(**FAST))
     assert isinstance(prepared.get_submodule("attention"), nn.MultiheadAttention)
 
 

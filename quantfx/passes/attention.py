@@ -3,10 +3,12 @@
 TIDL runs attention as Linear projections, MatMuls, a Softmax and Linear again, and stores
 every tensor between them in 8 bit [T11.2]. Left whole, nn.MultiheadAttention would keep float
 projection weights and float scores, probabilities and context. This pass replaces each call
-(without masks, bias_k/bias_v or add_zero_attn, which stay whole and float) by: one nn.Linear
-per projection (query, key, value: quantized weights like any Linear; the 1/sqrt(head_dim)
-scale folded into the query projection), `torch.matmul` for the scores, nn.Softmax, nn.Dropout
-on the probabilities (training only), `torch.matmul` for the context and the output Linear.
+(without a padding mask, a mask computed from the inputs, bias_k/bias_v or add_zero_attn,
+which stay whole and float) by: one nn.Linear per projection (query, key, value: quantized
+weights like any Linear; the 1/sqrt(head_dim) scale folded into the query projection),
+`torch.matmul` for the scores, an `AdditiveMask` for a constant `attn_mask` (a causal mask
+buffer), nn.Softmax, nn.Dropout on the probabilities (training only), `torch.matmul` for the
+context and the output Linear.
 `F.scaled_dot_product_attention` (unmasked, as user code calls it after its own projections)
 becomes MatMul, a Mul by the scale, nn.Softmax and MatMul the same way, and a two-operand
 `torch.einsum` that is a batched matrix product (MaxViT's attention) becomes `torch.matmul`.
@@ -24,7 +26,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantfx.modules import AdditiveMask
 from quantfx.passes.graph_utils import (
+    constant_value,
     inline_module,
     module_of,
     recorded_shape,
@@ -36,8 +40,9 @@ from quantfx.passes.window_attention import decompose_window_attention, linear_l
 
 FORWARD_PARAMETERS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 """query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, ..."""
-UNSUPPORTED_CALL = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
-"""Call arguments attention is decomposed only with (masked attention stays whole, in float)."""
+UNSUPPORTED_CALL = {"key_padding_mask": None}
+"""Call arguments attention is decomposed only with (a padding mask, computed from the inputs,
+stays whole, in float). `attn_mask` may be a constant (L, S) mask: bool, or 0 / -inf floats."""
 
 
 class AttentionPieces(nn.Module):
@@ -45,8 +50,9 @@ class AttentionPieces(nn.Module):
     leaf). `sequence_first`: the inputs are (L, N, E) (batch_first=False, batched)."""
 
     def __init__(self, attention: nn.MultiheadAttention, sequence_first: bool,
-                 need_weights: bool, average_weights: bool) -> None:
+                 need_weights: bool, average_weights: bool, mask: Tensor | None = None) -> None:
         super().__init__()
+        self.mask = None if mask is None else AdditiveMask(mask)
         embed, self.heads = attention.embed_dim, attention.num_heads
         scale = attention.head_dim ** -0.5
         if attention.in_proj_weight is not None:
@@ -77,6 +83,8 @@ class AttentionPieces(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         scores = torch.matmul(self._split_heads(self.q_proj(query)),
                               self._split_heads(self.k_proj(key)).transpose(-2, -1))
+        if self.mask is not None:
+            scores = self.mask(scores)
         probabilities = self.softmax(scores)
         context = torch.matmul(self.dropout(probabilities), self._split_heads(self.v_proj(value)))
         output = self.out_proj(context.transpose(-3, -2).flatten(-2))
@@ -93,6 +101,30 @@ def _call_arguments(node: fx.Node) -> dict[str, Any]:
     bound = signature.bind(None, *node.args, **node.kwargs)
     bound.apply_defaults()
     return {name: bound.arguments[name] for name in FORWARD_PARAMETERS}
+
+
+def constant_attention_mask(graph_module: fx.GraphModule, mask: Any) -> Tensor | None:
+    """A call's `attn_mask` as a bool (L, S) mask (True: masked) when it is a constant of the
+    model, bool or 0 / -inf floats; None when there is none. `LookupError` for any other mask
+    (computed from the inputs, per batch and head, or additive with other values)."""
+    if mask is None:
+        return None
+    value = constant_value(graph_module, mask)
+    if not isinstance(value, Tensor) or value.dim() != 2:
+        raise LookupError("not a constant (L, S) mask")
+    if value.dtype == torch.bool:
+        return value.detach().clone()
+    if value.is_floating_point() and bool(((value == 0) | torch.isneginf(value)).all()):
+        return torch.isneginf(value.detach())
+    raise LookupError("an additive mask with values other than 0 and -inf")
+
+
+def _mask_of(graph_module: fx.GraphModule, arguments: dict[str, Any]) -> Tensor | None | bool:
+    """The call's constant mask, None without one, False when it cannot be decomposed."""
+    try:
+        return constant_attention_mask(graph_module, arguments["attn_mask"])
+    except LookupError:
+        return False
 
 
 def _decomposable(attention: nn.Module, node: fx.Node, arguments: dict[str, Any]) -> bool:
@@ -115,19 +147,28 @@ def _weights_read(node: fx.Node) -> bool:
     return any(user.args[1] == 1 and user.users for user in node.users)
 
 
+def _same_mask(pieces: AttentionPieces, mask: Tensor | None) -> bool:
+    if pieces.mask is None or mask is None:
+        return pieces.mask is None and mask is None
+    return pieces.mask.mask.shape == mask.shape and bool(torch.equal(pieces.mask.mask, mask))
+
+
 def _pieces_for(graph_module: fx.GraphModule, node: fx.Node, attention: nn.MultiheadAttention,
-                options: tuple[bool, bool, bool], first: dict[str, AttentionPieces]) -> str:
+                options: tuple[bool, bool, bool], mask: Tensor | None,
+                first: dict[str, AttentionPieces]) -> str:
     """The path of the pieces for this call: the module's first pieces (registered at its own
-    path), or a copy tied to them when this call asks for other outputs."""
+    path), or a copy tied to them when this call asks for other outputs or another mask."""
     pieces = first.get(node.target)
     if pieces is None:
-        first[node.target] = AttentionPieces(attention, *options)
+        first[node.target] = AttentionPieces(attention, *options, mask)
         set_submodule(graph_module, node.target, first[node.target])
         return node.target
-    if (pieces.sequence_first, pieces.need_weights, pieces.average_weights) == options:
+    if ((pieces.sequence_first, pieces.need_weights, pieces.average_weights) == options
+            and _same_mask(pieces, mask)):
         return node.target
     variant = tied_copy(pieces)
     variant.sequence_first, variant.need_weights, variant.average_weights = options
+    variant.mask = None if mask is None else AdditiveMask(mask)
     target = unique_submodule_name(graph_module, node.target)
     graph_module.add_submodule(target, variant)
     return target
@@ -229,13 +270,14 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
     first: dict[str, AttentionPieces] = {}
     for node, attention in modules:
         arguments = _call_arguments(node)
-        if not _decomposable(attention, node, arguments):
+        mask = _mask_of(graph_module, arguments)
+        if mask is False or not _decomposable(attention, node, arguments):
             continue
         shape = recorded_shape(arguments["query"])
         options = (not attention.batch_first and shape is not None and len(shape) == 3,
                    arguments["need_weights"] and _weights_read(node),  # unread: not computed
                    arguments["average_attn_weights"])
-        target = _pieces_for(graph_module, node, attention, options, first)
+        target = _pieces_for(graph_module, node, attention, options, mask, first)
         outputs = inline_module(graph_module, node, graph_module.get_submodule(target), target,
                                tuple(arguments[name] for name in ("query", "key", "value")),
                                INNER_NAMES)
