@@ -48,9 +48,10 @@ class UserAttention(nn.Module):
     """Attention as user code (timm's style) writes it: one qkv Linear, then
     F.scaled_dot_product_attention."""
 
-    def __init__(self, width: int = 16, heads: int = 2) -> None:
+    def __init__(self, width: int = 16, heads: int = 2, mask: str | None = None) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.mask = heads, mask
+        self.register_buffer("keep", torch.tensor([[True, False, True, True]] * 4))
         self.embed = nn.Conv2d(3, width, 2, stride=2)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -60,7 +61,12 @@ class UserAttention(nn.Module):
         batch, length, width = tokens.shape
         qkv = self.qkv(tokens).reshape(batch, length, 3, self.heads, width // self.heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        context = F.scaled_dot_product_attention(query, key, value)
+        if self.mask == "causal":
+            context = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        elif self.mask == "bool":  # True: takes part (SDPA's convention)
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=self.keep)
+        else:
+            context = F.scaled_dot_product_attention(query, key, value)
         return self.proj(context.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -317,3 +323,21 @@ def test_a_mask_computed_from_the_input_stays_masked_fill() -> None:
         prepared = qf.prepare(CausalScores(dynamic=True).eval(), (torch.randn(1, 8, 16),),
                               qf.QuantConfig(progress=False))
     assert not any(isinstance(m, AdditiveMask) for m in prepared.modules())
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool"])
+def test_sdpa_with_a_causal_or_constant_mask_is_decomposed(mask, tmp_path) -> None:
+    """is_causal=True, or a constant bool attn_mask (True takes part): an AdditiveMask on the
+    scaled scores, the float function unchanged, the file bit-exact."""
+    torch.manual_seed(0)
+    model, images = UserAttention(mask=mask).eval(), torch.randn(8, 3, 4, 4)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(**FAST))
+    masks = [m.mask for m in prepared.modules() if isinstance(m, AdditiveMask)]
+    expected = (torch.ones(4, 4).tril() == 0) if mask == "causal" else ~model.keep
+    assert len(masks) == 1 and torch.equal(masks[0], expected)
+    with torch.no_grad():  # a prepared model computes float until calibrated
+        assert torch.allclose(prepared(images), model(images), atol=1e-5)
+    converted = qf.convert(qf.calibrate(prepared, [images]))
+    report = qf.export_onnx(converted, (images[:1],), tmp_path / "sdpa.onnx",
+                            verify_data=[images[:4]])
+    assert report.fraction_identical == 1.0

@@ -9,9 +9,10 @@ weights like any Linear; the 1/sqrt(head_dim) scale folded into the query projec
 `torch.matmul` for the scores, an `AdditiveMask` for a constant `attn_mask` (a causal mask
 buffer), nn.Softmax, nn.Dropout on the probabilities (training only), `torch.matmul` for the
 context and the output Linear.
-`F.scaled_dot_product_attention` (unmasked, as user code calls it after its own projections)
-becomes MatMul, a Mul by the scale, nn.Softmax and MatMul the same way, and a two-operand
-`torch.einsum` that is a batched matrix product (MaxViT's attention) becomes `torch.matmul`.
+`F.scaled_dot_product_attention` (as user code calls it after its own projections; causal, or
+with a constant mask) becomes MatMul, a Mul by the scale, the mask, nn.Softmax and MatMul, and
+a two-operand `torch.einsum` that is a batched matrix product (MaxViT's attention) becomes
+`torch.matmul`.
 Placement then quantizes each of those tensors; export writes them as Gemm/MatMul/Softmax.
 """
 
@@ -181,16 +182,39 @@ INNER_NAMES = {"matmul": "scores", "softmax": "probabilities", "matmul_1": "cont
 """Names of the pieces' tensors in the model's graph (and the ONNX file)."""
 
 
+def _sdpa_mask(graph_module: fx.GraphModule, options: dict[str, Any], query: Any,
+               key: Any) -> Tensor | None | bool:
+    """The masked (True) pairs of an SDPA call: causal, or its constant `attn_mask` (bool:
+    True takes part, unlike nn.MultiheadAttention's; float: 0 / -inf); None without a mask,
+    False for a mask that is not a constant (L, S) one."""
+    if options["is_causal"]:
+        shape_q, shape_k = recorded_shape(query), recorded_shape(key)
+        if options["attn_mask"] is not None or shape_k is None:
+            return False
+        return torch.ones(shape_q[-2], shape_k[-2], dtype=torch.bool).tril().logical_not()
+    try:
+        value = constant_value(graph_module, options["attn_mask"])
+        if isinstance(value, Tensor) and value.dtype == torch.bool:
+            value = value.logical_not()  # SDPA: True takes part
+        return constant_attention_mask(graph_module, value)
+    except LookupError:
+        return False
+
+
 def _decompose_sdpa(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    """`F.scaled_dot_product_attention(q, k, v)` (no mask, not causal) as MatMul, Mul by the
-    scale, nn.Softmax and MatMul; False (left whole) when it has a mask or dropout."""
+    """`F.scaled_dot_product_attention(q, k, v)` as MatMul, Mul by the scale, a mask (causal
+    or constant, as `AdditiveMask`), nn.Softmax and MatMul; False (left whole) when it has a
+    mask computed from the inputs, dropout or grouped query heads."""
     arguments = dict(zip(("query", "key", "value", *SDPA_DEFAULTS), node.args))
     arguments.update(node.kwargs)
     options = {name: arguments.get(name, default) for name, default in SDPA_DEFAULTS.items()}
-    if (options["attn_mask"] is not None or options["is_causal"] or options["enable_gqa"]
-            or options["dropout_p"] != 0.0 or recorded_shape(arguments.get("query")) is None):
+    if (options["enable_gqa"] or options["dropout_p"] != 0.0
+            or recorded_shape(arguments.get("query")) is None):
         return False
     query, key, value = (arguments[name] for name in ("query", "key", "value"))
+    mask = _sdpa_mask(graph_module, options, query, key)
+    if mask is False:
+        return False
     head_dim = recorded_shape(query)[-1]
     scale = options["scale"] if options["scale"] is not None else head_dim ** -0.5
     softmax = unique_submodule_name(graph_module, f"{node.name}_probabilities")
@@ -204,6 +228,10 @@ def _decompose_sdpa(graph_module: fx.GraphModule, node: fx.Node) -> bool:
         transposed = add("call_method", "transpose", (key, -2, -1), "key_transposed")
         scores = add("call_function", torch.matmul, (query, transposed), "scores")
         scaled = add("call_function", operator.mul, (scores, float(scale)), "scaled_scores")
+        if mask is not None:
+            masker = unique_submodule_name(graph_module, f"{node.name}_mask")
+            graph_module.add_submodule(masker, AdditiveMask(mask))
+            scaled = add("call_module", masker, (scaled,), "masked_scores")
         probabilities = add("call_module", softmax, (scaled,), "probabilities")
         context = add("call_function", torch.matmul, (probabilities, value), "context")
     node.replace_all_uses_with(context)
