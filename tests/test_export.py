@@ -540,15 +540,18 @@ def test_sequence_first_attention_with_weights_exports(tmp_path) -> None:
 
 
 class MaskedAttention(nn.Module):
+    """Attention masked by a mask computed from the input (a constant one is decomposed): the
+    module stays whole, and its float emitter exports unmasked attention only."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.register_buffer("mask", torch.triu(torch.ones(16, 16, dtype=torch.bool), 1))
 
     def forward(self, x):
         tokens = self.conv(x).flatten(2).transpose(1, 2)
-        return self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
+        mask = tokens[0] @ tokens[0].transpose(0, 1)  # an additive (L, S) mask, from the input
+        return self.attention(tokens, tokens, tokens, attn_mask=mask)[0]
 
 
 def test_masked_attention_is_refused_by_name(tmp_path) -> None:
