@@ -89,10 +89,10 @@ def build_graph(
     graph_module._tracer_cls = None  # a reloaded (unpickled) model re-traces with fx's own
     inputs = tuple(tensor.to(device) for tensor in inputs)
     propagate_shapes(graph_module, inputs)
-    rewritten = decompose_attention(graph_module)
-    if rewritten + constant_masks_to_modules(graph_module):
+    if decompose_attention(graph_module):
         propagate_shapes(graph_module, inputs)
     functionalize_in_place_ops(graph_module)
+    constant_masks_to_modules(graph_module)  # after it: masked_fill_ is then a value
     functional_layers_to_modules(graph_module)
     functionals_to_modules(graph_module)
     unshare_modules(graph_module)

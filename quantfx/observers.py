@@ -47,11 +47,13 @@ def strided_sample(flat: Tensor) -> Tensor:
 
 
 MASK_MARGIN = 12.0
-"""How far below the largest value a masked (-inf) entry must land after saturation: the
-lowest code of a masked tensor's grid is at most `max - MASK_MARGIN`, so a softmax gives it a
-weight below exp(-12) = 6e-6 of the row's largest (a thousand masked entries leak under 1 %).
-Without it, attention scores spanning +-0.2 saturated their masks at -2 and a causal mask
-leaked a tenth of each row."""
+"""How far below the tensor's largest value a masked (-inf) entry must land after saturation:
+the lowest code of a masked tensor's grid is at most `max - MASK_MARGIN`, so in a softmax row
+that holds a score near the tensor's largest a masked entry weighs under exp(-12) = 6e-6 of it
+(a thousand masked entries leak under 1 %). A row whose scores all lie far below the largest
+gets less headroom (the floor is per tensor, as the engine's scale is). Without it, attention
+scores spanning +-0.2 saturated their masks at -2 and a causal mask leaked a tenth of each
+row."""
 
 
 def masked_floor(high: Tensor) -> Tensor:

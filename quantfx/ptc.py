@@ -335,7 +335,8 @@ def _keep_part_inputs(parts: dict[str, nn.Module], budget: int
 
     def keeper(name: str):
         def keep(module: nn.Module, args: tuple) -> None:
-            if counts[name] < budget:
+            tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+            if counts[name] < budget and shaped_like(tensors, kept[name]):
                 kept[name].append(tuple(a.detach()[:budget - counts[name]] for a in args))
                 counts[name] += kept[name][-1][0].shape[0] if kept[name][-1][0].dim() else 1
         return keep

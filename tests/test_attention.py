@@ -15,6 +15,7 @@ from torch import nn
 import quantfx as qf
 from quantfx.layers import FakeQuantLayer
 from quantfx.modules import AdditiveMask
+from quantfx.passes.attention import AttentionPieces
 
 FAST = {"bias_calibration": False, "progress": False, "widen_sensitive_layers": False}
 
@@ -285,9 +286,9 @@ class CausalScores(nn.Module):
     buffer), or a mask computed from the input (`dynamic`). Small scores: the mask's saturated
     value must still sit far below them."""
 
-    def __init__(self, dynamic: bool = False) -> None:
+    def __init__(self, dynamic: bool = False, in_place: bool = False) -> None:
         super().__init__()
-        self.dynamic = dynamic
+        self.dynamic, self.in_place = dynamic, in_place
         self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
         self.register_buffer("causal", torch.triu(torch.ones(8, 8, dtype=torch.bool), 1))
 
@@ -295,15 +296,21 @@ class CausalScores(nn.Module):
         query, key, value = self.qkv(tokens).chunk(3, dim=-1)
         scores = query @ key.transpose(-2, -1) / 4.0
         mask = scores < -0.1 if self.dynamic else self.causal
-        return self.out(torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ value)
+        if self.in_place:
+            scores.masked_fill_(mask, float("-inf"))
+        else:
+            scores = scores.masked_fill(mask, float("-inf"))
+        return self.out(torch.softmax(scores, dim=-1) @ value)
 
 
-def test_a_constant_masked_fill_is_a_mask_the_engine_runs(tmp_path) -> None:
-    """masked_fill(causal buffer, -inf) becomes an AdditiveMask: no export warning, the file
-    bit-exact, and the masked entries saturate far enough below the scores that the softmax
-    ignores them (they leaked a tenth of each row, 10 dB, when the grid ended at -2)."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_constant_masked_fill_is_a_mask_the_engine_runs(tmp_path, in_place) -> None:
+    """masked_fill(causal buffer, -inf) (or masked_fill_) becomes an AdditiveMask: no export
+    warning, the file bit-exact, and the masked entries saturate far enough below the scores
+    that the softmax ignores them (they leaked a tenth of each row, 10 dB, when the grid ended
+    at -2)."""
     torch.manual_seed(0)
-    model, tokens = CausalScores().eval(), torch.randn(64, 8, 16)
+    model, tokens = CausalScores(in_place=in_place).eval(), torch.randn(64, 8, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", qf.QuantFxWarning)
         prepared = qf.prepare(model, (tokens[:1],), qf.QuantConfig(progress=False))
@@ -341,3 +348,20 @@ def test_sdpa_with_a_causal_or_constant_mask_is_decomposed(mask, tmp_path) -> No
     report = qf.export_onnx(converted, (images[:1],), tmp_path / "sdpa.onnx",
                             verify_data=[images[:4]])
     assert report.fraction_identical == 1.0
+
+
+def test_attention_called_with_a_constant_and_a_computed_mask_stays_whole() -> None:
+    """One module, two call sites: one decomposable, one not. Both stay whole (pieces at the
+    module's path would be called with MultiheadAttention's arguments)."""
+
+    class TwoCalls(MaskedTokens):
+        def forward(self, images):
+            tokens = self.conv(images).flatten(2).transpose(1, 2)
+            first = self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
+            computed = first[0] @ first[0].transpose(0, 1)  # additive, from the input
+            return self.attention(first, first, first, attn_mask=computed)[0]
+
+    images = torch.randn(2, 3, 4, 4)
+    with pytest.warns(qf.QuantFxWarning, match="MultiheadAttention"):
+        prepared = qf.prepare(TwoCalls("bool").eval(), (images[:1],), qf.QuantConfig(**FAST))
+    assert not any(isinstance(m, AttentionPieces) for m in prepared.modules())

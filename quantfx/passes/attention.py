@@ -191,7 +191,9 @@ def _sdpa_mask(graph_module: fx.GraphModule, options: dict[str, Any], query: Any
         shape_q, shape_k = recorded_shape(query), recorded_shape(key)
         if options["attn_mask"] is not None or shape_k is None:
             return False
-        return torch.ones(shape_q[-2], shape_k[-2], dtype=torch.bool).tril().logical_not()
+        device = next(iter(graph_module.parameters()), torch.empty(0)).device  # the model's
+        return torch.ones(shape_q[-2], shape_k[-2], dtype=torch.bool,
+                          device=device).tril().logical_not()
     try:
         value = constant_value(graph_module, options["attn_mask"])
         if isinstance(value, Tensor) and value.dtype == torch.bool:
@@ -295,12 +297,15 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
                     if node.target is torch.einsum)
     modules = [(node, module_of(graph_module, node)) for node in graph_module.graph.nodes
                if isinstance(module_of(graph_module, node), nn.MultiheadAttention)]
+    masks = {node: _mask_of(graph_module, _call_arguments(node)) for node, _ in modules}
+    whole = {node.target for node, attention in modules  # one call site whole: all stay whole
+             if masks[node] is False or not _decomposable(attention, node,
+                                                          _call_arguments(node))}
     first: dict[str, AttentionPieces] = {}
     for node, attention in modules:
-        arguments = _call_arguments(node)
-        mask = _mask_of(graph_module, arguments)
-        if mask is False or not _decomposable(attention, node, arguments):
+        if node.target in whole:
             continue
+        arguments, mask = _call_arguments(node), masks[node]
         shape = recorded_shape(arguments["query"])
         options = (not attention.batch_first and shape is not None and len(shape) == 3,
                    arguments["need_weights"] and _weights_read(node),  # unread: not computed

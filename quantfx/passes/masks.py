@@ -15,8 +15,10 @@ import torch.fx as fx
 from quantfx.modules import AdditiveMask
 from quantfx.passes.graph_utils import constant_value, set_submodule, unique_submodule_name
 
-MASKED_FILL_CALLS = ("masked_fill", torch.masked_fill, torch.Tensor.masked_fill)
-"""The spellings of masked_fill: the method, the function and the unbound method."""
+MASKED_FILL_CALLS = ("masked_fill", "masked_fill_", torch.masked_fill, torch.Tensor.masked_fill,
+                     torch.Tensor.masked_fill_)
+"""The spellings of masked_fill: the method, the function and the unbound method, in place or
+not (in-place ops are values by the time this pass runs: `functionalize_in_place_ops`)."""
 
 
 def _masked_fill_arguments(node: fx.Node) -> tuple[Any, Any, Any] | None:
