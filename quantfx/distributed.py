@@ -132,10 +132,19 @@ def _sum_histograms(observer: HistogramObserver) -> None:
         observer.range_exponent.fill_(widest)
 
 
+def _share_masked(observer: Observer) -> None:
+    """Masked on every rank when any rank saw a mask (the floor then applies everywhere)."""
+    flag = observer.masked.to(collective_device(observer.min_val.device), torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    observer.masked.fill_(bool(flag))
+
+
 def reduce_observers(model: nn.Module) -> None:
     """Every observer of `model` as if it had seen every rank's data (same module order on
     every rank: the ranks hold the same prepared model)."""
     for module in model.modules():
+        if isinstance(module, Observer):
+            _share_masked(module)
         if isinstance(module, HistogramObserver):
             _sum_histograms(module)
         elif isinstance(module, MovingAverageMinMaxObserver):

@@ -14,7 +14,8 @@ from torch import nn
 
 import quantfx as qf
 import quantfx.learned_rounding
-from quantfx.distributed import shows_progress
+from quantfx.distributed import reduce_observers, shows_progress
+from quantfx.observers import HistogramObserver
 from quantfx.qat import QATQuantizer
 from quantfx.state import state_of
 from tests.helpers import free_port
@@ -131,9 +132,22 @@ def _calibration_worker(rank: int, port: int, results: dict) -> None:
         everything = _calibration_batches() if rank == 0 else []
         outcome["empty rank"] = _calibrated_state(everything, CALIBRATION_CONFIGS["default"])
         outcome["bars"] = shows_progress(qf.QuantConfig(progress=True)).progress
+        outcome["masked"] = _masked_on_one_rank(rank)
         results[rank] = outcome
     finally:
         dist.destroy_process_group()
+
+
+def _masked_on_one_rank(rank: int) -> tuple[bool, int]:
+    """Small attention scores, masked (-inf) on rank 0 only: after the reduction every rank
+    keeps the mask's headroom and chooses the same exponent."""
+    observer = HistogramObserver()
+    scores = torch.linspace(-0.2, 0.2, 64)
+    if rank == 0:
+        scores[::4] = float("-inf")
+    observer(scores)
+    reduce_observers(nn.Sequential(observer))
+    return bool(observer.masked), int(observer.exponent(127))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -159,3 +173,4 @@ def test_calibration_on_two_ranks_equals_one_process_on_their_union(monkeypatch)
         assert not all(torch.equal(half["state"][key], value)  # the union really differs
                        for key, value in alone["state"].items())
     assert [results[rank]["bars"] for rank in range(WORLD_SIZE)] == [True, False]  # one set
+    assert results[0]["masked"] == results[1]["masked"] and results[1]["masked"][0]
