@@ -27,6 +27,15 @@ from quantfx.ops import DEFAULT_LEAF_MODULES
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _QUANTFX_DIR = os.path.dirname(__file__)
 
+class PieceProxy(fx.Proxy):
+    """A proxy whose len() is known when it is a chunk or a listed split (`list(...)` asks for
+    it before iterating); any other len() is refused as torch.fx refuses it."""
+
+    def __len__(self) -> int:
+        count = _piece_count(self.node)
+        return super().__len__() if count is None else count
+
+
 class QuantTracer(fx.Tracer):
     """An fx tracer that also treats the config's leaf classes and names as leaves."""
 
@@ -46,12 +55,38 @@ class QuantTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return PieceProxy(node, self)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        """Iterating over a chunk or a split into listed sizes (`list(x.chunk(2, 1))`, as
+        YOLOv8's C2f does) gives one item proxy per piece; any other iteration is refused."""
+        count = _piece_count(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[index] for index in range(count)])
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         name = self.path_of_module(m) if m is not self.root else ""
         self.scope_stack.append((name, type(m).__name__))
         result = super().call_module(m, forward, args, kwargs)
         self.scope_stack.pop()
         return result
+
+
+def _piece_count(node: fx.Node) -> int | None:
+    """How many tensors `node` gives when it is a chunk into an int count (the count asked
+    for: a channel count the count divides, as in C2f) or a split into listed sizes."""
+    name = getattr(node.target, "__name__", node.target)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    key = "chunks" if name == "chunk" else "split_size_or_sections"
+    pieces = node.args[1] if len(node.args) > 1 else node.kwargs.get(key)
+    if name == "chunk" and isinstance(pieces, int):
+        return pieces
+    if name == "split" and isinstance(pieces, (list, tuple)):
+        return len(pieces)
+    return None
 
 
 def _user_frame(error: BaseException) -> traceback.FrameSummary | None:

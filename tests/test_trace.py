@@ -80,3 +80,37 @@ def test_wrapped_function_output_is_quantized():
     prepared = qf.prepare(Net("wrapped"), torch.randn(1, 3, 4, 4), config)
     assert "quantizers.wrapped_data_dependent" in dict(prepared.named_modules())
     assert "quantizers.gate" in dict(prepared.named_modules())
+
+
+class Pieces(nn.Module):
+    """YOLOv8's C2f idiom: a list made of a chunk (or a split into listed sizes), grown and
+    concatenated; or, with `how="unknown"`, a list of a split whose piece count is unknown."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.how = how
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.how == "chunk":
+            parts = list(x.chunk(2, 1))
+        elif self.how == "split":
+            parts = list(torch.split(x, [2, 6], 1))
+        else:
+            parts = list(x.split(4, 1))
+        parts.append(parts[-1] * 2)
+        return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_a_list_of_chunk_or_listed_split_pieces_traces(how):
+    model = Pieces(how).eval()
+    example = torch.randn(1, 3, 4, 4)
+    graph_module = trace(model, QuantConfig())
+    torch.testing.assert_close(graph_module(example), model(example))
+
+
+def test_a_list_of_pieces_of_unknown_count_is_a_trace_error():
+    with pytest.raises(qf.TraceError, match="Proxy object cannot be iterated|len"):
+        qf.prepare(Pieces("unknown"), torch.randn(1, 3, 4, 4))
