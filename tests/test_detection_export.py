@@ -1,6 +1,7 @@
 """TIDL's detection export: head tensors verified, decode + NMS as float ONNX ops, the
 meta-architecture prototxt (fields as ../shared/TIDL_FACTS.md §4 lists them), for the YOLOX
-kind (the repo's detector, benchmarks/yolo.py) and the SSD kind (torchvision SSDlite)."""
+kind (the repo's detector, benchmarks/yolo.py), the YOLOv8 kind (benchmarks/yolov8.py) and the
+SSD kind (torchvision SSDlite)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
 import quantfx as qf
-from benchmarks import yolo
+from benchmarks import yolo, yolov8
 from benchmarks.detection_data import mean_average_precision
 from quantfx.export.verify import onnxruntime_session
 
@@ -53,17 +54,31 @@ def _run(path, image):
     return session.run(None, {session.get_inputs()[0].name: image.numpy()})
 
 
+def _threshold_keeping(candidates: torch.Tensor, low: int, high: int) -> float:
+    """A score threshold between two distinct candidates keeping low to high - 1 of them."""
+    distinct = torch.unique(candidates.flatten()).flip(0)
+    counts = torch.tensor([int((candidates >= value).sum()) for value in distinct[:high + 10]])
+    last = int(torch.nonzero((counts >= low) & (counts < high)).max())
+    return float((distinct[last] + distinct[last + 1]) / 2)
+
+
+def _same_detections(outputs, expected) -> None:
+    found = sorted(zip(outputs[-2].tolist(), np.round(outputs[-1], 5).tolist(),
+                       np.round(outputs[-3], 3).tolist()))
+    wanted = sorted(zip(expected["labels"].tolist(), np.round(expected["scores"].numpy(),
+                                                              5).tolist(),
+                        np.round(expected["boxes"].numpy(), 3).tolist()))
+    assert found == wanted
+
+
 def test_yolox_export_writes_heads_decode_and_the_prototxt(tmp_path, tiny_yolox) -> None:
     converted = _converted(tiny_yolox, torch.randn(1, 1, 64, 64),
                            qf.QuantConfig(sixteen_bit_layers=("heads",), progress=False))
     image = torch.randn(1, 1, 64, 64)
     with torch.no_grad():  # a threshold that keeps 10 to 49 candidates (none cut by keep_top_k)
         _, objectness, logits = yolo.decode(converted(image))
-        candidates = (objectness.sigmoid()[..., None] * logits.sigmoid()).flatten()
-    distinct = torch.unique(candidates).flip(0)
-    counts = torch.tensor([int((candidates >= value).sum()) for value in distinct[:60]])
-    last = int(torch.nonzero((counts >= 10) & (counts < 50)).max())
-    threshold = float((distinct[last] + distinct[last + 1]) / 2)
+        candidates = objectness.sigmoid()[..., None] * logits.sigmoid()
+    threshold = _threshold_keeping(candidates, 10, 50)
     arch = qf.YoloxMetaArch(strides=yolo.STRIDES, num_classes=10,
                             confidence_threshold=threshold, nms_threshold=0.5, top_k=100,
                             keep_top_k=50)
@@ -94,12 +109,46 @@ def test_yolox_export_writes_heads_decode_and_the_prototxt(tmp_path, tiny_yolox)
         expected = yolo.detect(converted(image), score_threshold=threshold, nms_threshold=0.5,
                                keep=50)[0]
     assert 3 < len(expected["scores"]) < 50  # none cut by keep_top_k: the same set in any order
-    found = sorted(zip(outputs[-2].tolist(), np.round(outputs[-1], 5).tolist(),
-                       np.round(outputs[-3], 3).tolist()))
-    wanted = sorted(zip(expected["labels"].tolist(), np.round(expected["scores"].numpy(),
-                                                              5).tolist(),
-                        np.round(expected["boxes"].numpy(), 3).tolist()))
-    assert found == wanted
+    _same_detections(outputs, expected)
+
+
+def test_yolov8_export_decodes_dfl_and_writes_the_caffe_ssd_prototxt(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = yolov8.TinyYolov8().eval()
+    with torch.no_grad():  # class logits spread wide enough that scores rarely tie
+        for head in model.heads:
+            head.class_branch[-1].weight.normal_(0.0, 0.3)
+    converted = _converted(model, torch.randn(1, 1, 64, 64),
+                           qf.QuantConfig(sixteen_bit_layers=("heads",), progress=False))
+    image = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        _, logits, _ = yolov8.decode(converted(image))
+    threshold = _threshold_keeping(logits.sigmoid(), 10, 50)
+    arch = qf.Yolov8MetaArch(strides=yolov8.STRIDES, num_classes=10, reg_max=yolov8.REG_MAX,
+                             confidence_threshold=threshold, nms_threshold=0.5, top_k=100,
+                             keep_top_k=50)
+    wrong = qf.Yolov8MetaArch(strides=yolov8.STRIDES, num_classes=10, reg_max=8)
+    with pytest.raises(qf.ExportError, match=r"expects \[1, 32 x 8 x 8\].*reg_max"):
+        qf.export_onnx(converted, image, tmp_path / "v8.onnx", detection=wrong)
+    report = qf.export_onnx(converted, image, tmp_path / "v8.onnx", detection=arch)
+    assert report.fraction_identical == 1.0 and report.optimized_fraction_identical == 1.0
+    text = (tmp_path / "v8.prototxt").read_text()
+    assert text.startswith('name: "yolov8"\ncaffe_ssd {')
+    heads = report.head_outputs
+    assert len(heads) == 4 and _fields(text, "class_input") == heads[0::2]
+    assert _fields(text, "box_input") == heads[1::2]
+    assert _fields(text, "code_type") == ["CODE_TYPE_DIST2BBOX"]
+    assert _fields(text, "score_converter") == ["SIGMOID"]
+    assert _fields(text, "background_label_id") == ["-1"] and "prior_box_param" not in text
+    assert _fields(text, "output") == ["boxes", "labels", "scores"]
+    options = json.loads((tmp_path / "v8.tidl.json").read_text())
+    assert options["object_detection:meta_arch_type"] == 8
+    assert options["object_detection:meta_layers_names_list"] == "v8.prototxt"
+    with torch.no_grad():
+        expected = yolov8.detect(converted(image), score_threshold=threshold,
+                                 nms_threshold=0.5, keep=50)[0]
+    assert 3 < len(expected["scores"]) < 50
+    _same_detections(_run(tmp_path / "v8.onnx", image), expected)
 
 
 def test_sixteen_bit_heads_are_the_convs_that_reach_the_outputs(tiny_yolox) -> None:
@@ -115,11 +164,14 @@ def test_sixteen_bit_heads_are_the_convs_that_reach_the_outputs(tiny_yolox) -> N
     (dict(num_classes=9), "expects \\[1, 14 x 8 x 8\\]"),
     (dict(strides=(8,)), "expects 1 model outputs"),
     (dict(strides=(16, 8)), "expects \\[1, 15 x 4 x 4\\]"),
+    (dict(kind=qf.Yolov8MetaArch), "expects 4 model outputs \\(per stride the class conv"),
 ])
 def test_heads_that_do_not_match_are_refused_and_nothing_is_written(tmp_path, tiny_yolox,
                                                                    change, message) -> None:
     converted = _converted(tiny_yolox, torch.randn(1, 1, 64, 64))
-    arch = qf.YoloxMetaArch(**{"strides": (8, 16), "num_classes": 10, **change})
+    options = dict(change)
+    kind = options.pop("kind", qf.YoloxMetaArch)
+    arch = kind(**{"strides": (8, 16), "num_classes": 10, **options})
     with pytest.raises(qf.ExportError, match=message):
         qf.export_onnx(converted, torch.randn(1, 1, 64, 64), tmp_path / "det.onnx",
                        detection=arch)

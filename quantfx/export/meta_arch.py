@@ -2,9 +2,11 @@
 about a detector's head tensors, and the prototxt TIDL reads to replace decode and NMS with
 its own detection layer.
 
-Two kinds (the fields follow TI's `tidl_meta_arch` proto, ../shared/TIDL_FACTS.md §4):
+Three kinds (the fields follow TI's `tidl_meta_arch` proto, ../shared/TIDL_FACTS.md §4):
 `YoloxMetaArch` (meta_arch_type 6, `tidl_yolo`, code type YOLO_X: per level one head tensor
-[1, 4 + 1 + classes, H, W] of box, objectness and class logits, anchor = stride) and
+[1, 4 + 1 + classes, H, W] of box, objectness and class logits, anchor = stride),
+`Yolov8MetaArch` (meta_arch_type 8, `caffe_ssd`, code type DIST2BBOX, sigmoid scores: per level
+a class conv [1, classes, H, W] then a box conv [1, 4 * reg_max, H, W] of DFL logits) and
 `SsdMetaArch` (meta_arch_type 3, `caffe_ssd`, code type CENTER_SIZE: per level a box conv
 [1, anchors * 4, H, W] and a class conv [1, anchors * classes, H, W], caffe PriorBox anchors).
 """
@@ -22,8 +24,19 @@ from torch import nn
 from quantfx.checks import as_tuple, check_bool, check_int, check_number
 from quantfx.errors import ExportError, warn
 
-__all__ = ["PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork", "YoloxMetaArch", "check_heads",
-           "prototxt"]
+__all__ = ["PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork", "Yolov8MetaArch", "YoloxMetaArch",
+           "check_heads", "prototxt"]
+
+
+def _check_strides(arch: Any) -> None:
+    name = type(arch).__name__
+    strides = as_tuple(arch.strides, f"{name}.strides",
+                       lambda item: isinstance(item, int) and not isinstance(item, bool)
+                       and item > 0, "positive integers such as (8, 16, 32)", ExportError)
+    if not strides:
+        raise ExportError(f"{name}.strides is empty; give one stride per level, e.g. "
+                          "strides=(8, 16, 32).")
+    object.__setattr__(arch, "strides", strides)
 
 
 def _check_thresholds(arch: Any) -> None:
@@ -56,18 +69,45 @@ class YoloxMetaArch:
     CODE_TYPE = "CODE_TYPE_YOLO_X"
 
     def __post_init__(self) -> None:
-        strides = as_tuple(self.strides, "YoloxMetaArch.strides",
-                           lambda item: isinstance(item, int) and not isinstance(item, bool)
-                           and item > 0, "positive integers such as (8, 16, 32)", ExportError)
-        if not strides:
-            raise ExportError("YoloxMetaArch.strides is empty; give one stride per head "
-                              "tensor, e.g. strides=(8, 16, 32).")
-        object.__setattr__(self, "strides", strides)
+        _check_strides(self)
         _check_thresholds(self)
 
     @property
     def head_count(self) -> int:
         return len(self.strides)
+
+
+@dataclass(frozen=True)
+class Yolov8MetaArch:
+    """An anchor-free YOLOv8-style detector (decoupled head, DFL box regression, no
+    objectness): the model's outputs are, per stride, the class conv [1, num_classes, H, W]
+    (logits) then the box conv [1, 4 * reg_max, H, W] (for each of the left, top, right, bottom
+    distances, reg_max logits over 0 .. reg_max - 1 cells). TIDL decodes distance =
+    sum(softmax(logits) * bin) * stride from the cell centre (i + 0.5) * stride,
+    score = sigmoid(class)."""
+
+    strides: Sequence[int]
+    num_classes: int
+    reg_max: int = 16
+    """Bins per box side (YOLOv8's default 16)."""
+    confidence_threshold: float = 0.3
+    nms_threshold: float = 0.45
+    top_k: int = 200
+    """Boxes per class kept by NMS."""
+    keep_top_k: int = 200
+    """Detections kept in all (highest scores)."""
+
+    META_ARCH_TYPE = 8
+    CODE_TYPE = "CODE_TYPE_DIST2BBOX"
+
+    def __post_init__(self) -> None:
+        _check_strides(self)
+        _check_thresholds(self)
+        check_int(self.reg_max, "reg_max", 1, ExportError, "16")
+
+    @property
+    def head_count(self) -> int:
+        return 2 * len(self.strides)
 
 
 @dataclass(frozen=True)
@@ -243,8 +283,42 @@ def _number(value: float) -> str:
     return repr(float(f"{float(value):.6g}"))
 
 
-def prototxt(arch: YoloxMetaArch | SsdMetaArch, heads: list[str], outputs: list[str],
-             in_height: int, in_width: int) -> str:
+MetaArch = YoloxMetaArch | Yolov8MetaArch | SsdMetaArch
+"""Any detection meta-architecture `export_onnx(..., detection=...)` takes."""
+
+
+def _yolox_block(arch: YoloxMetaArch, heads: list[str]) -> list[str]:
+    lines = []
+    for head, stride in zip(heads, arch.strides):
+        lines += ["  yolo_param {", f'    input: "{head}"', f"    anchor_width: {_number(stride)}",
+                  f"    anchor_height: {_number(stride)}", "  }"]
+    return lines
+
+
+def _yolov8_block(heads: list[str]) -> list[str]:
+    """Per level the class conv then the box conv (the order TI's YOLOv8 exporter lists)."""
+    return [f'  box_input: "{head}"' for head in heads[1::2]] + [
+        f'  class_input: "{head}"' for head in heads[0::2]] + ["  score_converter: SIGMOID"]
+
+
+def _ssd_block(arch: SsdMetaArch, heads: list[str]) -> list[str]:
+    levels = len(arch.priors)
+    lines = [f'  box_input: "{head}"' for head in heads[:levels]]
+    lines += [f'  class_input: "{head}"' for head in heads[levels:]]
+    for prior in arch.priors:
+        lines += ["  prior_box_param {", f"    min_size: {_number(prior.min_size)}"]
+        if prior.max_size is not None:
+            lines.append(f"    max_size: {_number(prior.max_size)}")
+        lines += [f"    aspect_ratio: {_number(ratio)}" for ratio in prior.aspect_ratios]
+        lines += [f"    flip: {str(prior.flip).lower()}", "    clip: false"]
+        lines += [f"    variance: {_number(value)}" for value in arch.variance]
+        lines += [f"    step: {_number(prior.step)}", f"    offset: {_number(prior.offset)}",
+                  "  }"]
+    return lines + ["  data_layout: INTERLEAVED"]
+
+
+def prototxt(arch: MetaArch, heads: list[str], outputs: list[str], in_height: int,
+             in_width: int) -> str:
     """The meta-architecture file's text (protobuf text format, TI's field names)."""
     post = [f"num_classes: {arch.num_classes}", "share_location: true",
             f"background_label_id: {getattr(arch, 'background_label_id', -1)}",
@@ -252,28 +326,12 @@ def prototxt(arch: YoloxMetaArch | SsdMetaArch, heads: list[str], outputs: list[
             f"  top_k: {arch.top_k}", "}",
             f"code_type: {arch.CODE_TYPE}", f"keep_top_k: {arch.keep_top_k}",
             f"confidence_threshold: {_number(arch.confidence_threshold)}"]
-    lines: list[str] = []
     if isinstance(arch, YoloxMetaArch):
-        name, block = "yolox", "tidl_yolo"
-        for head, stride in zip(heads, arch.strides):
-            lines += ["  yolo_param {", f'    input: "{head}"',
-                      f"    anchor_width: {_number(stride)}",
-                      f"    anchor_height: {_number(stride)}", "  }"]
+        name, block, lines = "yolox", "tidl_yolo", _yolox_block(arch, heads)
+    elif isinstance(arch, Yolov8MetaArch):
+        name, block, lines = "yolov8", "caffe_ssd", _yolov8_block(heads)
     else:
-        name, block = "ssd", "caffe_ssd"
-        levels = len(arch.priors)
-        lines += [f'  box_input: "{head}"' for head in heads[:levels]]
-        lines += [f'  class_input: "{head}"' for head in heads[levels:]]
-        for prior in arch.priors:
-            lines += ["  prior_box_param {", f"    min_size: {_number(prior.min_size)}"]
-            if prior.max_size is not None:
-                lines.append(f"    max_size: {_number(prior.max_size)}")
-            lines += [f"    aspect_ratio: {_number(ratio)}" for ratio in prior.aspect_ratios]
-            lines += [f"    flip: {str(prior.flip).lower()}", "    clip: false"]
-            lines += [f"    variance: {_number(value)}" for value in arch.variance]
-            lines += [f"    step: {_number(prior.step)}", f"    offset: {_number(prior.offset)}",
-                      "  }"]
-        lines.append("  data_layout: INTERLEAVED")
+        name, block, lines = "ssd", "caffe_ssd", _ssd_block(arch, heads)
     lines += ["  detection_output_param {"] + [f"    {item}" for item in post] + ["  }"]
     lines += [f'  name: "{name}"', f"  in_width: {in_width}", f"  in_height: {in_height}"]
     lines += [f'  output: "{output}"' for output in outputs]
@@ -281,28 +339,40 @@ def prototxt(arch: YoloxMetaArch | SsdMetaArch, heads: list[str], outputs: list[
     return f'name: "{name}"\n{block} {{\n' + "\n".join(lines) + "\n}\n"
 
 
-def check_heads(arch: YoloxMetaArch | SsdMetaArch, shapes: list[tuple[str, list[int]]],
-                in_height: int, in_width: int) -> None:
+def _expected_heads(arch: MetaArch, in_height: int, in_width: int
+                    ) -> list[tuple[int, int | None, int | None]]:
+    """(channels, height, width) of each head output; None where any size will do."""
+    if isinstance(arch, YoloxMetaArch):
+        return [(4 + 1 + arch.num_classes, in_height // stride, in_width // stride)
+                for stride in arch.strides]
+    if isinstance(arch, Yolov8MetaArch):
+        return [(channels, in_height // stride, in_width // stride) for stride in arch.strides
+                for channels in (arch.num_classes, 4 * arch.reg_max)]
+    cells = [prior.boxes_per_cell for prior in arch.priors]
+    return [(count * 4, None, None) for count in cells] + [
+        (count * arch.num_classes, None, None) for count in cells]
+
+
+ORDER = {YoloxMetaArch: "one per stride", Yolov8MetaArch: "per stride the class conv, then the "
+         "box conv", SsdMetaArch: "the box convs of every level, then the class convs"}
+
+
+def check_heads(arch: MetaArch, shapes: list[tuple[str, list[int]]], in_height: int,
+                in_width: int) -> None:
     """An ExportError unless the model's outputs are the head tensors `arch` describes."""
     if len(shapes) != arch.head_count:
-        kind = "one per stride" if isinstance(arch, YoloxMetaArch) else \
-            "the box convs of every level, then the class convs"
         raise ExportError(f"detection={type(arch).__name__} expects {arch.head_count} model "
-                          f"outputs ({kind}); the model has {len(shapes)}.")
+                          f"outputs ({ORDER[type(arch)]}); the model has {len(shapes)}.")
     for index, (name, shape) in enumerate(shapes):
         if len(shape) != 4 or shape[0] != 1:
             raise ExportError(f"detection export needs each head output as [1, C, H, W] (batch "
                               f"1, as TIDL runs it); output {index} ({name}) is {shape}.")
-    if isinstance(arch, YoloxMetaArch):
-        expected = [(4 + 1 + arch.num_classes, in_height // stride, in_width // stride)
-                    for stride in arch.strides]
-    else:
-        cells = [prior.boxes_per_cell for prior in arch.priors]
-        expected = [(count * 4, None, None) for count in cells] + [
-            (count * arch.num_classes, None, None) for count in cells]
+    expected = _expected_heads(arch, in_height, in_width)
     for index, ((name, shape), (channels, height, width)) in enumerate(zip(shapes, expected)):
         if shape[1] != channels or (height is not None and tuple(shape[2:]) != (height, width)):
             grid = "" if height is None else f" x {height} x {width}"
             raise ExportError(f"head output {index} ({name}) has shape {shape}; "
-                              f"{type(arch).__name__} expects [1, {channels}{grid}] for it. "
-                              "Check num_classes, strides / priors and the output order.")
+                              f"{type(arch).__name__} expects [1, {channels}{grid}] for it "
+                              f"({ORDER[type(arch)]}). Check num_classes, strides / priors"
+                              f"{', reg_max' if isinstance(arch, Yolov8MetaArch) else ''} and "
+                              "the output order.")

@@ -22,7 +22,7 @@ from torch import Tensor
 from quantfx.checks import check_bool, check_int, check_number
 from quantfx.errors import ExportError
 from quantfx.export.graph import build_model
-from quantfx.export.meta_arch import SsdMetaArch, YoloxMetaArch
+from quantfx.export.meta_arch import MetaArch
 from quantfx.export.postprocess import check_detection, run_detector, whole_detector
 from quantfx.export.report import ExportReport
 from quantfx.export.stepwise import verify_stepwise
@@ -145,7 +145,7 @@ def export_onnx(
     threads: int = 1,
     strict_tidl: bool = False,
     part: str | None = None,
-    detection: YoloxMetaArch | SsdMetaArch | None = None,
+    detection: MetaArch | None = None,
 ) -> ExportReport:
     """Write converted `model` to `path` as QDQ ONNX (or, with `legacy=True`, float ONNX with
     Clip ranges for pre-QDQ TIDL) and its TIDL options to `<path stem>.tidl.json`.
@@ -162,10 +162,11 @@ def export_onnx(
     a time: `example_inputs` (and `verify_data`) are then the whole model's, and the file holds
     the part, with the inputs it receives from them.
 
-    `detection` (a `quantfx.YoloxMetaArch` or `quantfx.SsdMetaArch`) says the model's outputs
-    are a detector's head tensors: they are verified as above, then decode and NMS are added
-    as float ONNX ops (outputs boxes, labels, scores; batch 1) and TIDL's meta-architecture
-    file is written beside the model (`<path stem>.prototxt`, named in the options file).
+    `detection` (a `quantfx.YoloxMetaArch`, `quantfx.Yolov8MetaArch` or `quantfx.SsdMetaArch`)
+    says the model's outputs are a detector's head tensors: they are verified as above, then
+    decode and NMS are added as float ONNX ops (outputs boxes, labels, scores; batch 1) and
+    TIDL's meta-architecture file is written beside the model (`<path stem>.prototxt`, named
+    in the options file).
     """
     model = unwrap(model)
     if part is not None or (state_of(model) is not None and state_of(model).parts):

@@ -17,7 +17,14 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
 from quantfx.errors import ExportError, InternalError
-from quantfx.export.meta_arch import SsdMetaArch, YoloxMetaArch, check_heads, prototxt
+from quantfx.export.meta_arch import (
+    MetaArch,
+    SsdMetaArch,
+    Yolov8MetaArch,
+    YoloxMetaArch,
+    check_heads,
+    prototxt,
+)
 from quantfx.export.verify import onnxruntime_session
 
 OUTPUT_NAMES = ("boxes", "labels", "scores")
@@ -93,6 +100,45 @@ def _yolox(g: _Graph, heads: list[tuple[str, list[int]]], arch: YoloxMetaArch
     return _corners(g, center, size), scores, np.arange(arch.num_classes)
 
 
+def _cell_centers(heads: list[tuple[str, list[int]]], strides: tuple[int, ...]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """([1, K, 2] pixel centres (i + 0.5) * stride of every cell, level by level, row-major;
+    [1, K] the stride of each)."""
+    centers, cell_strides = [], []
+    for (_, shape), stride in zip(heads, strides):
+        height, width = shape[2:]
+        rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+        centers.append((np.stack([columns.ravel(), rows.ravel()], -1) + 0.5) * stride)
+        cell_strides.append(np.full(height * width, stride))
+    return (np.concatenate(centers)[None].astype(np.float32),
+            np.concatenate(cell_strides)[None].astype(np.float32))
+
+
+def _yolov8(g: _Graph, heads: list[tuple[str, list[int]]], arch: Yolov8MetaArch
+            ) -> tuple[str, str, np.ndarray]:
+    """(boxes [1, K, 4], scores [1, K, C], label of each score column): DFL (softmax over each
+    side's bins, then their expectation) and dist2bbox, as CODE_TYPE_DIST2BBOX decodes."""
+    bins = g.constant("bins", np.arange(arch.reg_max, dtype=np.float32)[None])  # [1, R]
+    distances = []
+    for name, _ in heads[1::2]:
+        logits = g.op("Reshape", [_flatten(g, name), g.constant(
+            f"shape_{g.count}", np.array([4, arch.reg_max, -1]))])  # [4, R, H * W]
+        expected = g.op("MatMul", [bins, g.op("Softmax", [logits], axis=1)])  # [4, 1, H * W]
+        distances.append(g.op("Squeeze", [expected, g.constant(f"axis_{g.count}",
+                                                               np.array([1]))]))
+    classes = [_flatten(g, name) for name, _ in heads[0::2]]  # [C, H * W] each
+    centers, strides = _cell_centers(heads[0::2], arch.strides)
+    scaled = g.op("Mul", [g.op("Concat", distances, axis=1), g.constant("stride", strides)])
+    zero = g.constant("zero_axis", np.array([0]))
+    sides = g.op("Unsqueeze", [g.op("Transpose", [scaled], perm=[1, 0]), zero])  # [1, K, 4]
+    center = g.constant("centers", centers)
+    boxes = g.op("Concat", [g.op("Sub", [center, g.slice_last(sides, 0, 2)]),
+                            g.op("Add", [center, g.slice_last(sides, 2, 4)])], axis=2)
+    logits = g.op("Transpose", [g.op("Concat", classes, axis=1)], perm=[1, 0])  # [K, C]
+    scores = g.op("Unsqueeze", [g.op("Sigmoid", [logits]), zero])
+    return boxes, scores, np.arange(arch.num_classes)
+
+
 def _ssd(g: _Graph, heads: list[tuple[str, list[int]]], arch: SsdMetaArch
          ) -> tuple[str, str, np.ndarray]:
     """(boxes [1, K, 4], scores [1, K, C'] without the background column, their labels)."""
@@ -126,14 +172,15 @@ def _ssd(g: _Graph, heads: list[tuple[str, list[int]]], arch: SsdMetaArch
     return _corners(g, center, size), scores, labels
 
 
-def append_postprocess(model: onnx.ModelProto, arch: YoloxMetaArch | SsdMetaArch
-                       ) -> onnx.ModelProto:
+DECODERS = {YoloxMetaArch: _yolox, Yolov8MetaArch: _yolov8, SsdMetaArch: _ssd}
+
+
+def append_postprocess(model: onnx.ModelProto, arch: MetaArch) -> onnx.ModelProto:
     """A copy of `model` (its outputs: the head tensors) with decode and NMS after them and
     `OUTPUT_NAMES` added as outputs after the head tensors."""
     heads = _shapes(model)
     g = _Graph()
-    decode = _yolox if isinstance(arch, YoloxMetaArch) else _ssd
-    boxes, scores, label_of_column = decode(g, heads, arch)
+    boxes, scores, label_of_column = DECODERS[type(arch)](g, heads, arch)
     by_class = g.op("Transpose", [scores], perm=[0, 2, 1])  # [1, C, K]
     selected = g.op("NonMaxSuppression", [
         boxes, by_class, g.constant("top_k", np.array([arch.top_k])),
@@ -173,9 +220,9 @@ def check_detection(detection: Any, legacy: bool, inputs: tuple[Tensor, ...]) ->
     """An ExportError unless `detection` is None or a meta-architecture this export can write."""
     if detection is None:
         return
-    if not isinstance(detection, (YoloxMetaArch, SsdMetaArch)):
-        raise ExportError(f"detection must be a quantfx.YoloxMetaArch or quantfx.SsdMetaArch "
-                          f"(or None), got {type(detection).__name__}.")
+    if not isinstance(detection, tuple(DECODERS)):
+        raise ExportError(f"detection must be a quantfx.YoloxMetaArch, quantfx.Yolov8MetaArch or "
+                          f"quantfx.SsdMetaArch (or None), got {type(detection).__name__}.")
     if legacy:
         raise ExportError("detection export writes a QDQ file; use legacy=False.")
     if inputs[0].dim() != 4 or any(tensor.shape[0] != 1 for tensor in inputs):
@@ -183,7 +230,7 @@ def check_detection(detection: Any, legacy: bool, inputs: tuple[Tensor, ...]) ->
                           f"TIDL does); example input 0 is {tuple(inputs[0].shape)}.")
 
 
-def whole_detector(network: onnx.ModelProto, detection: YoloxMetaArch | SsdMetaArch | None,
+def whole_detector(network: onnx.ModelProto, detection: MetaArch | None,
                    inputs: tuple[Tensor, ...], path: str, options: dict[str, Any]
                    ) -> dict[str, Any] | None:
     """The whole detector's ONNX model, the prototxt (path and text) and the options entries
