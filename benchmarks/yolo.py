@@ -12,6 +12,8 @@ import hashlib
 import inspect
 import sys
 import time
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -151,9 +153,11 @@ def loss(outputs: tuple[torch.Tensor, ...], classes: torch.Tensor, boxes: torch.
 
 
 def fit(model: nn.Module, data: Canvases, epochs: int, learning_rate: float,
-        progress: bool = True, seed: int = 0, batch_size: int = 64) -> None:
+        progress: bool = True, seed: int = 0, batch_size: int = 64,
+        loss_fn: Callable[..., torch.Tensor] = loss) -> None:
     """SGD (momentum 0.9, weight decay 1e-4 on every parameter: TI's recipe), a short linear
-    warm-up, then cosine; works on a float or a `prepare_qat` model."""
+    warm-up, then cosine; works on a float or a `prepare_qat` model. `loss_fn(outputs,
+    classes, boxes)` scores the model's outputs against `targets(data)`."""
     classes, boxes = targets(data)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9,
@@ -170,7 +174,7 @@ def fit(model: nn.Module, data: Canvases, epochs: int, learning_rate: float,
         for start in bar:
             chosen = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            value = loss(model(data.images[chosen]), classes[chosen], boxes[chosen])
+            value = loss_fn(model(data.images[chosen]), classes[chosen], boxes[chosen])
             value.backward()
             optimizer.step()
             schedule.step()
@@ -178,12 +182,13 @@ def fit(model: nn.Module, data: Canvases, epochs: int, learning_rate: float,
     model.eval()
 
 
-def predict(model: nn.Module, data: Canvases, batch_size: int = 250
+def predict(model: nn.Module, data: Canvases, batch_size: int = 250,
+            detect_fn: Callable[..., list[dict[str, torch.Tensor]]] = detect
             ) -> list[dict[str, torch.Tensor]]:
     detections = []
     with torch.no_grad():
         for start, end in data.batches(batch_size):
-            detections += detect(model(data.images[start:end]))
+            detections += detect_fn(model(data.images[start:end]))
     return detections
 
 
@@ -193,18 +198,26 @@ TRAIN_IMAGES, TEST_IMAGES, EPOCHS, LEARNING_RATE = 12000, 1000, 12, 0.05
 def trained_detector(progress: bool = True) -> tuple[nn.Module, float, bool]:
     """(the trained float detector, training seconds, whether it came from the cache): the
     weights are cached under CACHE_DIR, keyed by this code and the data code."""
+    return cached_detector("tiny_yolox", TinyYolox, [sys.modules[__name__]], loss, progress)
+
+
+def cached_detector(name: str, build: Callable[[], nn.Module], sources: list[ModuleType],
+                    loss_fn: Callable[..., torch.Tensor], progress: bool
+                    ) -> tuple[nn.Module, float, bool]:
+    """`build()` trained with `loss_fn` (EPOCHS on the training canvases), cached under
+    CACHE_DIR keyed by the `sources`' code, this module's and the data code."""
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], detection_data):
+    for module in (*sources, sys.modules[__name__], detection_data):
         digest.update(inspect.getsource(module).encode())
     digest.update(torch.__version__.split("+")[0].encode())
-    path = CACHE_DIR / f"tiny_yolox-{digest.hexdigest()[:16]}.pt"
+    path = CACHE_DIR / f"{name}-{digest.hexdigest()[:16]}.pt"
     torch.manual_seed(0)
-    model = TinyYolox()
+    model = build()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), 0.0, True
     start = time.perf_counter()
-    fit(model, make_training_set(), EPOCHS, LEARNING_RATE, progress)
+    fit(model, make_training_set(), EPOCHS, LEARNING_RATE, progress, loss_fn=loss_fn)
     seconds = time.perf_counter() - start
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
