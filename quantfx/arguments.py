@@ -32,6 +32,8 @@ DEMO_DESCRIPTION = (
     "(no download)."
 )
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+DETECTION_KINDS = ("yolox", "yolov8")
+"""The detectors `quantize --detection` exports whole (TIDL meta-architectures 6 and 8)."""
 
 
 def count(minimum: int) -> Callable[[str], int]:
@@ -54,6 +56,36 @@ def floats(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers"
                                          ) from None
+
+
+def integers(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
+                                         ) from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be 1 or more")
+    return values
+
+
+def _add_detection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("detection export (TIDL's meta-architecture)")
+    group.add_argument("--detection", choices=DETECTION_KINDS, default=None,
+                       help="the model's outputs are a detector's head tensors (yolox: one per "
+                            "stride; yolov8: per stride the class conv, then the box conv): add "
+                            "decode + NMS to the file and write FILE.prototxt for TIDL")
+    group.add_argument("--strides", type=integers, default=None, metavar="N,N,...",
+                       help="with --detection: each level's stride, e.g. 8,16,32")
+    group.add_argument("--num-classes", type=count(1), default=None, metavar="N",
+                       help="with --detection: the number of classes")
+    group.add_argument("--reg-max", type=count(1), default=16, metavar="N",
+                       help="with --detection yolov8: DFL bins per box side (default 16)")
+    group.add_argument("--confidence-threshold", type=float, default=0.3, metavar="P",
+                       help="with --detection: lowest score kept (default 0.3)")
+    group.add_argument("--nms-threshold", type=float, default=0.45, metavar="IOU",
+                       help="with --detection: NMS overlap (default 0.45)")
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +163,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict-tidl", action="store_true",
                         help="fail if a node would fall back from the accelerator to ARM")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_detection(parser)
 
 
 def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:

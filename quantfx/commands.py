@@ -24,6 +24,7 @@ from quantfx.convert import convert
 from quantfx.distillation import distill
 from quantfx.distillation_state import check_checkpoint_path
 from quantfx.errors import ConfigError, LoadError
+from quantfx.export.meta_arch import MetaArch, Yolov8MetaArch, YoloxMetaArch
 from quantfx.export.onnx import export_onnx
 from quantfx.files import check_destination, write_text_files
 from quantfx.passes.graph_utils import flatten_values
@@ -82,6 +83,28 @@ def _report_lines(args: argparse.Namespace, prepared: torch.nn.Module,
             f"- time: {seconds:.1f} s", "", "```", export_summary, "```", ""]
 
 
+def _detection(args: argparse.Namespace) -> MetaArch | None:
+    """The meta-architecture `--detection` names (None without it); a ConfigError when an
+    option it needs is missing or one is given without it."""
+    needed = {"--strides": args.strides, "--num-classes": args.num_classes}
+    if args.detection is None:
+        given = [flag for flag, value in needed.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} describes a detector's heads: give --detection "
+                              "yolox or --detection yolov8 too.")
+        return None
+    missing = [flag for flag, value in needed.items() if value is None]
+    if missing:
+        raise ConfigError(f"--detection {args.detection} needs {' and '.join(missing)} (e.g. "
+                          "--strides 8,16,32 --num-classes 80).")
+    fields = dict(strides=args.strides, num_classes=args.num_classes,
+                  confidence_threshold=args.confidence_threshold,
+                  nms_threshold=args.nms_threshold)
+    if args.detection == "yolov8":
+        return Yolov8MetaArch(reg_max=args.reg_max, **fields)
+    return YoloxMetaArch(**fields)
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     """Load, calibrate, convert, export (ONNX + TIDL options + report); 0 on success."""
     start = time.perf_counter()
@@ -94,6 +117,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         check_checkpoint_path(args.checkpoint)
     report_path = os.path.splitext(output)[0] + ".report.md"
+    detection = _detection(args)
     layers = tuple(name.strip() for name in args.sixteen_bit_layers.split(",") if name.strip())
     config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
                      sixteen_bit_layers=layers or None)
@@ -115,13 +139,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     LOG.info("exporting %s (verified in ONNX Runtime: %s)", output,
              "no" if args.no_verify else "yes")
     export = export_onnx(converted, example, output, verify=not args.no_verify,
-                         verify_data=batches[1:3], strict_tidl=args.strict_tidl)
+                         verify_data=batches[1:3], strict_tidl=args.strict_tidl,
+                         detection=detection)
     lines = _report_lines(args, prepared, batches, sqnr, time.perf_counter() - start,
                           export.summary())
     write_text_files({report_path: "\n".join(lines)})
     if not args.quiet:
         print("\n".join(line for line in lines[2:] if line and line != "```"))
-        print(f"wrote {export.path}, {export.options_path} and {report_path}")
+        written = [export.path, export.options_path] + (
+            [export.prototxt_path] if export.prototxt_path else [])
+        print(f"wrote {', '.join(written)} and {report_path}")
     return 0
 
 

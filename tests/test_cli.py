@@ -37,6 +37,24 @@ def build():
 def unfolded():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(1152, 4))
+
+
+class Yolov8Heads(nn.Module):
+    """YOLOv8's head outputs at strides 8 and 16: class conv (3 classes), box conv (reg_max 4)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fine = nn.Sequential(nn.Conv2d(3, 8, 3, 8, 1), nn.ReLU())
+        self.coarse = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
+        self.heads = nn.ModuleList(nn.ModuleList([nn.Conv2d(8, 3, 1), nn.Conv2d(8, 16, 1)])
+                                   for _ in range(2))
+
+    def forward(self, x):
+        fine = self.fine(x)
+        coarse = self.coarse(fine)
+        return (self.heads[0][0](fine), self.heads[0][1](fine), self.heads[1][0](coarse),
+                self.heads[1][1](coarse))
 '''
 
 
@@ -146,6 +164,24 @@ def test_analyze_prints_and_saves_its_report(workspace):
     assert {"report.md", "report.html", "report.json"} <= saved
 
 
+def test_quantize_exports_a_yolov8_detector_whole_with_its_prototxt(workspace):
+    result = quantfx("quantize", "tiny_model.py:Yolov8Heads", "--calib", "calib.pt", "-o",
+                     "v8.onnx", "--detection", "yolov8", "--strides", "8,16", "--num-classes",
+                     "3", "--reg-max", "4", "--confidence-threshold", "0.05", "--no-progress",
+                     cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "wrote v8.onnx, v8.tidl.json, v8.prototxt and v8.report.md" in result.stdout
+    options = json.loads((workspace / "v8.tidl.json").read_text())
+    assert options["object_detection:meta_arch_type"] == 8
+    text = (workspace / "v8.prototxt").read_text()
+    assert "CODE_TYPE_DIST2BBOX" in text and "confidence_threshold: 0.05" in text
+    session = ort.InferenceSession(str(workspace / "v8.onnx"))
+    boxes, labels, scores = session.run(None, {session.get_inputs()[0].name: np.zeros(
+        (1, 3, 16, 16), np.float32)})[-3:]
+    assert boxes.shape[1:] == (4,) and len(labels) == len(scores) > 0
+    assert set(labels.tolist()) <= {0, 1, 2} and scores.min() >= 0.05
+
+
 def test_a_bad_argument_is_one_line_and_exit_two(workspace):
     result = quantfx("quantize", "resnet19", "--calib", "calib.pt", "-o", "x.onnx",
                      cwd=workspace)
@@ -170,6 +206,10 @@ def test_a_bad_argument_is_one_line_and_exit_two(workspace):
      "cannot import"),
     (["doctor", "tiny_model.py:build", "--input-shape", "1,three"], "not a list of integers"),
     (["analyze", "tiny_model.py:build", "--calib", "calib.pt", "-o", "calib.pt"], "is a file"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--strides",
+      "8,16"], "give --detection yolox or --detection yolov8 too"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--detection",
+      "yolox", "--num-classes", "3"], "needs --strides"),
 ])
 def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(workspace)
