@@ -170,9 +170,10 @@ class QuantConfig:
     weights at `prepare`; per-channel weights are never coarse."""
     widen_sensitive_layers: bool = True
     """PTC, 8 bit: after the ranges, measure each layer's own 8-bit rounding (its weights and
-    output, nothing else quantized) at the model's output on 8 calibration samples, and give
+    output, nothing else quantized) at each model output on 8 calibration samples, and give
     16-bit weights and a 16-bit output (on TDA4VM, whose 8-bit layers keep 16-bit biases, the
-    weights only) to the layers that alone hold the output below 30 dB SQNR, the worst first,
+    weights only) to the layers that alone hold an output below 30 dB SQNR (below 45 dB on the
+    output it produces, for a head of a model with several outputs), the worst first,
     a tenth of the layers at most (`quantfx.mixed_precision`; the export verifies such files
     step by step, `quantfx.export.stepwise`). The choice is in the calibration check
     (`summary()`) and the state_dict. Costs a forward of 8 samples per group measured

@@ -1,8 +1,10 @@
 """Measured mixed precision (`QuantConfig.widen_sensitive_layers`): which few layers run 16 bit.
 
 Once calibration has every range, each layer's own 8-bit rounding -- its weights and its
-output, nothing else quantized -- is measured at the model's output on a few calibration
-samples. A layer that alone holds the model below `SENSITIVE_DB` gets 16-bit weights and a
+output, nothing else quantized -- is measured at each of the model's outputs on a few
+calibration samples. A layer that alone holds an output below `SENSITIVE_DB` (or, among
+several outputs, the one it produces below `OUTPUT_DB`; a part of a partly quantized model is
+measured on its outputs joined) gets 16-bit weights and a
 16-bit output (TIDL's `params_16bit_names_list` / `output_feature_16bit_names_list`; on a
 target with 16-bit biases, TDA4VM, the weights only), the worst first, at most
 `MAX_WIDENED_SHARE` of the layers. Other quantized tensors (a residual add's output, a
@@ -28,7 +30,7 @@ from quantfx.calibration_check import output_rows
 from quantfx.config import QuantConfig
 from quantfx.layers import FakeQuantLayer
 from quantfx.ops import FUSABLE_ACTIVATIONS
-from quantfx.passes.graph_utils import first_input, module_of
+from quantfx.passes.graph_utils import first_input, flatten_values, module_of
 from quantfx.passes.place import MAX_WIDENED_SHARE
 from quantfx.qmath import sqnr_db
 from quantfx.quantizers import CalibrationQuantizer, quant_mode
@@ -40,6 +42,11 @@ this SQNR is widened (most layers measure above 30 dB on the real models of docs
 BN-folded early layers of EfficientNet-Lite 17-30 dB)."""
 MEASURE_SAMPLES = 8
 """Calibration samples each layer's own rounding is measured on."""
+OUTPUT_DB = 45.0
+"""With several model outputs (a detector's head tensors), a layer or tensor whose own result
+is one of them is widened below this SQNR on that output: a 16-bit head costs little, and the
+post-processing reads boxes and scores where an 8-bit step shows (the YOLOX-style detector's
+concatenated box / objectness / class outputs measure 35 dB and cost 0.8 mAP at 8 bit)."""
 WIDE_BITS = 16
 LOG = logging.getLogger(__name__)
 
@@ -85,60 +92,107 @@ def _producer(model: fx.GraphModule, quantizer: fx.Node) -> fx.Node | None:
     return source
 
 
-def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]]) -> Tensor:
-    """Every floating-point output value of `model` on `batches`, flattened (maybe empty)."""
+def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
+             per_output: bool = True) -> list[Tensor | None]:
+    """Each output leaf of `model` on `batches`, flattened and joined across batches (None for
+    a leaf that is not a floating-point tensor), in the order of the graph's output leaves;
+    without `per_output`, one tensor of every floating-point output's batch rows."""
     with torch.no_grad():
-        return torch.cat([leaf.flatten() for inputs in batches
-                          for leaf in output_rows(model(*inputs), inputs[0].shape[0])]
-                         or [torch.zeros(0)])
+        if not per_output:
+            return [torch.cat([leaf.flatten() for inputs in batches
+                               for leaf in output_rows(model(*inputs), inputs[0].shape[0])]
+                              or [torch.zeros(0)])]
+        runs = [flatten_values(model(*inputs)) for inputs in batches]
+    joined: list[Tensor | None] = []
+    for leaves in zip(*runs):
+        floating = all(isinstance(leaf, Tensor) and leaf.is_floating_point() for leaf in leaves)
+        joined.append(torch.cat([leaf.detach().flatten() for leaf in leaves]) if floating
+                      else None)
+    return joined
+
+
+def _output_bars(model: fx.GraphModule, units: list[PrecisionUnit], leaves: int
+                 ) -> list[list[float]]:
+    """Per unit, the SQNR each model output must keep with only that unit rounding:
+    SENSITIVE_DB, or OUTPUT_DB for an output the unit itself produces when there are several."""
+    bars = [[SENSITIVE_DB] * leaves for _ in units]
+    if leaves < 2:
+        return bars
+    owner = {id(quantizer): index for index, unit in enumerate(units)
+             for quantizer in unit.quantizers}
+    output = next(node for node in model.graph.nodes if node.op == "output")
+    for position, leaf in enumerate(flatten_values(output.args[0])):
+        index = owner.get(id(module_of(model, leaf))) if isinstance(leaf, fx.Node) else None
+        if index is not None:
+            bars[index][position] = OUTPUT_DB
+    return bars
+
+
+@dataclass(frozen=True)
+class OwnRounding:
+    """A unit's own 8-bit rounding, measured: `sensitive` when some output falls below its bar
+    (`db`: the lowest such output's SQNR), else `db` is the lowest output SQNR."""
+
+    db: float
+    sensitive: bool
 
 
 def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
-                    batches: Sequence[tuple[Tensor, ...]], progress: bool) -> list[float]:
-    """Output SQNR against float with only each unit's quantizers quantizing.
+                    batches: Sequence[tuple[Tensor, ...]], progress: bool,
+                    per_output: bool = True) -> list[OwnRounding]:
+    """Per unit, each output's SQNR against float with only its quantizers quantizing, read
+    against its bar: SENSITIVE_DB, or OUTPUT_DB for an output the unit produces among several
+    (without `per_output`, the outputs joined into one, against SENSITIVE_DB).
 
-    Units are measured in groups first: rounding noise adds, so a group whose output stays at
-    or above `SENSITIVE_DB` has no member below it and is not split (its members get the
-    group's figure, a lower bound of their own). Groups below are halved down to single units,
-    which get their exact figure: about (sensitive units) x log2(units) forwards, not one per
-    unit (a model that 8 bit serves: one forward)."""
-    measured = [float("inf")] * len(units)
+    Units are measured in groups first: rounding noise adds, so a group with no output below
+    its bar has no member below it and is not split (its members get the group's figure, a
+    lower bound of their own). Groups below are halved down to single units, which get their
+    exact figure: about (sensitive units) x log2(units) forwards, not one per unit (a model
+    that 8 bit serves: one forward)."""
+    measured = [OwnRounding(float("inf"), False)] * len(units)
     with quant_mode(model, observe=False, quantize=False):
-        reference = _outputs(model, batches)
-        if not bool(reference.ne(0).any()):  # no float output, or all zero: nothing to rank
+        reference = _outputs(model, batches, per_output)
+        kept = [index for index, leaf in enumerate(reference)
+                if leaf is not None and bool(leaf.ne(0).any())]
+        if not kept:  # no float output, or all zero: nothing to rank
             return measured
+        bars = _output_bars(model, units, len(reference))
         pending = [list(range(len(units)))] if units else []
         with tqdm(desc="mixed precision", unit="pass", leave=False,
                   disable=None if progress else True) as bar:
             while pending:
                 group = pending.pop()
-                db = _group_db(model, [units[index] for index in group], batches, reference)
+                dbs = _group_db(model, [units[index] for index in group], batches, reference,
+                                per_output)
+                below = [dbs[leaf] for leaf in kept
+                         if dbs[leaf] < max(bars[index][leaf] for index in group)]
                 bar.update(1)
-                if db >= SENSITIVE_DB or len(group) == 1:
+                if not below or len(group) == 1:
+                    result = OwnRounding(min(below or [dbs[leaf] for leaf in kept]), bool(below))
                     for index in group:
-                        measured[index] = db
+                        measured[index] = result
                 else:
                     pending += [group[len(group) // 2:], group[:len(group) // 2]]
     return measured
 
 
 def _group_db(model: fx.GraphModule, group: list[PrecisionUnit],
-              batches: Sequence[tuple[Tensor, ...]], reference: Tensor) -> float:
-    """Output SQNR with only `group`'s quantizers quantizing (all off again afterwards)."""
+              batches: Sequence[tuple[Tensor, ...]], reference: list[Tensor | None],
+              per_output: bool) -> list[float]:
+    """Each output's SQNR with only `group`'s quantizers quantizing (all off again after)."""
     members = [quantizer for unit in group for quantizer in unit.quantizers]
     for quantizer in members:
         quantizer.set_mode(observe=False, quantize=quantizer.observed)
     try:
-        db = sqnr_db(reference, _outputs(model, batches))
+        dbs = [float("inf") if expected is None else sqnr_db(expected, got)
+               for expected, got in zip(reference, _outputs(model, batches, per_output))]
     finally:
         for quantizer in members:
             quantizer.set_mode(observe=False, quantize=False)
-    if len(group) == 1:
-        LOG.debug("mixed precision: %s alone at 8 bit: %.1f dB", group[0].name, db)
-    else:
-        LOG.debug("mixed precision: %d layers and tensors together at 8 bit: %.1f dB",
-                  len(group), db)
-    return db
+    what = group[0].name if len(group) == 1 else f"{len(group)} layers and tensors together"
+    LOG.debug("mixed precision: %s at 8 bit: %s dB", what,
+              ", ".join(f"{db:.1f}" for db in dbs))
+    return dbs
 
 
 def restore_placed_widths(model: fx.GraphModule) -> None:
@@ -163,8 +217,11 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     layers = sum(isinstance(m, FakeQuantLayer) for m in model.modules())
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
     samples = first_samples(batches, MEASURE_SAMPLES)
-    measured = own_rounding_db(model, units, samples, config.progress)
-    ranked = sorted((db, index) for index, db in enumerate(measured) if db < SENSITIVE_DB)
+    # A part's outputs are features that flow on into float modules: joined, as one output.
+    measured = own_rounding_db(model, units, samples, config.progress,
+                               per_output=not config.quantize_only)
+    ranked = sorted((rounding.db, index) for index, rounding in enumerate(measured)
+                    if rounding.sensitive)
     chosen = [units[index] for _, index in ranked[:budget]]
     for quantizer in (quantizer for unit in chosen for quantizer in unit.quantizers):
         quantizer.widen(WIDE_BITS)

@@ -265,13 +265,53 @@ def test_layers_are_measured_in_halving_groups_and_the_sensitive_one_exactly(mon
     grouped = module.own_rounding_db(prepared, units, batch, progress=False)
     assert len(passes) < len(units) / 2  # one forward per unit would be 1 + len(units)
     (sensitive,) = [index for index, unit in enumerate(units) if unit.name == "convs.38"]
-    alone = [sqnr for sqnr in grouped if sqnr < module.SENSITIVE_DB]
+    alone = [rounding.db for rounding in grouped if rounding.sensitive]
     passes.clear()
     exact = module.own_rounding_db(prepared, [units[sensitive]], batch, progress=False)
-    assert grouped[sensitive] == exact[0] == min(alone)
+    assert grouped[sensitive] == exact[0] and exact[0].db == min(alone)
     served = _calibrated(_Chain(), widen_sensitive_layers=False)
     passes.clear()
     served_units = module.precision_units(served)
     measured = module.own_rounding_db(served, served_units, batch, progress=False)
-    assert min(measured) >= module.SENSITIVE_DB  # every layer alone is above 30 dB
+    assert not any(rounding.sensitive for rounding in measured)
+    assert min(rounding.db for rounding in measured) >= module.SENSITIVE_DB  # all above 30 dB
     assert len(passes) < 1 + len(served_units)  # and groups above it are not split
+
+
+class _Heads(nn.Module):
+    """A trunk and two heads (a detector's box and class convs), returned apart or, with
+    `joined`, concatenated into one output; the class head's outlier bias spreads its output."""
+
+    def __init__(self, joined: bool = False) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.trunk, self.boxes, self.classes = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1), \
+            nn.Conv2d(8, 6, 1)
+        self.joined = joined
+        with torch.no_grad():
+            for conv in (self.trunk, self.boxes, self.classes):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.5)
+                conv.bias.zero_()
+            self.classes.bias[0] = -12.0
+
+    def forward(self, x):
+        x = torch.relu(self.trunk(x))
+        boxes, classes = self.boxes(x), self.classes(x)
+        return torch.cat([boxes, classes], 1) if self.joined else (boxes, classes)
+
+
+def test_each_output_is_measured_on_its_own_and_a_head_below_the_output_bar_widens(caplog):
+    """Apart, the box head's own 8-bit rounding leaves its output at 35.6 dB: above the 30 dB
+    bar of the joined output (39 dB there, the class output's range hiding it), below the bar
+    of a layer producing one of several outputs (45 dB): the box conv runs 16 bit."""
+    import quantfx.mixed_precision as module
+
+    apart = _calibrated(_Heads())
+    assert state_of(apart).calibration_check.sixteen_bit == ["boxes"]
+    assert state_of(_calibrated(_Heads(joined=True))).calibration_check.sixteen_bit == []
+    narrow = _calibrated(_Heads(), widen_sensitive_layers=False)
+    units = module.precision_units(narrow)
+    measured = module.own_rounding_db(narrow, units, [(_CALIBRATION[0],)], progress=False)
+    figures = {unit.name: rounding for unit, rounding in zip(units, measured)}
+    assert figures["boxes"].sensitive and not figures["trunk"].sensitive
+    assert module.SENSITIVE_DB < figures["boxes"].db < module.OUTPUT_DB
