@@ -1,9 +1,10 @@
-"""Part `detector`: mAP@0.5 of the repo's YOLOX-style detector (benchmarks/yolo.py) in float,
+"""Part `detector`: mAP@0.5 of the repo's two detectors, YOLOX-style (benchmarks/yolo.py) and
+YOLOv8-style (benchmarks/yolov8.py: C2f blocks, decoupled head, DFL boxes), in float,
 after PTC at 8 bit (the default, whose calibration measures which layers need 16 bit, and
 without that measurement), with 16-bit heads, with the first conv and the heads at 16 bit (as
 named, nothing measured), and after one epoch of QAT from the PTC model; plus the exported
-whole-detector file (heads verified bit for bit, decode + NMS as float ONNX ops) scored in
-ONNX Runtime.
+whole-detector file (heads verified bit for bit, decode + NMS as float ONNX ops; TIDL's
+meta-architecture 6 for YOLOX, 8 for YOLOv8) scored in ONNX Runtime.
 
 Data: 64x64 canvases of 1-3 Fashion-MNIST items at random scales and places (boxes known),
 12,000 from the training split for training, 512 more for calibration, 1,000 from the test
@@ -17,13 +18,16 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 import quantfx as qf
-from benchmarks import yolo
+from benchmarks import yolo, yolov8
 from benchmarks.detection_data import make_canvases, mean_average_precision
 from benchmarks.report import PartResult, Table
 from benchmarks.training import configure_threads
@@ -45,6 +49,27 @@ CONFIGS: dict[str, dict[str, Any]] = {
 the hand-picked rows widen what they name and nothing else."""
 
 
+@dataclass(frozen=True)
+class Detector:
+    """One of the repo's detectors: its module (trained_detector, predict, fit) and the
+    meta-architecture its file is exported with."""
+
+    title: str
+    module: ModuleType
+    arch: Callable[..., Any]
+    filename: str
+
+
+THRESHOLDS = dict(confidence_threshold=0.01, nms_threshold=0.45, top_k=100, keep_top_k=100)
+DETECTORS = (
+    Detector("YOLOX-style", yolo, lambda: qf.YoloxMetaArch(
+        strides=yolo.STRIDES, num_classes=yolo.NUM_CLASSES, **THRESHOLDS), "tiny_yolox.onnx"),
+    Detector("YOLOv8-style", yolov8, lambda: qf.Yolov8MetaArch(
+        strides=yolov8.STRIDES, num_classes=yolov8.NUM_CLASSES, reg_max=yolov8.REG_MAX,
+        **THRESHOLDS), "tiny_yolov8.onnx"),
+)
+
+
 def _ptc(model: torch.nn.Module, calibration, overrides: dict[str, Any]) -> torch.nn.Module:
     config = qf.QuantConfig(progress=False, **overrides)
     with warnings.catch_warnings():
@@ -55,13 +80,11 @@ def _ptc(model: torch.nn.Module, calibration, overrides: dict[str, Any]) -> torc
     return prepared
 
 
-def _file_map(converted: torch.nn.Module, test, folder: Path) -> tuple[float, float]:
+def _file_map(detector: Detector, converted: torch.nn.Module, test, folder: Path
+              ) -> tuple[float, float]:
     """(mAP of the exported whole-detector file in ONNX Runtime, its heads' bit-exact share)."""
-    arch = qf.YoloxMetaArch(strides=yolo.STRIDES, num_classes=yolo.NUM_CLASSES,
-                            confidence_threshold=0.01, nms_threshold=0.45, top_k=100,
-                            keep_top_k=100)
-    path = folder / "tiny_yolox.onnx"
-    report = qf.export_onnx(converted, test.images[:1], path, detection=arch,
+    path = folder / detector.filename
+    report = qf.export_onnx(converted, test.images[:1], path, detection=detector.arch(),
                             verify_data=[test.images[index:index + 1] for index in range(16)])
     session = onnxruntime_session(str(path))
     name = session.get_inputs()[0].name
@@ -73,48 +96,55 @@ def _file_map(converted: torch.nn.Module, test, folder: Path) -> tuple[float, fl
     return mean_average_precision(detections, test, yolo.NUM_CLASSES), report.fraction_identical
 
 
-def run(progress: bool = True) -> PartResult:
-    threads = configure_threads()
-    model, train_seconds, cached = yolo.trained_detector(progress)
+def _table(detector: Detector, threads: int, progress: bool) -> Table:
+    module = detector.module
+    model, train_seconds, cached = module.trained_detector(progress)
     test = yolo.make_test_set()
     calibration = make_canvases("train", 512, seed=2)
-    table = Table("YOLOX-style detector on Fashion-MNIST canvases: mAP@0.5 (%)",
+    table = Table(f"{detector.title} detector on Fashion-MNIST canvases: mAP@0.5 (%)",
                   ["method", "mAP@0.5", "vs float", "seconds", "note"],
                   note=f"torch threads: {threads}; float training "
                        f"{'cached' if cached else f'{train_seconds:.0f} s'} "
                        f"({yolo.EPOCHS} epochs on {yolo.TRAIN_IMAGES} canvases, SGD, TI's "
                        f"recipe); {len(test)} test canvases.")
-    reference = mean_average_precision(yolo.predict(model, test), test, yolo.NUM_CLASSES)
+    reference = mean_average_precision(module.predict(model, test), test, yolo.NUM_CLASSES)
     table.add(method="float", **{"mAP@0.5": reference, "vs float": 0.0})
+
+    def add(method: str, converted: torch.nn.Module, start: float, note: str | None) -> None:
+        score = mean_average_precision(module.predict(converted, test), test, yolo.NUM_CLASSES)
+        table.add(method=method, seconds=time.perf_counter() - start, note=note,
+                  **{"mAP@0.5": score, "vs float": score - reference})
+
     ptc_model = None
     for method, overrides in CONFIGS.items():
         start = time.perf_counter()
         prepared = _ptc(model, calibration, overrides)
         converted = qf.convert(prepared)
-        score = mean_average_precision(yolo.predict(converted, test), test, yolo.NUM_CLASSES)
         widened = state_of(prepared).calibration_check.sixteen_bit
-        table.add(method=method, seconds=time.perf_counter() - start,
-                  note=f"measured 16 bit: {', '.join(widened)}" if widened else None,
-                  **{"mAP@0.5": score, "vs float": score - reference})
+        add(method, converted, start, f"measured 16 bit: {', '.join(widened)}" if widened
+            else None)
         if method == DEFAULT:
             ptc_model = converted  # the default's file is the one exported below
     start = time.perf_counter()
     qat = qf.prepare_qat(_ptc(model, calibration, {}), (calibration.images[:1],))
-    yolo.fit(qat, yolo.make_training_set(), 1, QAT_LEARNING_RATE, progress)
+    module.fit(qat, yolo.make_training_set(), 1, QAT_LEARNING_RATE, progress)
     qf.end_qat_epoch(qat)
-    converted = qf.convert(qat)
-    score = mean_average_precision(yolo.predict(converted, test), test, yolo.NUM_CLASSES)
-    table.add(method="QAT 8-bit (1 epoch from PTC)", seconds=time.perf_counter() - start,
-              note=f"lr {QAT_LEARNING_RATE}", **{"mAP@0.5": score, "vs float": score - reference})
+    add("QAT 8-bit (1 epoch from PTC)", qf.convert(qat), start, f"lr {QAT_LEARNING_RATE}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quantfx-yolo-") as folder:
-        score, identical = _file_map(ptc_model, test, Path(folder))
+        score, identical = _file_map(detector, ptc_model, test, Path(folder))
     table.add(method="PTC 8-bit, exported file in ONNX Runtime", seconds=time.perf_counter() -
               start, note=f"heads {100 * identical:.1f}% bit-identical; decode + NMS in ONNX",
               **{"mAP@0.5": score, "vs float": score - reference})
     for row in table.rows:
-        print(f"[detector] {row}", flush=True)
-    return PartResult("detector", DESCRIPTION, [table])
+        print(f"[detector] {detector.title} {row}", flush=True)
+    return table
+
+
+def run(progress: bool = True) -> PartResult:
+    threads = configure_threads()
+    return PartResult("detector", DESCRIPTION, [_table(detector, threads, progress)
+                                                for detector in DETECTORS])
 
 
 if __name__ == "__main__":
