@@ -194,6 +194,10 @@ def test_bad_detection_options_are_quantfx_errors(tmp_path, tiny_yolox) -> None:
         named = next(iter(bad))
         with pytest.raises(qf.ExportError, match=rf"(?s){named}.*(e\.g\.|such as)"):
             qf.YoloxMetaArch(**{"strides": (8, 16), "num_classes": 10, **bad})
+    for bad in [dict(reg_max=0), dict(reg_max="16"), dict(strides=[8, 16.0])]:
+        named = next(iter(bad))
+        with pytest.raises(qf.ExportError, match=rf"(?s){named}.*(e\.g\.|such as)"):
+            qf.Yolov8MetaArch(**{"strides": (8, 16), "num_classes": 10, **bad})
     with pytest.raises(qf.ExportError, match="variance needs 4"):
         qf.SsdMetaArch(priors=[qf.PriorBoxes(30, 60, (2,), 16)], num_classes=3,
                        variance=(0.1, 0.2))
