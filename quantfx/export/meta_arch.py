@@ -23,6 +23,7 @@ from torch import nn
 
 from quantfx.checks import as_tuple, check_bool, check_int, check_number
 from quantfx.errors import ExportError, warn
+from quantfx.export.networks import ultralytics_detect_head
 
 __all__ = ["PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork", "Yolov8MetaArch", "YoloxMetaArch",
            "check_heads", "prototxt"]
@@ -84,7 +85,8 @@ class Yolov8MetaArch:
     (logits) then the box conv [1, 4 * reg_max, H, W] (for each of the left, top, right, bottom
     distances, reg_max logits over 0 .. reg_max - 1 cells). TIDL decodes distance =
     sum(softmax(logits) * bin) * stride from the cell centre (i + 0.5) * stride,
-    score = sigmoid(class)."""
+    score = sigmoid(class). With reg_max 1 (no distribution) the box conv gives the four
+    distances, in cells, itself."""
 
     strides: Sequence[int]
     num_classes: int
@@ -108,6 +110,15 @@ class Yolov8MetaArch:
     @property
     def head_count(self) -> int:
         return 2 * len(self.strides)
+
+    @classmethod
+    def from_ultralytics(cls, model: nn.Module, **thresholds: Any) -> Yolov8MetaArch:
+        """The meta-architecture of an ultralytics YOLOv8-family detector (its Detect head's
+        strides, classes and reg_max), for the network of `UltralyticsYolov8Network`."""
+        head = ultralytics_detect_head(model)
+        strides = tuple(int(stride) for stride in torch.as_tensor(head.stride).tolist())
+        return cls(strides=strides, num_classes=int(head.nc), reg_max=int(head.reg_max),
+                   **thresholds)
 
 
 @dataclass(frozen=True)

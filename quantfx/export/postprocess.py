@@ -121,6 +121,9 @@ def _yolov8(g: _Graph, heads: list[tuple[str, list[int]]], arch: Yolov8MetaArch
     bins = g.constant("bins", np.arange(arch.reg_max, dtype=np.float32)[None])  # [1, R]
     distances = []
     for name, _ in heads[1::2]:
+        if arch.reg_max == 1:  # no distribution: the box conv gives the distances themselves
+            distances.append(_flatten(g, name))
+            continue
         logits = g.op("Reshape", [_flatten(g, name), g.constant(
             f"shape_{g.count}", np.array([4, arch.reg_max, -1]))])  # [4, R, H * W]
         expected = g.op("MatMul", [bins, g.op("Softmax", [logits], axis=1)])  # [4, 1, H * W]
