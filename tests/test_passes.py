@@ -164,7 +164,9 @@ class Mixed(nn.Module):
 
 
 def test_functional_relu_add_and_cat_each_get_a_quantizer():
-    prepared, converted = quantize_model(Mixed(), shape=(4, 3, 5, 5))
+    # all 8 bit (measured mixed precision would widen an output head), so exponents compare
+    config = QuantConfig(widen_sensitive_layers=False)
+    prepared, converted = quantize_model(Mixed(), shape=(4, 3, 5, 5), config=config)
     names = set(quantizer_modules(prepared))
     for expected in ("quantizers.relu", "quantizers.add", "quantizers.cat", "quantizers.x"):
         assert expected in names
