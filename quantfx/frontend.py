@@ -25,6 +25,7 @@ from quantfx.passes.functional_layers import functional_layers_to_modules
 from quantfx.passes.inplace import functionalize_in_place_ops
 from quantfx.passes.masks import constant_masks_to_modules
 from quantfx.passes.normalize import functionals_to_modules
+from quantfx.passes.pools import split_max_pools
 from quantfx.passes.unshare import unshare_modules
 from quantfx.state import FLOAT, require_state
 from quantfx.trace import concrete_defaults, propagate_shapes, trace
@@ -96,6 +97,7 @@ def build_graph(
     functional_layers_to_modules(graph_module)
     functionals_to_modules(graph_module)
     unshare_modules(graph_module)
+    split_max_pools(graph_module)  # after it: a shared pool is one module per call
     return graph_module, inputs
 
 

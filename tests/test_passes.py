@@ -471,3 +471,38 @@ def test_coarse_per_tensor_weights_get_16_bits():
         reference = model(x)
         assert (qf.qmath.sqnr_db(reference, converted(x))
                 > qf.qmath.sqnr_db(reference, qf.convert(narrow)(x)))
+
+
+class Sppf(nn.Module):
+    """YOLOv5/v8's SPPF: one 5x5 stride-1 max pool applied three times, outputs concatenated;
+    plus a 5x5 pool at stride 2 and a functional 7x7 one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.pool = nn.MaxPool2d(5, stride=1, padding=2)
+        self.strided = nn.MaxPool2d(5, stride=2, padding=2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        first = self.pool(x)
+        second = self.pool(first)
+        wide = F.max_pool2d(x, 7, 1, 3)
+        return torch.cat([x, first, second, self.pool(second), wide], 1), self.strided(x)
+
+
+def test_large_stride_one_max_pools_become_chained_3x3_pools_exactly(tmp_path):
+    model = Sppf().eval()
+    x = torch.randn(2, 3, 9, 9)
+    graph_module, _ = build_graph(model, (x,), QuantConfig(), training=False)
+    pools = {name: module.kernel_size for name, module in graph_module.named_modules()
+             if isinstance(module, nn.MaxPool2d)}
+    assert sorted(pools.values()) == [3] * 9 + [5]  # 3 x (5x5) -> 2, 7x7 -> 3; stride 2 stays
+    with torch.no_grad():
+        for got, wanted in zip(graph_module(x), model(x), strict=True):
+            torch.testing.assert_close(got, wanted, rtol=0, atol=0)
+    _, converted = quantize_model(model, shape=(2, 3, 9, 9), config=QuantConfig(target="am68a"))
+    report = qf.export_onnx(converted, x[:1], tmp_path / "sppf.onnx")
+    assert report.fraction_identical == 1.0
+    warned = [str(finding) for finding in report.tidl.warnings() if "MaxPool" in str(finding)]
+    assert len(warned) == 1 and "stride (2, 2)" in warned[0]  # only the strided 5x5 is left
