@@ -104,6 +104,13 @@ def detect(outputs: tuple[torch.Tensor, ...], score_threshold: float = 0.01,
     """Per image: boxes, scores (sigmoid(obj) * sigmoid(class)), labels after per-class NMS."""
     boxes, objectness, logits = decode(outputs)
     scores = objectness.sigmoid()[..., None] * logits.sigmoid()
+    return select(boxes, scores, score_threshold, nms_threshold, keep)
+
+
+def select(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float,
+           nms_threshold: float, keep: int) -> list[dict[str, torch.Tensor]]:
+    """Per image of boxes [N, K, 4] and scores [N, K, C]: the (box, class) pairs above the
+    threshold, per-class NMS, the `keep` highest."""
     results = []
     for image_boxes, image_scores in zip(boxes, scores):
         index, label = torch.nonzero(image_scores > score_threshold, as_tuple=True)

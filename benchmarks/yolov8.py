@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss
 
 from benchmarks import yolo
 from benchmarks.detection_data import Canvases
@@ -113,15 +113,7 @@ def detect(outputs: tuple[torch.Tensor, ...], score_threshold: float = 0.01,
            nms_threshold: float = 0.45, keep: int = 100) -> list[dict[str, torch.Tensor]]:
     """Per image: boxes, scores (sigmoid(class)), labels after per-class NMS."""
     boxes, logits, _ = decode(outputs)
-    scores = logits.sigmoid()
-    results = []
-    for image_boxes, image_scores in zip(boxes, scores):
-        index, label = torch.nonzero(image_scores > score_threshold, as_tuple=True)
-        chosen = image_scores[index, label]
-        kept = batched_nms(image_boxes[index], chosen, label, nms_threshold)[:keep]
-        results.append({"boxes": image_boxes[index][kept], "scores": chosen[kept],
-                        "labels": label[kept]})
-    return results
+    return yolo.select(boxes, logits.sigmoid(), score_threshold, nms_threshold, keep)
 
 
 def _dfl(distribution: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
