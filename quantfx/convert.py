@@ -101,21 +101,18 @@ def _freeze_slopes(working: nn.Module) -> None:
     for module in working.modules():
         quantizer = getattr(module, "weight_quantizer", None)
         if isinstance(module, PReLULayer) and isinstance(quantizer, CalibrationQuantizer):
-            if bool(quantizer.observer_enabled):
-                quantizer.observer(module.weight.detach())
-            module.weight_quantizer = FrozenQuantizer(float(quantizer.current_exponent()),
-                                                      quantizer.bits, signed=True)
+            module.weight_quantizer = FrozenQuantizer(
+                float(observe_weight(quantizer, module.weight)), quantizer.bits, signed=True)
             module.weight.requires_grad_(False)  # frozen, like an IntegerLayer's weights
 
 
-def observe_weight(layer: FakeQuantLayer) -> None:
-    """Let an observing weight quantizer see the layer's current weight and take its exponent:
-    the exponent then follows from the weight alone (a model restored from a state_dict
+def observe_weight(quantizer: CalibrationQuantizer, weight: torch.Tensor) -> torch.Tensor:
+    """Let an observing weight quantizer see the current `weight` and return the exponent it
+    takes: the exponent then follows from the weight alone (a model restored from a state_dict
     converts to the same integers as the one that was saved)."""
-    quantizer = layer.weight_quantizer
     if bool(quantizer.observer_enabled):
-        quantizer.observer(layer.layer.weight.detach())
-    quantizer.current_exponent()
+        quantizer.observer(weight.detach())
+    return quantizer.current_exponent()
 
 
 def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
@@ -143,7 +140,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
     for node in working.graph.nodes:
         layer = module_of(working, node)
         if isinstance(layer, FakeQuantLayer):
-            observe_weight(layer)
+            observe_weight(layer.weight_quantizer, layer.layer.weight)
             quantizer = input_quantizer(working, node)
             if not isinstance(quantizer, FrozenQuantizer):
                 raise InternalError(f"the input of layer '{node.target}' is not quantized.")

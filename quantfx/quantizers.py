@@ -298,7 +298,6 @@ class QuantizerFactory:
             quantizer.set_mode(observe=False, quantize=True)
         return quantizer
 
-
     def slope(self, bits: int) -> CalibrationQuantizer:
         """The quantizer of a PReLU's slopes: per tensor, never clipping (the scale TIDL would
         derive from the slopes itself); in QAT it follows the slopes as they train."""

@@ -166,6 +166,15 @@ class MaskedTokens(TokenAttention):
         return self.attention(tokens, tokens, tokens, attn_mask=self.mask)[0]
 
 
+def _float_until_calibrated_then_bit_exact(model, prepared, images, path) -> None:
+    """The prepared model computes float until calibrated; converted, its file is bit-exact."""
+    with torch.no_grad():
+        assert torch.allclose(prepared(images), model(images), atol=1e-5)
+    converted = qf.convert(qf.calibrate(prepared, [images]))
+    report = qf.export_onnx(converted, (images[:1],), path, verify_data=[images[:4]])
+    assert report.fraction_identical == 1.0
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_a_constant_attention_mask_is_decomposed(kind, tmp_path) -> None:
     """attn_mask as a buffer: the pieces apply it as an AdditiveMask, every projection is
@@ -178,12 +187,7 @@ def test_a_constant_attention_mask_is_decomposed(kind, tmp_path) -> None:
     assert not any(isinstance(m, nn.MultiheadAttention) for m in prepared.modules())
     masks = [m for m in prepared.modules() if isinstance(m, AdditiveMask)]
     assert len(masks) == 1 and torch.equal(masks[0].mask, torch.triu(torch.ones(16, 16), 1) > 0)
-    with torch.no_grad():  # a prepared model computes float until calibrated
-        assert torch.allclose(prepared(images), model(images), atol=1e-5)
-    converted = qf.convert(qf.calibrate(prepared, [images]))
-    report = qf.export_onnx(converted, (images[:1],), tmp_path / "masked.onnx",
-                            verify_data=[images[:4]])
-    assert report.fraction_identical == 1.0
+    _float_until_calibrated_then_bit_exact(model, prepared, images, tmp_path / "masked.onnx")
 
 
 def test_a_padding_mask_stays_whole() -> None:
@@ -342,12 +346,7 @@ def test_sdpa_with_a_causal_or_constant_mask_is_decomposed(mask, tmp_path) -> No
     masks = [m.mask for m in prepared.modules() if isinstance(m, AdditiveMask)]
     expected = (torch.ones(4, 4).tril() == 0) if mask == "causal" else ~model.keep
     assert len(masks) == 1 and torch.equal(masks[0], expected)
-    with torch.no_grad():  # a prepared model computes float until calibrated
-        assert torch.allclose(prepared(images), model(images), atol=1e-5)
-    converted = qf.convert(qf.calibrate(prepared, [images]))
-    report = qf.export_onnx(converted, (images[:1],), tmp_path / "sdpa.onnx",
-                            verify_data=[images[:4]])
-    assert report.fraction_identical == 1.0
+    _float_until_calibrated_then_bit_exact(model, prepared, images, tmp_path / "sdpa.onnx")
 
 
 def test_attention_called_with_a_constant_and_a_computed_mask_stays_whole() -> None:

@@ -81,17 +81,12 @@ def _corners(g: _Graph, center: str, size: str) -> str:
 def _yolox(g: _Graph, heads: list[tuple[str, list[int]]], arch: YoloxMetaArch
            ) -> tuple[str, str, np.ndarray]:
     """(boxes [1, K, 4], scores [1, K, C], label of each score column)."""
-    flat, cells, strides = [], [], []
-    for (name, shape), stride in zip(heads, arch.strides):
-        _, _, height, width = shape
-        flat.append(_flatten(g, name))  # [D, H * W]
-        rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-        cells.append(np.stack([columns.ravel(), rows.ravel()], -1))
-        strides.append(np.full((height * width, 1), stride))
+    flat = [_flatten(g, name) for name, _ in heads]  # [D, H * W] each
+    cells, strides = _cells(heads, arch.strides)
     joined = g.op("Unsqueeze", [g.op("Transpose", [g.op("Concat", flat, axis=1)], perm=[1, 0]),
                                 g.constant("zero_axis", np.array([0]))])  # [1, K, D]
-    grid = g.constant("grid", np.concatenate(cells)[None].astype(np.float32))
-    stride = g.constant("stride", np.concatenate(strides)[None].astype(np.float32))
+    grid = g.constant("grid", cells[None].astype(np.float32))
+    stride = g.constant("stride", strides[None].astype(np.float32))
     center = g.op("Mul", [g.op("Add", [g.slice_last(joined, 0, 2), grid]), stride])
     size = g.op("Mul", [g.op("Exp", [g.slice_last(joined, 2, 4)]), stride])
     objectness = g.op("Sigmoid", [g.slice_last(joined, 4, 5)])
@@ -100,18 +95,16 @@ def _yolox(g: _Graph, heads: list[tuple[str, list[int]]], arch: YoloxMetaArch
     return _corners(g, center, size), scores, np.arange(arch.num_classes)
 
 
-def _cell_centers(heads: list[tuple[str, list[int]]], strides: tuple[int, ...]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """([1, K, 2] pixel centres (i + 0.5) * stride of every cell, level by level, row-major;
-    [1, K] the stride of each)."""
-    centers, cell_strides = [], []
+def _cells(heads: list[tuple[str, list[int]]], strides: tuple[int, ...]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(each cell's (column, row) [K, 2], its stride [K, 1]), level by level, row-major."""
+    cells, cell_strides = [], []
     for (_, shape), stride in zip(heads, strides):
         height, width = shape[2:]
         rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-        centers.append((np.stack([columns.ravel(), rows.ravel()], -1) + 0.5) * stride)
-        cell_strides.append(np.full(height * width, stride))
-    return (np.concatenate(centers)[None].astype(np.float32),
-            np.concatenate(cell_strides)[None].astype(np.float32))
+        cells.append(np.stack([columns.ravel(), rows.ravel()], -1))
+        cell_strides.append(np.full((height * width, 1), stride))
+    return np.concatenate(cells), np.concatenate(cell_strides)
 
 
 def _yolov8(g: _Graph, heads: list[tuple[str, list[int]]], arch: Yolov8MetaArch
@@ -130,7 +123,9 @@ def _yolov8(g: _Graph, heads: list[tuple[str, list[int]]], arch: Yolov8MetaArch
         distances.append(g.op("Squeeze", [expected, g.constant(f"axis_{g.count}",
                                                                np.array([1]))]))
     classes = [_flatten(g, name) for name, _ in heads[0::2]]  # [C, H * W] each
-    centers, strides = _cell_centers(heads[0::2], arch.strides)
+    cells, cell_strides = _cells(heads[0::2], arch.strides)  # centres at (i + 0.5) * stride
+    centers = ((cells + 0.5) * cell_strides)[None].astype(np.float32)
+    strides = cell_strides[:, 0][None].astype(np.float32)
     scaled = g.op("Mul", [g.op("Concat", distances, axis=1), g.constant("stride", strides)])
     zero = g.constant("zero_axis", np.array([0]))
     sides = g.op("Unsqueeze", [g.op("Transpose", [scaled], perm=[1, 0]), zero])  # [1, K, 4]

@@ -297,15 +297,15 @@ def decompose_attention(graph_module: fx.GraphModule) -> int:
                     if node.target is torch.einsum)
     modules = [(node, module_of(graph_module, node)) for node in graph_module.graph.nodes
                if isinstance(module_of(graph_module, node), nn.MultiheadAttention)]
-    masks = {node: _mask_of(graph_module, _call_arguments(node)) for node, _ in modules}
+    arguments_of = {node: _call_arguments(node) for node, _ in modules}
+    masks = {node: _mask_of(graph_module, arguments_of[node]) for node, _ in modules}
     whole = {node.target for node, attention in modules  # one call site whole: all stay whole
-             if masks[node] is False or not _decomposable(attention, node,
-                                                          _call_arguments(node))}
+             if masks[node] is False or not _decomposable(attention, node, arguments_of[node])}
     first: dict[str, AttentionPieces] = {}
     for node, attention in modules:
         if node.target in whole:
             continue
-        arguments, mask = _call_arguments(node), masks[node]
+        arguments, mask = arguments_of[node], masks[node]
         shape = recorded_shape(arguments["query"])
         options = (not attention.batch_first and shape is not None and len(shape) == 3,
                    arguments["need_weights"] and _weights_read(node),  # unread: not computed
