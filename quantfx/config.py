@@ -159,8 +159,9 @@ class QuantConfig:
     weight rounds up or down as the layer's output error on the calibration data decides,
     layer by layer; `quantfx.learned_rounding`; costs a few seconds per layer); or
     "error_feedback" (GPTQ-style: each weight column's rounding error is spread over the
-    columns not yet rounded, weighted by the layer input's second moments;
-    `quantfx.error_feedback`; about 2.5x a plain calibration, helps coarse per-tensor grids).
+    columns not yet rounded, weighted by the layer input's second moments, from weights first
+    corrected for the error the layers above left in that input; `quantfx.error_feedback`;
+    about 2.5x a plain calibration, helps coarse per-tensor grids).
     None: "error_feedback" where depthwise weights are per tensor (TDA4VM), else "nearest"."""
     widen_coarse_weights: bool = True
     """PTC: give 16-bit weights (activations stay 8 bit; TIDL's `params_16bit_names_list`) to

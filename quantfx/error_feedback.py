@@ -8,9 +8,16 @@ position say how an error in one weight column shows at the output, and the colu
 rounded one at a time, each column's rounding error spread over the columns not yet rounded so
 that the layer's output moves least (the optimal update for a quadratic loss, via the Cholesky
 factor of H^-1). The grid (every exponent) is the one calibration chose; the weights are set to
-grid values, so convert, export and QAT need nothing new. H comes from the first three
-quarters of the kept samples, and a layer keeps round-to-nearest unless error feedback lowers
-its output error on the last quarter, which H never saw.
+grid values, so convert, export and QAT need nothing new.
+
+The layer's input is quantized, the target is what the float layer makes of the float input:
+before rounding, the weights are moved towards the ones that map the quantized input closest
+to that target (W + E[(t - W x_q) x_q^T] (H + damping)^-1, a ridge fit that shrinks towards
+W), so the layer also takes back the error the layers above left in its input (as GPTAQ
+does; AdaQuant and Vitis AI's fast finetune get the same by training). H and that
+correction come from the first three quarters of the kept samples; the layer keeps whichever
+of the corrected rounding, the plain one and round-to-nearest has the lowest output error on
+the last quarter, which neither saw.
 
 Cost: the one pass of the two streams, the input moments (one product per layer input) and a
 loop over the columns of each layer: seconds where learned rounding takes minutes.
@@ -32,6 +39,11 @@ from quantfx.reconstruction import first_samples, layer_output_error, round_weig
 DAMPING = 0.01
 """Added to H's diagonal, as a share of its mean: keeps H invertible (dead inputs) and the
 updates modest where the calibration data says little (GPTQ's default)."""
+CORRECTION_DAMPING = 0.1
+"""Added to H's diagonal for the input-error correction, as a share of its mean: ten times
+DAMPING, since the correction fits the samples' input errors, not only their spread
+(EfficientNet-Lite1 on TDA4VM, 160 held-apart crops: 0.01 gave 18.9 dB and 86.9 % top-1
+agreement, 0.1 gave 19.1 dB and 91.9 %, plain error feedback 16.7 dB and 91.3 %)."""
 MIN_POSITIONS = 20
 """A layer whose kept samples give fewer input positions than this many per weight column keeps
 round-to-nearest: its H is estimated from too few vectors, and the rounding fits the
@@ -73,24 +85,57 @@ def input_columns(layer: nn.Module, inputs: Tensor) -> Tensor:
         groups, -1, features)
 
 
-def input_moments(layer: nn.Module, inputs: Tensor) -> Tensor:
-    """H = sum of x x^T over samples and output positions, per group: (groups, d, d), float64."""
+def output_columns(layer: nn.Module, output: Tensor) -> Tensor:
+    """The layer's output as (groups, positions, output channels per group), in the position
+    order of `input_columns`."""
+    if isinstance(layer, nn.Linear):
+        return output.reshape(1, -1, output.shape[-1])
+    groups = layer.groups
+    return output.reshape(output.shape[0], groups, output.shape[1] // groups, -1).permute(
+        1, 0, 3, 2).reshape(groups, -1, output.shape[1] // groups)
+
+
+def moments_and_residual(layer: nn.Module, inputs: Tensor, target: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """H (groups, d, d) of the quantized `inputs`, and the residual's cross moment
+    sum (t - b - W x) x^T (groups, rows, d) against float output `target`: what the
+    input's quantization error does to the layer's output, as seen through its input."""
+    groups = getattr(layer, "groups", 1) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else 1
+    weight = layer.weight.detach().double().reshape(groups, layer.weight.shape[0] // groups, -1)
+    bias = layer.bias
+    if bias is not None:
+        target = target - bias.detach().reshape(
+            (-1,) if isinstance(layer, nn.Linear) else (-1,) + (1,) * (target.dim() - 2))
     per_sample = max(1, input_columns(layer, inputs[:1]).numel())
-    moments = None
-    for chunk in inputs.split(max(1, CHUNK_ELEMENTS // per_sample)):
-        columns = input_columns(layer, chunk).double()
-        product = columns.transpose(1, 2) @ columns
-        moments = product if moments is None else moments + product
-    return moments
+    moments, residual = None, None
+    for start in range(0, inputs.shape[0], max(1, CHUNK_ELEMENTS // per_sample)):
+        stop = start + max(1, CHUNK_ELEMENTS // per_sample)
+        columns = input_columns(layer, inputs[start:stop]).double()
+        error = output_columns(layer, target[start:stop]).double() - columns @ weight.mT
+        products = (columns.mT @ columns, error.mT @ columns)
+        moments = products[0] if moments is None else moments + products[0]
+        residual = products[1] if residual is None else residual + products[1]
+    return moments, residual
+
+
+def _damped(moments: Tensor, share: float) -> Tensor:
+    """H with `share` of its mean diagonal added to the diagonal, per group."""
+    diagonal = moments.diagonal(dim1=1, dim2=2)
+    damped = moments.clone()
+    damped.diagonal(dim1=1, dim2=2).add_(share * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
+    return damped
+
+
+def corrected_weight(weight: Tensor, moments: Tensor, residual: Tensor) -> Tensor:
+    """`weight` (groups, rows, d) plus the ridge fit of the residual on the input:
+    W + R (H + damping)^-1, the weights that best map the quantized input to the target."""
+    damped = _damped(moments, CORRECTION_DAMPING)
+    return weight.double() + torch.linalg.solve(damped, residual.mT).mT
 
 
 def _upper_inverse_factor(moments: Tensor) -> Tensor:
     """The upper Cholesky factor of (H + damping)^-1, per group."""
-    diagonal = moments.diagonal(dim1=1, dim2=2)
-    damping = DAMPING * diagonal.mean(1, keepdim=True).clamp_min(1e-12)
-    damped = moments.clone()
-    damped.diagonal(dim1=1, dim2=2).add_(damping)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(moments, DAMPING)))
     return torch.linalg.cholesky(inverse, upper=True)
 
 
@@ -115,9 +160,10 @@ def round_with_feedback(weight: Tensor, scale: Tensor, moments: Tensor, low: int
 
 def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
                 activation: nn.Module | None = None) -> tuple[float, float]:
-    """Set `layer`'s weights to their error-feedback grid values if that lowers the output
-    error (after its fused `activation`) against float `target` on `inputs`; returns the output
-    MSE with round-to-nearest and with the rounding kept."""
+    """Set `layer`'s weights to whichever grid values give the lowest output error (after its
+    fused `activation`) against float `target` on the held-out quarter of `inputs`:
+    round-to-nearest, error feedback, or error feedback from the input-error-corrected
+    weights. Returns the output MSE with round-to-nearest and with the rounding kept."""
     quantizer = layer.weight_quantizer
     weight = layer.layer.weight.detach()
     scale = from_codes(torch.ones_like(weight), quantizer.exponent, quantizer.axis)
@@ -134,16 +180,19 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     if fit < 1 or columns.shape[1] * fit < MIN_POSITIONS * columns.shape[2]:
         layer.layer.weight.data.copy_(nearest)
         return nearest_error, nearest_error
-    rounded = round_with_feedback(weight.reshape(shape), scale.reshape(shape),
-                                  input_moments(layer.layer, inputs[:fit]), quantizer.qmin,
-                                  quantizer.qmax).to(weight.dtype).reshape(weight.shape)
+    moments, residual = moments_and_residual(layer.layer, inputs[:fit], target[:fit])
+    candidates = [nearest] + [
+        round_with_feedback(start, scale.reshape(shape), moments, quantizer.qmin,
+                            quantizer.qmax).to(weight.dtype).reshape(weight.shape)
+        for start in (weight.reshape(shape),
+                      corrected_weight(weight.reshape(shape), moments, residual))]
     held_out = [layer_output_error(layer, inputs[fit:], target[fit:], candidate, activation)
-                for candidate in (rounded, nearest)]
-    if held_out[0] >= held_out[1]:  # fits the samples it saw, not the layer
-        layer.layer.weight.data.copy_(nearest)
+                for candidate in candidates]
+    kept = candidates[held_out.index(min(held_out))]  # the simpler one on a tie
+    layer.layer.weight.data.copy_(kept)
+    if kept is nearest:
         return nearest_error, nearest_error
-    layer.layer.weight.data.copy_(rounded)
-    return nearest_error, layer_output_error(layer, inputs, target, rounded, activation)
+    return nearest_error, layer_output_error(layer, inputs, target, kept, activation)
 
 
 def error_feedback_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
