@@ -45,7 +45,7 @@ from quantfx.export.verify import onnxruntime_session
 DESCRIPTION = __doc__.split("\n\n    python")[0].strip()
 
 KERAS_CALIBRATION, KERAS_EVALUATION = 512, 1000
-PHOTO_CALIBRATION, PHOTO_EVALUATION = 64, 32
+PHOTO_CALIBRATION, PHOTO_EVALUATION = 64, 160
 CALIBRATION_BATCH = {"keras": 64, "photos": 16}
 QUARK_INSTALL = "pip install amd-quark transformers torchao"
 
