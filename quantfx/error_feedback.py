@@ -79,10 +79,14 @@ def input_columns(layer: nn.Module, inputs: Tensor) -> Tensor:
         kernel, dilation, padding, stride = (layer.kernel_size, layer.dilation, layer.padding,
                                              layer.stride)
     unfolded = F.unfold(inputs, kernel, dilation, padding, stride)  # (n, features, positions)
-    groups = layer.groups
-    features = unfolded.shape[1] // groups
-    return unfolded.reshape(unfolded.shape[0], groups, features, -1).permute(1, 0, 3, 2).reshape(
-        groups, -1, features)
+    return _by_group(unfolded, layer.groups)
+
+
+def _by_group(values: Tensor, groups: int) -> Tensor:
+    """(n, channels, positions...) as (groups, n x positions, channels per group)."""
+    per_group = values.shape[1] // groups
+    return values.reshape(values.shape[0], groups, per_group, -1).permute(1, 0, 3, 2).reshape(
+        groups, -1, per_group)
 
 
 def output_columns(layer: nn.Module, output: Tensor) -> Tensor:
@@ -90,9 +94,14 @@ def output_columns(layer: nn.Module, output: Tensor) -> Tensor:
     order of `input_columns`."""
     if isinstance(layer, nn.Linear):
         return output.reshape(1, -1, output.shape[-1])
-    groups = layer.groups
-    return output.reshape(output.shape[0], groups, output.shape[1] // groups, -1).permute(
-        1, 0, 3, 2).reshape(groups, -1, output.shape[1] // groups)
+    return _by_group(output, layer.groups)
+
+
+def grouped_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight as (groups, output channels per group, d), d in `input_columns`'
+    order (one group for a linear layer)."""
+    groups = layer.groups if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else 1
+    return layer.weight.detach().reshape(groups, layer.weight.shape[0] // groups, -1)
 
 
 def moments_and_residual(layer: nn.Module, inputs: Tensor, target: Tensor
@@ -100,21 +109,17 @@ def moments_and_residual(layer: nn.Module, inputs: Tensor, target: Tensor
     """H (groups, d, d) of the quantized `inputs`, and the residual's cross moment
     sum (t - b - W x) x^T (groups, rows, d) against float output `target`: what the
     input's quantization error does to the layer's output, as seen through its input."""
-    groups = getattr(layer, "groups", 1) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else 1
-    weight = layer.weight.detach().double().reshape(groups, layer.weight.shape[0] // groups, -1)
-    bias = layer.bias
-    if bias is not None:
-        target = target - bias.detach().reshape(
+    weight = grouped_weight(layer).double()
+    if layer.bias is not None:
+        target = target - layer.bias.detach().reshape(
             (-1,) if isinstance(layer, nn.Linear) else (-1,) + (1,) * (target.dim() - 2))
-    per_sample = max(1, input_columns(layer, inputs[:1]).numel())
-    moments, residual = None, None
-    for start in range(0, inputs.shape[0], max(1, CHUNK_ELEMENTS // per_sample)):
-        stop = start + max(1, CHUNK_ELEMENTS // per_sample)
-        columns = input_columns(layer, inputs[start:stop]).double()
-        error = output_columns(layer, target[start:stop]).double() - columns @ weight.mT
-        products = (columns.mT @ columns, error.mT @ columns)
-        moments = products[0] if moments is None else moments + products[0]
-        residual = products[1] if residual is None else residual + products[1]
+    step = max(1, CHUNK_ELEMENTS // max(1, input_columns(layer, inputs[:1]).numel()))
+    moments, residual = 0.0, 0.0
+    for chunk, chunk_target in zip(inputs.split(step), target.split(step)):
+        columns = input_columns(layer, chunk).double()
+        error = output_columns(layer, chunk_target).double() - columns @ weight.mT
+        moments = moments + columns.mT @ columns
+        residual = residual + error.mT @ columns
     return moments, residual
 
 
@@ -173,8 +178,8 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     if not supported(layer.layer):
         layer.layer.weight.data.copy_(nearest)
         return nearest_error, nearest_error
-    groups = layer.layer.groups if isinstance(layer.layer, nn.Conv1d | nn.Conv2d) else 1
-    shape = (groups, weight.shape[0] // groups, -1)
+    grouped = grouped_weight(layer.layer)
+    grid_scale = scale.reshape(grouped.shape)
     fit = inputs.shape[0] - max(1, int(HELD_OUT_SHARE * inputs.shape[0]))
     columns = input_columns(layer.layer, inputs[:1])
     if fit < 1 or columns.shape[1] * fit < MIN_POSITIONS * columns.shape[2]:
@@ -182,10 +187,9 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
         return nearest_error, nearest_error
     moments, residual = moments_and_residual(layer.layer, inputs[:fit], target[:fit])
     candidates = [nearest] + [
-        round_with_feedback(start, scale.reshape(shape), moments, quantizer.qmin,
+        round_with_feedback(start, grid_scale, moments, quantizer.qmin,
                             quantizer.qmax).to(weight.dtype).reshape(weight.shape)
-        for start in (weight.reshape(shape),
-                      corrected_weight(weight.reshape(shape), moments, residual))]
+        for start in (grouped, corrected_weight(grouped, moments, residual))]
     held_out = [layer_output_error(layer, inputs[fit:], target[fit:], candidate, activation)
                 for candidate in candidates]
     kept = candidates[held_out.index(min(held_out))]  # the simpler one on a tie
