@@ -161,8 +161,9 @@ class QuantConfig:
     "error_feedback" (GPTQ-style: each weight column's rounding error is spread over the
     columns not yet rounded, weighted by the layer input's second moments, from weights first
     corrected for the error the layers above left in that input; `quantfx.error_feedback`;
-    about 2.5x a plain calibration, helps coarse per-tensor grids).
-    None: "error_feedback" where depthwise weights are per tensor (TDA4VM), else "nearest"."""
+    about 2.5x a plain calibration).
+    None: "error_feedback", except "nearest" where depthwise weights are per channel and the
+    other convs per tensor (the "generic" target's grids, where it measured no gain)."""
     widen_coarse_weights: bool = True
     """PTC: give 16-bit weights (activations stay 8 bit; TIDL's `params_16bit_names_list`) to
     the layers whose one 8-bit per-tensor weight grid leaves a quarter or more of their output
@@ -173,12 +174,15 @@ class QuantConfig:
     """PTC, 8 bit: after the ranges, measure each layer's own 8-bit rounding (its weights and
     output, nothing else quantized) at each model output on 8 calibration samples, and give
     16-bit weights and a 16-bit output (on TDA4VM, whose 8-bit layers keep 16-bit biases, the
-    weights only) to the layers that alone hold an output below 30 dB SQNR (below 45 dB on the
-    output it produces, for a head of a model with several outputs), the worst first,
-    a tenth of the layers at most (`quantfx.mixed_precision`; the export verifies such files
-    step by step, `quantfx.export.stepwise`). The choice is in the calibration check
-    (`summary()`) and the state_dict. Costs a forward of 8 samples per group measured
-    (layers are measured in halving groups: few forwards when few layers are sensitive)."""
+    weights only) to the layers that alone hold an output below 30 dB SQNR, the worst first,
+    a tenth of the layers at most, and besides that tenth to the layers that produce a model
+    output and hold it below 45 dB (one of several outputs; a lone output on the "generic"
+    target, whose runtimes take 16-bit Q/DQ: TIDL's pre-quantized import is 8 bit)
+    (`quantfx.mixed_precision`; the export verifies such files step by step,
+    `quantfx.export.stepwise`; 16-bit Q/DQ need opset 21, the export's default then). The
+    choice is in the calibration check (`summary()`) and the state_dict. Costs a forward of 8
+    samples per group measured (layers are measured in halving groups: few forwards when few
+    layers are sensitive)."""
     range_search: str = "mse"
     """How a histogram observer picks the exponent: "mse" (least squared error over candidate
     exponents), "percentile" (cover `percentile` % of values) or "none" (never clip)."""
@@ -229,11 +233,13 @@ class QuantConfig:
 
     @property
     def rounding(self) -> str:
-        """How PTC rounds weights (resolved): error feedback where depthwise grids are per
-        tensor, the coarse grids it helps (measured on TDA4VM: EfficientNet-Lite1 +1.3 dB,
-        Lite2 +1.1, the Keras-style net +0.2; docs/ptc.md)."""
+        """How PTC rounds weights (resolved): error feedback, except on the generic mix of
+        per-tensor convs and per-channel depthwise grids, where it measured no gain
+        (EfficientNet-Lite2: 21.2 dB nearest, 21.1 error feedback) for 2.5x the time;
+        it gains most on per-tensor depthwise and per-channel grids (docs/ptc.md)."""
         if self.weight_rounding is None:
-            return "nearest" if self.depthwise_per_channel else "error_feedback"
+            mixed = self.depthwise_per_channel and not self.convs_per_channel
+            return "nearest" if mixed else "error_feedback"
         return self.weight_rounding
 
     @property

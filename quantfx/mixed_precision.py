@@ -2,13 +2,15 @@
 
 Once calibration has every range, each layer's own 8-bit rounding -- its weights and its
 output, nothing else quantized -- is measured at each of the model's outputs on a few
-calibration samples. A layer that alone holds an output below `SENSITIVE_DB` (or, among
-several outputs, the one it produces below `OUTPUT_DB`; a part of a partly quantized model is
-measured on its outputs joined) gets 16-bit weights and a
-16-bit output (TIDL's `params_16bit_names_list` / `output_feature_16bit_names_list`; on a
-target with 16-bit biases, TDA4VM, the weights only), the worst first, at most
-`MAX_WIDENED_SHARE` of the layers. Other quantized tensors (a residual add's output, a
-standalone BatchNorm's) are candidates too, by their graph node name. A 16-bit activation makes
+calibration samples. A layer that alone holds an output below `SENSITIVE_DB` gets 16-bit
+weights and a 16-bit output (TIDL's `params_16bit_names_list` /
+`output_feature_16bit_names_list`; on a target with 16-bit biases, TDA4VM, the weights only),
+the worst first, at most `MAX_WIDENED_SHARE` of the layers. A layer whose own result is a model
+output is held to `OUTPUT_DB` on that output, besides that share: among several outputs on any
+target, a lone output where the target imports 16-bit Q/DQ (the generic one; a part of a partly
+quantized model is measured on its outputs joined, against `SENSITIVE_DB`). Other quantized
+tensors (a residual add's output, a standalone BatchNorm's) are candidates too, by their graph
+node name. A 16-bit activation makes
 the next layer's float32 sums inexact in ONNX Runtime's reference kernels; the export verifies
 such files step by step (`quantfx.export.stepwise`). Layers are measured in halving groups
 (`own_rounding_db`), so a model with few sensitive layers costs a few dozen forwards. The
@@ -43,10 +45,12 @@ BN-folded early layers of EfficientNet-Lite 17-30 dB)."""
 MEASURE_SAMPLES = 8
 """Calibration samples each layer's own rounding is measured on."""
 OUTPUT_DB = 45.0
-"""With several model outputs (a detector's head tensors), a layer or tensor whose own result
-is one of them is widened below this SQNR on that output: a 16-bit head costs little, and the
-post-processing reads boxes and scores where an 8-bit step shows (the YOLOX-style detector's
-concatenated box / objectness / class outputs measure 35 dB and cost 0.8 mAP at 8 bit)."""
+"""A layer or tensor whose own result is a model output is widened below this SQNR on that
+output, outside the share: it is the last layer, one per output and cheap at 16 bit (TI advises
+a 16-bit last layer), and its 8-bit step is a floor under everything the output is judged by:
+the YOLOX-style detector's box / objectness / class outputs measure 35 dB and cost 0.8 mAP at
+8 bit; EfficientNet-Lite2's 8-bit logits (34 dB) held per-channel weights at 23.8 dB
+(24.9 at 16 bit) on held-apart photos."""
 WIDE_BITS = 16
 LOG = logging.getLogger(__name__)
 
@@ -111,21 +115,21 @@ def _outputs(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
     return joined
 
 
-def _output_bars(model: fx.GraphModule, units: list[PrecisionUnit], leaves: int
-                 ) -> list[list[float]]:
-    """Per unit, the SQNR each model output must keep with only that unit rounding:
-    SENSITIVE_DB, or OUTPUT_DB for an output the unit itself produces when there are several."""
-    bars = [[SENSITIVE_DB] * leaves for _ in units]
-    if leaves < 2:
-        return bars
+def held_outputs(model: fx.GraphModule, units: list[PrecisionUnit], lone: bool
+                 ) -> dict[int, list[int]]:
+    """Unit index -> the positions of the model's output leaves that unit's quantizers hold and
+    that hold it to OUTPUT_DB: with several outputs, each; a lone output only where `lone`
+    (the target imports 16-bit Q/DQ: a TIDL file gains an int16 tensor only where it must)."""
     owner = {id(quantizer): index for index, unit in enumerate(units)
              for quantizer in unit.quantizers}
     output = next(node for node in model.graph.nodes if node.op == "output")
-    for position, leaf in enumerate(flatten_values(output.args[0])):
+    leaves = flatten_values(output.args[0])
+    held: dict[int, list[int]] = {}
+    for position, leaf in enumerate(leaves if len(leaves) > 1 or lone else []):
         index = owner.get(id(module_of(model, leaf))) if isinstance(leaf, fx.Node) else None
         if index is not None:
-            bars[index][position] = OUTPUT_DB
-    return bars
+            held.setdefault(index, []).append(position)
+    return held
 
 
 @dataclass(frozen=True)
@@ -139,10 +143,12 @@ class OwnRounding:
 
 def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
                     batches: Sequence[tuple[Tensor, ...]], progress: bool,
-                    per_output: bool = True) -> list[OwnRounding]:
+                    per_output: bool = True, held: dict[int, list[int]] | None = None
+                    ) -> list[OwnRounding]:
     """Per unit, each output's SQNR against float with only its quantizers quantizing, read
-    against its bar: SENSITIVE_DB, or OUTPUT_DB for an output the unit produces among several
-    (without `per_output`, the outputs joined into one, against SENSITIVE_DB).
+    against its bar: SENSITIVE_DB, or OUTPUT_DB on the outputs `held` names for it (by default
+    an output it produces among several); without `per_output`, the outputs joined into one,
+    against SENSITIVE_DB.
 
     Units are measured in groups first: rounding noise adds, so a group with no output below
     its bar has no member below it and is not split (its members get the group's figure, a
@@ -156,7 +162,12 @@ def own_rounding_db(model: fx.GraphModule, units: list[PrecisionUnit],
                 if leaf is not None and bool(leaf.ne(0).any())]
         if not kept:  # no float output, or all zero: nothing to rank
             return measured
-        bars = _output_bars(model, units, len(reference))
+        bars = [[SENSITIVE_DB] * len(reference) for _ in units]
+        if per_output:
+            for index, positions in (held_outputs(model, units, False) if held is None
+                                     else held).items():
+                for position in positions:
+                    bars[index][position] = OUTPUT_DB
         pending = [list(range(len(units)))] if units else []
         with tqdm(desc="mixed precision", unit="pass", leave=False,
                   disable=None if progress else True) as bar:
@@ -218,11 +229,15 @@ def widen_sensitive_layers(model: fx.GraphModule, config: QuantConfig,
     budget = max(1, int(MAX_WIDENED_SHARE * layers))
     samples = first_samples(batches, MEASURE_SAMPLES)
     # A part's outputs are features that flow on into float modules: joined, as one output.
+    # The layers that produce the model's outputs are few and cheap at 16 bit: outside the tenth.
+    owners = ({} if config.quantize_only
+              else held_outputs(model, units, config.profile.int16_qdq_importable))
     measured = own_rounding_db(model, units, samples, config.progress,
-                               per_output=not config.quantize_only)
+                               per_output=not config.quantize_only, held=owners)
     ranked = sorted((rounding.db, index) for index, rounding in enumerate(measured)
-                    if rounding.sensitive)
-    chosen = [units[index] for _, index in ranked[:budget]]
+                    if rounding.sensitive and index not in owners)
+    heads = [(measured[index].db, index) for index in owners if measured[index].sensitive]
+    chosen = [units[index] for _, index in sorted(heads + ranked[:budget])]
     for quantizer in (quantizer for unit in chosen for quantizer in unit.quantizers):
         quantizer.widen(WIDE_BITS)
         if hasattr(quantizer.observer, "choose"):  # a search's 8-bit exponent: not at 16 bit

@@ -176,7 +176,9 @@ def _tiny_converted():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     generator = torch.Generator().manual_seed(0)
     data = [torch.randn(1, 3, 8, 8, generator=generator) for _ in range(2)]
-    prepared = qf.prepare(model, (data[0],), QuantConfig(progress=False, bias_calibration=False))
+    # 8 bit only (no measured 16-bit output): every opset of VALID_EXPORT can hold the file
+    prepared = qf.prepare(model, (data[0],), QuantConfig(progress=False, bias_calibration=False,
+                                                         widen_sensitive_layers=False))
     qf.calibrate(prepared, data)
     return qf.convert(prepared), data[0]
 
