@@ -16,8 +16,9 @@ to that target (W + E[(t - W x_q) x_q^T] (H + damping)^-1, a ridge fit that shri
 W), so the layer also takes back the error the layers above left in its input (as GPTAQ
 does; AdaQuant and Vitis AI's fast finetune get the same by training). H and that
 correction come from the first three quarters of the kept samples; the layer keeps whichever
-of the corrected rounding, the plain one and round-to-nearest has the lowest output error on
-the last quarter, which neither saw.
+of the corrected roundings (a light and a heavy ridge: how far the samples' input errors are
+to be trusted differs from model to model), the plain one and round-to-nearest has the lowest
+output error on the last quarter, which none of them saw.
 
 Cost: the one pass of the two streams, the input moments (one product per layer input) and a
 loop over the columns of each layer: seconds where learned rounding takes minutes.
@@ -39,11 +40,12 @@ from quantfx.reconstruction import first_samples, layer_output_error, round_weig
 DAMPING = 0.01
 """Added to H's diagonal, as a share of its mean: keeps H invertible (dead inputs) and the
 updates modest where the calibration data says little (GPTQ's default)."""
-CORRECTION_DAMPING = 0.1
-"""Added to H's diagonal for the input-error correction, as a share of its mean: ten times
-DAMPING, since the correction fits the samples' input errors, not only their spread
-(EfficientNet-Lite1 on TDA4VM, 160 held-apart crops: 0.01 gave 18.9 dB and 86.9 % top-1
-agreement, 0.1 gave 19.1 dB and 91.9 %, plain error feedback 16.7 dB and 91.3 %)."""
+CORRECTION_DAMPINGS = (0.1, 1.0)
+"""Ridges tried for the input-error correction (added to H's diagonal, as a share of its mean),
+each a candidate the held-out quarter judges: the correction fits the samples' input errors,
+not only their spread, and how far to trust it depends on the model (on held-apart data:
+EfficientNet-Lite1 on TDA4VM 18.9 dB with 0.01, 19.1 with 0.1, 19.3 with 1.0; the Keras-style
+CNN on TDA4VM 31.4 with 0.1, 30.8 with 1.0; on AM68A 31.6 with 0.1, 32.0 with 1.0)."""
 MIN_POSITIONS = 20
 """A layer whose kept samples give fewer input positions than this many per weight column keeps
 round-to-nearest: its H is estimated from too few vectors, and the rounding fits the
@@ -131,10 +133,11 @@ def _damped(moments: Tensor, share: float) -> Tensor:
     return damped
 
 
-def corrected_weight(weight: Tensor, moments: Tensor, residual: Tensor) -> Tensor:
+def corrected_weight(weight: Tensor, moments: Tensor, residual: Tensor,
+                     damping: float = CORRECTION_DAMPINGS[0]) -> Tensor:
     """`weight` (groups, rows, d) plus the ridge fit of the residual on the input:
     W + R (H + damping)^-1, the weights that best map the quantized input to the target."""
-    damped = _damped(moments, CORRECTION_DAMPING)
+    damped = _damped(moments, damping)
     return weight.double() + torch.linalg.solve(damped, residual.mT).mT
 
 
@@ -168,7 +171,8 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     """Set `layer`'s weights to whichever grid values give the lowest output error (after its
     fused `activation`) against float `target` on the held-out quarter of `inputs`:
     round-to-nearest, error feedback, or error feedback from the input-error-corrected
-    weights. Returns the output MSE with round-to-nearest and with the rounding kept."""
+    weights (one per ridge of CORRECTION_DAMPINGS). Returns the output MSE with
+    round-to-nearest and with the rounding kept."""
     quantizer = layer.weight_quantizer
     weight = layer.layer.weight.detach()
     scale = from_codes(torch.ones_like(weight), quantizer.exponent, quantizer.axis)
@@ -189,7 +193,8 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
     candidates = [nearest] + [
         round_with_feedback(start, grid_scale, moments, quantizer.qmin,
                             quantizer.qmax).to(weight.dtype).reshape(weight.shape)
-        for start in (grouped, corrected_weight(grouped, moments, residual))]
+        for start in (grouped, *(corrected_weight(grouped, moments, residual, damping)
+                                 for damping in CORRECTION_DAMPINGS))]
     held_out = [layer_output_error(layer, inputs[fit:], target[fit:], candidate, activation)
                 for candidate in candidates]
     kept = candidates[held_out.index(min(held_out))]  # the simpler one on a tie

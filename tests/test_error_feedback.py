@@ -198,3 +198,28 @@ def test_a_layer_whose_input_lost_gain_keeps_the_corrected_rounding():
         plain_error = float((layer_forward(layer.layer, shrunk, plain, layer.layer.bias)
                              - target).double().pow(2).mean())
     assert kept < 0.2 * plain_error
+
+
+def test_each_ridge_of_the_correction_is_a_candidate_the_held_out_quarter_judges(monkeypatch):
+    """Wiring: one corrected rounding per ridge of CORRECTION_DAMPINGS (how far the samples'
+    input errors are trusted differs between models), each judged on the held-out quarter."""
+    from quantfx import error_feedback
+
+    torch.manual_seed(0)
+    inputs = torch.randn(16, 8, 12, 12)
+    config = qf.QuantConfig(progress=False, weight_rounding="nearest")
+    prepared = qf.calibrate(qf.prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval(),
+                                       (inputs[:1],), config), [inputs])
+    layer = prepared.get_submodule("0")
+    with torch.no_grad():
+        target = layer.layer(inputs)
+    ridges, judged = [], []
+    monkeypatch.setattr(error_feedback, "corrected_weight", lambda weight, moments, residual,
+                        damping: ridges.append(damping) or weight.double())
+    measure = error_feedback.layer_output_error
+    monkeypatch.setattr(error_feedback, "layer_output_error",
+                        lambda layer, inputs, *rest: judged.append(len(inputs))
+                        or measure(layer, inputs, *rest))
+    round_layer(layer, 0.9 * inputs, target)
+    assert ridges == list(error_feedback.CORRECTION_DAMPINGS) and len(set(ridges)) == 2
+    assert judged.count(4) == 2 + len(ridges)  # nearest, plain and each corrected, held out
