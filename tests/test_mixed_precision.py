@@ -31,7 +31,7 @@ def test_first_and_last_layers_at_16_bit():
 
 
 def test_layer_by_name():
-    config = qf.QuantConfig(sixteen_bit_layers=["conv2"])
+    config = qf.QuantConfig(sixteen_bit_layers=["conv2"], widen_sensitive_layers=False)
     _, converted = quantize_model(ConvBnReLU(), config=config)
     layers, outputs = _bits(converted)
     assert layers == {"conv1": 8, "conv2": 16, "fc": 8} and outputs["relu_1"] == 16
