@@ -127,7 +127,9 @@ def _choose_opset(opset: int | None, legacy: bool, needs_int16: bool,
     if needs_int16 and not legacy and opset < INT16_QDQ_OPSET:
         raise ExportError(
             f"this model has 16-bit tensors, whose QuantizeLinear/DequantizeLinear need opset "
-            f">= {INT16_QDQ_OPSET}; got opset={opset}. Use opset=None or {INT16_QDQ_OPSET}."
+            f">= {INT16_QDQ_OPSET}; got opset={opset}. Use opset=None or {INT16_QDQ_OPSET}, or "
+            "calibrate with QuantConfig(widen_sensitive_layers=False, widen_coarse_weights=False) "
+            "and no sixteen_bit_layers for a file with 8-bit tensors only."
         )
     return opset
 
