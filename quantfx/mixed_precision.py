@@ -10,11 +10,11 @@ output is held to `OUTPUT_DB` on that output, besides that share: among several 
 target, a lone output where the target imports 16-bit Q/DQ (the generic one; a part of a partly
 quantized model is measured on its outputs joined, against `SENSITIVE_DB`). Other quantized
 tensors (a residual add's output, a standalone BatchNorm's) are candidates too, by their graph
-node name. A 16-bit activation makes
-the next layer's float32 sums inexact in ONNX Runtime's reference kernels; the export verifies
-such files step by step (`quantfx.export.stepwise`). Layers are measured in halving groups
-(`own_rounding_db`), so a model with few sensitive layers costs a few dozen forwards. The
-widths are buffers (`Quantizer.width`), so a state_dict carries the choice.
+node name. A 16-bit activation makes the next layer's float32 sums inexact in ONNX Runtime's
+reference kernels; the export verifies such files step by step (`quantfx.export.stepwise`).
+Layers are measured in halving groups (`own_rounding_db`), so a model with few sensitive layers
+costs a few dozen forwards. The widths are buffers (`Quantizer.width`), so a state_dict carries
+the choice.
 """
 
 from __future__ import annotations

@@ -143,6 +143,17 @@ def test_tda4vm_calibration_rounds_with_error_feedback_by_default():
     assert not torch.equal(weights[None], weights["nearest"])
 
 
+def _calibrated_conv(inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """A 3x3 conv (8 -> 8 channels, made from the global generator) calibrated on `inputs` with
+    round-to-nearest, and its float output on them."""
+    config = qf.QuantConfig(progress=False, weight_rounding="nearest")
+    prepared = qf.calibrate(qf.prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval(),
+                                       (inputs[:1],), config), [inputs])
+    layer = prepared.get_submodule("0")
+    with torch.no_grad():
+        return layer, layer.layer(inputs)
+
+
 def test_a_rounding_that_only_fits_its_samples_is_not_kept(monkeypatch):
     """The held-out quarter decides: a rounding that lowers the error on the samples it was
     fitted to, but not on the others, leaves round-to-nearest (it would not carry to data)."""
@@ -150,11 +161,7 @@ def test_a_rounding_that_only_fits_its_samples_is_not_kept(monkeypatch):
 
     torch.manual_seed(0)
     inputs = torch.randn(16, 8, 16, 16)  # enough positions per weight column to fit H
-    config = qf.QuantConfig(progress=False, weight_rounding="nearest")
-    prepared = qf.calibrate(qf.prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval(),
-                                       (inputs[:1],), config), [inputs])
-    layer = prepared.get_submodule("0")
-    target = layer.layer(inputs).detach()
+    layer, target = _calibrated_conv(inputs)
     quantizer = layer.weight_quantizer
     nearest_weight = qf.qmath.fake_quantize(layer.layer.weight.detach(), quantizer.exponent,
                                             quantizer.qmin, quantizer.qmax)
@@ -177,12 +184,7 @@ def test_a_layer_whose_input_lost_gain_keeps_the_corrected_rounding():
     feedback's on the same data)."""
     torch.manual_seed(0)
     inputs = torch.randn(32, 8, 12, 12)
-    config = qf.QuantConfig(progress=False, weight_rounding="nearest")
-    prepared = qf.calibrate(qf.prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval(),
-                                       (inputs[:1],), config), [inputs])
-    layer = prepared.get_submodule("0")
-    with torch.no_grad():
-        target = layer.layer(inputs)
+    layer, target = _calibrated_conv(inputs)
     shrunk = 0.9 * inputs  # what the layers above left: a tenth of the signal lost
     weight = layer.layer.weight.detach().clone()
     _, kept = round_layer(layer, shrunk, target)
@@ -207,12 +209,7 @@ def test_each_ridge_of_the_correction_is_a_candidate_the_held_out_quarter_judges
 
     torch.manual_seed(0)
     inputs = torch.randn(16, 8, 12, 12)
-    config = qf.QuantConfig(progress=False, weight_rounding="nearest")
-    prepared = qf.calibrate(qf.prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval(),
-                                       (inputs[:1],), config), [inputs])
-    layer = prepared.get_submodule("0")
-    with torch.no_grad():
-        target = layer.layer(inputs)
+    layer, target = _calibrated_conv(inputs)
     ridges, judged = [], []
     monkeypatch.setattr(error_feedback, "corrected_weight", lambda weight, moments, residual,
                         damping: ridges.append(damping) or weight.double())
