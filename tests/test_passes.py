@@ -428,6 +428,32 @@ def test_forward_folding_into_a_depthwise_conv_is_exact():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in graph.modules()) == 1
 
 
+def test_string_padding_becomes_numbers_where_exact_and_batchnorm_folds_into_a_valid_conv():
+    """Keras-style convs: "valid" is no padding and "same" with an odd kernel pads both sides
+    alike, so both become numbers (the BN before the "valid" conv then folds forward, and
+    error feedback rounds every conv); "same" with an even kernel pads unevenly and stays."""
+    from quantfx.error_feedback import supported
+    from quantfx.passes.fuse import fold_batchnorm_forward
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding="valid"), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding="valid"), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding="same", dilation=2), nn.ReLU(),
+        nn.Conv2d(8, 4, 2, padding="same"))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    graph, _ = build_graph(model, (x,), QuantConfig(), False)
+    convs = [module for module in graph.modules() if isinstance(module, nn.Conv2d)]
+    assert [conv.padding for conv in convs] == [(0, 0), (0, 0), (2, 2), "same"]
+    assert [supported(conv) for conv in convs] == [True, True, True, False]
+    assert all(conv.padding == "valid" for conv in model.modules()
+               if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+               and conv.dilation == (1, 1))  # the user's model is left as it was
+    fold_batchnorm(graph)
+    assert fold_batchnorm_forward(graph) == 1  # the second BN feeds a padded conv: stays
+    assert torch.allclose(graph(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 class CoarseStem(nn.Module):
     """A BN-folded-style stem whose channel ranges span 300x, then ordinary layers."""
 

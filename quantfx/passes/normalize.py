@@ -276,6 +276,22 @@ def explicit_conv_padding(graph_module: fx.GraphModule) -> None:
 PADDING_MODES = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
+def numeric_conv_padding(graph_module: fx.GraphModule) -> None:
+    """A conv with padding "valid", or "same" that pads both sides alike (odd kernel extents),
+    gets the same padding as numbers: folding, error feedback and learned rounding work on
+    numeric padding (a Keras-style `Conv2d(..., padding="valid")` is a conv without padding)."""
+    for node in graph_module.graph.nodes:
+        conv = module_of(graph_module, node)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(conv.padding, str):
+            continue
+        totals = [dilation * (kernel - 1)
+                  for dilation, kernel in zip(conv.dilation, conv.kernel_size)]
+        if conv.padding == "valid":
+            conv.padding = (0,) * len(totals)
+        elif all(total % 2 == 0 for total in totals):
+            conv.padding = tuple(total // 2 for total in totals)
+
+
 def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     """Replace every tabled functional / Tensor-method call by a call of a fresh module.
 
@@ -285,6 +301,7 @@ def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     for module in graph_module.modules():
         set_inplace_false(module)
     explicit_conv_padding(graph_module)
+    numeric_conv_padding(graph_module)
     for node in list(graph_module.graph.nodes):
         module = module_of(graph_module, node)
         if type(module) in MODULE_REWRITES:
