@@ -454,6 +454,54 @@ def test_string_padding_becomes_numbers_where_exact_and_batchnorm_folds_into_a_v
     assert torch.allclose(graph(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def _forward_folds(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """How many BatchNorms of `model` fold forward; the folded graph must compute the same."""
+    from quantfx.passes.fuse import fold_batchnorm_forward
+
+    x = torch.randn(*shape)
+    graph, _ = build_graph(model.eval(), (x,), QuantConfig(), False)
+    fold_batchnorm(graph)
+    count = fold_batchnorm_forward(graph)
+    assert torch.allclose(graph(x), model(x), rtol=1e-5, atol=1e-5)
+    return count
+
+
+def test_batchnorm_folds_forward_through_pools_dropout_and_flatten_into_a_linear():
+    """Keras' Conv-ReLU-BN-MaxPool-Conv, -BN-GlobalAveragePooling-Dense and Dense-ReLU-BN-
+    Dropout-Dense: the affine passes the pools (the max only with positive scales), the
+    dropout and the flatten, and folds into the layer after them."""
+    torch.manual_seed(0)
+    pooled = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3),
+        nn.ReLU(), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16),
+        nn.ReLU(), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4)))
+    for bn in (pooled[2], pooled[6]):
+        bn.weight.data.abs_()
+    assert _forward_folds(pooled, (2, 3, 14, 14)) == 3
+    flattened = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5)))
+    flattened[2].weight.data.abs_()
+    assert _forward_folds(flattened, (2, 3, 8, 8)) == 1  # each channel is 9 features
+
+
+def test_batchnorm_does_not_fold_forward_where_that_would_change_the_function():
+    """A negative scale through a max pool, an average pool that counts padded zeros, and a
+    flatten that is not of the channels: each BatchNorm stays."""
+    torch.manual_seed(0)
+    negative = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1)))
+    negative[2].weight.data[1] = -1.0
+    padded_average = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.AvgPool2d(3, 1, padding=1),
+        nn.Conv2d(4, 4, 1)))
+    batch_and_channels = randomize_batchnorm(nn.Sequential(  # rows of (n x c, length)
+        nn.Conv1d(3, 4, 3), nn.ReLU(), nn.BatchNorm1d(4), nn.Flatten(0, 1), nn.Linear(8, 3)))
+    assert _forward_folds(negative, (2, 3, 8, 8)) == 0
+    assert _forward_folds(padded_average, (2, 3, 8, 8)) == 0
+    assert _forward_folds(batch_and_channels, (2, 3, 10)) == 0
+
+
 class CoarseStem(nn.Module):
     """A BN-folded-style stem whose channel ranges span 300x, then ordinary layers."""
 

@@ -234,8 +234,9 @@ def _standalone_batchnorm(graph: fx.GraphModule, node: fx.Node, bn: nn.Module) -
     with one per-tensor weight scale (as TIDL does) costs its channel scales."""
     what = "BatchNorm that does not follow a conv/linear"
     if forward_fold_target(graph, node) is not None:
-        return Finding(INFO, node.target, what, "quantfx folds it forward into the conv that "
-                       "follows (exact: that conv has no zero padding)", "none needed")
+        return Finding(INFO, node.target, what, "quantfx folds it forward into the conv/linear "
+                       "that follows (exact: no zero padding, only pools, means or a flatten "
+                       "between)", "none needed")
     cost = ""
     if bn.running_var is not None:
         scale = torch.rsqrt(bn.running_var.detach() + bn.eps)

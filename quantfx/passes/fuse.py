@@ -11,9 +11,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from quantfx import modules as standins
 from quantfx.modules import BatchNormLayer
 from quantfx.ops import BATCHNORMS, FOLDABLE_LAYERS, TRANSPOSED_CONVS
-from quantfx.passes.graph_utils import module_of, set_submodule
+from quantfx.passes.graph_utils import module_of, recorded_shape, set_submodule
 
 
 def folded_weight_bias(layer: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -87,51 +88,116 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
     return graph_module
 
 
-def forward_fold_target(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The conv/linear a BatchNorm2d `node` can fold *forward* into: its only user, reading it
-    as its input, without zero padding (padded zeros would become the BN's shift otherwise)."""
+FOLD_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d)
+"""Ops a per-channel affine passes through unchanged (eval-mode no-ops, averages over space):
+a BatchNorm folds forward across them."""
+FOLD_THROUGH_IF_POSITIVE = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d,
+                            nn.AdaptiveMaxPool2d)
+"""Ops an affine with a positive scale passes through (the max of a * x + b is a * max + b)."""
+
+
+def _passes_affine(graph_module: fx.GraphModule, node: fx.Node, positive: bool) -> bool:
+    """Whether op `node` maps a per-channel affine of its input to the same affine of its
+    output (channels on axis 1; with `positive` scales where that matters)."""
+    module = module_of(graph_module, node)
+    if isinstance(module, FOLD_THROUGH):
+        return True
+    if isinstance(module, FOLD_THROUGH_IF_POSITIVE):
+        return positive
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):  # padded zeros would average in
+        return module.divisor_override is None and (
+            not module.count_include_pad or not any(_pair(module.padding)))
+    shape = recorded_shape(node.args[0]) if node.args else None
+    if isinstance(module, standins.Mean) and shape is not None and module.dim is not None:
+        dims = module.dim if isinstance(module.dim, tuple) else (module.dim,)
+        return all(dim % len(shape) >= 2 for dim in dims)
+    return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+
+
+def _pair(padding: int | tuple[int, ...]) -> tuple[int, ...]:
+    return padding if isinstance(padding, tuple) else (padding,)
+
+
+def forward_fold_target(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The conv/linear node a BatchNorm `node` can fold *forward* into: reached through single
+    users that read the value as their only input and pass a per-channel affine (eval-mode
+    no-ops, pools, spatial means, a flatten), reading it as its input, without zero padding
+    (padded zeros would become the BN's shift otherwise)."""
     bn = module_of(graph_module, node)
-    if (not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats
-            or bn.running_mean is None or len(node.users) != 1):
+    if (not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.track_running_stats
+            or bn.running_mean is None):
         return None
-    user = next(iter(node.users))
-    layer = module_of(graph_module, user)
-    if not isinstance(layer, nn.Conv2d) or isinstance(layer, BatchNormLayer) or (
-            user.args[0] is not node or len(user.args) != 1 or user.kwargs):
-        return None
+    positive = bool((_affine(bn)[0] > 0).all())
+    current = node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if user.op != "call_module" or user.args != (current,) or user.kwargs:
+            return None
+        if not _passes_affine(graph_module, user, positive):
+            return user if _folds_into(module_of(graph_module, user), user, bn) else None
+        current = user
+    return None
+
+
+def _folds_into(layer: nn.Module, node: fx.Node, bn: nn.Module) -> bool:
+    """Whether an affine of `bn`'s channels folds exactly into `layer`'s input (a linear reads
+    them flattened: each channel a block of features)."""
+    if isinstance(layer, nn.Linear):
+        shape = recorded_shape(node.args[0])
+        return (shape is not None and len(shape) == 2
+                and layer.in_features % bn.num_features == 0)
+    if not isinstance(layer, nn.Conv2d) or isinstance(layer, BatchNormLayer):
+        return False
     depthwise = layer.groups == layer.in_channels and layer.groups == layer.out_channels
     if layer.in_channels != bn.num_features or (layer.groups != 1 and not depthwise):
-        return None
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or any(layer.padding):
-        return None
-    return layer
+        return False
+    return (layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+            and not any(layer.padding))
+
+
+def _affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """`bn`'s eval-mode function as a per-channel scale and shift."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+    return scale.detach(), shift.detach()
+
+
+def _folded_forward(layer: nn.Module, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """`layer`'s weight and bias when its input is first scaled and shifted per channel."""
+    weight = layer.weight.detach()
+    if isinstance(layer, nn.Linear):
+        repeat = layer.in_features // scale.numel()  # a flattened channel is `repeat` features
+        scale, shift = scale.repeat_interleave(repeat), shift.repeat_interleave(repeat)
+        moved, new_weight = weight @ shift, weight * scale
+    elif layer.groups == 1:
+        moved = (weight.sum(dim=(2, 3)) * shift).sum(dim=1)
+        new_weight = weight * scale.reshape(1, -1, 1, 1)
+    else:
+        moved = weight.sum(dim=(1, 2, 3)) * shift
+        new_weight = weight * scale.reshape(-1, 1, 1, 1)
+    bias = moved if layer.bias is None else layer.bias.detach() + moved
+    return new_weight.to(weight.dtype), bias.to(weight.dtype)
 
 
 def fold_batchnorm_forward(graph_module: fx.GraphModule) -> int:
-    """Fold each BatchNorm2d that no conv precedes (after a ReLU, on the input) into the conv
-    that follows it when that is exact (no padding): conv(a * x + b) is a conv with its input
-    channels scaled by a and b moved into its bias. Returns how many were folded."""
+    """Fold each BatchNorm that no conv/linear precedes (after a ReLU, on the input) into the
+    conv/linear after it where that is exact (`forward_fold_target`): layer(a * x + b) is a
+    layer with its input channels scaled by a and b moved into its bias. Returns how many were
+    folded."""
     count = 0
     for node in list(graph_module.graph.nodes):
-        layer = forward_fold_target(graph_module, node)
-        if layer is None:
+        target = forward_fold_target(graph_module, node)
+        if target is None:
             continue
-        bn = module_of(graph_module, node)
+        layer = module_of(graph_module, target)
         with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-            weight = layer.weight
-            if layer.groups == 1:
-                moved = (weight.sum(dim=(2, 3)) * shift).sum(dim=1)
-                new_weight = weight * scale.reshape(1, -1, 1, 1)
-            else:
-                moved = weight.sum(dim=(1, 2, 3)) * shift
-                new_weight = weight * scale.reshape(-1, 1, 1, 1)
-            bias = moved if layer.bias is None else layer.bias + moved
-        layer.weight = nn.Parameter(new_weight.to(weight.dtype), weight.requires_grad)
-        layer.bias = nn.Parameter(bias.to(weight.dtype), weight.requires_grad)
+            weight, bias = _folded_forward(layer, *_affine(module_of(graph_module, node)))
+        trains = layer.weight.requires_grad
+        layer.weight = nn.Parameter(weight, trains)
+        layer.bias = nn.Parameter(bias, trains)
         node.replace_all_uses_with(node.args[0])
         graph_module.graph.erase_node(node)
         count += 1
