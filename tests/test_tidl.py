@@ -284,6 +284,28 @@ def test_strict_tidl_refuses_an_export_that_falls_back(tmp_path):
     assert not (tmp_path / "b.onnx").exists()
 
 
+def test_a_linear_with_a_fused_activation_has_qdq_on_its_gemm_for_tidl(tmp_path):
+    """TIDL lets a Relu/Clip carry the Q/DQ of the op before it only after convs, BatchNorm
+    and eltwise ops: a Linear's Gemm gets Q/DQ on its activation's grid first, on 2-D and on
+    token (3-D) inputs, and the file stays bit-exact."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU6(), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    for shape in ((4, 6), (2, 5, 6)):
+        torch.manual_seed(0)
+        converted, x = _calibrated(model, qf.QuantConfig(target="am68a", progress=False), shape)
+        report = qf.export_onnx(converted, x, tmp_path / "mlp.onnx", verify_data=x)
+        assert report.fraction_identical == 1.0
+        assert report.tidl.fully_offloaded, report.tidl
+        nodes = onnx.load(tmp_path / "mlp.onnx").graph.node
+        producers = {output: node for node in nodes for output in node.output}
+        for node in nodes:
+            if node.op_type in ("Relu", "Clip"):
+                producer = producers[node.input[0]]
+                while producer.op_type == "Reshape":  # the token rows back to (..., features)
+                    producer = producers[producer.input[0]]
+                assert producer.op_type == "DequantizeLinear"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "densenet121",
                                   "regnet_x_400mf"])

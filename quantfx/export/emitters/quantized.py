@@ -12,6 +12,7 @@ from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
 from quantfx.layers import IntegerLayer, PReLULayer
 from quantfx.modules import BatchNormLayer
+from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.qmath import from_codes, is_power_of_two, scale_of, to_codes
 from quantfx.quantizers import FrozenQuantizer
@@ -112,8 +113,13 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
     the output's Q/DQ sits on the Gemm, before the Reshape (no float tensor after it either)."""
     weight, bias = _layer_parameters(b, node, integer)
     in_shape = b.input_info(node).shape
+    activation_grid = _activation_grid(b, node)
     if len(in_shape) == 2:
-        b.emit(node, "Gemm", [source, weight] + ([bias] if bias else []), transB=1)
+        product = f"{node.name}.gemm" if activation_grid else node.name
+        b.op("Gemm", [source, weight] + ([bias] if bias else []), product, transB=1)
+        if activation_grid:
+            _qdq_pair(b, f"{node.name}.requantize", product, node.name, activation_grid)
+        b.env[node] = node.name
         return
     rows = int(np.prod(in_shape[:-1]))
     b.reshape(f"{node.name}.rows", source, f"{node.name}.rows", (rows, in_shape[-1]))
@@ -121,13 +127,29 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
     b.op("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []), product, transB=1)
     users = list(node.users)
     quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
-    if isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the Gemm itself
+    if activation_grid:
+        product = requantize(b, product, activation_grid)
+    elif isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the Gemm itself
         _check_scale(users[0], quantizer)
         _qdq_pair(b, users[0].name, product, f"{users[0].name}.rows", quantizer)
         product = f"{users[0].name}.rows"
         b.quantized_by_producer.add(users[0])
     b.reshape(node.name, product, node.name, b.info(node).shape)
     b.env[node] = node.name
+
+
+def _activation_grid(b: Builder, node: fx.Node) -> FrozenQuantizer | None:
+    """The quantizer after the activation fused into linear `node` (ReLU, ReLU6, Hardtanh),
+    if any: TIDL lets a Relu/Clip carry the Q/DQ of the op before it only for convs,
+    BatchNorm and eltwise ops, so a Gemm's output gets Q/DQ on that same grid first (exact:
+    the clamp commutes with rounding onto a grid that holds its bounds)."""
+    users = list(node.users)
+    if b.legacy or len(users) != 1 or not isinstance(module_of(b.module, users[0]),
+                                                     FUSABLE_ACTIVATIONS):
+        return None
+    after = list(users[0].users)
+    quantizer = module_of(b.module, after[0]) if len(after) == 1 else None
+    return quantizer if isinstance(quantizer, FrozenQuantizer) else None
 
 
 def _emit_batchnorm_layer(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
