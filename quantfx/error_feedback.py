@@ -1,6 +1,5 @@
 """Weight rounding with error feedback (GPTQ, Frantar et al. 2022), on quantfx's power-of-2
-grids: `QuantConfig(weight_rounding="error_feedback")`, the default where depthwise weights are
-per tensor (TDA4VM).
+grids: `QuantConfig(weight_rounding="error_feedback")`, the default.
 
 Each conv/linear layer, in graph order, on its *quantized* input (the layers before it already
 rounded; `quantfx.reconstruction`): the input's second moments H = E[x x^T] over every output
@@ -205,11 +204,11 @@ def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
 
 
 def error_feedback_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
-                            progress: bool = True, correct_biases: bool = False
+                            progress: bool = True, bias_samples: int = 0
                             ) -> dict[str, tuple]:
     """Error-feedback rounding for every weight layer of a calibrated prepared model, in graph
-    order, in one pass (exponents must be computed). With `correct_biases`, each layer's bias
-    then gets bias calibration's shift in the same pass. Returns layer name -> (nearest MSE,
-    kept MSE)."""
+    order, in one pass (exponents must be computed). With `bias_samples` > 0, each layer's
+    bias then gets bias calibration's shift, from that many of the first samples (at most
+    MAX_SAMPLES), in the same pass. Returns layer name -> (nearest MSE, kept MSE)."""
     return round_weights(model, first_samples(batches, MAX_SAMPLES), round_layer,
-                         correct_biases, progress, "error-feedback rounding")
+                         bias_samples, progress, "error-feedback rounding")

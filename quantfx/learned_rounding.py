@@ -19,7 +19,8 @@ Cost: one pass of the float and the quantized model over the kept samples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
@@ -164,13 +165,33 @@ def restore_float_parameters(model: nn.Module) -> None:
                 module.layer.bias.data.copy_(module.float_bias)
 
 
+@contextmanager
+def float_parameters(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every layer of calibrated `model` has its float weights and biases
+    (before weight rounding and bias calibration: what "float" means for a layer's error);
+    after it, the calibrated ones again."""
+    kept = [(module, module.layer.weight.detach().clone(),
+             None if module.layer.bias is None else module.layer.bias.detach().clone())
+            for module in model.modules() if isinstance(module, FakeQuantLayer)]
+    restore_float_parameters(model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, weight, bias in kept:
+                module.layer.weight.copy_(weight)
+                if bias is not None:
+                    module.layer.bias.copy_(bias)
+
+
 def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
                    progress: bool = True, iterations: int | None = None,
-                   correct_biases: bool = False) -> dict[str, tuple]:
+                   bias_samples: int = 0) -> dict[str, tuple]:
     """Learned rounding for every weight layer of a calibrated prepared model, in graph order,
-    in one pass (`quantfx.reconstruction`; exponents must be computed). With `correct_biases`,
-    each layer's bias then gets bias calibration's shift in the same pass. Returns layer name
-    -> (nearest MSE, kept MSE)."""
+    in one pass (`quantfx.reconstruction`; exponents must be computed). With `bias_samples`
+    > 0, each layer's bias then gets bias calibration's shift, from that many of the first
+    samples (at most MAX_SAMPLES), in the same pass. Returns layer name -> (nearest MSE, kept
+    MSE)."""
     steps = ITERATIONS if iterations is None else iterations
 
     def round_layer(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
@@ -178,4 +199,4 @@ def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
         return learn_layer_rounding(layer, inputs, target, steps, activation=activation)
 
     return round_weights(model, first_samples(batches, MAX_SAMPLES), round_layer,
-                         correct_biases, progress, "learned rounding")
+                         bias_samples, progress, "learned rounding")

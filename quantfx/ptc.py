@@ -272,11 +272,11 @@ def _finish_calibration(model: fx.GraphModule, config: QuantConfig,
     state_of(model).measured_sixteen_bit = widen_sensitive_layers(model, config, kept)
     choose_weight_exponents(model, kept)  # by each layer's output error, where MSE-observed
     fit_bias_exponents(model, config.profile.bias_bits_for)
+    bias_samples = config.bias_calibration_samples if config.bias_calibration else 0
     if config.rounding == "learned":  # bias calibration in the same pass
-        learn_rounding(model, kept, config.progress, correct_biases=config.bias_calibration)
+        learn_rounding(model, kept, config.progress, bias_samples=bias_samples)
     elif config.rounding == "error_feedback":
-        error_feedback_rounding(model, kept, config.progress,
-                                correct_biases=config.bias_calibration)
+        error_feedback_rounding(model, kept, config.progress, bias_samples=bias_samples)
     elif config.bias_calibration:
         calibrate_biases(model, first_samples(kept, config.bias_calibration_samples),
                          config.progress)

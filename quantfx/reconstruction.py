@@ -158,19 +158,20 @@ def first_samples(batches: Sequence[Any], count: int) -> list[Any]:
 
 
 def round_weights(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
-                  round_layer: LayerStep, correct_biases: bool, progress: bool,
+                  round_layer: LayerStep, bias_samples: int, progress: bool,
                   description: str) -> dict[str, Any]:
     """A weight-rounding pass (learned rounding, error feedback): each layer keeps its float
-    weights (so a new calibration starts from them), is rounded by `round_layer`, then, with
-    `correct_biases`, gets bias calibration's shift, all in one `reconstruct_layers` pass."""
+    weights (so a new calibration starts from them), is rounded by `round_layer`, then, where
+    `bias_samples` > 0, gets bias calibration's shift measured on that many of the first
+    samples, all in one `reconstruct_layers` pass."""
 
     def step(layer: FakeQuantLayer, inputs: Tensor, target: Tensor,
              activation: nn.Module | None) -> Any:
         if layer.float_weight is None:
             layer.float_weight = layer.layer.weight.detach().clone()
         result = round_layer(layer, inputs, target, activation)
-        if correct_biases:
-            correct_bias(layer, inputs, target)
+        if bias_samples > 0:
+            correct_bias(layer, inputs[:bias_samples], target[:bias_samples])
         return result
 
     return reconstruct_layers(model, batches, step, progress, description)

@@ -15,7 +15,7 @@ import quantfx as qf
 from quantfx.state import state_of
 
 CONFIG = qf.QuantConfig(progress=False, weight_observer="minmax", bias_calibration=False,
-                        widen_coarse_weights=False,
+                        widen_coarse_weights=False, weight_rounding="nearest",
                         widen_sensitive_layers=False)  # the damaged layer stays 8 bit
 
 
@@ -53,6 +53,20 @@ def test_the_damaged_layer_ranks_first(report):
     assert worst.layer == "c2" and worst.weight_alone_db is not None
     others = [t.weight_alone_db for t in report.tensors if t.layer not in ("c2", None)]
     assert worst.weight_alone_db < min(others) - 15
+
+
+def test_float_figures_use_the_float_weights_after_weight_rounding_and_bias_calibration():
+    """Error feedback and bias calibration change the prepared model's weights and biases:
+    the float pass and "activations only" must run on the float ones (else a layer's weight
+    error reads as none, an infinite SQNR)."""
+    data = _data()
+    config = replace(CONFIG, weight_rounding="error_feedback", bias_calibration=True)
+    report = qf.analyze(Chain().eval(), data[0][:1], data, config=config)
+    alone = [t.weight_alone_db for t in report.tensors if t.layer is not None]
+    assert alone and all(value < 52.0 for value in alone)  # 8 bit: about 6 dB a bit at most
+    assert report.tensors[0].layer == "c2"
+    sqnr = report.output_sqnr_db
+    assert sqnr["weights only"] < sqnr["activations only"] < sqnr["int16"]
 
 
 def test_the_suggestion_reaches_its_target_with_few_layers(report):

@@ -119,12 +119,13 @@ def test_calibration_with_error_feedback_keeps_grid_weights_and_starts_again_eac
 
 
 @pytest.mark.parametrize("fields, rounding", [
-    ({}, "nearest"), ({"target": "tda4vm"}, "error_feedback"),
+    ({}, "error_feedback"), ({"target": "tda4vm"}, "error_feedback"),
     ({"per_channel_depthwise": False}, "error_feedback"),
     ({"target": "tda4vm", "weight_rounding": "nearest"}, "nearest"),
     ({"target": "am68a"}, "error_feedback"), ({"per_channel_weights": True}, "error_feedback"),
-    ({"target": "am68a", "per_channel_weights": False}, "nearest")])
-def test_error_feedback_is_the_default_except_on_the_generic_mix_of_grids(fields, rounding):
+    ({"target": "am68a", "per_channel_weights": False}, "error_feedback"),
+    ({"weight_rounding": "learned"}, "learned")])
+def test_error_feedback_is_the_default_on_every_grid(fields, rounding):
     assert qf.QuantConfig(**fields).rounding == rounding
 
 

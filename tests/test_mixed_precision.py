@@ -264,7 +264,9 @@ def test_a_model_without_float_outputs_calibrates_and_widens_nothing():
 def test_layers_are_measured_in_halving_groups_and_the_sensitive_one_exactly(monkeypatch):
     import quantfx.mixed_precision as module
 
-    prepared = _calibrated(_Chain(spread=38, depth=40), widen_sensitive_layers=False)
+    # measured as calibration measures them: before weight rounding moves any weight
+    prepared = _calibrated(_Chain(spread=38, depth=40), widen_sensitive_layers=False,
+                           weight_rounding="nearest")
     units = module.precision_units(prepared)
     batch = [(_CALIBRATION[0],)]
     passes = []
@@ -277,7 +279,7 @@ def test_layers_are_measured_in_halving_groups_and_the_sensitive_one_exactly(mon
     passes.clear()
     exact = module.own_rounding_db(prepared, [units[sensitive]], batch, progress=False)
     assert grouped[sensitive] == exact[0] and exact[0].db == min(alone)
-    served = _calibrated(_Chain(), widen_sensitive_layers=False)
+    served = _calibrated(_Chain(), widen_sensitive_layers=False, weight_rounding="nearest")
     passes.clear()
     served_units = module.precision_units(served)
     measured = module.own_rounding_db(served, served_units, batch, progress=False)

@@ -20,7 +20,8 @@ from quantfx.reconstruction import (
     samples_within,
 )
 
-CONFIG = dict(progress=False, bias_calibration=True)
+CONFIG = dict(progress=False, bias_calibration=True,
+              weight_rounding="nearest")  # bias calibration's own pass, not the rounding's
 
 
 class Residual(nn.Module):

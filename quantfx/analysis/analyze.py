@@ -1,10 +1,8 @@
-"""`analyze`: "which layer loses the accuracy?" in one call.
-
-On real data: each quantized tensor's SQNR against float in the quantized model, and what its
-own rounding (and its layer's weight rounding) costs alone, from one float and one quantized
-pass per batch; end to end weights-only / activations-only / 8 / 16 bit; and the fewest layers
-to keep at 16 bit to reach a target, as `QuantConfig(sixteen_bit_layers=...)` takes them.
-"""
+"""`analyze`: "which layer loses the accuracy?" in one call. On real data: each quantized
+tensor's SQNR against float in the quantized model, and what its own rounding (and its layer's
+weight rounding) costs alone, from one float and one quantized pass per batch; end to end
+weights-only / activations-only / 8 / 16 bit; and the fewest layers to keep at 16 bit to reach
+a target, as `QuantConfig(sixteen_bit_layers=...)` takes them."""
 
 from __future__ import annotations
 
@@ -25,6 +23,7 @@ from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, ConvertError
 from quantfx.layers import FakeQuantLayer, PReLULayer, layer_forward
+from quantfx.learned_rounding import float_parameters
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.ptc import calibrate, prepare
@@ -206,10 +205,10 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
         for name in quantizers]
     layers = {node.target: module_of(prepared, node) for node in prepared.graph.nodes
               if isinstance(module_of(prepared, node), FakeQuantLayer)}
-    integer = {name: converted.get_submodule(name).layer.weight for name in layers}
+    integer = {name: converted.get_submodule(name).layer for name in layers}
     hooks += [layer.register_forward_hook(
         lambda module, args, output, name=name: weights.add(name, output, layer_forward(
-            module.layer, args[0], integer[name], module.layer.bias)))
+            module.layer, args[0], integer[name].weight, integer[name].bias)))
         for name, layer in layers.items()]
     quantized: dict[str, Tensor] = {}
     hooks += [frozen[name].register_forward_hook(
@@ -217,7 +216,7 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
         for name in quantizers]
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), float_parameters(prepared):  # the float pass: float weights
             for batch in batches:
                 set_quant_mode(prepared, observe=False, quantize=False)
                 prepared(*batch)
@@ -247,8 +246,7 @@ def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
 
 
 def _quantize(model: nn.Module, example: Any, config: QuantConfig,
-              batches: list[tuple[Tensor, ...]], bar: tqdm) -> tuple[fx.GraphModule,
-                                                                   fx.GraphModule]:
+              batches: list[tuple[Tensor, ...]], bar: tqdm) -> tuple[fx.GraphModule, ...]:
     """One calibration (its own bars off: `bar` counts analyze's calibrations)."""
     prepared = prepare(model, example, replace(config, progress=False))
     calibrate(prepared, batches)
@@ -332,8 +330,9 @@ def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, 
     report.output_sqnr_db["int8"] = _output_sqnr(reference, _run(converted, inputs))
     report.output_sqnr_db["weights only"] = _output_sqnr(reference,
                                                          _partial(prepared, True, False, inputs))
-    report.output_sqnr_db["activations only"] = _output_sqnr(
-        reference, _partial(prepared, False, True, inputs))
+    with float_parameters(prepared):
+        only = _partial(prepared, False, True, inputs)
+    report.output_sqnr_db["activations only"] = _output_sqnr(reference, only)
     wide = replace(config, activation_bits=16, weight_bits=16, sixteen_bit_layers=())
     _, sixteen = _quantize(model, example_inputs, wide, batches, bar)
     report.output_sqnr_db["int16"] = _output_sqnr(reference, _run(sixteen, inputs))
