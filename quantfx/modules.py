@@ -175,6 +175,18 @@ class ConstantPad(nn.Module):
         return F.pad(x, self.pad, mode="constant", value=self.value)
 
 
+def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's eval-mode function (running statistics) as a per-channel scale and
+    shift, detached: `bn(x) == x * scale + shift` along the channel axis."""
+    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    shift = -bn.running_mean.detach() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach()
+    return scale, shift
+
+
 class BatchNormLayer(nn.Conv2d):
     """A BatchNorm2d that cannot fold into a conv (after a ReLU, after an add, on the input),
     as the per-channel affine ``x * scale + shift`` the engine runs. In form a depthwise 1x1
@@ -189,13 +201,8 @@ class BatchNormLayer(nn.Conv2d):
     def from_batchnorm(cls, bn: nn.BatchNorm2d) -> BatchNormLayer:
         """The same function as `bn` in eval mode (its running statistics)."""
         layer = cls(bn.num_features).to(bn.running_mean.device)
+        scale, shift = batchnorm_affine(bn)
         with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
             layer.weight.copy_(scale.reshape(-1, 1, 1, 1))
             layer.bias.copy_(shift)
         return layer

@@ -26,6 +26,7 @@ from quantfx.export.onnx import build_export
 from quantfx.export.registry import unexportable
 from quantfx.frontend import as_input_tuple, build_graph, private_copy
 from quantfx.layers import is_depthwise
+from quantfx.modules import batchnorm_affine
 from quantfx.observers import HistogramObserver
 from quantfx.ops import BATCHNORMS, WEIGHT_LAYERS
 from quantfx.passes.fuse import fold_batchnorm, forward_fold_target
@@ -239,8 +240,7 @@ def _standalone_batchnorm(graph: fx.GraphModule, node: fx.Node, bn: nn.Module) -
                        "between)", "none needed")
     cost = ""
     if bn.running_var is not None:
-        scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-        scale = scale * (bn.weight.detach() if bn.weight is not None else 1.0)
+        scale, _ = batchnorm_affine(bn)
         sqnr, codes = per_tensor_cost(scale)
         coarse = int((codes.abs() < COARSE_CODES).sum())
         cost = (f": here its {len(scale)} channel scales span {float(scale.abs().min()):.3g}.."

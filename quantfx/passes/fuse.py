@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from quantfx import modules as standins
-from quantfx.modules import BatchNormLayer
+from quantfx.modules import BatchNormLayer, batchnorm_affine
 from quantfx.ops import BATCHNORMS, FOLDABLE_LAYERS, TRANSPOSED_CONVS
 from quantfx.passes.graph_utils import module_of, recorded_shape, set_submodule
 
@@ -128,7 +128,7 @@ def forward_fold_target(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node 
     if (not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.track_running_stats
             or bn.running_mean is None):
         return None
-    positive = bool((_affine(bn)[0] > 0).all())
+    positive = bool((batchnorm_affine(bn)[0] > 0).all())
     current = node
     while len(current.users) == 1:
         user = next(iter(current.users))
@@ -154,15 +154,6 @@ def _folds_into(layer: nn.Module, node: fx.Node, bn: nn.Module) -> bool:
         return False
     return (layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
             and not any(layer.padding))
-
-
-def _affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """`bn`'s eval-mode function as a per-channel scale and shift."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-    return scale.detach(), shift.detach()
 
 
 def _folded_forward(layer: nn.Module, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,7 +185,8 @@ def fold_batchnorm_forward(graph_module: fx.GraphModule) -> int:
             continue
         layer = module_of(graph_module, target)
         with torch.no_grad():
-            weight, bias = _folded_forward(layer, *_affine(module_of(graph_module, node)))
+            affine = batchnorm_affine(module_of(graph_module, node))
+            weight, bias = _folded_forward(layer, *affine)
         trains = layer.weight.requires_grad
         layer.weight = nn.Parameter(weight, trains)
         layer.bias = nn.Parameter(bias, trains)

@@ -115,11 +115,9 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
     in_shape = b.input_info(node).shape
     activation_grid = _activation_grid(b, node)
     if len(in_shape) == 2:
-        product = f"{node.name}.gemm" if activation_grid else node.name
-        b.op("Gemm", [source, weight] + ([bias] if bias else []), product, transB=1)
-        if activation_grid:
-            _qdq_pair(b, f"{node.name}.requantize", product, node.name, activation_grid)
-        b.env[node] = node.name
+        b.emit(node, "Gemm", [source, weight] + ([bias] if bias else []), transB=1)
+        if activation_grid:  # the Gemm keeps the layer's name (TIDL's 16-bit lists use it)
+            b.env[node] = requantize(b, node.name, activation_grid)
         return
     rows = int(np.prod(in_shape[:-1]))
     b.reshape(f"{node.name}.rows", source, f"{node.name}.rows", (rows, in_shape[-1]))
