@@ -17,6 +17,7 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 import quantfx as qf
+from quantfx.export.emitters.quantized import patchifies
 from quantfx.files import options_path_for
 from quantfx.tidl.checker import check_model
 from tests.helpers import ConvBnReLU, randomize_batchnorm
@@ -106,6 +107,13 @@ RULES = [  # (what, graph that breaks the rule, graph that keeps it, target)
                            [("x", [1, 4])], ["y"]),
      _model([helper.make_node("Cast", ["x"], ["y"], name="c", to=FLOAT)], [("x", [1, 4])],
             ["y"]), "generic"),
+    ("6-D transpose moving the width to axis 1",
+     _one("Transpose", {"perm": [0, 5, 1, 2, 3, 4]}, (1, 2, 2, 2, 2, 4)),
+     _one("Transpose", {"perm": [0, 1, 3, 5, 2, 4]}, (1, 2, 2, 2, 2, 4)), "generic"),
+    ("7-D reshape", _one("Reshape", extra=["s"], initializers=[
+        ("s", np.array([1, 2, 2, 2, 2, 2, 4], np.int64))]),
+     _one("Reshape", extra=["s"], initializers=[("s", np.array([1, 8, 8, 32], np.int64))]),
+     "generic"),
     ("erf alone", _one("Erf"), _model([
         helper.make_node("Mul", ["x", "k"], ["s"], name="s"),
         helper.make_node("Erf", ["s"], ["e"], name="e"),
@@ -304,6 +312,31 @@ def test_a_linear_with_a_fused_activation_has_qdq_on_its_gemm_for_tidl(tmp_path)
                 while producer.op_type == "Reshape":  # the token rows back to (..., features)
                     producer = producers[producer.input[0]]
                 assert producer.op_type == "DequantizeLinear"
+
+
+def test_a_patch_embedding_conv_exports_as_space_to_depth_and_a_pointwise_conv(tmp_path):
+    """TIDL runs stride 4 only for 11x11 kernels: a 4x4/stride-4 patch embedding (Swin,
+    ConvNeXt) exports as Reshape -> Transpose -> Reshape and a 1x1 conv, bit-exact and fully
+    offloaded; a conv whose stride TIDL runs, or whose input the patches do not tile, stays."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 2, stride=2))
+    torch.manual_seed(0)
+    converted, x = _calibrated(model, qf.QuantConfig(target="am68a", progress=False),
+                               (2, 3, 32, 36))
+    report = qf.export_onnx(converted, x, tmp_path / "patches.onnx", verify_data=x)
+    assert report.fraction_identical == 1.0
+    assert report.tidl.fully_offloaded, report.tidl
+    convs = [node for node in onnx.load(tmp_path / "patches.onnx").graph.node
+             if node.op_type == "Conv"]
+    strides = [list(next(a.ints for a in node.attribute if a.name == "strides"))
+               for node in convs]
+    assert strides == [[1, 1], [2, 2]]
+    assert [node.name for node in convs] == ["_0", "_2"]  # TIDL's 16-bit lists name them
+    patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+    assert patchifies(patch, (1, 3, 32, 36))
+    assert not patchifies(patch, (1, 3, 30, 32))  # the last rows would be dropped
+    assert not patchifies(torch.nn.Conv2d(3, 8, 4, stride=4, padding=1), (1, 3, 32, 32))
+    assert not patchifies(torch.nn.Conv2d(3, 8, 2, stride=2), (1, 3, 32, 32))
 
 
 @pytest.mark.slow

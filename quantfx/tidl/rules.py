@@ -291,13 +291,32 @@ def _cast(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
     return []
 
 
+MAX_RANK = 6
+"""Reshape, Transpose and eltwise ops take at most this many dimensions [T11.2]."""
+
+
+def _data_movement(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
+    """Reshape/Transpose: at most 6-D; a Transpose above 4-D must not move the width (the
+    last axis) to output axis 0 or 1."""
+    rank = max(len(graph.shapes.get(node.input[0], ())), len(graph.shapes.get(node.output[0], ())))
+    if rank > MAX_RANK:
+        return [_finding(node, f"{node.op_type} of a rank-{rank} tensor (TIDL: at most "
+                               f"{MAX_RANK}-D)")]
+    perm = list(attribute(node, "perm", []) or [])
+    if node.op_type == "Transpose" and len(perm) > 4 and len(perm) - 1 in perm[:2]:
+        return [_finding(node, f"{len(perm)}-D Transpose {perm} moves the width to output axis "
+                               f"{perm.index(len(perm) - 1)} (TIDL: not to axis 0 or 1)")]
+    return []
+
+
 Rule = Callable[[onnx.NodeProto, Graph], list[Finding]]
 RULES: dict[str, Rule] = {
     "Conv": _conv, "ConvTranspose": _conv_transpose, "AveragePool": _pool, "MaxPool": _pool,
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool, "Softmax": _softmax,
     "Concat": _concat, "Resize": _resize, "Pad": _pad, "Gemm": _gemm,
     "ReduceMax": _reduce_min_max, "ReduceMin": _reduce_min_max, "Clip": _clip,
-    "MatMul": _matmul, "Cast": _cast, **{op: _fusion_only for op in ONLY_INSIDE_FUSIONS},
+    "MatMul": _matmul, "Cast": _cast, "Reshape": _data_movement, "Transpose": _data_movement,
+    **{op: _fusion_only for op in ONLY_INSIDE_FUSIONS},
 }
 """ONNX op type -> its TIDL rule (ops not listed have no constraint quantfx checks)."""
 

@@ -82,10 +82,14 @@ def _dequantized_constant(b: Builder, name: str, codes: Tensor, exponent: Tensor
     return name
 
 
-def _layer_parameters(b: Builder, node: fx.Node, integer: IntegerLayer
-                      ) -> tuple[str, str | None]:
+def _layer_parameters(b: Builder, node: fx.Node, integer: IntegerLayer,
+                      weight_shape: tuple[int, ...] | None = None) -> tuple[str, str | None]:
+    """The layer's weight (reshaped to `weight_shape` if given) and bias as initializers."""
     layer = integer.layer
     weight_codes, weight_grid = integer.weight_int, layer.weight
+    if weight_shape is not None:
+        weight_codes, weight_grid = (weight_codes.reshape(weight_shape),
+                                     weight_grid.reshape(weight_shape))
     weight = _dequantized_constant(b, f"{node.name}.weight", weight_codes,
                                    integer.weight_exponent, integer.weight_bits, weight_grid)
     bias = None
@@ -165,6 +169,40 @@ def _emit_batchnorm_layer(b: Builder, node: fx.Node, integer: IntegerLayer, sour
     b.emit(node, "BatchNormalization", [source, scale, shift, mean, variance], epsilon=0.0)
 
 
+TIDL_CONV_STRIDES = ((1, 1), (2, 2))
+"""Strides TIDL runs for any kernel up to 7x7 (stride 4 only with an 11x11 kernel)."""
+
+
+def patchifies(layer: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether a 2-D conv cuts its input into non-overlapping patches (kernel = stride, no
+    padding, dilation 1, one group) at a stride TIDL does not run (a ViT/Swin/ConvNeXt patch
+    embedding: 4x4 or 16x16 at stride 4 or 16), on an input whose height and width it tiles."""
+    if (not isinstance(layer, nn.Conv2d) or layer.transposed or layer.groups != 1
+            or tuple(layer.kernel_size) != tuple(layer.stride)
+            or tuple(layer.stride) in TIDL_CONV_STRIDES or any(d != 1 for d in layer.dilation)
+            or any(conv_pads(layer)) or len(input_shape) != 4):
+        return False
+    return input_shape[2] % layer.stride[0] == 0 and input_shape[3] % layer.stride[1] == 0
+
+
+def _emit_patchify_conv(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
+    """A patch-embedding conv as Reshape -> Transpose -> Reshape (space to depth: each patch
+    becomes one position's channels, in the weight's (channel, row, column) order) and a 1x1
+    Conv: the same sums, with only data movement before a conv every TIDL device runs."""
+    batch, channels, height, width = b.input_info(node).shape
+    rows, columns = integer.layer.stride
+    name = node.name
+    b.reshape(f"{name}.patches", source, f"{name}.patches",
+              (batch, channels, height // rows, rows, width // columns, columns))
+    b.op("Transpose", [f"{name}.patches"], f"{name}.patches_first", perm=[0, 1, 3, 5, 2, 4])
+    b.reshape(f"{name}.space_to_depth", f"{name}.patches_first", f"{name}.space_to_depth",
+              (batch, channels * rows * columns, height // rows, width // columns))
+    weight, bias = _layer_parameters(b, node, integer,
+                                     (integer.layer.out_channels, channels * rows * columns, 1, 1))
+    b.emit(node, "Conv", [f"{name}.space_to_depth", weight] + ([bias] if bias else []),
+           kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
+
+
 def emit_integer_layer(b: Builder, node: fx.Node, integer: IntegerLayer) -> None:
     layer = integer.layer
     source = b.tensor_input(node)
@@ -182,6 +220,9 @@ def emit_integer_layer(b: Builder, node: fx.Node, integer: IntegerLayer) -> None
             "exporter support zero padding only. Pad explicitly (F.pad) or use "
             "padding_mode='zeros'."
         )
+    if patchifies(layer, b.input_info(node).shape):
+        _emit_patchify_conv(b, node, integer, source)
+        return
     weight, bias = _layer_parameters(b, node, integer)
     extra = {"output_padding": list(layer.output_padding)} if layer.transposed else {}
     b.emit(node, "ConvTranspose" if layer.transposed else "Conv",
