@@ -72,6 +72,8 @@ def input_columns(layer: nn.Module, inputs: Tensor) -> Tensor:
     receptive field in the weight's flattening order (input channel, then kernel rows, cols)."""
     if isinstance(layer, nn.Linear):
         return inputs.reshape(1, -1, inputs.shape[-1])
+    if isinstance(layer, nn.Conv2d) and inputs.dim() != 4:  # a BatchNormLayer on another rank
+        inputs = inputs.reshape(inputs.shape[0], inputs.shape[1], -1, 1)
     if isinstance(layer, nn.Conv1d):
         inputs = inputs.unsqueeze(2)
         kernel, dilation, padding, stride = ((1, layer.kernel_size[0]), (1, layer.dilation[0]),

@@ -413,6 +413,36 @@ def test_a_batchnorm_no_conv_precedes_folds_forward_or_is_quantized_as_the_engin
     assert sum(node.op_type == "Conv" for node in nodes) == 2
 
 
+def test_a_batchnorm1d_that_cannot_fold_is_quantized_and_runs_4d_on_tidl(tmp_path):
+    """A BatchNorm1d after a ReLU before a padded Conv1d, and one after the last Linear, fold
+    nowhere: each becomes a quantized BatchNormLayer (not a float BatchNorm TIDL would quantize
+    its own way), exported as Reshape -> BatchNormalization -> Q/DQ -> Reshape (TIDL runs it
+    on 4-D inputs only), bit-exact and fully offloaded."""
+    import onnx
+
+    from quantfx.modules import BatchNormLayer
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(
+        nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm1d(8),
+        nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 5),
+        nn.ReLU(), nn.BatchNorm1d(5))).eval()
+    prepared, converted = quantize_model(model, shape=(8, 4, 16), config=QuantConfig(
+        target="am68a", progress=False))
+    assert not any(isinstance(module, nn.modules.batchnorm._BatchNorm)
+                   for module in prepared.modules())
+    assert sum(isinstance(module, BatchNormLayer) for module in prepared.modules()) == 2
+    x = torch.randn(8, 4, 16)
+    assert qf.qmath.sqnr_db(model(x), converted(x)) > 30
+    report = qf.export_onnx(converted, (x[:1],), tmp_path / "bn1d.onnx", verify_data=x)
+    assert report.fraction_identical == 1.0
+    assert report.tidl.fully_offloaded and not report.tidl.findings, report.tidl
+    graph = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "bn1d.onnx")).graph
+    ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in graph.value_info}
+    norms = [node for node in graph.node if node.op_type == "BatchNormalization"]
+    assert len(norms) == 2 and all(ranks[node.input[0]] == 4 for node in norms)
+
+
 def test_forward_folding_into_a_depthwise_conv_is_exact():
     from quantfx.passes.fuse import fold_batchnorm_forward
 

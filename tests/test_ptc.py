@@ -29,20 +29,20 @@ def test_prepare_leaves_the_users_model_untouched():
 
 
 def test_converted_model_scales_are_powers_of_two_and_outputs_on_grid():
-    _, converted = quantize_model(randomize_batchnorm(ConvBnReLU()))
+    torch.manual_seed(0)
+    prepared, converted = quantize_model(randomize_batchnorm(ConvBnReLU()))
     quantizers = [m for m in converted.modules() if isinstance(m, FrozenQuantizer)]
-    layers = [m for m in converted.modules() if isinstance(m, IntegerLayer)]
+    layers = {name: m for name, m in converted.named_modules() if isinstance(m, IntegerLayer)}
     assert quantizers and len(layers) == 3
     for quantizer in quantizers:
         assert is_power_of_two(quantizer.scale)
-    for layer in layers:
+    wide = set(state_of(prepared).measured_sixteen_bit)  # e.g. the output layer, if measured
+    for name, layer in layers.items():
         for exponent in (
             layer.weight_exponent.flatten().tolist() + layer.bias_exponent.flatten().tolist()
         ):
             assert exponent == int(exponent)
-        # the last layer holds the model's lone output: 16 bit on the generic target
-        wide = layer is converted.get_submodule("fc")
-        assert layer.weight_int.dtype == (torch.int16 if wide else torch.int8)
+        assert layer.weight_int.dtype == (torch.int16 if name in wide else torch.int8)
         assert layer.bias_int.dtype == torch.int32
         assert torch.equal(layer.bias_exponent, layer.input_exponent + layer.weight_exponent)
     with torch.no_grad():

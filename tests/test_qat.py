@@ -165,6 +165,38 @@ def test_eval_and_converted_agree_bit_for_bit_after_training(builder):
             assert torch.equal(qm(batch), converted(batch))
 
 
+def test_a_standalone_batchnorm_trains_as_the_quantized_affine_tidl_runs(tmp_path):
+    """QAT from a float model, as from a calibrated one: a BatchNorm after a conv folds on the
+    fly; one after a ReLU before a padded conv becomes a QATLayer over a BatchNormLayer
+    (per-tensor 8-bit scale, as TIDL runs a standalone BatchNorm), not a float BatchNorm whose
+    parameters TIDL would quantize its own way; one after a ReLU before an unpadded 1x1 conv
+    folds into it. Training steps,
+    eval and convert agree, and the file's BatchNormalization reads dequantized integers."""
+    from quantfx.modules import BatchNormLayer
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    batches = _batches(4)
+    qm = qf.prepare_qat(model, batches[0], qf.QuantConfig(target="am68a"))
+    assert [name for name, module in qm.named_modules()  # only the conv's, folded on the fly
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)] == ["0.bn"]
+    standalone = [layer for layer in _qat_layers(qm) if isinstance(layer.layer, BatchNormLayer)]
+    assert len(standalone) == 1 and standalone[0].weight_quantizer.axis is None
+    assert sum(layer.bn is not None for layer in _qat_layers(qm)) == 1  # conv -> BN: on the fly
+    _train(qm, torch.optim.SGD(qm.parameters(), lr=0.01), batches[:3])
+    qm.eval()
+    converted = qf.convert(qm)
+    with torch.no_grad():
+        assert torch.equal(qm(batches[3]), converted(batches[3]))
+    report = qf.export_onnx(converted, batches[3][:1], tmp_path / "bn.onnx",
+                            verify_data=batches[3])
+    assert report.fraction_identical == 1.0
+    assert not report.tidl.findings, report.tidl
+
+
 def test_eval_does_not_update_ranges_or_batchnorm():
     torch.manual_seed(0)
     qm = qf.prepare_qat(randomize_batchnorm(ConvBnReLU()), _batches(1)[0])

@@ -53,6 +53,34 @@ def _conv(kernel, stride, group=1, channels=8):
                          "group": group}, (1, channels, 32, 32), ["w"], [("w", weight)])
 
 
+def _batchnorm(shape, dequantized=False):
+    """BatchNormalization of an input of `shape`, its scale and shift float initializers or
+    (`dequantized`) int8 codes through DequantizeLinear, after a Q/DQ of the input."""
+    ones = np.ones(8, np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "xs"], ["xd"], name="dq")]
+    parameters = ["s", "b"]
+    if dequantized:
+        nodes += [helper.make_node("DequantizeLinear", [f"{n}q", "xs"], [f"{n}d"], name=n)
+                  for n in parameters]
+        parameters = ["sd", "bd"]
+    nodes.append(helper.make_node("BatchNormalization", ["xd", *parameters, "m", "v"], ["y"],
+                                  name="bn"))
+    initializers = [("xs", np.float32(0.5)), ("m", ones * 0), ("v", ones),
+                    ("s", ones), ("b", ones), ("sq", np.full(8, 100, np.int8)),
+                    ("bq", np.ones(8, np.int8))]
+    return _model(nodes, [("x", list(shape))], ["y"], initializers)
+
+
+def test_a_batchnorm_with_float_parameters_in_a_qdq_file_is_a_warning_on_tidl():
+    """TIDL quantizes a float scale/shift itself: not what quantfx simulated."""
+    assert any("float scale/shift" in rule for rule in _warnings(_batchnorm((1, 8, 4, 4)),
+                                                                 "am68a"))
+    assert not _warnings(_batchnorm((1, 8, 4, 4)), "generic")
+    assert not any("float scale/shift" in rule
+                   for rule in _warnings(_batchnorm((1, 8, 4, 4), dequantized=True), "am68a"))
+
+
 # ------------------------------------------------------------------------------- operator rules
 
 RULES = [  # (what, graph that breaks the rule, graph that keeps it, target)
@@ -107,6 +135,7 @@ RULES = [  # (what, graph that breaks the rule, graph that keeps it, target)
                            [("x", [1, 4])], ["y"]),
      _model([helper.make_node("Cast", ["x"], ["y"], name="c", to=FLOAT)], [("x", [1, 4])],
             ["y"]), "generic"),
+    ("batchnorm on a 2-D tensor", _batchnorm((1, 8)), _batchnorm((1, 8, 4, 4)), "generic"),
     ("6-D transpose moving the width to axis 1",
      _one("Transpose", {"perm": [0, 5, 1, 2, 3, 4]}, (1, 2, 2, 2, 2, 4)),
      _one("Transpose", {"perm": [0, 1, 3, 5, 2, 4]}, (1, 2, 2, 2, 2, 4)), "generic"),

@@ -181,8 +181,8 @@ def fold_batchnorm_forward(graph_module: fx.GraphModule) -> int:
     count = 0
     for node in list(graph_module.graph.nodes):
         target = forward_fold_target(graph_module, node)
-        if target is None:
-            continue
+        if target is None or foldable_pair(graph_module, node, transposed=False) is not None:
+            continue  # (QAT folds a BN into the layer before it on the fly)
         layer = module_of(graph_module, target)
         with torch.no_grad():
             affine = batchnorm_affine(module_of(graph_module, node))
@@ -201,13 +201,15 @@ def fold_batchnorm_forward(graph_module: fx.GraphModule) -> int:
 
 
 def batchnorm_layers(graph_module: fx.GraphModule) -> int:
-    """Every BatchNorm2d left after `fold_batchnorm` and `fold_batchnorm_forward` becomes a
+    """Every BatchNorm (1-D, 2-D, 3-D) left after `fold_batchnorm` and
+    `fold_batchnorm_forward` (in QAT: that no conv/linear before it takes) becomes a
     `BatchNormLayer` (the same function), quantized as the engine runs it. Returns how many."""
     count = 0
     for node in graph_module.graph.nodes:
         bn = module_of(graph_module, node)
-        if (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
-                and bn.running_mean is not None):
+        if (isinstance(bn, BATCHNORMS) and bn.track_running_stats
+                and bn.running_mean is not None
+                and foldable_pair(graph_module, node, transposed=False) is None):
             set_submodule(graph_module, node.target, BatchNormLayer.from_batchnorm(bn))
             count += 1
     if count:

@@ -37,6 +37,7 @@ from quantfx.partial import (
     quantized_parts,
     whole_or_parts,
 )
+from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm_forward
 from quantfx.passes.graph_utils import (
     input_quantizer,
     module_of,
@@ -86,6 +87,8 @@ def prepare_qat(
                                          input_count=count))
         return working.train()
     graph_module, inputs = build_graph(model, example_inputs, config, training=True)
+    fold_batchnorm_forward(graph_module)  # a BN no conv/linear precedes, as PTC does: into
+    batchnorm_layers(graph_module)  # the layer after it, or an affine layer TIDL runs
     def qat_layer(layer: nn.Module, bn: nn.Module | None, quantizer: nn.Module) -> QATLayer:
         return QATLayer(layer, bn, quantizer,
                         bias_bits=config.profile.bias_bits_for(quantizer.bits),

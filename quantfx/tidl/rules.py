@@ -291,6 +291,27 @@ def _cast(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
     return []
 
 
+OPTIMIZER = "TI tidl_onnx_model_optimizer src/batchnorm.py"
+
+
+def _batchnorm(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
+    """BatchNormalization: 4-D (NCHW) input only; in a QDQ file, a scale or shift that is a
+    float initializer is quantized by TIDL itself (per tensor), not as the file says."""
+    findings = []
+    rank = len(graph.shapes.get(node.input[0], ()))
+    if rank and rank != 4:
+        findings.append(_finding(node, f"BatchNormalization of a rank-{rank} tensor (TIDL: "
+                                       "4-D NCHW only)", source=OPTIMIZER))
+    float_parameters = [name for name in node.input[1:3] if name in graph.constants]
+    if graph.profile.tidl and float_parameters and any(
+            other.op_type == "DequantizeLinear" for other in graph.model.graph.node):
+        findings.append(_finding(
+            node, f"float scale/shift {float_parameters}: TIDL quantizes them itself (per "
+                  "tensor), so the device computes other values than the file", WARNING,
+            QUANTIZATION))
+    return findings
+
+
 MAX_RANK = 6
 """Reshape, Transpose and eltwise ops take at most this many dimensions [T11.2]."""
 
@@ -316,6 +337,7 @@ RULES: dict[str, Rule] = {
     "Concat": _concat, "Resize": _resize, "Pad": _pad, "Gemm": _gemm,
     "ReduceMax": _reduce_min_max, "ReduceMin": _reduce_min_max, "Clip": _clip,
     "MatMul": _matmul, "Cast": _cast, "Reshape": _data_movement, "Transpose": _data_movement,
+    "BatchNormalization": _batchnorm,
     **{op: _fusion_only for op in ONLY_INSIDE_FUSIONS},
 }
 """ONNX op type -> its TIDL rule (ops not listed have no constraint quantfx checks)."""

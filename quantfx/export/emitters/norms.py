@@ -1,7 +1,6 @@
 """Normalizations that run in float between quantizers: BatchNorm that is neither folded nor a
-`BatchNormLayer` (QAT models; 1-D/3-D BatchNorm) and LayerNorm (written out step by step, so
-any opset has it). A PTC BatchNorm2d that cannot fold is a quantized `BatchNormLayer`
-(`emitters/quantized.py`)."""
+`BatchNormLayer` (QAT models) and LayerNorm (written out step by step, so any opset has it).
+A PTC BatchNorm that cannot fold is a quantized `BatchNormLayer` (`emitters/quantized.py`)."""
 
 from __future__ import annotations
 

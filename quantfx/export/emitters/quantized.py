@@ -156,7 +156,9 @@ def _activation_grid(b: Builder, node: fx.Node) -> FrozenQuantizer | None:
 
 def _emit_batchnorm_layer(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) -> None:
     """A `BatchNormLayer` as BatchNormalization with its quantized scale and int32 shift, mean
-    0, variance 1 and epsilon 0: x * scale + shift, exact in float like the conv it is."""
+    0, variance 1 and epsilon 0: x * scale + shift, exact in float like the conv it is. TIDL
+    runs BatchNormalization on 4-D (NCHW) inputs only (TI's model optimizer reshapes the
+    others), so another rank runs as Reshape -> BatchNormalization (-> Q/DQ) -> Reshape."""
     layer = integer.layer
     channels = layer.out_channels
     scale = _dequantized_constant(b, f"{node.name}.scale", integer.weight_int.reshape(channels),
@@ -166,7 +168,24 @@ def _emit_batchnorm_layer(b: Builder, node: fx.Node, integer: IntegerLayer, sour
                                   integer.bias_exponent, 32, layer.bias)
     mean = b.constant(f"{node.name}.mean", np.zeros(channels, dtype=np.float32))
     variance = b.constant(f"{node.name}.variance", np.ones(channels, dtype=np.float32))
-    b.emit(node, "BatchNormalization", [source, scale, shift, mean, variance], epsilon=0.0)
+    shape = b.input_info(node).shape
+    if len(shape) == 4:
+        b.emit(node, "BatchNormalization", [source, scale, shift, mean, variance], epsilon=0.0)
+        return
+    rest = list(shape[2:]) + [1] * (2 - len(shape[2:]))
+    b.reshape(f"{node.name}.nchw", source, f"{node.name}.nchw",
+              (shape[0], shape[1], int(np.prod(rest[:-1])), rest[-1]))
+    output = b.op("BatchNormalization", [f"{node.name}.nchw", scale, shift, mean, variance],
+                  f"{node.name}.affine", epsilon=0.0)
+    users = list(node.users)
+    quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
+    if isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the 4-D tensor
+        _check_scale(users[0], quantizer)
+        _qdq_pair(b, users[0].name, output, f"{users[0].name}.nchw", quantizer)
+        output = f"{users[0].name}.nchw"
+        b.quantized_by_producer.add(users[0])
+    b.reshape(node.name, output, node.name, b.info(node).shape)
+    b.env[node] = node.name
 
 
 TIDL_CONV_STRIDES = ((1, 1), (2, 2))
