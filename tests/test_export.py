@@ -820,3 +820,33 @@ def test_group_norm_exports(tmp_path) -> None:
                             verify_data=data)
     # exact here; float GroupNorm may flip a rounding on other CPUs (export allows 1 LSB)
     assert report.fraction_identical >= 0.99
+
+
+def test_an_opset_21_file_with_shape_ops_after_signed_grids_loads_in_an_optimized_session(
+        tmp_path) -> None:
+    """ONNX Runtime 1.32's optimizer moves a DequantizeLinear past Reshape/Transpose by
+    inserting Q/DQ that its own type inference then refuses for int8 at opset 21: export holds
+    those grids itself (an identity), so a ViT (token reshapes, a 16x16 patch embedding written
+    as space to depth) and a 3-D Linear load and run in a default-optimized session."""
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.second(self.first(x)).flatten(1)
+
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1,
+                                               num_heads=2, hidden_dim=16, mlp_dim=32,
+                                               num_classes=5)
+    for name, model, x in (("tokens", Tokens(), torch.randn(4, 5, 8)),
+                           ("vit", vit, torch.randn(4, 3, 32, 32))):
+        converted = _convert(model.eval(), x)
+        path = tmp_path / f"{name}.onnx"
+        report = qf.export_onnx(converted, (x[:1],), path, opset=21, verify_data=x)
+        assert report.fraction_identical == 1.0
+        session = onnxruntime_session(str(path), optimized=True)
+        output = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0]
+        assert np.isfinite(output).all()

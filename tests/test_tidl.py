@@ -20,6 +20,8 @@ import quantfx as qf
 from quantfx.export.emitters.quantized import patchifies
 from quantfx.files import options_path_for
 from quantfx.tidl.checker import check_model
+from quantfx.tidl.profiles import PROFILES
+from quantfx.tidl.rules import Graph
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 
 FLOAT = TensorProto.FLOAT
@@ -218,6 +220,19 @@ def test_sixteen_bit_qdq_is_a_warning_on_tidl_devices_only():
     wide = _qdq_chain(([helper.make_node("Relu", ["a"], ["b"], name="b")], []), np.int16)
     assert any("16-bit Q/DQ" in rule for rule in _warnings(wide, "tda4vm"))
     assert not any("16-bit Q/DQ" in rule for rule in _warnings(wide, "generic"))
+
+
+def test_the_code_type_of_a_qdq_pair_without_zero_point_is_its_output_dtype():
+    """Opset 21 lets a QuantizeLinear name its type instead of carrying a zero point: a 16-bit
+    pair written so is still 16 bit to the checker, and a signed one still signed."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="q",
+                              output_dtype=TensorProto.INT16),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["d"], name="d"),
+             helper.make_node("Relu", ["d"], ["y"], name="y")]
+    model = _model(nodes, [("x", [1, 8, 4, 4])], ["y"], [("s", np.float32(0.5))], opset=21)
+    assert any("16-bit Q/DQ" in rule for rule in _warnings(model, "tda4vm"))
+    graph = Graph.of(model, PROFILES["tda4vm"])
+    assert graph.code_bits("d") == 16 and graph.code_type(nodes[1]).kind == "i"
 
 
 def _conv_with_bias(bias_codes, weight_scale, weight_type=np.int8):

@@ -21,6 +21,7 @@ from quantfx.errors import ExportError, InternalError
 from quantfx.export.builder import Builder, TensorInfo
 from quantfx.export.emitters.quantized import requantize
 from quantfx.export.registry import emitter_for
+from quantfx.export.runtime_grids import hold_grids_after_shape_ops
 from quantfx.passes.graph_utils import (
     builds_a_tuple,
     fetch_attribute,
@@ -191,7 +192,9 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
             b.emitted.append(node)
             if not legacy and is_shape_only(model, node):
                 _requantize_grid_keeping_ops(b, model, node, b.nodes[first:])
-    graph = helper.make_graph(b.nodes, type(model).__name__, graph_inputs, graph_outputs,
+    nodes = b.nodes if legacy else hold_grids_after_shape_ops(
+        b.nodes, opset, {value.name for value in graph_outputs})
+    graph = helper.make_graph(nodes, type(model).__name__, graph_inputs, graph_outputs,
                               b.initializers)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                    producer_name="quantfx")

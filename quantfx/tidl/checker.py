@@ -207,7 +207,7 @@ def _quantization_findings(graph: Graph) -> list[Finding]:
             continue
         zero = graph.constants.get(node.input[2]) if len(node.input) > 2 else None
         scale = graph.constants.get(node.input[1])
-        if zero is not None and zero.dtype.itemsize == 2 and profile.tidl and (
+        if graph.code_type(node).itemsize == 2 and profile.tidl and (
                 not profile.int16_qdq_importable):
             findings.append(Finding(WARNING, node.name, "16-bit Q/DQ: pre-quantized import is "
                                     "documented as 8-bit only; the layer is also named in the "

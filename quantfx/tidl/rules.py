@@ -56,10 +56,26 @@ class Graph:
     def code_bits(self, tensor: str) -> int:
         """8 * the byte width of the codes `tensor` was dequantized from (32 if float)."""
         producer = self.producers.get(tensor)
-        if producer is None or producer.op_type != "DequantizeLinear" or len(producer.input) < 3:
+        if producer is None or producer.op_type != "DequantizeLinear":
             return 32
-        zero = self.constants.get(producer.input[2])
-        return 8 * zero.dtype.itemsize if zero is not None else 32
+        return 8 * self.code_type(producer).itemsize
+
+    def code_type(self, node: onnx.NodeProto) -> np.dtype:
+        """The integer type of a QuantizeLinear's or DequantizeLinear's codes: its zero
+        point's, a QuantizeLinear's `output_dtype` (opset 21 files carry no zero point), the
+        codes a DequantizeLinear reads (an initializer, or its QuantizeLinear's), else uint8,
+        ONNX's default."""
+        if len(node.input) > 2 and node.input[2] in self.constants:
+            return self.constants[node.input[2]].dtype
+        if node.op_type == "QuantizeLinear":
+            dtype = attribute(node, "output_dtype", 0)
+            return helper.tensor_dtype_to_np_dtype(dtype) if dtype else np.dtype(np.uint8)
+        if node.input[0] in self.constants:
+            return self.constants[node.input[0]].dtype
+        producer = self.producers.get(node.input[0])
+        if producer is not None and producer.op_type == "QuantizeLinear":
+            return self.code_type(producer)
+        return np.dtype(np.uint8)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, profile: DeviceProfile) -> Graph:
@@ -265,8 +281,7 @@ def _matmul(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
         while producer is not None and producer.op_type in NO_QDQ_OPS:
             producer = graph.producers.get(producer.input[0])
         if producer is not None and producer.op_type == "DequantizeLinear":
-            zero = graph.constants.get(producer.input[2]) if len(producer.input) > 2 else None
-            kinds.add(None if zero is None else zero.dtype.kind)
+            kinds.add(graph.code_type(producer).kind)
     if {"i", "u"} <= kinds:
         return [_finding(node, f"signed x unsigned MatMul is not supported on "
                                f"{graph.profile.name}")]

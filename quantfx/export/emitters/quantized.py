@@ -127,16 +127,24 @@ def _emit_linear(b: Builder, node: fx.Node, integer: IntegerLayer, source: str) 
     b.reshape(f"{node.name}.rows", source, f"{node.name}.rows", (rows, in_shape[-1]))
     product = f"{node.name}.gemm"
     b.op("Gemm", [f"{node.name}.rows", weight] + ([bias] if bias else []), product, transB=1)
-    users = list(node.users)
-    quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
     if activation_grid:
         product = requantize(b, product, activation_grid)
-    elif isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the Gemm itself
+    _reshaped_back(b, node, product, "rows", quantize=activation_grid is None)
+
+
+def _reshaped_back(b: Builder, node: fx.Node, output: str, suffix: str,
+                   quantize: bool = True) -> None:
+    """`output` (the layer's values computed in another shape) reshaped back under the layer's
+    name; with `quantize`, the one quantizer after the layer puts its Q/DQ on `output` first,
+    so no float tensor follows the reshape."""
+    users = list(node.users)
+    quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
+    if quantize and isinstance(quantizer, FrozenQuantizer) and not b.legacy:
         _check_scale(users[0], quantizer)
-        _qdq_pair(b, users[0].name, product, f"{users[0].name}.rows", quantizer)
-        product = f"{users[0].name}.rows"
+        _qdq_pair(b, users[0].name, output, f"{users[0].name}.{suffix}", quantizer)
+        output = f"{users[0].name}.{suffix}"
         b.quantized_by_producer.add(users[0])
-    b.reshape(node.name, product, node.name, b.info(node).shape)
+    b.reshape(node.name, output, node.name, b.info(node).shape)
     b.env[node] = node.name
 
 
@@ -177,15 +185,7 @@ def _emit_batchnorm_layer(b: Builder, node: fx.Node, integer: IntegerLayer, sour
               (shape[0], shape[1], int(np.prod(rest[:-1])), rest[-1]))
     output = b.op("BatchNormalization", [f"{node.name}.nchw", scale, shift, mean, variance],
                   f"{node.name}.affine", epsilon=0.0)
-    users = list(node.users)
-    quantizer = module_of(b.module, users[0]) if len(users) == 1 else None
-    if isinstance(quantizer, FrozenQuantizer) and not b.legacy:  # Q/DQ on the 4-D tensor
-        _check_scale(users[0], quantizer)
-        _qdq_pair(b, users[0].name, output, f"{users[0].name}.nchw", quantizer)
-        output = f"{users[0].name}.nchw"
-        b.quantized_by_producer.add(users[0])
-    b.reshape(node.name, output, node.name, b.info(node).shape)
-    b.env[node] = node.name
+    _reshaped_back(b, node, output, "nchw")
 
 
 TIDL_CONV_STRIDES = ((1, 1), (2, 2))
