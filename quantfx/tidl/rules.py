@@ -310,16 +310,17 @@ OPTIMIZER = "TI tidl_onnx_model_optimizer src/batchnorm.py"
 
 
 def _batchnorm(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
-    """BatchNormalization: 4-D (NCHW) input only; in a QDQ file, a scale or shift that is a
-    float initializer is quantized by TIDL itself (per tensor), not as the file says."""
+    """BatchNormalization: 4-D (NCHW) input only; on a dequantized input, a scale or shift that
+    is a float initializer is quantized by TIDL itself (per tensor), not as the file says."""
     findings = []
     rank = len(graph.shapes.get(node.input[0], ()))
     if rank and rank != 4:
         findings.append(_finding(node, f"BatchNormalization of a rank-{rank} tensor (TIDL: "
                                        "4-D NCHW only)", source=OPTIMIZER))
     float_parameters = [name for name in node.input[1:3] if name in graph.constants]
-    if graph.profile.tidl and float_parameters and any(
-            other.op_type == "DequantizeLinear" for other in graph.model.graph.node):
+    source = graph.producers.get(node.input[0])
+    if graph.profile.tidl and float_parameters and (
+            source is not None and source.op_type == "DequantizeLinear"):
         findings.append(_finding(
             node, f"float scale/shift {float_parameters}: TIDL quantizes them itself (per "
                   "tensor), so the device computes other values than the file", WARNING,
