@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 import quantfx as qf
-from quantfx.bias_calibration import calibrate_biases
+from quantfx.ptc.bias_calibration import calibrate_biases
 
 
 def measure(name: str) -> dict[str, object]:

@@ -157,10 +157,10 @@ class QuantConfig:
     weight_rounding: str | None = None
     """How PTC rounds weights onto their grid: "nearest"; "learned" (AdaRound-style: each
     weight rounds up or down as the layer's output error on the calibration data decides,
-    layer by layer; `quantfx.learned_rounding`; costs a few seconds per layer); or
+    layer by layer; `quantfx.ptc.learned_rounding`; costs a few seconds per layer); or
     "error_feedback" (GPTQ-style: each weight column's rounding error is spread over the
     columns not yet rounded, weighted by the layer input's second moments, from weights first
-    corrected for the error the layers above left in that input; `quantfx.error_feedback`;
+    corrected for the error the layers above left in that input; `quantfx.ptc.error_feedback`;
     about 2.5x a plain calibration).
     None: "error_feedback" (on every real model of `python -m benchmarks real_models` it beat
     round-to-nearest on every target)."""
@@ -178,7 +178,7 @@ class QuantConfig:
     a tenth of the layers at most, and besides that tenth to the layers that produce a model
     output and hold it below 45 dB (one of several outputs; a lone output on the "generic"
     target, whose runtimes take 16-bit Q/DQ: TIDL's pre-quantized import is 8 bit)
-    (`quantfx.mixed_precision`; the export verifies such files step by step,
+    (`quantfx.ptc.mixed_precision`; the export verifies such files step by step,
     `quantfx.export.stepwise`; 16-bit Q/DQ need opset 21, the export's default then). The
     choice is in the calibration check (`summary()`) and the state_dict. Costs a forward of 8
     samples per group measured (layers are measured in halving groups: few forwards when few

@@ -24,8 +24,8 @@ from quantfx.config import QuantConfig
 from quantfx.distillation_state import HeldOut, check_checkpoint_path, load_checkpoint
 from quantfx.distillation_training import LEARNING_RATE, NO_STEP_LIMIT, Trainer, db
 from quantfx.errors import CalibrationError, ConfigError
-from quantfx.learned_rounding import restore_float_parameters
 from quantfx.ptc import batch_inputs, calibrate, iterate_batches, prepare
+from quantfx.ptc.learned_rounding import restore_float_parameters
 from quantfx.qat import freeze_batchnorm, freeze_ranges, prepare_qat
 from quantfx.quantizers import calibration_quantizers, set_quant_mode
 from quantfx.state import FLOAT, PREPARED, PTC, QAT, require_state, state_of

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from quantfx.inputs import first_samples
 from quantfx.observers import HistogramObserver, MovingAverageMinMaxObserver, Observer
-from quantfx.reconstruction import first_samples
 
 
 def world_size() -> int:

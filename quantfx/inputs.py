@@ -87,3 +87,15 @@ def check_quantizer_input(x: Any, exponent: Tensor) -> None:
         raise InputError(
             f"a quantfx model on {exponent.device} got a tensor on {x.device}: move the data "
             f"(x.to('{exponent.device}')) or the model (model.to('{x.device}')).")
+
+
+def first_samples(batches: Sequence[Any], count: int) -> list[Any]:
+    """The first `count` samples of `batches` (kept batches serve several budgets), each batch a
+    tuple (or list, kept as one) of tensors; a batch with no tensor ends them."""
+    chosen, seen = [], 0
+    for batch in batches:
+        if seen >= count or not batch:
+            break
+        chosen.append(type(batch)(tensor[:count - seen] for tensor in batch))
+        seen += chosen[-1][0].shape[0]
+    return chosen

@@ -269,7 +269,7 @@ class WeightMSEObserver(MinMaxObserver):
         super().__init__(axis, channels)
         self.register_buffer("chosen_exponent", torch.zeros_like(self.min_val))
         """Exponent(s) chosen by the layer's output error on calibration data
-        (`quantfx.weight_search`); they replace the weight-error search while `chosen`."""
+        (`quantfx.ptc.weight_search`); they replace the weight-error search while `chosen`."""
         self.register_buffer("chosen", torch.tensor(False))
 
     def update(self, x: Tensor) -> None:

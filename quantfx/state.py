@@ -41,9 +41,9 @@ class QuantState:
     """How many positional arguments the whole model takes (partly quantized models)."""
     measured_sixteen_bit: list[str] = field(default_factory=list)
     """The layers and tensors the last calibration widened to 16 bit by measurement
-    (`quantfx.mixed_precision`), worst first."""
+    (`quantfx.ptc.mixed_precision`), worst first."""
     calibration_check: Any = None
-    """The last calibration's `quantfx.calibration_check.CalibrationCheck` (output SQNR against
+    """The last calibration's `quantfx.ptc.calibration_check.CalibrationCheck` (output SQNR against
     float on calibration samples), kept through `convert`."""
 
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import quantfx as qf
-from quantfx.bias_calibration import layer_depths
 from quantfx.layers import FakeQuantLayer
+from quantfx.ptc.bias_calibration import layer_depths
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 
 
@@ -118,7 +118,7 @@ class Branchy(nn.Module):
 
 
 def _biases_after_bias_calibration(memory_limit_bytes):
-    from quantfx.bias_calibration import calibrate_biases
+    from quantfx.ptc.bias_calibration import calibrate_biases
 
     torch.manual_seed(0)
     model = randomize_batchnorm(Branchy().eval())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import quantfx as qf
-from quantfx.calibration_check import COLLAPSE_DB
+from quantfx.ptc.calibration_check import COLLAPSE_DB
 from quantfx.state import state_of
 
 

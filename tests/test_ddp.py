@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import quantfx as qf
-import quantfx.learned_rounding
+import quantfx.ptc.learned_rounding
 from quantfx.distributed import reduce_observers, shows_progress
 from quantfx.observers import HistogramObserver
 from quantfx.qat import QATQuantizer
@@ -121,7 +121,7 @@ CALIBRATION_CONFIGS = {
 
 def _calibration_worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
-    quantfx.learned_rounding.ITERATIONS = 20  # the workflow, not quality (as in the parent)
+    quantfx.ptc.learned_rounding.ITERATIONS = 20  # the workflow, not quality (as in the parent)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD_SIZE)
     try:
@@ -154,7 +154,7 @@ def _masked_on_one_rank(rank: int) -> tuple[bool, int]:
 def test_calibration_on_two_ranks_equals_one_process_on_their_union(monkeypatch):
     """Every observer reduced, the later steps on the union's first samples: each rank's
     converted model is bit-identical to one process's calibration on all four batches."""
-    monkeypatch.setattr("quantfx.learned_rounding.ITERATIONS", 20)  # the workflow, not quality
+    monkeypatch.setattr("quantfx.ptc.learned_rounding.ITERATIONS", 20)  # the workflow, not quality
     manager = mp.Manager()
     results = manager.dict()
     mp.start_processes(_calibration_worker, args=(free_port(), results), nprocs=WORLD_SIZE,

@@ -172,3 +172,15 @@ def test_every_subcommand_and_option_is_in_the_cli_reference():
                    if option.startswith("--") and option != "--help"]
         missing = [option for option in options if f"`{option}" not in CLI_DOC]
         assert not missing, f"docs/cli.md does not document {command} {missing}"
+
+
+def test_the_code_map_names_every_module():
+    """docs/design.md's code map names each module of the package (the emitters as a family:
+    `emitters/`, one module per op family), so a newcomer finds every room in it."""
+    design = (REPO / "docs" / "design.md").read_text()
+    code_map = design.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    package = REPO / "quantfx"
+    missing = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+               if path.stem != "__init__" and path.parent.name != "emitters"
+               and not re.search(rf"`([\w/]+/)?{path.stem}(\.py)?`", code_map)]
+    assert not missing, f"docs/design.md's code map does not name {missing}"

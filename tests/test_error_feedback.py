@@ -1,4 +1,4 @@
-"""Weight rounding with error feedback (quantfx/error_feedback.py)."""
+"""Weight rounding with error feedback (quantfx/ptc/error_feedback.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import quantfx as qf
-from quantfx.error_feedback import (
+from quantfx.layers import layer_forward
+from quantfx.ptc.error_feedback import (
     corrected_weight,
     input_columns,
     moments_and_residual,
     round_layer,
     round_with_feedback,
 )
-from quantfx.layers import layer_forward
 from quantfx.state import state_of
 
 
@@ -158,7 +158,7 @@ def _calibrated_conv(inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
 def test_a_rounding_that_only_fits_its_samples_is_not_kept(monkeypatch):
     """The held-out quarter decides: a rounding that lowers the error on the samples it was
     fitted to, but not on the others, leaves round-to-nearest (it would not carry to data)."""
-    from quantfx import error_feedback
+    from quantfx.ptc import error_feedback
 
     torch.manual_seed(0)
     inputs = torch.randn(16, 8, 16, 16)  # enough positions per weight column to fit H
@@ -206,7 +206,7 @@ def test_a_layer_whose_input_lost_gain_keeps_the_corrected_rounding():
 def test_each_ridge_of_the_correction_is_a_candidate_the_held_out_quarter_judges(monkeypatch):
     """Wiring: one corrected rounding per ridge of CORRECTION_DAMPINGS (how far the samples'
     input errors are trusted differs between models), each judged on the held-out quarter."""
-    from quantfx import error_feedback
+    from quantfx.ptc import error_feedback
 
     torch.manual_seed(0)
     inputs = torch.randn(16, 8, 12, 12)
@@ -226,7 +226,7 @@ def test_each_ridge_of_the_correction_is_a_candidate_the_held_out_quarter_judges
 def test_the_chosen_rounding_is_fitted_again_on_every_sample(monkeypatch):
     """The held-out quarter picks the kind of rounding; the weights kept are that kind fitted
     on all the samples (more data for H), not on the three quarters it was judged by."""
-    from quantfx import error_feedback
+    from quantfx.ptc import error_feedback
 
     torch.manual_seed(0)
     inputs = torch.randn(16, 8, 12, 12)

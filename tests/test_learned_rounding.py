@@ -11,7 +11,7 @@ from torch import nn
 
 import quantfx as qf
 from quantfx.layers import FakeQuantLayer
-from quantfx.learned_rounding import TILE, learn_layer_rounding, step_sample
+from quantfx.ptc.learned_rounding import TILE, learn_layer_rounding, step_sample
 from quantfx.quantizers import QuantizerFactory
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 
@@ -57,7 +57,7 @@ def test_it_never_keeps_a_worse_rounding():
 
 
 def test_calibrate_with_learned_rounding_is_repeatable_and_exports(tmp_path, monkeypatch):
-    monkeypatch.setattr("quantfx.learned_rounding.ITERATIONS", 40)  # the workflow, not quality
+    monkeypatch.setattr("quantfx.ptc.learned_rounding.ITERATIONS", 40)  # the workflow, not quality
     torch.manual_seed(0)
     model = randomize_batchnorm(ConvBnReLU()).eval()
     data = [torch.randn(8, 3, 12, 12) for _ in range(3)]

@@ -1,5 +1,5 @@
 """Mixed precision: named / first / last layers at 16 bit, the layers calibration widens by
-measurement (`quantfx.mixed_precision`), and the 8-vs-16-bit check."""
+measurement (`quantfx.ptc.mixed_precision`), and the 8-vs-16-bit check."""
 
 import pytest
 import torch
@@ -262,7 +262,7 @@ def test_a_model_without_float_outputs_calibrates_and_widens_nothing():
 
 
 def test_layers_are_measured_in_halving_groups_and_the_sensitive_one_exactly(monkeypatch):
-    import quantfx.mixed_precision as module
+    import quantfx.ptc.mixed_precision as module
 
     # measured as calibration measures them: before weight rounding moves any weight
     prepared = _calibrated(_Chain(spread=38, depth=40), widen_sensitive_layers=False,
@@ -316,7 +316,7 @@ def test_each_output_is_measured_on_its_own_and_a_head_below_the_output_bar_wide
     of a layer producing one of several outputs (45 dB): the box conv runs 16 bit, and so does
     the class conv (its own output is below 45 dB too; heads widen besides the tenth). Joined
     into one output, on a TIDL target (which holds a lone output to 30 dB only), nothing widens."""
-    import quantfx.mixed_precision as module
+    import quantfx.ptc.mixed_precision as module
 
     apart = _calibrated(_Heads())
     assert state_of(apart).calibration_check.sixteen_bit == ["boxes", "classes"]

@@ -462,8 +462,8 @@ def test_string_padding_becomes_numbers_where_exact_and_batchnorm_folds_into_a_v
     """Keras-style convs: "valid" is no padding and "same" with an odd kernel pads both sides
     alike, so both become numbers (the BN before the "valid" conv then folds forward, and
     error feedback rounds every conv); "same" with an even kernel pads unevenly and stays."""
-    from quantfx.error_feedback import supported
     from quantfx.passes.fuse import fold_batchnorm_forward
+    from quantfx.ptc.error_feedback import supported
 
     torch.manual_seed(0)
     model = randomize_batchnorm(nn.Sequential(

@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 import quantfx as qf
-from quantfx.bias_calibration import calibrate_biases
 from quantfx.layers import FakeQuantLayer
-from quantfx.learned_rounding import learn_rounding
-from quantfx.reconstruction import (
+from quantfx.ptc.bias_calibration import calibrate_biases
+from quantfx.ptc.learned_rounding import learn_rounding
+from quantfx.ptc.reconstruction import (
     concatenated,
     correct_bias,
-    first_samples,
     memory_limit,
     reconstruct_layers,
     samples_within,
@@ -130,9 +129,3 @@ def test_the_memory_limit_follows_the_device(monkeypatch):
     assert memory_limit(torch.device("cuda", 1)) == 2 << 30
     assert asked == [torch.device("cuda", 1)]
     assert memory_limit(torch.device("cpu")) == memory_limit() > 0
-
-
-def test_first_samples_cuts_across_batches():
-    batches = [(torch.arange(4),), (torch.arange(4, 8),), (torch.arange(8, 12),)]
-    chosen = first_samples(batches, 6)
-    assert [batch[0].tolist() for batch in chosen] == [[0, 1, 2, 3], [4, 5]]

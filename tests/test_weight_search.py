@@ -1,4 +1,4 @@
-"""Weight exponents chosen by the layer's output error (`quantfx.weight_search`)."""
+"""Weight exponents chosen by the layer's output error (`quantfx.ptc.weight_search`)."""
 
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, ConvertError
 from quantfx.layers import FakeQuantLayer, PReLULayer, layer_forward
-from quantfx.learned_rounding import float_parameters
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import flatten_values, module_of
 from quantfx.ptc import calibrate, prepare
+from quantfx.ptc.learned_rounding import float_parameters
 from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
 from quantfx.state import state_of
 

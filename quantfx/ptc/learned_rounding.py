@@ -13,7 +13,7 @@ on the calibration data. The original float weights are kept (`float_weight`, no
 `state_dict`) so that calibrating again starts from them.
 
 Cost: one pass of the float and the quantized model over the kept samples
-(`quantfx.reconstruction`) and, per layer, `ITERATIONS` optimizer steps on STEP_BATCH samples
+(`quantfx.ptc.reconstruction`) and, per layer, `ITERATIONS` optimizer steps on STEP_BATCH samples
 (a TILE x TILE output tile of each on 2-D convolutions).
 """
 
@@ -26,9 +26,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from quantfx.inputs import first_samples
 from quantfx.layers import FakeQuantLayer, layer_forward
+from quantfx.ptc.reconstruction import layer_output_error, round_weights
 from quantfx.qmath import from_codes
-from quantfx.reconstruction import first_samples, layer_output_error, round_weights
 
 ITERATIONS = 500
 """Optimizer steps per layer."""
@@ -188,7 +189,7 @@ def learn_rounding(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
                    progress: bool = True, iterations: int | None = None,
                    bias_samples: int = 0) -> dict[str, tuple]:
     """Learned rounding for every weight layer of a calibrated prepared model, in graph order,
-    in one pass (`quantfx.reconstruction`; exponents must be computed). With `bias_samples`
+    in one pass (`quantfx.ptc.reconstruction`; exponents must be computed). With `bias_samples`
     > 0, each layer's bias then gets bias calibration's shift, from that many of the first
     samples (at most MAX_SAMPLES), in the same pass. Returns layer name -> (nearest MSE, kept
     MSE)."""

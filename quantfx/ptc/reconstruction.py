@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quantfx.inputs import first_samples
 from quantfx.layers import FakeQuantLayer, layer_forward
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
@@ -143,18 +144,6 @@ def reconstruct_layers(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ..
     finally:
         set_quant_mode(model, observe=True, quantize=False)
     return results
-
-
-def first_samples(batches: Sequence[Any], count: int) -> list[Any]:
-    """The first `count` samples of `batches` (kept batches serve several budgets), each batch a
-    tuple (or list, kept as one) of tensors; a batch with no tensor ends them."""
-    chosen, seen = [], 0
-    for batch in batches:
-        if seen >= count or not batch:
-            break
-        chosen.append(type(batch)(tensor[:count - seen] for tensor in batch))
-        seen += chosen[-1][0].shape[0]
-    return chosen
 
 
 def round_weights(model: fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],

@@ -2,7 +2,7 @@
 grids: `QuantConfig(weight_rounding="error_feedback")`, the default.
 
 Each conv/linear layer, in graph order, on its *quantized* input (the layers before it already
-rounded; `quantfx.reconstruction`): the input's second moments H = E[x x^T] over every output
+rounded; `quantfx.ptc.reconstruction`): the input's second moments H = E[x x^T] over every output
 position say how an error in one weight column shows at the output, and the columns are
 rounded one at a time, each column's rounding error spread over the columns not yet rounded so
 that the layer's output moves least (the optimal update for a quadratic loss, via the Cholesky
@@ -32,9 +32,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantfx.inputs import first_samples
 from quantfx.layers import FakeQuantLayer
+from quantfx.ptc.reconstruction import layer_output_error, round_weights
 from quantfx.qmath import from_codes, to_codes
-from quantfx.reconstruction import first_samples, layer_output_error, round_weights
 
 DAMPING = 0.01
 """Added to H's diagonal, as a share of its mean: keeps H invertible (dead inputs) and the

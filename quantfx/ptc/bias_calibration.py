@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from quantfx.layers import FakeQuantLayer
 from quantfx.passes.graph_utils import module_of
+from quantfx.ptc.reconstruction import memory_limit, nbytes, run_node
 from quantfx.quantizers import set_quant_mode
-from quantfx.reconstruction import memory_limit, nbytes, run_node
 
 
 class _StopForwardError(Exception):

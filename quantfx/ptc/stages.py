@@ -11,32 +11,37 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantfx.bias_calibration import calibrate_biases
-from quantfx.calibration_check import CHECK_SAMPLES, check_calibration, output_rows
 from quantfx.checks import check_int
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.distributed import merge_ranks, shows_progress, total_over_ranks, world_size
-from quantfx.error_feedback import error_feedback_rounding
 from quantfx.errors import CalibrationError, NonFiniteError, PrepareError, QuantFxError, warn
 from quantfx.frontend import build_graph, input_shapes, require_layers, warn_unexportable
-from quantfx.inputs import check_calibration_batch, describe_tensor, parameter_dtype_device
+from quantfx.inputs import (
+    check_calibration_batch,
+    describe_tensor,
+    first_samples,
+    parameter_dtype_device,
+)
 from quantfx.layers import FakeQuantLayer, with_bias
-from quantfx.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
-from quantfx.learned_rounding import learn_rounding, restore_float_parameters
-from quantfx.mixed_precision import restore_placed_widths, widen_sensitive_layers
 from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_parts
 from quantfx.passes.batchnorm_scale import absorb_batchnorm_scales
 from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
+from quantfx.ptc.bias_calibration import calibrate_biases
+from quantfx.ptc.calibration_check import CHECK_SAMPLES, check_calibration, output_rows
+from quantfx.ptc.error_feedback import error_feedback_rounding
+from quantfx.ptc.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
+from quantfx.ptc.learned_rounding import learn_rounding, restore_float_parameters
+from quantfx.ptc.mixed_precision import restore_placed_widths, widen_sensitive_layers
+from quantfx.ptc.weight_search import choose_weight_exponents, fit_bias_exponents
 from quantfx.quantizers import (
     QuantizerFactory,
     calibration_quantizers,
     named_non_finite,
     set_quant_mode,
 )
-from quantfx.reconstruction import first_samples
 from quantfx.state import (
     FLOAT,
     PREPARED,
@@ -47,7 +52,6 @@ from quantfx.state import (
     require_state,
     state_of,
 )
-from quantfx.weight_search import choose_weight_exponents, fit_bias_exponents
 
 LOG = logging.getLogger(__name__)
 

@@ -28,15 +28,15 @@ import torch.fx as fx
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from quantfx.calibration_check import output_rows
 from quantfx.config import QuantConfig
+from quantfx.inputs import first_samples
 from quantfx.layers import FakeQuantLayer
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import first_input, flatten_values, module_of
 from quantfx.passes.place import MAX_WIDENED_SHARE
+from quantfx.ptc.calibration_check import output_rows
 from quantfx.qmath import sqnr_db
 from quantfx.quantizers import CalibrationQuantizer, quant_mode
-from quantfx.reconstruction import first_samples
 
 SENSITIVE_DB = 30.0
 """A layer whose own 8-bit rounding (weights and output) alone leaves the model's output below
