@@ -6,7 +6,7 @@ import os
 
 from torch.utils.data import TensorDataset
 
-from quantfx.datasets import (
+from quantfx.demo.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from quantfx.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist_tensors
+from quantfx.demo.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist_tensors
 
 CANVAS = 64
 """Canvas side in pixels (a YOLO-style net at strides 8 and 16 sees 8x8 and 4x4 cells)."""

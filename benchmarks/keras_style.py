@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.training import CACHE_DIR, configure_threads, evaluate, train_epochs
-from quantfx import datasets as datasets_module
-from quantfx.datasets import FASHION_MNIST_FILES, fashion_mnist_dir, read_idx
+from quantfx.demo import datasets as datasets_module
+from quantfx.demo.datasets import FASHION_MNIST_FILES, fashion_mnist_dir, read_idx
 
 NAME = "keras_cifar_cnn"
 COLOUR_SEEDS = {"train": 1234, "test": 5678}

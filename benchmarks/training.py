@@ -27,7 +27,7 @@ from benchmarks import data as data_module
 from benchmarks import models as models_module
 from benchmarks.data import load_fashion_mnist
 from benchmarks.models import build_model
-from quantfx import datasets as datasets_module
+from quantfx.demo import datasets as datasets_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("QUANTFX_BENCH_CACHE", REPO_ROOT / ".cache" / "quantfx-bench"))

@@ -6,6 +6,7 @@ emitter."""
 from __future__ import annotations
 
 import ast
+import fnmatch
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,50 @@ def test_no_import_cycles():
     for module in sorted(edges):
         visit(module, [])
     assert not cycles, " ; ".join(" -> ".join(cycle) for cycle in cycles[:5])
+
+
+FLOORS = (
+    ("ground", ("errors", "checks", "version", "qmath", "modules", "ops", "tidl.profiles",
+                "config", "arguments")),
+    ("records", ("observers", "layers", "state", "inputs", "trace", "files", "sources",
+                 "settings")),
+    ("quantizers", ("quantizers",)),
+    ("passes", ("passes", "passes.*")),
+    ("op writers", ("export.builder", "export.emitters", "export.emitters.*",
+                    "export.registry")),
+    ("front end", ("frontend",)),
+    ("parts", ("partial",)),
+    ("ranks", ("distributed",)),
+    ("QAT", ("qat", "qat.*")),
+    ("convert", ("convert",)),
+    ("PTC", ("ptc", "ptc.*")),
+    ("distillation", ("distillation", "distillation_*")),
+    ("TIDL checker", ("tidl", "tidl.*")),
+    ("export", ("export", "export.*")),
+    ("questions", ("analysis", "analysis.*")),
+    ("application", ("demo", "demo.*", "commands", "cli", "__main__", "")),
+)
+"""The floors of docs/design.md's code map, bottom to top (module names below `quantfx.`, the
+first matching floor wins): a module imports only from its own floor or those below it."""
+
+
+def _floor(module: str) -> int:
+    name = module.removeprefix("quantfx").removeprefix(".")
+    for index, (_, patterns) in enumerate(FLOORS):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            return index
+    raise AssertionError(f"{module} is on no floor of FLOORS: place it there and in the code map")
+
+
+def test_imports_point_down_the_floors():
+    edges, imports = _graph()
+    named = {(module, target) for module, found in imports.items() for target, names in found
+             if names or target != "quantfx"}  # `from quantfx import ops` imports only ops
+    upward = sorted(f"{module} ({FLOORS[_floor(module)][0]}) imports {target} "
+                    f"({FLOORS[_floor(target)][0]})"
+                    for module, targets in edges.items() for target in targets
+                    if (module, target) in named and _floor(target) > _floor(module))
+    assert not upward
 
 
 def test_no_private_names_imported_across_modules():

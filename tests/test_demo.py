@@ -8,8 +8,8 @@ pytest.importorskip("sklearn")
 
 from quantfx import QuantFxError  # noqa: E402
 from quantfx.cli import main as cli_main  # noqa: E402
-from quantfx.datasets import load_demo_data  # noqa: E402
 from quantfx.demo import run_demo  # noqa: E402
+from quantfx.demo.datasets import load_demo_data  # noqa: E402
 
 
 def test_demo_on_digits_keeps_accuracy_and_prints_table(capsys: pytest.CaptureFixture) -> None:
@@ -66,7 +66,7 @@ def test_fashion_mnist_reader_on_synthetic_idx_files(tmp_path) -> None:
 
     import numpy as np
 
-    from quantfx.datasets import FASHION_MNIST_FILES, load_fashion_mnist_tensors
+    from quantfx.demo.datasets import FASHION_MNIST_FILES, load_fashion_mnist_tensors
 
     rng = np.random.default_rng(0)
     for images_name, labels_name in FASHION_MNIST_FILES.values():

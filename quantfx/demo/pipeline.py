@@ -26,7 +26,7 @@ import quantfx as qf
 from quantfx.arguments import DEMO_DESCRIPTION as DESCRIPTION
 from quantfx.arguments import add_demo_arguments as add_arguments
 from quantfx.checks import check_bool, check_int
-from quantfx.datasets import DemoData, load_demo_data
+from quantfx.demo.datasets import DemoData, load_demo_data
 from quantfx.demo.model import DemoNet, accuracy_of, predict, seed_everything, train_epochs
 from quantfx.export.verify import onnxruntime_session
 
