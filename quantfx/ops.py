@@ -102,3 +102,28 @@ FLOAT_ROUNDING_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
 )
 """Modules exported as float math whose rounding ONNX Runtime need not reproduce exactly."""
+
+# ------------------------------------------------------------------- what ops commute with
+
+POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.PReLU, nn.LeakyReLU)
+"""Activations f with f(x / s) = f(x) / s for s > 0, per channel (PReLU's slope is a channel's
+own, so it commutes with that channel's scale)."""
+SCALE_COMMUTING = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                   nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+"""Channel-wise ops that commute with a positive per-channel scale (max and mean of scaled
+values are the scaled max and mean): equalization looks through them."""
+FOLD_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d)
+"""Ops a per-channel affine passes through unchanged (eval-mode no-ops, averages over space):
+a BatchNorm folds forward across them."""
+FOLD_THROUGH_IF_POSITIVE = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d,
+                            nn.AdaptiveMaxPool2d)
+"""Ops an affine with a positive scale passes through (the max of a * x + b is a * max + b)."""
+
+# ------------------------------------------------------------------------- op kinds
+
+BOUNDED_ACTIVATIONS = (nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax)
+"""Activations whose output range is fixed by the op (the doctor does not call their tails
+long)."""
+MATMULS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
+"""Calls that multiply two activations (TIDL's MatMul)."""

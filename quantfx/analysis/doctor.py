@@ -28,7 +28,7 @@ from quantfx.frontend import as_input_tuple, build_graph, private_copy
 from quantfx.layers import is_depthwise
 from quantfx.modules import batchnorm_affine
 from quantfx.observers import HistogramObserver
-from quantfx.ops import BATCHNORMS, WEIGHT_LAYERS
+from quantfx.ops import BATCHNORMS, BOUNDED_ACTIVATIONS, WEIGHT_LAYERS
 from quantfx.passes.fuse import fold_batchnorm, forward_fold_target
 from quantfx.passes.graph_utils import is_shape_only, module_of
 from quantfx.passes.normalize import REWRITES
@@ -46,7 +46,6 @@ TAIL_SHARE = 0.99
 """An activation whose largest calibrated value is `TAIL_RATIO` times the magnitude that
 `TAIL_SHARE` of its values stay below has a long tail: 99 % of its values share an eighth of
 its levels, or the tail saturates."""
-BOUNDED_ACTIVATIONS = (nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax)
 OUTLIER_RATIO = 16.0
 """A layer whose largest output channel's weight range is this many times its median
 channel's wastes most of a per-tensor power-of-2 scale on one channel."""

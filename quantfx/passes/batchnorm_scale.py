@@ -31,8 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.modules import BatchNormLayer
-from quantfx.ops import BATCHNORMS
-from quantfx.passes.equalize import POSITIVE_HOMOGENEOUS, SCALE_COMMUTING
+from quantfx.ops import BATCHNORMS, POSITIVE_HOMOGENEOUS, SCALE_COMMUTING
 from quantfx.passes.graph_utils import module_of
 
 DEAD_VARIANCE = 1e-3

@@ -20,17 +20,11 @@ from torch import nn
 
 from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
+from quantfx.ops import POSITIVE_HOMOGENEOUS, SCALE_COMMUTING
 from quantfx.passes.graph_utils import module_of
 
 ROUNDS = 4
 """Passes over all pairs: a depthwise layer between two convs settles in a few."""
-POSITIVE_HOMOGENEOUS = (nn.ReLU, nn.PReLU, nn.LeakyReLU)
-"""Activations f with f(x / s) = f(x) / s for s > 0, per channel (PReLU's slope is a channel's
-own, so it commutes with that channel's scale)."""
-SCALE_COMMUTING = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                   nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-"""Channel-wise ops that commute with a positive per-channel scale (max and mean of scaled
-values are the scaled max and mean): equalization looks through them."""
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:

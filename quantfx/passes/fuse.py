@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from quantfx import modules as standins
 from quantfx.modules import BatchNormLayer, batchnorm_affine
-from quantfx.ops import BATCHNORMS, FOLDABLE_LAYERS, TRANSPOSED_CONVS
+from quantfx.ops import (
+    BATCHNORMS,
+    FOLD_THROUGH,
+    FOLD_THROUGH_IF_POSITIVE,
+    FOLDABLE_LAYERS,
+    TRANSPOSED_CONVS,
+)
 from quantfx.passes.graph_utils import module_of, recorded_shape, set_submodule
 
 
@@ -88,13 +94,6 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
     return graph_module
 
 
-FOLD_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd, nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d)
-"""Ops a per-channel affine passes through unchanged (eval-mode no-ops, averages over space):
-a BatchNorm folds forward across them."""
-FOLD_THROUGH_IF_POSITIVE = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d,
-                            nn.AdaptiveMaxPool2d)
-"""Ops an affine with a positive scale passes through (the max of a * x + b is a * max + b)."""
 
 
 def _passes_affine(graph_module: fx.GraphModule, node: fx.Node, positive: bool) -> bool:

@@ -11,10 +11,8 @@ choice; where quantizers go and how wide they are is decided here, once, before 
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -25,6 +23,7 @@ from quantfx.layers import FakeQuantLayer, PReLULayer
 from quantfx.ops import (
     FUSABLE_ACTIVATIONS,
     FUSE_PRODUCERS,
+    MATMULS,
     MONOTONE_RESIZE_MODES,
     NONNEGATIVE_OUTPUT_MODULES,
     ORDER_PRESERVING_MODULES,
@@ -216,8 +215,6 @@ def _output_bits(
     return config.activation_bits
 
 
-MATMULS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
-"""Calls that multiply two activations (TIDL's MatMul)."""
 
 
 def _feeds_matmul(graph_module: fx.GraphModule, node: fx.Node) -> bool:
