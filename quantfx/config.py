@@ -33,10 +33,9 @@ RANGE_SEARCHES = ("mse", "percentile", "none")
 WEIGHT_ROUNDINGS = ("nearest", "learned", "error_feedback")
 AUTO_PARTS = "auto"
 """`QuantConfig(quantize_only="auto")`: quantize the largest submodules that trace."""
-GRAPH_FIELDS = ("target", "activation_bits", "weight_bits", "sixteen_bit_layers",
-                "per_channel_depthwise", "per_channel_weights", "nonnegative_inputs",
-                "leaf_modules", "autowrap_functions", "quantize_only", "widen_coarse_weights")
-"""The `QuantConfig` fields that decide the prepared graph: where quantizers go, how wide."""
+GRAPH = {"graph": True}
+"""Field metadata of the `QuantConfig` fields that decide the prepared graph: where quantizers
+go, how wide (`GRAPH_FIELDS`)."""
 
 
 def _checked_keywords(cls: type) -> type:
@@ -126,18 +125,18 @@ class QuantConfig:
     per-channel weights for depthwise convolutions and histogram-searched activation ranges.
     """
 
-    target: str = "generic"
+    target: str = field(default="generic", metadata=GRAPH)
     """The device the model is for: "generic" (any QDQ runtime), "tda4vm", "am62a", "am67a",
     "am68a" or "am69a". It sets what the device needs (quantfx.tidl.profiles): bias width,
     per-channel rules, the export's options file and the TIDL checker's rules."""
-    activation_bits: int = 8
+    activation_bits: int = field(default=8, metadata=GRAPH)
     """Bits of every activation quantizer (8 or 16)."""
-    weight_bits: int = 8
+    weight_bits: int = field(default=8, metadata=GRAPH)
     """Bits of every weight quantizer (8 or 16)."""
-    per_channel_depthwise: bool | None = None
+    per_channel_depthwise: bool | None = field(default=None, metadata=GRAPH)
     """Give each output channel of a depthwise convolution its own power-of-2 weight scale;
     None: the target's default (True, except on "tda4vm", which runs per-tensor weights)."""
-    per_channel_weights: bool | None = None
+    per_channel_weights: bool | None = field(default=None, metadata=GRAPH)
     """Give each output channel of *every* convolution (not transposed) its own power-of-2
     weight scale; None: the target's default (on for the AM6xA SoCs, off for "generic" and
     "tda4vm")."""
@@ -164,7 +163,7 @@ class QuantConfig:
     about 2.5x a plain calibration).
     None: "error_feedback" (on every real model of `python -m benchmarks real_models` it beat
     round-to-nearest on every target)."""
-    widen_coarse_weights: bool = True
+    widen_coarse_weights: bool = field(default=True, metadata=GRAPH)
     """PTC: give 16-bit weights (activations stay 8 bit; TIDL's `params_16bit_names_list`) to
     the layers whose one 8-bit per-tensor weight grid leaves a quarter or more of their output
     channels with fewer than 8 codes -- typically a BN-folded stem whose channel ranges span
@@ -200,7 +199,7 @@ class QuantConfig:
     through the model (about two quantized passes); per-channel means settle long before
     ranges do. Weight rounding (the default error feedback) corrects the biases in its own
     pass, on at most its 256 samples."""
-    sixteen_bit_layers: Sequence[str] = field(default_factory=tuple)
+    sixteen_bit_layers: Sequence[str] = field(default_factory=tuple, metadata=GRAPH)
     """Layers kept at 16 bit: conv/linear layers (weights and output) by module path or graph
     node name, "first" / "last" (TI's advice for regression-style networks), "heads" (every
     conv/linear whose output reaches a model output without passing another one: a
@@ -208,13 +207,14 @@ class QuantConfig:
     `quantfx.analyze` reports it (e.g. "add_3": its output). With `quantize_only`, full module
     paths ("backbone.0"); "first" / "last" then mean the first part's first and the last
     part's last layer."""
-    nonnegative_inputs: bool = False
+    nonnegative_inputs: bool = field(default=False, metadata=GRAPH)
     """Quantize the network inputs unsigned (e.g. images in [0, 1] that were not normalized)."""
-    leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
+    leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple,
+                                                          metadata=GRAPH)
     """Module classes or qualified names (e.g. "backbone.decoder") the tracer must not enter."""
-    autowrap_functions: Sequence[Callable] = field(default_factory=tuple)
+    autowrap_functions: Sequence[Callable] = field(default_factory=tuple, metadata=GRAPH)
     """Functions traced as single calls, like those decorated with `@torch.fx.wrap`."""
-    quantize_only: Sequence[str] | str = field(default_factory=tuple)
+    quantize_only: Sequence[str] | str = field(default_factory=tuple, metadata=GRAPH)
     """Quantize only these submodules (qualified names such as "backbone", "head"), each its
     own quantized part; the rest of the model runs in float (`quantfx.partial`). "auto": the
     largest submodules that trace, for models that do not trace whole (detectors). Empty: the
@@ -338,6 +338,11 @@ class QuantConfig:
             self.autowrap_functions, "QuantConfig.autowrap_functions",
             lambda item: callable(item) and not isinstance(item, type),
             "functions (to be traced as single calls, like @torch.fx.wrap ones)")
+
+
+GRAPH_FIELDS = tuple(item.name for item in fields(QuantConfig) if item.metadata.get("graph"))
+"""The `QuantConfig` fields that decide the prepared graph (marked `GRAPH` in the class): a
+config given to `prepare_qat` for a calibrated model must agree with its own on these."""
 
 
 def resolve_config(config: QuantConfig | None) -> QuantConfig:

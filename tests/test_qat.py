@@ -323,6 +323,24 @@ def test_qat_from_a_calibrated_prepared_model_starts_at_calibrated_ranges():
     assert all(torch.equal(after[key], value) for key, value in before.items())
 
 
+
+def test_qat_from_a_prepared_model_takes_a_config_that_agrees_on_the_graph_fields():
+    """A config given with a prepared model may change how QAT runs (its schedule, observers),
+    not what shaped the prepared graph: each field marked GRAPH in QuantConfig is compared."""
+    from quantfx.config import GRAPH_FIELDS
+
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    data = _batches(2)
+    prepared = qf.prepare(model, data[0], qf.QuantConfig(progress=False))
+    qf.calibrate(prepared, data)
+    assert {"per_channel_weights", "sixteen_bit_layers", "target"} <= set(GRAPH_FIELDS)
+    assert "range_search" not in GRAPH_FIELDS
+    qf.prepare_qat(prepared, data[0], qf.QuantConfig(progress=False, range_search="percentile"))
+    with pytest.raises(qf.ConfigError, match="differs from the one it was prepared with in "
+                       "per_channel_weights"):
+        qf.prepare_qat(prepared, data[0],
+                       qf.QuantConfig(progress=False, per_channel_weights=True))
+
 def test_freeze_ranges_right_after_ptc_keeps_calibrated_exponents():
     model = randomize_batchnorm(ConvBnReLU()).eval()
     data = _batches(2)
