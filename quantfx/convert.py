@@ -20,7 +20,7 @@ from quantfx.config import QuantConfig
 from quantfx.errors import ConvertError, InternalError
 from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, IntegerLayer, PReLULayer
-from quantfx.partial import quantized_parts, replace_parts
+from quantfx.partial import quantized_parts, rebuild_parts
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
 from quantfx.qat import lower_qat_layers
 from quantfx.quantizers import CalibrationQuantizer, FrozenQuantizer
@@ -31,7 +31,6 @@ from quantfx.state import (
     QAT,
     STATE_ATTRIBUTE,
     QuantState,
-    attach_state,
     require_state,
     unwrap,
 )
@@ -127,12 +126,9 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
         raise ConvertError("the last quantfx.calibrate call on this model stopped with an "
                            "error, so its ranges and biases are incomplete: fix the data and "
                            "calibrate again before convert.")
-    if state.parts:  # partly quantized: convert each part, the rest stays as it is
-        whole = copy.deepcopy(model).eval()
-        replace_parts(whole, quantized_parts(state.parts), convert)
-        attach_state(whole, QuantState(state.config, state.backend, CONVERTED, [],
-                                       parts=dict(state.parts), input_count=state.input_count))
-        return whole
+    if quantized_parts(state):  # partly quantized: convert each part, the rest stays as it is
+        return rebuild_parts(model, state, lambda part, _: convert(part), state.backend,
+                             CONVERTED).eval()
     working = copy.deepcopy(model).eval()
     _freeze_quantizers(working, state.backend)
     lower_qat_layers(working)  # QAT layers: fold BN with running stats, then as PTC below

@@ -24,6 +24,7 @@ from quantfx.config import QuantConfig
 from quantfx.distillation_state import HeldOut, check_checkpoint_path, load_checkpoint
 from quantfx.distillation_training import LEARNING_RATE, NO_STEP_LIMIT, Trainer, db
 from quantfx.errors import CalibrationError, ConfigError
+from quantfx.partial import quantized_parts
 from quantfx.ptc import batch_inputs, calibrate, iterate_batches, prepare
 from quantfx.ptc.learned_rounding import restore_float_parameters
 from quantfx.qat import freeze_batchnorm, freeze_ranges, prepare_qat
@@ -110,7 +111,7 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
     state = require_state(model, "distill", ConfigError,
                           (FLOAT, (PTC, PREPARED), (QAT, PREPARED)),
                           "a float model or one returned by quantfx.prepare or prepare_qat")
-    if state is not None and state.parts:
+    if quantized_parts(state):
         raise ConfigError("distill does not take partly quantized models yet "
                           "(QuantConfig.quantize_only): distill the whole model.")
     if state is not None and state.backend == QAT:

@@ -9,13 +9,17 @@ runs in float, unchanged. `calibrate` runs the *whole* model on the user's batch
 converts each part; `export_onnx(..., part=NAME)` writes one part. The state lists the parts
 and, for "auto", why each module around them stays float.
 
-This module holds what the back ends share (finding parts, catching their inputs, putting
-prepared parts in place); `ptc`, `qat` and `convert` call it, never the other way round.
+This module holds what the stages share: the one question each asks (`quantized_parts`: is
+this model partly quantized, and which parts), finding parts, catching their inputs, and
+building the copy whose parts are prepared (`prepare_parts`) or rebuilt by a later stage
+(`rebuild_parts`: convert, prepare_qat); `ptc`, `qat`, `convert`, export and distill call it,
+never the other way round, and no other module reads a state's parts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,7 +33,7 @@ from quantfx.frontend import build_graph, check_no_inference_mode, private_copy
 from quantfx.inputs import parameter_dtype_device
 from quantfx.ops import WEIGHT_LAYERS
 from quantfx.passes.graph_utils import set_submodule
-from quantfx.state import STATE_ATTRIBUTE
+from quantfx.state import STATE_ATTRIBUTE, QuantState, attach_state
 
 
 @dataclass
@@ -281,13 +285,29 @@ def parts_of(model: nn.Module) -> dict[str, str]:
     return dict(state.parts)
 
 
-def quantized_parts(described: dict[str, str]) -> list[str]:
-    """The names of the quantized parts in a state's part descriptions."""
-    return [name for name, text in described.items() if text.startswith("quantized")]
+def quantized_parts(state: QuantState | None) -> list[str]:
+    """The names of the quantized parts of a partly quantized model's state, in model order;
+    [] for a model quantized whole (or not at all): the one question every stage asks."""
+    if state is None or not state.parts:
+        return []
+    return [name for name, text in state.parts.items() if text.startswith("quantized")]
 
 
-def replace_parts(model: nn.Module, names: list[str],
-                  build: Callable[[nn.Module], nn.Module]) -> None:
-    """Replace each named part of `model` by `build(part)`."""
+def rebuild_parts(model: nn.Module, state: QuantState,
+                  build: Callable[[nn.Module, tuple | None], nn.Module], backend: str,
+                  stage: str, config: QuantConfig | None = None,
+                  example_inputs: Any = None) -> nn.Module:
+    """A copy of partly quantized `model` with each quantized part replaced by
+    `build(part, its tensor inputs)` (convert, prepare_qat; the inputs are caught on the copy
+    when `example_inputs` are given, else None), the float rest as it was, under a state of
+    `backend` at `stage` that keeps the parts' descriptions."""
+    whole = copy.deepcopy(model)
+    names = quantized_parts(state)
+    calls = ({} if example_inputs is None
+             else part_calls(whole, names, model_inputs(example_inputs)))
     for name in names:
-        set_submodule(model, name, build(model.get_submodule(name)))
+        inputs = calls[name].tensor_inputs() if name in calls else None
+        set_submodule(whole, name, build(whole.get_submodule(name), inputs))
+    attach_state(whole, QuantState(config or state.config, backend, stage, [],
+                                   parts=dict(state.parts), input_count=state.input_count))
+    return whole

@@ -167,3 +167,14 @@ def test_a_graph_walk_finds_the_emitter_of_each_table_row():
     node = graph.call_method("narrow", (x, 1, 0, 2))
     emitter, module = registry.emitter_for(None, node)
     assert emitter is registry.CALL_EMITTERS["narrow"] and module is None
+
+
+def test_only_partial_reads_which_parts_a_model_has():
+    """Partial quantization is one room: every stage asks `partial.quantized_parts(state)`
+    instead of branching on the state's parts itself (the state only stores them)."""
+    readers = sorted(
+        f"{path.relative_to(PACKAGE)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
+        if path.name not in ("partial.py", "state.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "parts")
+    assert not readers

@@ -171,7 +171,7 @@ def export_onnx(
     in the options file).
     """
     model = unwrap(model)
-    if part is not None or (state_of(model) is not None and state_of(model).parts):
+    if part is not None or quantized_parts(state_of(model)):
         model, example_inputs, verify_data = _part_to_export(model, part, example_inputs,
                                                             verify_data)
     inputs = _check_inputs(model, example_inputs)
@@ -299,7 +299,7 @@ def _part_to_export(model: Any, part: str | None, example_inputs: Any,
                     verify_data: Any) -> tuple[Any, tuple, list | None]:
     """(the part, its example inputs, its verification inputs) of a partly quantized model."""
     state = state_of(model)
-    parts = quantized_parts(state.parts) if state is not None else []
+    parts = quantized_parts(state)
     if not parts:
         raise ExportError(f"part={part!r} is for partly quantized models "
                           "(QuantConfig.quantize_only); this one is quantized whole: leave it out.")

@@ -207,7 +207,7 @@ def calibrate(
     hint = QAT_HINT if given is not None and given.backend == QAT else ""
     state = require_state(model, "calibrate", CalibrationError, ((PTC, PREPARED),),
                           "a model returned by quantfx.prepare", hint)
-    if state.parts:
+    if quantized_parts(state):
         return _calibrate_parts(model, state, data, num_batches)
     was_training = model.training
     model.eval()
@@ -290,7 +290,7 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
                      num_batches: int | None) -> nn.Module:
     """`calibrate` of a partly quantized model: the whole model runs on every batch while each
     part's observers record; each part keeps the inputs it received for its finishing steps."""
-    names = quantized_parts(state.parts)
+    names = quantized_parts(state)
     parts = {name: model.get_submodule(name) for name in names}
     if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
         raise CalibrationError(f"calibration data must be an iterable of batches (e.g. a "

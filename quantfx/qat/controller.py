@@ -11,6 +11,7 @@ from torch import nn
 
 from quantfx.config import QATSchedule
 from quantfx.errors import ConfigError, warn
+from quantfx.partial import quantized_parts
 from quantfx.state import state_of
 
 CONTROLLER_NAME = "qat_controller"
@@ -135,6 +136,6 @@ def end_qat_epoch(model: nn.Module) -> None:
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = state_of(module)
     controllers = ([m for m in module.modules() if isinstance(m, QATController)]
-                   if state is not None and state.parts else [controller_of(model)])
+                   if quantized_parts(state) else [controller_of(model)])
     for controller in controllers:
         controller.end_epoch()

@@ -30,13 +30,7 @@ from quantfx.frontend import (
 )
 from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, PReLULayer
-from quantfx.partial import (
-    model_inputs,
-    part_calls,
-    prepare_parts,
-    quantized_parts,
-    whole_or_parts,
-)
+from quantfx.partial import prepare_parts, quantized_parts, rebuild_parts, whole_or_parts
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm_forward
 from quantfx.passes.graph_utils import (
     input_quantizer,
@@ -71,7 +65,7 @@ def prepare_qat(
     state = require_state(model, "prepare_qat", PrepareError, (FLOAT, (PTC, PREPARED)),
                           "a float model or one returned by quantfx.prepare",
                           "Start from the float model (or the prepared one) instead.")
-    if state is not None and state.parts:
+    if quantized_parts(state):
         return _parts_from_ptc(model, example_inputs, state,
                                _config_for_prepared(state.config, config))
     if state is not None:
@@ -111,16 +105,10 @@ def _parts_from_ptc(model: nn.Module, example_inputs: Any, state: QuantState,
                     config: QuantConfig) -> nn.Module:
     """QAT from a partly quantized prepared model: each part from its calibrated PTC self."""
     check_no_inference_mode("prepare_qat")
-    working = copy.deepcopy(model)
-    names = quantized_parts(state.parts)
-    calls = part_calls(working, names, model_inputs(example_inputs))
     part_config = replace(config, quantize_only=())
-    for name in names:
-        set_submodule(working, name, prepare_qat(working.get_submodule(name),
-                                                 calls[name].tensor_inputs(), part_config))
-    attach_state(working, QuantState(config, QAT, PREPARED, [], parts=dict(state.parts),
-                                     input_count=state.input_count))
-    return working.train()
+    return rebuild_parts(model, state,
+                         lambda part, inputs: prepare_qat(part, inputs, part_config),
+                         QAT, PREPARED, config, example_inputs).train()
 
 
 def _config_for_prepared(prepared: QuantConfig, given: QuantConfig | None) -> QuantConfig:
