@@ -39,6 +39,7 @@ from quantfx.qmath import (
     fake_quantize_ste,
     qrange,
     scale_of,
+    weight_exponent,
 )
 
 
@@ -171,6 +172,30 @@ def _reduce_min_max(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     return -pair[0], pair[1]
 
 
+class WeightQuantizer(CalibrationQuantizer):
+    """A conv/linear weight's quantizer, owning how its exponent is chosen (docs/design.md,
+    "Where does a weight get its exponent?"). `rule` "observed" (PTC): calibration computes it
+    from the observer (and may search it by output error); "calibrated" (QAT from a calibrated
+    model): the exponent it holds; "minmax" / "mse" (QAT): recomputed from the current weight
+    on every training forward (`quantfx.qmath.weight_exponent`)."""
+
+    def __init__(self, observer: Observer, bits: int, axis: int | None = None,
+                 rule: str = "observed") -> None:
+        super().__init__(observer, bits, signed=True, axis=axis)
+        self.rule = rule
+
+    @property
+    def follows_weight(self) -> bool:
+        """Whether each training forward recomputes the exponent from the weight."""
+        return getattr(self, "rule", "minmax") not in ("observed", "calibrated")
+
+    def exponent_for(self, weight: Tensor) -> Tensor:
+        """The exponent(s) `weight` gets now (before a bias fit may raise them)."""
+        if not self.follows_weight:
+            return self.exponent.clone()
+        return weight_exponent(weight, self.qmax, self.axis, self.rule)
+
+
 class QATQuantizer(CalibrationQuantizer):
     """Activation quantizer for QAT: moving-average range (DDP-reduced), STE fake quantization.
 
@@ -286,14 +311,18 @@ class QuantizerFactory:
             (self.config.depthwise_per_channel and is_depthwise(layer))
             or (self.config.convs_per_channel and conv))
 
-    def weight(self, layer: nn.Module, bits: int) -> CalibrationQuantizer:
-        """The quantizer of a conv/linear layer's weight."""
+    def weight(self, layer: nn.Module, bits: int, rule: str | None = None) -> WeightQuantizer:
+        """The quantizer of a conv/linear layer's weight; QAT's follows `rule` (default: the
+        schedule's, "minmax" where that is "calibrated": nothing was calibrated)."""
         per_channel = self.per_channel(layer)
         axis = 0 if per_channel else None
         channels = layer.weight.shape[0] if per_channel else 1
         kind = "minmax" if self.qat else self.config.weight_observer
-        quantizer = CalibrationQuantizer(make_observer(kind, axis=axis, channels=channels), bits,
-                                         signed=True, axis=axis)
+        if self.qat and rule is None:
+            rule = self.config.schedule.weight_exponent
+            rule = "minmax" if rule == "calibrated" else rule
+        quantizer = WeightQuantizer(make_observer(kind, axis=axis, channels=channels), bits,
+                                    axis=axis, rule=rule or "observed")
         if self.qat:
             quantizer.set_mode(observe=False, quantize=True)
         return quantizer

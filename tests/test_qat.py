@@ -496,7 +496,7 @@ def test_the_weight_exponent_rule_is_the_schedules_and_eval_matches_convert():
         config = qf.QuantConfig(progress=False, qat_schedule=qf.QATSchedule(weight_exponent=rule))
         qat_model = qf.prepare_qat(model, torch.randn(2, 3, 8, 8), config)
         layer = next(m for m in qat_model.modules() if isinstance(m, QATLayer))
-        assert layer.weight_rule == rule
+        assert layer.weight_quantizer.rule == rule
         for _ in range(2):
             qat_model(torch.randn(4, 3, 8, 8))
         exponents[rule] = float(layer.weight_quantizer.exponent)

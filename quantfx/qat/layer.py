@@ -4,8 +4,8 @@ Train mode with live BN statistics: torch.ao's ConvBn (Krishnamoorthi 2018, sect
 weight is scaled by ``gamma / sqrt(running_var + eps)``, fake-quantized, the conv output is
 scaled back and the BatchNorm itself normalizes with batch statistics (so running statistics
 keep updating). Frozen BN or eval: the BN-folded layer exactly as `convert` builds it, weight
-at the exponent its rule gives (`weight_rule`), bias on the int32 grid of input + weight
-exponent included, so the eval and converted models agree bit for bit.
+at the exponent its quantizer's rule gives (`WeightQuantizer.rule`), bias on the int32 grid of
+input + weight exponent included, so the eval and converted models agree bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from quantfx.qmath import (
     fit_bias_exponent,
     weight_exponent,
 )
-from quantfx.quantizers import Quantizer
+from quantfx.quantizers import Quantizer, WeightQuantizer
 
 
 def _sigma_clipped_std(rows: Tensor, num_std: float) -> Tensor:
@@ -59,13 +59,10 @@ class QATLayer(FakeQuantLayer):
     """
 
     def __init__(self, layer: nn.Module, bn: nn.Module | None, weight_quantizer: Quantizer,
-                 input_quantizer: Quantizer | None = None, bias_bits: int = 32,
-                 weight_rule: str = "minmax") -> None:
+                 input_quantizer: Quantizer | None = None, bias_bits: int = 32) -> None:
         super().__init__(layer, weight_quantizer)
         self.bn = bn
         self.bias_bits = bias_bits
-        self.weight_rule = weight_rule
-        """How each forward picks the weight exponent (`quantfx.qmath.WEIGHT_RULES`)."""
         self.register_buffer("bn_frozen", torch.tensor(False))
         self.__dict__["input_quantizer"] = input_quantizer
 
@@ -90,8 +87,11 @@ class QATLayer(FakeQuantLayer):
 
     @property
     def fixed_exponent(self) -> bool:
-        """Whether the weight keeps the exponent calibration chose (rule "calibrated")."""
-        return getattr(self, "weight_rule", "minmax") == "calibrated"  # older pickles: minmax
+        """Whether the weight keeps the exponent it holds (rule "calibrated")."""
+        quantizer = self.weight_quantizer
+        if isinstance(quantizer, WeightQuantizer):
+            return not quantizer.follows_weight
+        return getattr(self, "weight_rule", "minmax") == "calibrated"  # pickled before 0.3
 
     def weight_exponent_of(self, weight: Tensor) -> Tensor:
         """The exponent(s) a forward gives `weight` (before the bias rule may raise them)."""
@@ -99,7 +99,9 @@ class QATLayer(FakeQuantLayer):
 
     def _weight_exponent(self, weight: Tensor) -> Tensor:
         quantizer = self.weight_quantizer
-        if self.fixed_exponent:
+        if isinstance(quantizer, WeightQuantizer):
+            return quantizer.exponent_for(weight)
+        if self.fixed_exponent:  # a model pickled before 0.3: the layer held the rule
             return quantizer.exponent.clone()
         return weight_exponent(weight, quantizer.qmax, quantizer.axis,
                                getattr(self, "weight_rule", "minmax"))

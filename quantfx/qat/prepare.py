@@ -85,8 +85,7 @@ def prepare_qat(
     batchnorm_layers(graph_module)  # the layer after it, or an affine layer TIDL runs
     def qat_layer(layer: nn.Module, bn: nn.Module | None, quantizer: nn.Module) -> QATLayer:
         return QATLayer(layer, bn, quantizer,
-                        bias_bits=config.profile.bias_bits_for(quantizer.bits),
-                        weight_rule=_from_float(config.schedule.weight_exponent))
+                        bias_bits=config.profile.bias_bits_for(quantizer.bits))
 
     count = place_quantizers(graph_module, QuantizerFactory(config, qat=True), qat_layer,
                              fold_bn=True)
@@ -94,11 +93,6 @@ def prepare_qat(
     warn_unexportable(graph_module)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, input_shapes(inputs)),
                    inputs[0].device)
-
-
-def _from_float(rule: str) -> str:
-    """A float model has no calibrated exponents: "calibrated" follows "minmax" there."""
-    return "minmax" if rule == "calibrated" else rule
 
 
 def _parts_from_ptc(model: nn.Module, example_inputs: Any, state: QuantState,
@@ -152,15 +146,14 @@ def _qat_layer_from_ptc(module: FakeQuantLayer, factory: QuantizerFactory,
     """The QAT layer of a calibrated layer: with rule "calibrated", its weight keeps the
     exponent calibration chose (an uncalibrated one follows "minmax")."""
     calibrated = module.weight_quantizer
-    quantizer = factory.weight(module.layer, calibrated.bits)
     rule = config.schedule.weight_exponent
+    if rule == "calibrated" and not calibrated.observed:
+        rule = "minmax"
+    quantizer = factory.weight(module.layer, calibrated.bits, rule)
     if rule == "calibrated":
-        if calibrated.observed:
-            quantizer.exponent.copy_(calibrated.current_exponent())
-        else:
-            rule = "minmax"
+        quantizer.exponent.copy_(calibrated.current_exponent())
     return QATLayer(module.layer, None, quantizer,
-                    bias_bits=config.profile.bias_bits_for(quantizer.bits), weight_rule=rule)
+                    bias_bits=config.profile.bias_bits_for(quantizer.bits))
 
 
 def _finish(graph_module: fx.GraphModule, state: QuantState,
