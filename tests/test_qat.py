@@ -561,3 +561,20 @@ def test_qat_from_calibration_keeps_its_weight_exponents_and_rounding():
             assert all(torch.equal(layer.weight_quantizer.exponent, exponent)
                        for layer, exponent in zip(layers, exponents))
     assert started == {"calibrated": True, "minmax": False}
+
+
+def test_a_qat_layer_pickled_before_the_weight_quantizer_keeps_its_rule():
+    """Models pickled before `WeightQuantizer` carry the rule on the layer and a plain
+    calibration quantizer: "calibrated" still keeps the stored exponent, "minmax" follows the
+    weight."""
+    from quantfx.observers import make_observer
+
+    conv = nn.Conv2d(3, 4, 3)
+    quantizer = CalibrationQuantizer(make_observer("minmax"), 8, signed=True)
+    quantizer.exponent.fill_(-3.0)
+    layer = QATLayer(conv, None, quantizer)
+    layer.weight_rule = "calibrated"
+    assert layer.fixed_exponent and float(layer.weight_exponent_of(conv.weight * 100)) == -3.0
+    layer.weight_rule = "minmax"
+    assert not layer.fixed_exponent
+    assert float(layer.weight_exponent_of(conv.weight * 100)) > -3.0
