@@ -26,8 +26,9 @@ ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 QAT_WEIGHT_EXPONENTS = (*WEIGHT_OBSERVERS, "calibrated")
 """`QATSchedule.weight_exponent`: the per-step rules, or the exponent calibration chose."""
-QAT_RANGES = ("statistics", "learned")
-"""`QATSchedule.ranges`: running statistics (PACT2) or learned log2 thresholds (TQT)."""
+QAT_RANGES = ("calibrated", "statistics", "learned")
+"""`QATSchedule.ranges`: calibration's (kept), running statistics (PACT2) or learned log2
+thresholds (TQT)."""
 LAYER_ALIASES = ("first", "last", "heads")
 RANGE_SEARCHES = ("mse", "percentile", "none")
 WEIGHT_ROUNDINGS = ("nearest", "learned", "error_feedback")
@@ -94,10 +95,16 @@ class QATSchedule:
     up). From float, calibrated mobilenetv2_style, 1 epoch: minmax 91.26 / 91.24 %, mse
     91.20 / 91.20 % (per-channel / per-tensor depthwise; PTC 91.20 / 91.19 %)."""
 
-    ranges: str = "statistics"
-    """How QAT sets activation ranges: "statistics" (a moving average of each batch's min/max,
-    rounded up to a power of 2: PACT2's statistical half) or "learned" (TQT: a log2 threshold
-    per tensor trained with the model from calibration's start; `LearnedRangeQuantizer`)."""
+    ranges: str = "calibrated"
+    """How QAT sets activation ranges: "calibrated" (QAT from a calibrated `quantfx.prepare`
+    model keeps each range calibration chose, as "calibrated" weights keep theirs; a range
+    calibration did not observe, and every range of QAT from a float model, follows
+    "statistics"), "statistics" (a moving average of each batch's min/max, rounded up to a
+    power of 2: PACT2's statistical half; from a calibrated model it starts at calibration's
+    range, and the min/max of the batches soon replace calibration's searched clipping) or
+    "learned" (TQT: a log2 threshold per tensor trained with the model from calibration's
+    start; `LearnedRangeQuantizer`). The YOLOv8-style detector, one QAT epoch from its
+    calibrated model: statistics 1.10 mAP points below float, calibrated ranges 0.17 above."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -113,7 +113,7 @@ SCHEDULE_VALIDITY = {
     "freeze_ranges_epoch": lambda v: v is None or (_is_int(v) and v >= 0),
     "weight_clip_std": lambda v: v is None or (_is_number(v) and v > 1),
     "weight_exponent": lambda v: isinstance(v, str) and v in ("minmax", "mse", "calibrated"),
-    "ranges": lambda v: isinstance(v, str) and v in ("statistics", "learned"),
+    "ranges": lambda v: isinstance(v, str) and v in ("calibrated", "statistics", "learned"),
 }
 
 CONFIG_FIELDS = [item.name for item in dataclasses.fields(QuantConfig)]

@@ -341,6 +341,25 @@ def test_qat_from_a_prepared_model_takes_a_config_that_agrees_on_the_graph_field
         qf.prepare_qat(prepared, data[0],
                        qf.QuantConfig(progress=False, per_channel_weights=True))
 
+
+@pytest.mark.parametrize("ranges", ["calibrated", "statistics"])
+def test_qat_from_a_calibrated_model_keeps_its_ranges_unless_told_to_follow_the_data(ranges):
+    """Default ("calibrated"): each activation range stays where calibration's search put it;
+    "statistics": the batches' min/max move it (here: data 8x larger than calibration's)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    data = _batches(2)
+    config = qf.QuantConfig(progress=False, qat_schedule=qf.QATSchedule(ranges=ranges))
+    prepared = qf.prepare(model, data[0], config)
+    qf.calibrate(prepared, data)
+    qm = qf.prepare_qat(prepared, data[0], config)
+    started = {name: float(q.exponent) for name, q in _activation_quantizers(qm).items()}
+    _train(qm, _sgd(qm), [8.0 * batch for batch in data])
+    moved = {name for name, q in _activation_quantizers(qm).items()
+             if float(q.exponent) != started[name]}
+    assert (not moved) if ranges == "calibrated" else moved
+    assert qf.QATSchedule().ranges == "calibrated"
+
 def test_freeze_ranges_right_after_ptc_keeps_calibrated_exponents():
     model = randomize_batchnorm(ConvBnReLU()).eval()
     data = _batches(2)

@@ -136,6 +136,8 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
             started = factory.activation(module.bits, module.signed)
             if module.observed:
                 started.start_from_exponent(float(module.observer.exponent(module.qmax)))
+                if config.schedule.ranges == "calibrated":  # kept, as calibrated weights are
+                    started.observer_enabled.fill_(False)
             set_submodule(graph_module, node.target, started)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, list(state.input_shapes)),
                    parameter_dtype_device(model)[1])
