@@ -187,7 +187,7 @@ class WeightQuantizer(CalibrationQuantizer):
     @property
     def follows_weight(self) -> bool:
         """Whether each training forward recomputes the exponent from the weight."""
-        return getattr(self, "rule", "minmax") not in ("observed", "calibrated")
+        return self.rule not in ("observed", "calibrated")
 
     def exponent_for(self, weight: Tensor) -> Tensor:
         """The exponent(s) `weight` gets now (before a bias fit may raise them)."""

@@ -94,8 +94,6 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> fx.GraphModule:
     return graph_module
 
 
-
-
 def _passes_affine(graph_module: fx.GraphModule, node: fx.Node, positive: bool) -> bool:
     """Whether op `node` maps a per-channel affine of its input to the same affine of its
     output (channels on axis 1; with `positive` scales where that matters)."""

@@ -215,8 +215,6 @@ def _output_bits(
     return config.activation_bits
 
 
-
-
 def _feeds_matmul(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node`'s value reaches a MatMul, directly or through shape-only ops."""
     for user in node.users:
