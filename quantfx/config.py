@@ -103,8 +103,10 @@ class QATSchedule:
     power of 2: PACT2's statistical half; from a calibrated model it starts at calibration's
     range, and the min/max of the batches soon replace calibration's searched clipping) or
     "learned" (TQT: a log2 threshold per tensor trained with the model from calibration's
-    start; `LearnedRangeQuantizer`). The YOLOv8-style detector, one QAT epoch from its
-    calibrated model: statistics 1.10 mAP points below float, calibrated ranges 0.17 above."""
+    start; `LearnedRangeQuantizer`; the model's inputs, which no gradient reaches, keep
+    calibration's range, or statistics from float). The YOLOv8-style detector, one QAT
+    epoch from its calibrated model: statistics 1.10 mAP points below float, calibrated
+    ranges 0.17 above."""
 
     def __post_init__(self) -> None:
         self.validate()

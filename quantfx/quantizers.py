@@ -289,11 +289,14 @@ class QuantizerFactory:
         self.config = config
         self.qat = qat
 
-    def activation(self, bits: int, signed: bool) -> CalibrationQuantizer:
-        """The quantizer of one activation tensor."""
+    def activation(self, bits: int, signed: bool, learnable: bool = True) -> CalibrationQuantizer:
+        """The quantizer of one activation tensor. Ranges "learned" learn only `learnable`
+        ones: a tensor no gradient reaches (the model's input) would make the first layer
+        compute an input gradient for its threshold alone, a whole extra backward pass."""
         config = self.config
         if self.qat:
-            kind = LearnedRangeQuantizer if config.schedule.ranges == "learned" else QATQuantizer
+            learned = config.schedule.ranges == "learned" and learnable
+            kind = LearnedRangeQuantizer if learned else QATQuantizer
             return kind(bits, signed, config.moving_average_momentum)
         observer = make_observer(
             config.activation_observer,

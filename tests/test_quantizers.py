@@ -93,6 +93,31 @@ def test_qat_with_learned_ranges_trains_and_converts_exactly():
         assert torch.equal(qat(images), qf.convert(qat)(images))
 
 
+@pytest.mark.parametrize("from_calibration", [False, True])
+def test_learned_ranges_leave_the_input_range_to_statistics(from_calibration):
+    """No gradient reaches the model's input: learning its threshold would cost the first
+    conv an input gradient. Its quantizer keeps statistics (calibration's range, if any) and
+    its output asks autograd for nothing; every quantizer after a layer learns."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    images = torch.randn(4, 3, 8, 8)
+    config = qf.QuantConfig(progress=False, qat_schedule=qf.QATSchedule(ranges="learned"))
+    if from_calibration:
+        model = qf.prepare(model, (images[:1],), config)
+        qf.calibrate(model, [images])
+        config = None
+    qat = qf.prepare_qat(model, (images[:1],), config)
+    named = dict(qat.named_modules())
+    inputs = [node for node in qat.graph.nodes
+              if node.op == "call_module" and node.args and node.args[0].op == "placeholder"]
+    assert len(inputs) == 1
+    input_quantizer = named[inputs[0].target]
+    assert not isinstance(input_quantizer, LearnedRangeQuantizer)
+    assert not input_quantizer(images).requires_grad
+    assert bool(input_quantizer.observer_enabled) is not from_calibration
+    learned = [module for module in qat.modules() if isinstance(module, LearnedRangeQuantizer)]
+    assert len(learned) == 2  # after the ReLU and after the last conv
+
+
 def test_unknown_range_rule_is_refused():
     with pytest.raises(qf.ConfigError, match="ranges"):
         qf.QATSchedule(ranges="learnt")

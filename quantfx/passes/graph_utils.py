@@ -106,6 +106,21 @@ def first_input(node: fx.Node) -> fx.Node | None:
     return found[0] if found else None
 
 
+def parameter_free_nodes(graph_module: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose values depend on no parameter of the model: its inputs, buffers and
+    constants and what is computed from them alone. No gradient of the loss reaches them."""
+    free: set[fx.Node] = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            owns = isinstance(fetch_attribute(graph_module, node.target), nn.Parameter)
+        else:
+            module = module_of(graph_module, node)
+            owns = module is not None and any(True for _ in module.parameters())
+        if not owns and all(source in free for source in node.all_input_nodes):
+            free.add(node)
+    return free
+
+
 def is_shape_only(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     """Ops that only move, select or copy values: their output is on their input's grid."""
     if node.op == "call_module":

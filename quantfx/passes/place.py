@@ -37,6 +37,7 @@ from quantfx.passes.graph_utils import (
     is_shape_only,
     module_of,
     output_values,
+    parameter_free_nodes,
     set_submodule,
     unique_submodule_name,
 )
@@ -245,6 +246,7 @@ def place_activation_quantizers(graph_module: fx.GraphModule, wide: set[fx.Node]
     graph = graph_module.graph
     on_grid: set[fx.Node] = set()
     nonneg: set[fx.Node] = set()
+    parameter_free = parameter_free_nodes(graph_module)
     for node in list(graph.nodes):
         if node.op == "output":
             continue
@@ -259,7 +261,8 @@ def place_activation_quantizers(graph_module: fx.GraphModule, wide: set[fx.Node]
         name = unique_submodule_name(graph_module, f"{QUANTIZER_PREFIX}.{node.name}")
         bits = _output_bits(graph_module, node, wide, config)
         graph_module.add_submodule(name, factory.activation(
-            bits, signed=_signed(graph_module, node, nonneg, config)))
+            bits, signed=_signed(graph_module, node, nonneg, config),
+            learnable=node not in parameter_free))
         with graph.inserting_after(node):
             quant_node = graph.call_module(name, args=(node,))
         quant_node.meta = dict(node.meta)

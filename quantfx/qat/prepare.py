@@ -35,6 +35,7 @@ from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm_forward
 from quantfx.passes.graph_utils import (
     input_quantizer,
     module_of,
+    parameter_free_nodes,
     set_submodule,
     unique_submodule_name,
 )
@@ -126,6 +127,7 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
     """QAT from a `prepare`d (ideally calibrated) model: BN stays folded, ranges carry over."""
     factory = QuantizerFactory(config, qat=True)
     graph_module = copy.deepcopy(model)
+    parameter_free = parameter_free_nodes(graph_module)
     for node in graph_module.graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, FakeQuantLayer):
@@ -133,10 +135,13 @@ def _prepare_from_ptc(model: fx.GraphModule, state: QuantState,
         elif isinstance(module, PReLULayer):  # its slopes train: the quantizer follows them
             module.weight_quantizer = factory.slope(module.weight_quantizer.bits)
         elif isinstance(module, CalibrationQuantizer):
-            started = factory.activation(module.bits, module.signed)
+            learnable = node not in parameter_free
+            started = factory.activation(module.bits, module.signed, learnable)
             if module.observed:
                 started.start_from_exponent(float(module.observer.exponent(module.qmax)))
-                if config.schedule.ranges == "calibrated":  # kept, as calibrated weights are
+                ranges = config.schedule.ranges
+                if ranges == "calibrated" or (ranges == "learned" and not learnable):
+                    # kept, as calibrated weights are; or a range nothing could learn
                     started.observer_enabled.fill_(False)
             set_submodule(graph_module, node.target, started)
     return _finish(graph_module, QuantState(config, QAT, PREPARED, list(state.input_shapes)),
