@@ -83,7 +83,7 @@ FLOORS = (
                 "config", "arguments")),
     ("records", ("observers", "layers", "state", "inputs", "trace", "files", "sources",
                  "settings")),
-    ("quantizers", ("quantizers",)),
+    ("quantizers", ("quantizers", "quantizers.*")),
     ("passes", ("passes", "passes.*")),
     ("op writers", ("export.builder", "export.emitters", "export.emitters.*",
                     "export.registry")),
