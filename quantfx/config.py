@@ -24,8 +24,9 @@ from quantfx.tidl.profiles import PROFILES, TARGETS, DeviceProfile, resolve_targ
 SUPPORTED_BITS = (8, 16)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "mse")
-QAT_WEIGHT_EXPONENTS = (*WEIGHT_OBSERVERS, "calibrated")
-"""`QATSchedule.weight_exponent`: the per-step rules, or the exponent calibration chose."""
+QAT_WEIGHT_EXPONENTS = (*WEIGHT_OBSERVERS, "calibrated", "learned")
+"""`QATSchedule.weight_exponent`: the per-step rules, the exponent calibration chose, or a
+learned threshold (TQT)."""
 QAT_RANGES = ("calibrated", "statistics", "learned")
 """`QATSchedule.ranges`: calibration's (kept), running statistics (PACT2) or learned log2
 thresholds (TQT)."""
@@ -88,8 +89,10 @@ class QATSchedule:
     weight_exponent: str = "calibrated"
     """How QAT picks a weight's exponent: "calibrated" (QAT from a calibrated `quantfx.prepare`
     model keeps each exponent calibration chose, so training starts exactly where calibration
-    ended; from a float model it is "minmax"), "minmax" (each step's never-clipping exponent)
-    or "mse" (PTC's least-error search, every step). Per-step exponents undo calibration:
+    ended; from a float model it is "minmax"), "minmax" (each step's never-clipping exponent),
+    "mse" (PTC's least-error search, every step) or "learned" (TQT: a log2 threshold per
+    weight, or per channel, trained with the model from calibration's exponent, or the first
+    weight's never-clipping one; `LearnedWeightQuantizer`). Per-step exponents undo calibration:
     EfficientNet-Lite1 on TDA4VM started at 12.7 dB instead of PTC's 16.7 and one optimizer
     step of 1e-6 took it to -4.9 dB (weights rounded onto their grid's edge moved a power of 2
     up). From float, calibrated mobilenetv2_style, 1 epoch: minmax 91.26 / 91.24 %, mse

@@ -32,7 +32,7 @@ from quantfx.distillation_state import (
 from quantfx.distributed import average_gradients, max_over_ranks, shows_progress
 from quantfx.qat import QATLayer
 from quantfx.qmath import channel_shape
-from quantfx.quantizers import LearnedRangeQuantizer, QATQuantizer
+from quantfx.quantizers import LearnedRangeQuantizer, LearnedWeightQuantizer, QATQuantizer
 from quantfx.state import state_of
 
 LEARNING_RATE = 0.01
@@ -100,7 +100,7 @@ def parameter_groups(student: nn.Module, learning_rate: float) -> list[dict[str,
             groups.append(_relative_group(layer.layer.bias))
             seen.add(id(layer.layer.bias))
     for quantizer in student.modules():
-        if isinstance(quantizer, LearnedRangeQuantizer):  # octaves: lr of an octave per step
+        if isinstance(quantizer, (LearnedRangeQuantizer, LearnedWeightQuantizer)):  # octaves
             groups.append({"params": [quantizer.log2_threshold], "scale": 1.0})
             seen.add(id(quantizer.log2_threshold))
     for parameter in student.parameters():

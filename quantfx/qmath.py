@@ -221,50 +221,69 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 class _LearnedThresholdFakeQuantize(torch.autograd.Function):
     """TQT (Jain et al. 2019, arXiv:1903.08066): fake quantization at `exponent` =
-    ceil(log2_threshold) - offset, differentiable in the log2 threshold.
+    ceil(log2_threshold) - offset, differentiable in the log2 threshold (one per tensor, or
+    one per channel along `axis`).
 
     Forward: the values of `fake_quantize` at `exponent`. Backward: the clipped STE for x; for
     the threshold, the paper's gradient through the ceiling (straight-through):
     d out / d log2_threshold = scale * ln 2 * (round(x/scale) - x/scale) where x rounds inside
-    the grid, scale * ln 2 * qmin or qmax where it saturates; summed over the tensor and
-    multiplied by `gradient_scale` (LSQ's 1/sqrt(elements * qmax) keeps one optimizer step of
-    the threshold comparable across tensor sizes; 0 once ranges are frozen)."""
+    the grid, scale * ln 2 * qmin or qmax where it saturates; summed over the tensor (or the
+    channel) and multiplied by `gradient_scale` (LSQ's 1/sqrt(elements * qmax) keeps one
+    optimizer step of the threshold comparable across tensor sizes; 0 once frozen)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, log2_threshold: Tensor, exponent: Tensor, qmin: int,
-                qmax: int, gradient_scale: float) -> Tensor:
+                qmax: int, gradient_scale: float, axis: int | None) -> Tensor:
         scale = torch.exp2(exponent.detach()).to(x.dtype)
+        if axis is not None:
+            scale = scale.reshape(channel_shape(x.dim(), axis))
         output = torch.mul(x, torch.reciprocal(scale)).round_().clamp_(qmin, qmax).mul_(scale)
-        step = float(scale)
-        ctx.clip = ((qmin - 0.5) * step, (qmax + 0.5) * step)
-        ctx.gradient_scale = gradient_scale
-        ctx.save_for_backward(x, output)
+        ctx.axis, ctx.gradient_scale, ctx.bounds = axis, gradient_scale, (qmin - 0.5, qmax + 0.5)
+        ctx.clip = None if axis is not None else tuple(b * float(scale) for b in ctx.bounds)
+        ctx.save_for_backward(x, output, scale)
         return output
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        """In three fused passes: s * ln2 * (q - x/s) inside and s * ln2 * q where saturated
-        sum to ln2 * (sum(grad * output) - sum(grad_x * x)), grad_x the clipped STE's."""
-        x, output = ctx.saved_tensors
+        """s * ln2 * (q - x/s) inside and s * ln2 * q where saturated sum to
+        ln2 * (sum(grad * output) - sum(grad_x * x)), grad_x the clipped STE's."""
+        x, output, scale = ctx.saved_tensors
+        if ctx.axis is not None:
+            return _per_channel_threshold_backward(ctx, grad, x, output, scale)
         grad_x = torch.ops.aten.hardtanh_backward(grad, x, *ctx.clip)
         if ctx.gradient_scale == 0.0:
-            return grad_x, torch.zeros((), device=grad.device), None, None, None, None
+            return grad_x, torch.zeros((), device=grad.device), None, None, None, None, None
         inside = torch.dot(grad_x.reshape(-1), x.reshape(-1))
         if bool(torch.isnan(inside)):  # masked -inf inputs (0 * -inf): they count as saturated
             inside = torch.dot(grad_x.reshape(-1), x.nan_to_num(neginf=0.0).reshape(-1))
         difference = torch.dot(grad.reshape(-1), output.reshape(-1)) - inside
         threshold_grad = difference * (math.log(2.0) * ctx.gradient_scale)
-        return grad_x, threshold_grad.reshape(()), None, None, None, None
+        return grad_x, threshold_grad.reshape(()), None, None, None, None, None
+
+
+def _per_channel_threshold_backward(ctx: Any, grad: Tensor, x: Tensor, output: Tensor,
+                                    scale: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward of `_LearnedThresholdFakeQuantize` with one threshold per channel (weights:
+    small tensors, so plain masks and sums)."""
+    low, high = ctx.bounds
+    inside = (x > low * scale) & (x < high * scale)
+    grad_x = grad * inside
+    others = [dim for dim in range(x.dim()) if dim != ctx.axis]
+    difference = (grad * output - grad_x * x).sum(dim=others)
+    threshold_grad = difference * (math.log(2.0) * ctx.gradient_scale)
+    return grad_x, threshold_grad, None, None, None, None, None
 
 
 def fake_quantize_learned(x: Tensor, log2_threshold: Tensor, exponent: Tensor, qmin: int,
-                          qmax: int, learn: bool = True) -> Tensor:
+                          qmax: int, learn: bool = True, axis: int | None = None) -> Tensor:
     """`fake_quantize` at `exponent` (= ceil(log2_threshold) - offset) with TQT's gradient for
-    the threshold (see `_LearnedThresholdFakeQuantize`); with `learn` False the threshold's
-    gradient is zero (frozen, yet still used, as DistributedDataParallel requires)."""
-    gradient_scale = 1.0 / math.sqrt(max(x.numel(), 1) * qmax) if learn else 0.0
+    the threshold(s) (see `_LearnedThresholdFakeQuantize`; one per channel along `axis`); with
+    `learn` False the threshold's gradient is zero (frozen, yet still used, as
+    DistributedDataParallel requires)."""
+    per_threshold = x.numel() // max(log2_threshold.numel(), 1)
+    gradient_scale = 1.0 / math.sqrt(max(per_threshold, 1) * qmax) if learn else 0.0
     return _LearnedThresholdFakeQuantize.apply(x, log2_threshold, exponent, qmin, qmax,
-                                               gradient_scale)
+                                               gradient_scale, axis)
 
 
 def fake_quantize_ste(x: Tensor, exponent: Tensor, qmin: int, qmax: int,

@@ -11,6 +11,7 @@ from quantfx.qmath import (
     EMPTY_TENSOR_EXPONENT,
     exponent_for_max,
     fake_quantize,
+    fake_quantize_learned,
     from_codes,
     qrange,
     sqnr_db,
@@ -90,3 +91,28 @@ def test_sqnr():
     reference = torch.ones(100)
     assert sqnr_db(reference, reference) == math.inf
     assert sqnr_db(reference, reference * 1.1) == pytest.approx(20.0, abs=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), axis=st.sampled_from([0, 1]))
+def test_per_channel_learned_thresholds_get_each_channels_own_gradient(seed, axis):
+    """One threshold per channel: its value and gradients are those of the per-tensor TQT
+    quantizer applied to that channel alone (some channels saturate, some do not)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4, 5, 3, generator=generator) * torch.rand(1, generator=generator) * 4
+         ).double()  # in double: the two ways of summing then agree to rounding
+    thresholds = (torch.rand(x.shape[axis], generator=generator) * 4 - 3).double()
+    thresholds.requires_grad_()
+    exponents = torch.ceil(thresholds.detach()) - 7
+    grad = torch.randn(x.shape, generator=generator).double()
+    x.requires_grad_()
+    output = fake_quantize_learned(x, thresholds, exponents, -128, 127, axis=axis)
+    output.backward(grad)
+    for channel in range(x.shape[axis]):
+        piece = x.detach().select(axis, channel).clone().requires_grad_()
+        threshold = thresholds.detach()[channel].clone().requires_grad_()
+        alone = fake_quantize_learned(piece, threshold, exponents[channel], -128, 127)
+        alone.backward(grad.select(axis, channel))
+        assert torch.equal(alone, output.detach().select(axis, channel))
+        assert torch.equal(piece.grad, x.grad.select(axis, channel))
+        assert torch.allclose(threshold.grad, thresholds.grad[channel], rtol=1e-9, atol=1e-15)

@@ -5,7 +5,11 @@ import torch
 from torch import nn
 
 import quantfx as qf
-from quantfx.quantizers import CalibrationQuantizer, LearnedRangeQuantizer
+from quantfx.quantizers import (
+    CalibrationQuantizer,
+    LearnedRangeQuantizer,
+    LearnedWeightQuantizer,
+)
 
 
 def test_quant_mode_restores_what_it_found_even_on_error():
@@ -116,6 +120,46 @@ def test_learned_ranges_leave_the_input_range_to_statistics(from_calibration):
     assert bool(input_quantizer.observer_enabled) is not from_calibration
     learned = [module for module in qat.modules() if isinstance(module, LearnedRangeQuantizer)]
     assert len(learned) == 2  # after the ReLU and after the last conv
+
+
+@pytest.mark.parametrize("from_calibration", [False, True])
+def test_learned_weight_thresholds_start_train_and_convert_exactly(from_calibration):
+    """QATSchedule(weight_exponent="learned"): one threshold per weight (per channel for the
+    depthwise conv), started from calibration's exponent when there is one, trained by the
+    optimizer; eval and convert compute with ceil(threshold) - 7."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    images = torch.randn(8, 3, 12, 12)
+    config = qf.QuantConfig(progress=False,
+                            qat_schedule=qf.QATSchedule(weight_exponent="learned"))
+    calibrated = []
+    if from_calibration:
+        model = qf.prepare(model, (images[:1],), config)
+        qf.calibrate(model, [images])
+        calibrated = [layer.weight_quantizer.exponent.clone() for layer in model.modules()
+                      if hasattr(layer, "weight_quantizer")]
+        config = None
+    qat = qf.prepare_qat(model, (images[:1],), config)
+    quantizers = [module for module in qat.modules() if isinstance(module, LearnedWeightQuantizer)]
+    assert [tuple(q.log2_threshold.shape) for q in quantizers] == [(), (8,), ()]
+    for quantizer, exponent in zip(quantizers, calibrated):
+        assert torch.equal(torch.ceil(quantizer.log2_threshold.detach()) - 7, exponent)
+    optimizer = torch.optim.Adam(qat.parameters(), lr=0.01)
+    target = torch.randn(8, 4, 8, 8)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (qat(images) - target).square().mean().backward()
+        optimizer.step()
+    assert all(bool(q.log2_threshold.grad.abs().sum() > 0) for q in quantizers)
+    qat.eval()
+    with torch.no_grad():
+        before = qat(images)
+        assert torch.equal(before, qf.convert(qat)(images))
+        quantizers[-1].log2_threshold.add_(3.0)  # three octaves wider: the exponent follows
+        after = qat(images)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, qf.convert(qat)(images))
 
 
 def test_unknown_range_rule_is_refused():

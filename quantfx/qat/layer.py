@@ -112,8 +112,10 @@ class QATLayer(FakeQuantLayer):
             return fake_quantize(weight, exponent, quantizer.qmin, quantizer.qmax, quantizer.axis)
         if not self.fixed_exponent:
             quantizer.exponent.copy_(exponent)  # a record of the last training step's exponent
+        if isinstance(quantizer, WeightQuantizer):
+            return quantizer.fake_quantize_training(weight, exponent)
         return fake_quantize_ste(weight, exponent, quantizer.qmin, quantizer.qmax,
-                                 quantizer.axis, clip_gradient=False)
+                                 quantizer.axis, clip_gradient=False)  # pickled before 0.3
 
     def _forward_folded(self, x: Tensor) -> Tensor:
         weight, bias = self.folded_weight_bias()

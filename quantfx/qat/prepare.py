@@ -159,6 +159,8 @@ def _qat_layer_from_ptc(module: FakeQuantLayer, factory: QuantizerFactory,
     quantizer = factory.weight(module.layer, calibrated.bits, rule)
     if rule == "calibrated":
         quantizer.exponent.copy_(calibrated.current_exponent())
+    elif rule == "learned" and calibrated.observed:
+        quantizer.start_from_exponent(calibrated.current_exponent())
     return QATLayer(module.layer, None, quantizer,
                     bias_bits=config.profile.bias_bits_for(quantizer.bits))
 

@@ -25,10 +25,15 @@ from quantfx.quantizers.modes import (
     quant_mode,
     set_quant_mode,
 )
-from quantfx.quantizers.training import LearnedRangeQuantizer, QATQuantizer
+from quantfx.quantizers.training import (
+    LearnedRangeQuantizer,
+    LearnedWeightQuantizer,
+    QATQuantizer,
+)
 
 __all__ = [
-    "CalibrationQuantizer", "FrozenQuantizer", "LearnedRangeQuantizer", "QATQuantizer",
+    "CalibrationQuantizer", "FrozenQuantizer", "LearnedRangeQuantizer", "LearnedWeightQuantizer",
+    "QATQuantizer",
     "Quantizer", "QuantizerFactory", "WeightQuantizer", "calibration_quantizers",
     "named_non_finite", "quant_mode", "set_quant_mode",
 ]

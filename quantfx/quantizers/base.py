@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from quantfx.errors import LoadError
 from quantfx.inputs import check_quantizer_input
 from quantfx.observers import Observer
-from quantfx.qmath import fake_quantize, qrange, scale_of, weight_exponent
+from quantfx.qmath import fake_quantize, fake_quantize_ste, qrange, scale_of, weight_exponent
 
 
 class Quantizer(nn.Module):
@@ -139,7 +139,8 @@ class WeightQuantizer(CalibrationQuantizer):
     "Where does a weight get its exponent?"). `rule` "observed" (PTC): calibration computes it
     from the observer (and may search it by output error); "calibrated" (QAT from a calibrated
     model): the exponent it holds; "minmax" / "mse" (QAT): recomputed from the current weight
-    on every training forward (`quantfx.qmath.weight_exponent`)."""
+    on every training forward (`quantfx.qmath.weight_exponent`); "learned" (QAT, TQT):
+    `LearnedWeightQuantizer`'s trained threshold."""
 
     def __init__(self, observer: Observer, bits: int, axis: int | None = None,
                  rule: str = "observed") -> None:
@@ -156,3 +157,9 @@ class WeightQuantizer(CalibrationQuantizer):
         if not self.follows_weight:
             return self.exponent.clone()
         return weight_exponent(weight, self.qmax, self.axis, self.rule)
+
+    def fake_quantize_training(self, weight: Tensor, exponent: Tensor) -> Tensor:
+        """QAT's training forward of `weight` at `exponent`: the straight-through estimator,
+        unclipped (an exponent from the weight never clips it)."""
+        return fake_quantize_ste(weight, exponent, self.qmin, self.qmax, self.axis,
+                                 clip_gradient=False)

@@ -10,7 +10,11 @@ from quantfx.layers import is_depthwise
 from quantfx.modules import BatchNormLayer
 from quantfx.observers import make_observer
 from quantfx.quantizers.base import CalibrationQuantizer, WeightQuantizer
-from quantfx.quantizers.training import LearnedRangeQuantizer, QATQuantizer
+from quantfx.quantizers.training import (
+    LearnedRangeQuantizer,
+    LearnedWeightQuantizer,
+    QATQuantizer,
+)
 
 
 class QuantizerFactory:
@@ -61,8 +65,11 @@ class QuantizerFactory:
         if self.qat and rule is None:
             rule = self.config.schedule.weight_exponent
             rule = "minmax" if rule == "calibrated" else rule
-        quantizer = WeightQuantizer(make_observer(kind, axis=axis, channels=channels), bits,
-                                    axis=axis, rule=rule or "observed")
+        observer = make_observer(kind, axis=axis, channels=channels)
+        if self.qat and rule == "learned":
+            quantizer = LearnedWeightQuantizer(observer, bits, axis=axis)
+        else:
+            quantizer = WeightQuantizer(observer, bits, axis=axis, rule=rule or "observed")
         if self.qat:
             quantizer.set_mode(observe=False, quantize=True)
         return quantizer

@@ -1,7 +1,7 @@
-"""QAT's activation quantizers: a moving average of each batch's min/max (all-reduced across
-DDP ranks) rounded up to a power of 2 with the clipped straight-through estimator
-(`QATQuantizer`, PACT2's statistical half), or a learned log2 threshold (`LearnedRangeQuantizer`,
-TQT)."""
+"""QAT's own quantizers: an activation range from a moving average of each batch's min/max
+(all-reduced across DDP ranks) rounded up to a power of 2, with the clipped straight-through
+estimator (`QATQuantizer`, PACT2's statistical half), or from a learned log2 threshold
+(`LearnedRangeQuantizer`, TQT); and a weight's learned threshold (`LearnedWeightQuantizer`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from quantfx.inputs import check_quantizer_input
-from quantfx.observers import MovingAverageMinMaxObserver, masked_floor, unmasked
-from quantfx.qmath import fake_quantize, fake_quantize_learned, fake_quantize_ste
-from quantfx.quantizers.base import CalibrationQuantizer
+from quantfx.observers import MovingAverageMinMaxObserver, Observer, masked_floor, unmasked
+from quantfx.qmath import (
+    fake_quantize,
+    fake_quantize_learned,
+    fake_quantize_ste,
+    weight_exponent,
+)
+from quantfx.quantizers.base import CalibrationQuantizer, WeightQuantizer
 
 
 def _reduce_min_max(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,3 +106,35 @@ class LearnedRangeQuantizer(QATQuantizer):
         learning = bool(self.observer_enabled)
         return fake_quantize_learned(x, self.log2_threshold, self.compute_exponent(),
                                      self.qmin, self.qmax, learn=learning)
+
+
+class LearnedWeightQuantizer(WeightQuantizer):
+    """A QAT weight quantizer with learned power-of-2 threshold(s) (TQT;
+    `QATSchedule.weight_exponent` "learned"): one log2 threshold per tensor, or per output
+    channel where the weight is quantized per channel; the exponent is
+    ceil(log2_threshold) - (bits - 1), so it moves only when training carries a threshold
+    across a power of 2, never because one weight crossed a grid edge. It starts from
+    calibration's exponent, or from the never-clipping exponent of the first weight it sees."""
+
+    def __init__(self, observer: Observer, bits: int, axis: int | None = None) -> None:
+        super().__init__(observer, bits, axis, rule="learned")
+        self.log2_threshold = nn.Parameter(torch.zeros(self.exponent.shape))
+        self.register_buffer("threshold_started", torch.tensor(False))
+
+    def start_from_exponent(self, exponent: Tensor) -> None:
+        """Start at `exponent`: each threshold in the middle of its octave."""
+        with torch.no_grad():
+            self.exponent.copy_(exponent)
+            self.log2_threshold.copy_(self.exponent + (self.bits - 1) - 0.5)
+        self.threshold_started.fill_(True)
+
+    def exponent_for(self, weight: Tensor) -> Tensor:
+        if not bool(self.threshold_started):
+            self.start_from_exponent(weight_exponent(weight.detach(), self.qmax, self.axis,
+                                                     "minmax"))
+        return torch.ceil(self.log2_threshold.detach()) - (self.bits - 1)
+
+    def fake_quantize_training(self, weight: Tensor, exponent: Tensor) -> Tensor:
+        """TQT's forward and gradients, the weight's clipped where it saturates."""
+        return fake_quantize_learned(weight, self.log2_threshold, exponent, self.qmin,
+                                     self.qmax, axis=self.axis)
