@@ -75,8 +75,8 @@ def check_calibration_batch(items: tuple[Tensor, ...], shapes: list[tuple[int, .
 
 
 def check_quantizer_input(x: Any, exponent: Tensor) -> None:
-    """What a quantizer (the first op on each model input) must receive: a float tensor on the
-    model's device."""
+    """What a quantizer (the first op on each model input) must receive: a float tensor of the
+    model's dtype (any float under autocast) on the model's device."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = describe_tensor(x) if isinstance(x, Tensor) else type(x).__name__
         raise InputError(
@@ -87,6 +87,12 @@ def check_quantizer_input(x: Any, exponent: Tensor) -> None:
         raise InputError(
             f"a quantfx model on {exponent.device} got a tensor on {x.device}: move the data "
             f"(x.to('{exponent.device}')) or the model (model.to('{x.device}')).")
+    if x.dtype != exponent.dtype and not torch.is_autocast_enabled(x.device.type):
+        dtype = str(exponent.dtype).removeprefix("torch.")
+        raise InputError(
+            f"a quantfx model whose parameters are {dtype} got {describe_tensor(x)}: give "
+            f"x.to(torch.{dtype}) (checked before any range is recorded), or run under "
+            "torch.autocast.")
 
 
 def first_samples(batches: Sequence[Any], count: int) -> list[Any]:

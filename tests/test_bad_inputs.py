@@ -6,6 +6,7 @@ arguments with defaults, hooks, a single string where a list goes).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -550,3 +551,25 @@ def test_converted_model_rejects_integer_images(converted_cnn) -> None:
     images = (x * 50).clamp(0, 255).to(torch.uint8)
     with pytest.raises(qf.InputError, match=r"uint8.*float"):
         converted(images)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_float_of_another_dtype_is_refused_before_any_range_is_recorded(dtype) -> None:
+    """A float64 batch in the user's own calibration loop: an InputError, and the input's
+    range stays what the float32 batches make it (it was recorded, 128x too wide, before
+    the conv failed with a bare torch error)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    prepared = qf.prepare(model, torch.randn(1, 3, 16, 16), qf.QuantConfig(progress=False))
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    reference = copy.deepcopy(prepared)
+    with torch.no_grad():
+        with pytest.raises(qf.InputError, match=r"float32 got .*give x.to\(torch.float32\)"):
+            prepared(torch.randn(8, 3, 16, 16, dtype=dtype) * 100)
+        for batch in batches:
+            prepared(batch)
+            reference(batch)
+    converted, expected = qf.convert(prepared), qf.convert(reference)
+    assert torch.equal(converted(batches[0]), expected(batches[0]))
+    with pytest.raises(qf.InputError, match=r"float32 got"):
+        converted(batches[0].to(dtype))
