@@ -320,6 +320,30 @@ def test_qat_model_exports_bit_exact(tmp_path) -> None:
 # Legacy (TDA4VM, no QDQ)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_legacy_export_writes_resize_as_opset_11_wants(tmp_path, mode) -> None:
+    """Before opset 13 Resize's roi and scales are required inputs: empty tensors, not names
+    left out (the file was invalid, an InternalError, for every model with an interpolate)."""
+    torch.manual_seed(0)
+
+    class Upsampler(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(torch.relu(self.conv(x)), scale_factor=2, mode=mode)
+
+    data = torch.randn(8, 3, 16, 16)
+    converted = _convert(Upsampler().eval(), data)
+    report = qf.export_onnx(converted, (data[:1],), tmp_path / "up.onnx", legacy=True,
+                            verify_data=data)
+    assert report.opset == 11
+    resize = next(node for node in onnx.load(tmp_path / "up.onnx").graph.node
+                  if node.op_type == "Resize")
+    assert all(resize.input[:3])
+
+
 def test_legacy_export_uses_power_of_two_clips(tmp_path) -> None:
     torch.manual_seed(0)
     data = torch.randn(BATCH, 3, 64, 64)

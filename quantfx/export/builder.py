@@ -25,6 +25,8 @@ AXES_AS_INPUT_OPSET = 18
 """From opset 18, Reduce* ops take their axes as an input instead of an attribute."""
 SPLIT_AS_INPUT_OPSET = 13
 """From opset 13, Split takes its sizes as an input instead of an attribute."""
+OPTIONAL_RESIZE_INPUTS_OPSET = 13
+"""Before opset 13, Resize's roi and scales are required inputs (empty when sizes is given)."""
 END = 2**62
 """A Slice end past any dimension ("to the end")."""
 
@@ -175,6 +177,14 @@ class Builder:
                      name, axis=axis)
         else:
             self.add("Split", [source], outputs, name, axis=axis, split=sizes)
+
+    def resize_inputs(self, name: str, sizes: tuple[int, ...]) -> list[str]:
+        """Resize's roi, scales and sizes inputs for an output of `sizes` (roi and scales
+        empty tensors before opset 13, where they are required)."""
+        if self.opset >= OPTIONAL_RESIZE_INPUTS_OPSET:
+            return ["", "", self.int64_constant(f"{name}.sizes", sizes)]
+        return [self.float_constant(f"{name}.roi", []), self.float_constant(f"{name}.scales", []),
+                self.int64_constant(f"{name}.sizes", sizes)]
 
     def slice(self, name: str, source: str, starts: list[int], ends: list[int],
               axes: list[int], steps: list[int] | None = None, prefix: str | None = None) -> str:

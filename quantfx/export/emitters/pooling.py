@@ -100,8 +100,8 @@ def emit_interpolate(b: Builder, node: fx.Node, module: standins.Interpolate) ->
     else:
         raise ExportError(f"resize '{node.target}' uses mode '{mode}', which has no exact ONNX "
                           "Resize equivalent here; use nearest or (bi)linear.")
-    sizes = b.int64_constant(f"{node.name}.sizes", b.info(node).shape)
-    b.emit(node, "Resize", [b.tensor_input(node), "", "", sizes], **attributes)
+    b.emit(node, "Resize", [b.tensor_input(node), *b.resize_inputs(node.name, b.info(node).shape)],
+           **attributes)
 
 
 _MAX_POOLS = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
