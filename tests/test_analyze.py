@@ -211,3 +211,43 @@ def test_report_without_matplotlib_keeps_the_numbers(report, tmp_path, monkeypat
     assert {p.rsplit("/", 1)[1] for p in paths} == {"report.md", "report.html", "report.json"}
     page = (tmp_path / "plain" / "report.html").read_text()
     assert "pip install quantfx[plot]" in page and "<img" not in page
+
+
+class _Untraceable(nn.Module):
+    """`Chain` as the traceable part of a model whose forward branches on data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Chain()
+
+    def forward(self, x):
+        y = self.backbone(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_a_partly_quantized_model_is_analyzed_in_its_parts_names():
+    """quantize_only: each part's tensors, named by module path, the damaged layer first; the
+    suggestion is a config that prepares (it ran on no input at all before: a TypeError)."""
+    config = replace(CONFIG, quantize_only=("backbone",))
+    data = _data()
+    report = qf.analyze(_Untraceable().eval(), data[0][:1], data, config=config)
+    assert report.tensors[0].layer == "backbone.c2"
+    assert all(tensor.tensor.startswith("backbone.") for tensor in report.tensors)
+    assert "backbone.c2" in report.sixteen_bit_layers
+    suggested = report.config()
+    assert suggested.quantize_only == ("backbone",)
+    prepared = qf.prepare(_Untraceable().eval(), data[0][:1], suggested)
+    qf.calibrate(prepared, data)
+    assert prepared.backbone.c2.weight_quantizer.bits == 16
+
+
+def test_the_suggested_config_keeps_the_config_analyze_measured_with(report):
+    """`report.config()` starts from analyze's config (the target, the options), not the
+    defaults: the suggestion was measured under them."""
+    model = Chain()
+    data = _data()
+    analyzed = qf.analyze(model, data[0][:1], data, config=replace(CONFIG, target="tda4vm"))
+    assert analyzed.config().target == "tda4vm"
+    assert analyzed.config().weight_rounding == "nearest"
+    assert analyzed.config(qf.QuantConfig()).target == "generic"
+    assert "analyzed_with" not in json.loads(analyzed.to_json())

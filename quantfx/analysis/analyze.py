@@ -18,50 +18,25 @@ import torch.fx as fx
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quantfx.analysis.sensitivity import (
+    Sums,
+    TensorSensitivity,
+    quantizer_nodes,
+    tensor_statistics,
+)
 from quantfx.checks import check_number
 from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError, ConvertError
-from quantfx.layers import FakeQuantLayer, PReLULayer, layer_forward
-from quantfx.ops import FUSABLE_ACTIVATIONS
-from quantfx.passes.graph_utils import flatten_values, module_of
+from quantfx.layers import FakeQuantLayer, PReLULayer
+from quantfx.passes.graph_utils import flatten_values
 from quantfx.ptc import calibrate, prepare
 from quantfx.ptc.learned_rounding import float_parameters
-from quantfx.quantizers import CalibrationQuantizer, set_quant_mode
+from quantfx.quantizers import set_quant_mode
 from quantfx.state import state_of
 
 MAX_BATCHES = 8
 """Batches of `data` the per-tensor statistics use (the suggestion's trials use them too)."""
-HISTOGRAM_BINS = 48
-"""Bins of each tensor's float value histogram, over twice its quantizer's range either side."""
-
-
-@dataclass
-class TensorSensitivity:
-    """One quantized tensor: how far from float it ends up, and what its own rounding costs."""
-
-    tensor: str
-    """The graph node whose output this is (a name `sixteen_bit_layers` takes)."""
-    layer: str | None
-    """The conv/linear whose output this is (a name `sixteen_bit_layers` takes), if any."""
-    bits: int
-    sqnr_in_model_db: float
-    """This tensor in the fully quantized model against the float model's."""
-    activation_alone_db: float
-    """Its quantizer's rounding of the float tensor, nothing else quantized."""
-    weight_alone_db: float | None = None
-    """Its layer's output with only the layer's weights quantized (float input)."""
-    clip: float = 0.0
-    """The largest magnitude its quantizer represents (qmax * 2**exponent)."""
-    histogram: list[int] = field(default_factory=list)
-    """Float value counts in `HISTOGRAM_BINS` bins over [-2 clip, 2 clip] (edges hold the rest)."""
-
-    @property
-    def alone_db(self) -> float:
-        """The worse of the two errors it adds on its own."""
-        return min(self.activation_alone_db, self.weight_alone_db or math.inf)
-
-
 MOST_OF_THE_MODEL = 0.5  # a suggestion above this share of the tensors comes with `_advice`
 
 
@@ -83,10 +58,14 @@ class AnalysisReport:
     """`evaluate` of the float, int8, int16 and suggested models, when given."""
     advice: str = ""
     """What to try before the suggestion when it keeps most of the model at 16 bit."""
+    analyzed_with: QuantConfig | None = None
+    """The config `analyze` measured with (not in the JSON)."""
 
     def config(self, base: QuantConfig | None = None) -> QuantConfig:
-        """`base` (or the defaults) with the suggested 16-bit layers."""
-        return replace(base or QuantConfig(), sixteen_bit_layers=tuple(self.sixteen_bit_layers))
+        """`base` (default: the config `analyze` measured with) with the suggested 16-bit
+        layers: the suggestion holds for the target and options it was measured under."""
+        base = base or self.analyzed_with or QuantConfig()
+        return replace(base, sixteen_bit_layers=tuple(self.sixteen_bit_layers))
 
     def __str__(self) -> str:
         lines = ["output SQNR against float: " + ", ".join(
@@ -117,7 +96,8 @@ class AnalysisReport:
 
     def to_json(self) -> str:
         """Valid JSON: an infinite SQNR (no error at all) is written as null, not Infinity."""
-        data = _finite(asdict(self))
+        data = _finite({key: value for key, value in asdict(self).items()
+                        if key != "analyzed_with"})
         return json.dumps(data, indent=2, default=lambda value: None, allow_nan=False)
 
     def save(self, folder: str) -> list[str]:
@@ -140,43 +120,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
-class _Sums:
-    """Signal and noise power, summed over batches."""
-
-    def __init__(self) -> None:
-        self.signal: dict[str, float] = {}
-        self.noise: dict[str, float] = {}
-
-    def add(self, name: str, reference: Tensor, value: Tensor) -> None:
-        reference = reference.detach().double()
-        self.signal[name] = self.signal.get(name, 0.0) + float(reference.pow(2).sum())
-        self.noise[name] = self.noise.get(name, 0.0) + float(
-            (value.detach().double() - reference).pow(2).sum())
-
-    def sqnr(self, name: str) -> float:
-        return _sqnr(self.signal.get(name, 0.0), self.noise.get(name, 0.0))
-
-
-def _activation_quantizers(model: fx.GraphModule) -> dict[str, fx.Node]:
-    return {node.target: node for node in model.graph.nodes
-            if isinstance(module_of(model, node), CalibrationQuantizer)}
-
-
-def _producing_layer(model: fx.GraphModule, node: fx.Node) -> str | None:
-    source = node.args[0] if node.args else None
-    if isinstance(source, fx.Node) and isinstance(module_of(model, source), FUSABLE_ACTIVATIONS):
-        source = source.args[0]
-    if isinstance(source, fx.Node) and isinstance(module_of(model, source), FakeQuantLayer):
-        return source.target
-    return None
-
-
 def _run(model: nn.Module, batches: list[tuple[Tensor, ...]]) -> list[Tensor]:
     with torch.no_grad():
         return [torch.cat([t.flatten() for t in flatten_values(model(*batch))
@@ -184,65 +127,10 @@ def _run(model: nn.Module, batches: list[tuple[Tensor, ...]]) -> list[Tensor]:
 
 
 def _output_sqnr(reference: list[Tensor], outputs: list[Tensor]) -> float:
-    sums = _Sums()
+    sums = Sums()
     for want, got in zip(reference, outputs):
         sums.add("out", want, got)
     return sums.sqnr("out")
-
-
-def _tensor_statistics(prepared: fx.GraphModule, converted: fx.GraphModule,
-                       batches: list[tuple[Tensor, ...]]) -> list[TensorSensitivity]:
-    """One float pass (prepared model, quantizers off) and one quantized pass per batch."""
-    quantizers = _activation_quantizers(prepared)
-    frozen = {name: converted.get_submodule(name) for name in quantizers}
-    in_model, alone, weights = _Sums(), _Sums(), _Sums()
-    clips = {name: float(frozen[name].qmax) * 2.0 ** float(frozen[name].exponent)
-             for name in quantizers}
-    histograms = {name: torch.zeros(HISTOGRAM_BINS, dtype=torch.float64) for name in quantizers}
-    captured: dict[str, Tensor] = {}
-    hooks = [prepared.get_submodule(name).register_forward_hook(
-        lambda module, args, output, name=name: captured.__setitem__(name, args[0]))
-        for name in quantizers]
-    layers = {node.target: module_of(prepared, node) for node in prepared.graph.nodes
-              if isinstance(module_of(prepared, node), FakeQuantLayer)}
-    integer = {name: converted.get_submodule(name).layer for name in layers}
-    hooks += [layer.register_forward_hook(
-        lambda module, args, output, name=name: weights.add(name, output, layer_forward(
-            module.layer, args[0], integer[name].weight, integer[name].bias)))
-        for name, layer in layers.items()]
-    quantized: dict[str, Tensor] = {}
-    hooks += [frozen[name].register_forward_hook(
-        lambda module, args, output, name=name: quantized.__setitem__(name, output))
-        for name in quantizers]
-
-    try:
-        with torch.no_grad(), float_parameters(prepared):  # the float pass: float weights
-            for batch in batches:
-                set_quant_mode(prepared, observe=False, quantize=False)
-                prepared(*batch)
-                converted(*batch)
-                for name in quantizers:
-                    reference = captured[name]
-                    in_model.add(name, reference, quantized[name])
-                    alone.add(name, reference, frozen[name](reference))
-                    edge = 2.0 * clips[name]
-                    histograms[name] += torch.histc(
-                        reference.detach().double().clamp(-edge, edge), HISTOGRAM_BINS, -edge,
-                        edge)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        set_quant_mode(prepared, observe=True, quantize=False)
-    results = []
-    for name, node in quantizers.items():
-        layer = _producing_layer(prepared, node)
-        source = node.args[0]
-        results.append(TensorSensitivity(
-            source.name if isinstance(source, fx.Node) else name, layer, frozen[name].bits,
-            in_model.sqnr(name),
-            alone.sqnr(name), weights.sqnr(layer) if layer in weights.signal else None,
-            clips[name], [int(count) for count in histograms[name].tolist()]))
-    return sorted(results, key=lambda item: item.alone_db)
 
 
 def _quantize(model: nn.Module, example: Any, config: QuantConfig,
@@ -260,7 +148,7 @@ def _partial(prepared: fx.GraphModule, weights: bool, activations: bool,
     for module in prepared.modules():
         if isinstance(module, (FakeQuantLayer, PReLULayer)):
             module.weight_quantizer.set_mode(observe=False, quantize=weights)
-    for name in _activation_quantizers(prepared):
+    for name in quantizer_nodes(prepared):
         prepared.get_submodule(name).set_mode(observe=False, quantize=activations)
     try:
         return _run(prepared, batches)
@@ -304,13 +192,14 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     `evaluate(model) -> score` (higher is better), a score (default: the float score minus 1).
     The suggestion is the fewest worst-first layers that reach it.
     """
-    config = resolve_config(config)
+    given, config = config, resolve_config(config)
     batches = _checked_batches(model, data, evaluate, target)
     with tqdm(total=2, desc="analyze", unit="calibration", leave=False,
               disable=None if config.progress else True) as bar:
         report = _analyze(model, example_inputs, batches, evaluate, config, target, bar)
         bar.total = bar.n  # the bisection may stop early: end the bar full
-        return report
+    report.analyzed_with = given or QuantConfig()
+    return report
 
 
 def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, ...]],
@@ -318,7 +207,8 @@ def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, 
              target: float | None, bar: tqdm) -> AnalysisReport:
     """`analyze` once its arguments are checked; `bar` counts its calibrations."""
     prepared, converted = _quantize(model, example_inputs, config, batches, bar)
-    inputs = [batch[:len(state_of(prepared).input_shapes)] for batch in batches]
+    count = len(state_of(prepared).input_shapes) or None  # a partly quantized model: all
+    inputs = [batch[:count] for batch in batches]
     was_training = model.training
     model.eval()
     try:
@@ -326,7 +216,7 @@ def _analyze(model: nn.Module, example_inputs: Any, batches: list[tuple[Tensor, 
     finally:
         model.train(was_training)
     report = AnalysisReport()
-    report.tensors = _tensor_statistics(prepared, converted, inputs)
+    report.tensors = tensor_statistics(prepared, converted, inputs)
     report.output_sqnr_db["int8"] = _output_sqnr(reference, _run(converted, inputs))
     report.output_sqnr_db["weights only"] = _output_sqnr(reference,
                                                          _partial(prepared, True, False, inputs))
