@@ -115,6 +115,7 @@ __all__ = [
     "check_tidl",
     "compare_bit_depths",
     "convert",
+    "distill",
     "doctor",
     "export_onnx",
     "end_qat_epoch",

@@ -23,7 +23,8 @@ from quantfx.checks import check_bool, check_int, check_number
 from quantfx.config import QuantConfig
 from quantfx.distillation_state import HeldOut, check_checkpoint_path, load_checkpoint
 from quantfx.distillation_training import LEARNING_RATE, NO_STEP_LIMIT, Trainer, db
-from quantfx.errors import CalibrationError, ConfigError
+from quantfx.errors import CalibrationError, ConfigError, warn
+from quantfx.frontend import as_input_tuple
 from quantfx.partial import quantized_parts
 from quantfx.ptc import batch_inputs, calibrate, iterate_batches, prepare
 from quantfx.ptc.learned_rounding import restore_float_parameters
@@ -47,7 +48,8 @@ def distill(model: nn.Module, data: Iterable | Tensor | str | os.PathLike, *,
     `model`: a float model (prepared with `config` and calibrated on `data` first), a model
     returned by `quantfx.prepare` (calibrated on `data` unless it is already), or one returned
     by `prepare_qat` (its float self at the start is the teacher). `data`: batches of inputs
-    (labels are ignored), used again and again, or an image folder (`load_calibration`).
+    (labels are ignored), used again and again, or an image folder (read at the model's input
+    size, `_folder_batches`).
     Budget: `steps` optimizer steps or `minutes` of training, whichever ends first (default
     `DEFAULT_STEPS`). `checkpoint`: a file written every `CHECKPOINT_EVERY` steps; an existing
     one is resumed. Returns the trained QAT model in eval mode, ready for `quantfx.convert`.
@@ -55,7 +57,7 @@ def distill(model: nn.Module, data: Iterable | Tensor | str | os.PathLike, *,
     budget = _check_options(steps, minutes, features, learning_rate, checkpoint)
     if checkpoint is not None:
         check_checkpoint_path(os.fspath(checkpoint))
-    batches = _batches(data)
+    batches = _batches(data, model, example_inputs, config)
     student, teacher = _student_and_teacher(model, batches, example_inputs, config)
     training = _Passes(student, batches)
     held_out = HeldOut(student, teacher, training.held_out)
@@ -89,12 +91,11 @@ def _check_options(steps: Any, minutes: Any, features: Any, learning_rate: Any,
             60.0 * minutes if minutes is not None else math.inf)
 
 
-def _batches(data: Any) -> Any:
+def _batches(data: Any, model: nn.Module, example_inputs: Any,
+             config: QuantConfig | None) -> Any:
     """`data` as something iterated once per pass: an image folder is read into batches."""
     if isinstance(data, (str, os.PathLike)):
-        from quantfx.sources import load_calibration
-
-        return load_calibration(data)
+        return _folder_batches(os.fspath(data), model, example_inputs, config)
     if isinstance(data, Tensor):
         return [data]  # one batch, not a batch per row
     if isinstance(data, Iterator):
@@ -102,6 +103,35 @@ def _batches(data: Any) -> Any:
             f"distill uses its data again and again, but got a one-pass "
             f"{type(data).__name__}: give a list of batches or a DataLoader.")
     return data
+
+
+def _folder_batches(folder: str, model: nn.Module, example_inputs: Any,
+                    config: QuantConfig | None) -> list[Tensor]:
+    """An image folder's batches at the model's input size (of `example_inputs`, else of the
+    prepared model's inputs; 224 x 224 for a float model without them, with a warning),
+    ImageNet-normalized as the command line's defaults do."""
+    from quantfx.sources import ImageOptions, load_calibration
+
+    state = state_of(model)
+    shapes = ([tuple(tensor.shape) for tensor in as_input_tuple(example_inputs)]
+              if example_inputs is not None else list(getattr(state, "input_shapes", [])))
+    if not shapes:
+        warn(f"distill reads the images of {folder!r} as 224 x 224 RGB crops, ImageNet-"
+             "normalized (the command line's defaults): pass example_inputs of the model's "
+             "input size, or batches preprocessed as the model expects.")
+        options = ImageOptions()
+    elif len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] not in (1, 3) or (
+            shapes[0][2] != shapes[0][3]):
+        raise ConfigError(
+            f"distill reads an image folder as square RGB or grayscale images, but the model "
+            f"takes inputs of shape(s) {shapes}: give distill batches of inputs instead.")
+    else:
+        side, gray = shapes[0][2], shapes[0][1] == 1
+        options = ImageOptions(resize=round(side * 256 / 224), crop=side, grayscale=gray)
+        if gray:  # ImageNet's statistics averaged over the colours
+            options.mean, options.std = (sum(options.mean) / 3,), (sum(options.std) / 3,)
+    progress = (config or getattr(state, "config", None) or QuantConfig()).progress
+    return load_calibration(folder, images=options, progress=progress)
 
 
 def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,

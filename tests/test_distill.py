@@ -204,6 +204,34 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
         qf.distill(prepared, data, steps=1, checkpoint=other)
 
 
+def test_an_image_folder_is_read_at_the_models_input_size(tmp_path, monkeypatch):
+    """A folder of photos becomes crops of the prepared model's input size (they were always
+    224 x 224: the 12 x 12 model failed on them), grayscale for a one-channel model; a float
+    model with no example inputs gets 224 x 224 and a warning saying so."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for index in range(4):
+        pixels = (torch.rand(20, 24, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{index}.png")
+    seen: list[tuple[int, ...]] = []
+    real = qf.distillation.Trainer.run
+
+    def record(trainer, inputs, *args):
+        return real(trainer, (seen.append(tuple(batch[0].shape)) or batch for batch in inputs),
+                    *args)
+
+    monkeypatch.setattr(qf.distillation.Trainer, "run", record)
+    qf.distill(_calibrated(_model(), _batches(2, 1)), tmp_path, steps=1)
+    assert seen and seen[0][1:] == (3, 12, 12)
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    qf.distill(gray, tmp_path, steps=1, example_inputs=torch.randn(1, 1, 16, 16), config=CONFIG)
+    assert seen[-1][1:] == (1, 16, 16)
+    with pytest.warns(qf.QuantFxWarning, match="224 x 224"):
+        qf.distill(gray[0:0].append(nn.Conv2d(3, 2, 1)).eval(), tmp_path, steps=1, config=CONFIG)
+    assert seen[-1][1:] == (3, 224, 224)
+
+
 def _worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
