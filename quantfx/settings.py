@@ -11,11 +11,14 @@ from dataclasses import fields
 from typing import Any
 
 from quantfx.checks import check_choice
-from quantfx.config import AUTO_PARTS, QuantConfig
+from quantfx.config import AUTO_PARTS, QATSchedule, QuantConfig
 from quantfx.errors import ConfigError, LoadError
 
-TEXT_FIELDS_EXCLUDED = ("autowrap_functions", "qat_schedule")
-"""Fields a text setting cannot give (functions, a `QATSchedule`)."""
+TEXT_FIELDS_EXCLUDED = ("autowrap_functions",)
+"""Fields a text setting cannot give (functions)."""
+SCHEDULE = "qat_schedule"
+"""The field given by its own fields: `--set qat_schedule.ranges=learned`, or a TOML table
+`[qat_schedule]` / a JSON object."""
 LIST_FIELDS = ("sixteen_bit_layers", "leaf_modules", "quantize_only")
 
 
@@ -24,14 +27,29 @@ def settings_from_text(pairs: Sequence[str]) -> dict[str, Any]:
     false, none, numbers, comma-separated lists for the list fields, else the text itself."""
     names = [item.name for item in fields(QuantConfig) if item.name not in TEXT_FIELDS_EXCLUDED]
     settings: dict[str, Any] = {}
+    schedule: dict[str, Any] = {}
     for pair in pairs:
         name, equals, text = (part.strip() for part in pair.partition("="))
         if not equals:
             raise ConfigError(f"--set {pair!r} must be FIELD=VALUE, e.g. "
                               "per_channel_depthwise=false.")
+        owner, dot, inner = name.partition(".")
+        if owner == SCHEDULE and dot:
+            schedule[inner] = _value_from_text(inner, text)
+            continue
         check_choice(name, f"--set {pair!r}: the field", names)
         settings[name] = _value_from_text(name, text)
+    if schedule:
+        settings[SCHEDULE] = _schedule(schedule, "--set qat_schedule.")
     return settings
+
+
+def _schedule(values: dict[str, Any], where: str) -> QATSchedule:
+    """A `QATSchedule` from its fields by name (checked by name, then by `QATSchedule`)."""
+    for name in values:
+        check_choice(name, f"{where}{name}: the QATSchedule field",
+                     [item.name for item in fields(QATSchedule)])
+    return QATSchedule(**values)
 
 
 def _value_from_text(name: str, text: str) -> Any:
@@ -81,4 +99,6 @@ def settings_from_file(path: str | os.PathLike) -> dict[str, Any]:
         check_choice(name, f"--config {path!r}: the field", names)
         if isinstance(value, list):
             settings[name] = tuple(value)
+        elif name == SCHEDULE and isinstance(value, dict):
+            settings[name] = _schedule(value, f"--config {path!r}: qat_schedule.")
     return settings

@@ -446,6 +446,29 @@ def test_every_config_field_is_reachable_with_set(workspace, capsys):
 
 
 
+def test_the_qat_schedule_is_set_by_its_own_fields(tmp_path):
+    """cli.md: --set sets any field; qat_schedule was refused ("not one of ..."). Now
+    `--set qat_schedule.ranges=learned`, a TOML table, a JSON object; a misspelt schedule
+    field names the closest one."""
+    from quantfx.settings import settings_from_file, settings_from_text
+
+    settings = settings_from_text(["qat_schedule.ranges=learned",
+                                   "qat_schedule.freeze_bn_step=100", "percentile=99.9"])
+    assert settings == {"percentile": 99.9, "qat_schedule": qf.QATSchedule(
+        ranges="learned", freeze_bn_step=100)}
+    assert qf.QuantConfig(**settings).schedule.ranges == "learned"
+    (tmp_path / "config.toml").write_text('target = "tda4vm"\n[qat_schedule]\n'
+                                          'weight_exponent = "learned"\n')
+    (tmp_path / "config.json").write_text('{"qat_schedule": {"ranges": "statistics"}}')
+    assert settings_from_file(tmp_path / "config.toml")["qat_schedule"].weight_exponent == (
+        "learned")
+    assert settings_from_file(tmp_path / "config.json")["qat_schedule"].ranges == "statistics"
+    with pytest.raises(qf.ConfigError, match="Did you mean 'ranges'"):
+        settings_from_text(["qat_schedule.range=learned"])
+    with pytest.raises(qf.ConfigError, match="ranges"):
+        settings_from_text(["qat_schedule.ranges=learnt"])
+
+
 def test_the_analyze_then_quantize_journey_writes_a_verified_file(tmp_path):
     """docs/cli.md's journey: analyze suggests layers to keep at 16 bit, quantize takes them.
     With most of resnet18 at 16 bit the float32 sums are not exact and the end-to-end check
