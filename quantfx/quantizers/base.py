@@ -53,8 +53,10 @@ class Quantizer(nn.Module):
             raise LoadError(
                 f"the state_dict holds a {int(saved)}-bit quantizer '{prefix.rstrip('.')}' where "
                 f"this model places {self.placed_bits} bit: it comes from a model quantized "
-                "with other bit widths. Prepare with the same QuantConfig (activation_bits, "
-                "weight_bits, sixteen_bit_layers) before loading.")
+                "with other bit widths, by another QuantConfig (activation_bits, weight_bits, "
+                "sixteen_bit_layers) or by a calibration on other data that measured other "
+                "layers to need 16 bit (widen_sensitive_layers). Load a prepared model's "
+                "state_dict into a model prepared with the same config, then convert.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       *args)
         for key in ("width", "measured"):
