@@ -191,3 +191,30 @@ def test_a_standalone_batchnorm_reports_its_per_tensor_cost():
     assert [f.severity for f in found] == ["warning"], found
     assert "8 channel scales span 0.01..4" in found[0].why
     assert "5 channel(s) with fewer than 8 codes" in found[0].why, found[0].why
+
+
+def test_a_partly_quantized_model_is_checked_in_its_parts():
+    """quantize_only: doctor checks each part on the arguments it receives (it traced the whole
+    model and reported an untraceable-code error that prepare with this config never hits),
+    its findings named by module path; "auto" finds the same part."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 4, 1))
+
+        def forward(self, x):
+            y = self.backbone(x)
+            return y * 2 if y.sum() > 0 else y
+
+    inputs = torch.randn(1, 3, 16, 16)
+    assert any(f.where == "trace" for f in qf.doctor(Branchy().eval(), inputs).findings)
+    for parts in (("backbone",), "auto"):
+        config = qf.QuantConfig(quantize_only=parts, progress=False)
+        report = qf.doctor(Branchy().eval(), inputs, config=config)
+        assert [(f.severity, f.where) for f in report.findings] == [("warning", "backbone.0")]
+        assert "without BatchNorm" in report.findings[0].what
+    config = qf.QuantConfig(quantize_only=("backbone.1",), progress=False)
+    report = qf.doctor(Branchy().eval(), inputs, config=config)
+    assert report.findings[0].where == "parts" and not report.ok

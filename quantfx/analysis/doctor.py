@@ -29,6 +29,7 @@ from quantfx.layers import is_depthwise
 from quantfx.modules import batchnorm_affine
 from quantfx.observers import HistogramObserver
 from quantfx.ops import BATCHNORMS, BOUNDED_ACTIVATIONS, WEIGHT_LAYERS
+from quantfx.partial import model_inputs, prepare_parts, resolve_parts, whole_or_parts
 from quantfx.passes.fuse import fold_batchnorm, forward_fold_target
 from quantfx.passes.graph_utils import is_shape_only, module_of
 from quantfx.passes.normalize import REWRITES
@@ -346,25 +347,54 @@ def doctor(model: nn.Module, example_inputs: Any, optimizer: Any = None,
 
     Returns a `DoctorReport`: `str()` to read, `to_markdown()`, `to_json()`, `ok`. Runs the
     model once on `example_inputs` (and a short calibration on them) to see what export and
-    the TIDL checker of `config.target` would say.
+    the TIDL checker of `config.target` would say. With `config.quantize_only`, each part is
+    checked on the inputs it receives, its findings named by module path.
     """
     config = resolve_config(config)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    inputs = as_input_tuple(example_inputs)
     report = DoctorReport(type(model).__name__)
     report.findings += _optimizer(model, optimizer)
+    config = whole_or_parts(model, example_inputs, config)
+    if config.quantize_only:
+        report.findings += _part_findings(model, example_inputs, config)
+    else:
+        report.findings += _model_findings(model, as_input_tuple(example_inputs), config)
+    return report
+
+
+def _model_findings(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                    config: QuantConfig) -> list[Finding]:
+    """Everything `doctor` checks on a model that traces whole."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", QuantFxWarning)  # its findings say it
             graph, _ = build_graph(model, inputs, config, training=False)
     except QuantFxError as error:
-        report.findings.append(Finding(
+        return [Finding(
             ERROR, "trace", str(error).splitlines()[0], "quantfx traces the model with torch.fx "
-            "to place quantizers", "\n".join(str(error).splitlines()[1:]) or "see the message"))
-        return report
-    report.findings += _convs_without_batchnorm(graph) + _structure(graph, config)
-    report.findings += _reuse_and_functionals(trace(private_copy(model).eval(), config))
-    report.findings += _outliers(fold_batchnorm(graph))
-    report.findings += _export_and_tidl(model, inputs, config)
-    return report
+            "to place quantizers", "\n".join(str(error).splitlines()[1:]) or "see the message")]
+    findings = _convs_without_batchnorm(graph) + _structure(graph, config)
+    findings += _reuse_and_functionals(trace(private_copy(model).eval(), config))
+    findings += _outliers(fold_batchnorm(graph))
+    return findings + _export_and_tidl(model, inputs, config)
+
+
+def _part_findings(model: nn.Module, example_inputs: Any, config: QuantConfig) -> list[Finding]:
+    """Each part `config.quantize_only` names, checked on the arguments it receives."""
+    findings: list[Finding] = []
+    names = iter(resolve_parts(model, model_inputs(example_inputs), config)[0])
+
+    def check(part: nn.Module, arguments: tuple, part_config: QuantConfig) -> nn.Module:
+        prefix = next(names)
+        findings.extend(replace(finding, where=f"{prefix}.{finding.where}")
+                        for finding in _model_findings(part, arguments, part_config))
+        return part
+
+    try:
+        prepare_parts(model, example_inputs, config, check, training=False)
+    except QuantFxError as error:
+        findings.append(Finding(ERROR, "parts", str(error).splitlines()[0],
+                                "quantfx quantizes the parts quantize_only names",
+                                "see the message"))
+    return findings
