@@ -28,12 +28,16 @@ from benchmarks.models import MODEL_BUILDERS
 from benchmarks.report import Chart, PartResult, Table
 from benchmarks.training import configure_threads, predict, train_float_with_info
 from quantfx.export.verify import onnxruntime_session
+from quantfx.quantizers import learned_thresholds
 
 CALIBRATION_IMAGES = 1000
 CALIBRATION_BATCH = 100
 EVAL_BATCH = 500
 QAT_EPOCHS = 1
 QAT_LEARNING_RATE = 0.002
+THRESHOLD_RATE = 1e-2
+"""Adam's rate for learned log2 thresholds (TQT trains them with Adam; SGD at the QAT rate
+moves them about 1e-7 octaves a step, never changing an exponent)."""
 
 DESCRIPTION = (
     f"Fashion-MNIST test accuracy (10,000 images, top-1 %) of three small nets trained in float "
@@ -87,16 +91,22 @@ def quantfx_qat(prepared: nn.Module, train: TensorDataset) -> nn.Module:
     qat_model = qf.prepare_qat(prepared, example)
     loader = DataLoader(train, batch_size=128, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(qat_model.parameters(), lr=QAT_LEARNING_RATE, momentum=0.9,
-                                weight_decay=1e-4)
+    thresholds = learned_thresholds(qat_model)  # TQT's recipe: Adam of their own
+    others = [p for p in qat_model.parameters() if all(p is not t for t in thresholds)]
+    optimizer = torch.optim.SGD(others, lr=QAT_LEARNING_RATE, momentum=0.9, weight_decay=1e-4)
+    threshold_optimizer = torch.optim.Adam(thresholds, lr=THRESHOLD_RATE) if thresholds else None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, QAT_EPOCHS * len(loader))
     loss_function = nn.CrossEntropyLoss()
     qat_model.train()
     for _ in range(QAT_EPOCHS):
         for images, labels in loader:
             optimizer.zero_grad(set_to_none=True)
+            if threshold_optimizer is not None:
+                threshold_optimizer.zero_grad(set_to_none=True)
             loss_function(qat_model(images), labels).backward()
             optimizer.step()
+            if threshold_optimizer is not None:
+                threshold_optimizer.step()
             scheduler.step()
         if hasattr(qf, "end_qat_epoch"):
             qf.end_qat_epoch(qat_model)

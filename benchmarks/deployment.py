@@ -43,12 +43,13 @@ def run_qat_step(progress: bool = True) -> PartResult:
     threads = configure_threads()
     table = Table(
         "QAT training step / float training step",
-        ["model", "float ms", "quantfx QAT ms", "quantfx learned ranges ms", "torch.ao QAT ms",
-         "quantfx / float", "learned ranges / float", "torch.ao / float"],
+        ["model", "float ms", "quantfx QAT ms", "quantfx learned ranges ms",
+         "quantfx learned ranges and weights ms", "torch.ao QAT ms", "quantfx / float",
+         "learned ranges / float", "learned ranges and weights / float", "torch.ao / float"],
         note=f"torch threads: {threads}; batch {QAT_BATCH}, {QAT_SIZE}x{QAT_SIZE}, random "
              "init, median of 5 interleaved rounds of 3 steps. Targets: quantfx <= 1.5x; "
-             "learned ranges (QATSchedule(ranges='learned')) <= 1.3x on resnet18, <= 1.6x on "
-             "mobilenet_v2.",
+             "learned thresholds <= 1.3x on resnet18, <= 1.6x on mobilenet_v2 (learned ranges: "
+             "QATSchedule(ranges='learned'); and weights: weight_exponent='learned' too).",
     )
     for name in QAT_MODELS:
         times = benchmark_model(name, QAT_BATCH, QAT_SIZE, rounds=5, steps=3)
@@ -57,9 +58,12 @@ def run_qat_step(progress: bool = True) -> PartResult:
             "float ms": times["float"] * 1e3,
             "quantfx QAT ms": times["quantfx"] * 1e3,
             "quantfx learned ranges ms": times["quantfx learned"] * 1e3,
+            "quantfx learned ranges and weights ms": times["quantfx learned weights"] * 1e3,
             "torch.ao QAT ms": times["torch.ao"] * 1e3,
             "quantfx / float": times["quantfx"] / times["float"],
             "learned ranges / float": times["quantfx learned"] / times["float"],
+            "learned ranges and weights / float": times["quantfx learned weights"]
+            / times["float"],
             "torch.ao / float": times["torch.ao"] / times["float"],
         })
     return PartResult("qat_step", QAT_DESCRIPTION, [table])

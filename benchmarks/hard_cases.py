@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import quantfx as qf
 from benchmarks.accuracy import (
+    THRESHOLD_RATE,
     calibration_loader,
     export_float_onnx,
     ort_quantize_static,
@@ -141,6 +143,20 @@ def _brevitas_equalized(model: nn.Module) -> nn.Module:
     return EqualizeGraph(iterations=20).apply(symbolic_trace(model))
 
 
+def _qat_with(calibration: Callable, train: TensorDataset, schedule: qf.QATSchedule
+              ) -> Callable[[], tuple[Callable, str]]:
+    """One epoch of QAT from `calibration` (the default's, with `schedule` for QAT to read);
+    learned thresholds train with Adam of their own (`benchmarks.accuracy.THRESHOLD_RATE`)."""
+
+    def work() -> tuple[Callable, str]:
+        calibration()
+        note = ", ".join(f"{name}='{getattr(schedule, name)}'" for name in
+                         ("ranges", "weight_exponent") if getattr(schedule, name) == "learned")
+        return quantfx_qat(calibration.prepared, train), (
+            f"QATSchedule({note}); thresholds: Adam lr {THRESHOLD_RATE}")
+    return work
+
+
 def _methods(case: Case, threads: int, folder: Path) -> list[tuple[str, Callable]]:
     """(label, work() -> (predictor, note)) for every method on `case`."""
     base = dict(case.base, progress=False)
@@ -169,12 +185,12 @@ def _methods(case: Case, threads: int, folder: Path) -> list[tuple[str, Callable
         train = load_fashion_mnist("train")
         methods.append(("quantfx QAT from default (1 epoch)",
                         lambda: (quantfx_qat(default.prepared, train), "")))
-        learned = ptc(qat_schedule=qf.QATSchedule(ranges="learned"))
-
-        def qat_learned() -> tuple[Callable, str]:
-            learned()  # the same calibration, with the schedule QAT will read
-            return quantfx_qat(learned.prepared, train), "QATSchedule(ranges='learned')"
-        methods.append(("quantfx QAT from default, learned ranges (1 epoch)", qat_learned))
+        for label, schedule in (
+                ("learned ranges", qf.QATSchedule(ranges="learned")),
+                ("learned ranges and weights", qf.QATSchedule(ranges="learned",
+                                                              weight_exponent="learned"))):
+            methods.append((f"quantfx QAT from default, {label} (1 epoch)",
+                            _qat_with(ptc(qat_schedule=schedule), train, schedule)))
     methods.append(("torch.ao FX PTQ (x86)",
                     lambda: (torch_ao_ptq(case.model, case.calibration),
                              "affine uint8, per-channel weights")))

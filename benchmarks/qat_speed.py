@@ -64,8 +64,8 @@ def time_steps(step: Callable[[], None], count: int) -> float:
 
 
 def benchmark_model(name: str, batch: int, size: int, rounds: int, steps: int) -> dict[str, float]:
-    """Median step time of float / quantfx QAT (statistical and learned ranges) / torch.ao QAT,
-    timed in interleaved rounds."""
+    """Median step time of float / quantfx QAT (statistical ranges, learned ranges, learned
+    ranges and weights) / torch.ao QAT, timed in interleaved rounds."""
     torch.manual_seed(0)
     images = torch.randn(batch, 3, size, size)
     labels = torch.randint(0, 10, (batch,))
@@ -75,6 +75,9 @@ def benchmark_model(name: str, batch: int, size: int, rounds: int, steps: int) -
         "quantfx": qf.prepare_qat(base, images[:1]),
         "quantfx learned": qf.prepare_qat(base, images[:1], qf.QuantConfig(
             qat_schedule=qf.QATSchedule(ranges="learned"), progress=False)),
+        "quantfx learned weights": qf.prepare_qat(base, images[:1], qf.QuantConfig(
+            qat_schedule=qf.QATSchedule(ranges="learned", weight_exponent="learned"),
+            progress=False)),
         "torch.ao": torch_ao_qat(MODELS[name]().train(), images[:1]),
     }
     variants["torch.ao"].load_state_dict(base.state_dict(), strict=False)

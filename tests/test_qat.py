@@ -546,6 +546,46 @@ def test_an_optimizer_built_before_prepare_qat_is_reported(tmp_path):
     assert report.verified and report.fraction_identical == 1.0
 
 
+def test_learned_thresholds_that_never_move_are_reported():
+    """SGD at a fine-tuning rate moves a learned log2 threshold by ~1e-7 octaves a step: no
+    exponent ever changes, and "learned" silently equals "calibrated". end_qat_epoch says so;
+    thresholds given their own Adam, as the warning says, move and pass silently."""
+    model = randomize_batchnorm(ConvBnReLU()).eval()
+    config = qf.QuantConfig(progress=False, qat_schedule=qf.QATSchedule(
+        ranges="learned", weight_exponent="learned"))
+    batches = _batches(2, shape=(2, 3, 8, 8)) * 70  # 140 steps: past 2 * STALE_CHECK_STEP
+
+    def qat() -> nn.Module:
+        prepared = qf.prepare(model, (torch.randn(1, 3, 8, 8),), config)
+        qf.calibrate(prepared, batches[:2])
+        return qf.prepare_qat(prepared, (torch.randn(1, 3, 8, 8),))
+
+    slow = qat()
+    _train(slow, torch.optim.SGD(slow.parameters(), lr=1e-4), batches)
+    with pytest.warns(qf.QuantFxWarning, match=r"learned thresholds .* moved at most"):
+        qf.end_qat_epoch(slow)
+
+    fast = qat()
+    thresholds = qf.quantizers.learned_thresholds(fast)
+    assert len(thresholds) == 7  # three weights; the ReLU, conv2, the pool and fc outputs
+    others = [p for p in fast.parameters() if all(p is not t for t in thresholds)]
+    optimizers = [torch.optim.SGD(others, lr=1e-4), torch.optim.Adam(thresholds, lr=1e-2)]
+
+    class Both:
+        def zero_grad(self) -> None:
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+
+        def step(self) -> None:
+            for optimizer in optimizers:
+                optimizer.step()
+
+    _train(fast, Both(), batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qf.end_qat_epoch(fast)
+
+
 def test_qat_from_calibration_keeps_its_weight_exponents_and_rounding():
     """Calibration clips a weight (least-error exponent); QAT from it starts exactly there and
     a tiny step moves no exponent. Per-step "minmax" exponents start elsewhere (coarser)."""

@@ -12,12 +12,17 @@ from torch import nn
 from quantfx.config import QATSchedule
 from quantfx.errors import ConfigError, warn
 from quantfx.partial import quantized_parts
+from quantfx.quantizers import learned_thresholds
 from quantfx.state import state_of
 
 CONTROLLER_NAME = "qat_controller"
 STALE_CHECK_STEP = 64
 """Training steps after which a QAT model whose parameters never changed is reported (also at
 each `end_qat_epoch`): enough for gradient accumulation, early enough to save the run."""
+STILL_OCTAVES = 0.01
+"""Learned log2 thresholds that moved less than this over the steps between `STALE_CHECK_STEP`
+and an `end_qat_epoch` at least as many steps later are reported: their optimizer's steps are
+too small to ever change an exponent."""
 
 
 class QATController(nn.Module):
@@ -43,13 +48,39 @@ class QATController(nn.Module):
             self.step += 1
             if int(self.step) == 1 or int(self.step) == STALE_CHECK_STEP:
                 self.check_training()
+            if int(self.step) == STALE_CHECK_STEP:
+                self.__dict__["threshold_start"] = [t.detach().clone()
+                                                    for t in self.learning_thresholds()]
             self.apply_schedule()
 
     def end_epoch(self) -> None:
         """Count one finished epoch and apply epoch-based freezes."""
         self.epoch += 1
         self.check_training()
+        self.check_thresholds()
         self.apply_schedule()
+
+    def learning_thresholds(self) -> list[nn.Parameter]:
+        """The learned thresholds that are still learning (activations' until the freeze)."""
+        weights = [layer.weight_quantizer for layer in self.layers]
+        activations = [] if bool(self.ranges_frozen) else self.activation_quantizers
+        return learned_thresholds(nn.ModuleList([*weights, *activations]))
+
+    def check_thresholds(self) -> None:
+        """Warn (once) when learned thresholds that are learning have not moved: TQT trains
+        them with their own optimizer (Adam), an SGD fine-tuning rate never moves them."""
+        start, thresholds = self.__dict__.get("threshold_start"), self.learning_thresholds()
+        if (start is None or len(start) != len(thresholds) or not thresholds
+                or int(self.step) < 2 * STALE_CHECK_STEP or self.__dict__.get("still_warned")):
+            return
+        moved = max(float((t.detach() - s).abs().max()) for t, s in zip(thresholds, start))
+        if moved < STILL_OCTAVES:
+            self.__dict__["still_warned"] = True
+            warn(f"the {len(thresholds)} learned thresholds of the QAT model moved at most "
+                 f"{moved:.1e} octaves in {int(self.step) - STALE_CHECK_STEP} steps: no "
+                 "exponent will ever change. Train them with an optimizer of their own, as TQT "
+                 "does: torch.optim.Adam(quantfx.quantizers.learned_thresholds(model), "
+                 "lr=1e-2), and leave them out of the other optimizer (docs/qat.md).")
 
     def check_training(self) -> None:
         """Warn (once) when training steps ran but no layer parameter moved since the first

@@ -21,6 +21,7 @@ from quantfx.quantizers.base import (
 from quantfx.quantizers.factory import QuantizerFactory
 from quantfx.quantizers.modes import (
     calibration_quantizers,
+    learned_thresholds,
     named_non_finite,
     quant_mode,
     set_quant_mode,
@@ -35,5 +36,5 @@ __all__ = [
     "CalibrationQuantizer", "FrozenQuantizer", "LearnedRangeQuantizer", "LearnedWeightQuantizer",
     "QATQuantizer",
     "Quantizer", "QuantizerFactory", "WeightQuantizer", "calibration_quantizers",
-    "named_non_finite", "quant_mode", "set_quant_mode",
+    "learned_thresholds", "named_non_finite", "quant_mode", "set_quant_mode",
 ]

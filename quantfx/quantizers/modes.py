@@ -1,5 +1,6 @@
 """Every observing quantizer of a model at once: listed, switched (observe / quantize), switched
-for one block and back, and named when its observer met a non-finite value."""
+for one block and back, and named when its observer met a non-finite value; and the learned
+log2 thresholds of a QAT model, for their own optimizer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from quantfx.errors import NonFiniteError
 from quantfx.quantizers.base import CalibrationQuantizer
+from quantfx.quantizers.training import LearnedRangeQuantizer, LearnedWeightQuantizer
 
 
 def calibration_quantizers(model: nn.Module) -> list[tuple[str, CalibrationQuantizer]]:
@@ -47,3 +49,11 @@ def named_non_finite(model: nn.Module, error: NonFiniteError) -> NonFiniteError:
             tensor = ".".join(path).removesuffix("_quantizer")
             return NonFiniteError(error.source, tensor)
     return error
+
+
+def learned_thresholds(model: nn.Module) -> list[nn.Parameter]:
+    """The learned log2 thresholds of a QAT model (`QATSchedule` ranges / weight_exponent
+    "learned"), for an optimizer of their own: TQT trains them with Adam; a fine-tuning SGD
+    rate moves them by about 1e-7 octaves per step, which never changes an exponent."""
+    return [module.log2_threshold for module in model.modules()
+            if isinstance(module, (LearnedRangeQuantizer, LearnedWeightQuantizer))]
