@@ -528,3 +528,25 @@ def test_a_rule_broken_at_many_nodes_is_one_line(tmp_path):
     assert len(repeated) >= 2
     lines = [line for line in str(report).splitlines() if "per-channel weights" in line]
     assert len(lines) == 1 and f"{len(repeated)} nodes (" in lines[0]
+
+
+def test_one_format_rule_set_serves_the_checker_and_export():
+    """`quantfx.tidl.format`: what export refuses to write (zero point, scale, Clip bounds,
+    static shapes) is the same rule the checker reports on TDA4VM; a clean file has none."""
+    from quantfx.tidl.format import format_problems
+
+    clean = _qdq_chain(([helper.make_node("Relu", ["a"], ["b"], name="b")], []))
+    assert format_problems(clean) == []
+    broken = _qdq_chain(([helper.make_node("Clip", ["a", "lo", "hi"], ["b"], name="clip")],
+                         [("lo", np.float32(0.1)), ("hi", np.float32(6.0))]))
+    for initializer in broken.graph.initializer:
+        if initializer.name == "in.z":
+            initializer.CopyFrom(numpy_helper.from_array(np.int8(3), "in.z"))
+        if initializer.name == "out.s":
+            initializer.CopyFrom(numpy_helper.from_array(np.float32(0.3), "out.s"))
+    problems = format_problems(broken)
+    assert "QuantizeLinear 'in.quantize': asymmetric Q/DQ (zero point 3)" in problems
+    assert any("scale 0.3 is not a power of 2" in p for p in problems)
+    assert "Clip 'clip': Clip without constant bounds min <= 0 < max" in problems
+    rules = " ".join(_warnings(broken, "tda4vm"))
+    assert "zero point 3" in rules and "scale 0.3 is not a power of 2" in rules

@@ -26,7 +26,7 @@ from quantfx.export.meta_arch import MetaArch
 from quantfx.export.postprocess import check_detection, run_detector, whole_detector
 from quantfx.export.report import ExportReport
 from quantfx.export.stepwise import verify_stepwise
-from quantfx.export.tidl import bit_widths, check_constraints, compile_options
+from quantfx.export.tidl import bit_widths, compile_options
 from quantfx.export.verify import (
     clip_simulation,
     cpu_dot_product_extension,
@@ -41,6 +41,7 @@ from quantfx.partial import catching_calls, model_inputs, part_calls, quantized_
 from quantfx.quantizers import FrozenQuantizer
 from quantfx.state import CONVERTED, PTC, QAT, require_state, state_of, unwrap
 from quantfx.tidl.checker import check_model
+from quantfx.tidl.format import format_problems
 from quantfx.tidl.profiles import DeviceProfile
 from quantfx.version import __version__
 
@@ -235,7 +236,7 @@ def build_export(model: fx.GraphModule, inputs: tuple[Tensor, ...], opset: int |
     )
     chosen_opset = _choose_opset(opset, legacy, needs_int16, profile)
     built = build_model(model, inputs, legacy, chosen_opset)
-    problems = check_constraints(built.model)
+    problems = format_problems(built.model)
     if problems:
         raise ExportError("the exported graph breaks TIDL constraints: " + "; ".join(problems))
     widths = bit_widths(model, built.emitted, built.names)

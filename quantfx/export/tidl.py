@@ -14,15 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import onnx
 import torch.fx as fx
-from onnx import numpy_helper
 
 from quantfx.layers import IntegerLayer
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
-from quantfx.qmath import is_power_of_two
 from quantfx.quantizers import FrozenQuantizer
 from quantfx.tidl.profiles import PROFILES, DeviceProfile
 
@@ -99,29 +95,3 @@ def compile_options(bit_widths: BitWidths, legacy: bool,
     if params:
         options["advanced_options:params_16bit_names_list"] = ",".join(params)
     return options
-
-
-def check_constraints(model: onnx.ModelProto) -> list[str]:
-    """Problems TIDL would have with `model`: non power-of-2 or non-zero-point-0 Q/DQ, bad Clip
-    bounds, dynamic shapes. Returns human-readable messages (empty when the model is clean)."""
-    problems: list[str] = []
-    initializers = {tensor.name: numpy_helper.to_array(tensor)
-                    for tensor in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            scale = initializers.get(node.input[1])
-            if scale is None or not all(is_power_of_two(float(s)) for s in np.ravel(scale)):
-                problems.append(f"{node.op_type} '{node.name}': scale is not a power of two")
-            zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else None
-            if zero_point is not None and np.any(zero_point != 0):
-                problems.append(f"{node.op_type} '{node.name}': zero point is not 0")
-        elif node.op_type == "Clip" and len(node.input) >= 3:
-            low = initializers.get(node.input[1])
-            high = initializers.get(node.input[2])
-            if low is None or high is None or not float(low) <= 0.0 < float(high):
-                problems.append(f"Clip '{node.name}': TIDL needs constant bounds min <= 0 < max")
-    for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if not dims or any(not dim.HasField("dim_value") for dim in dims):
-            problems.append(f"tensor '{value.name}' has no static shape")
-    return problems

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from quantfx.errors import ConfigError
+from quantfx.tidl.format import QDQ_OPS, qdq_problems
 from quantfx.tidl.profiles import (
     COARSE_CODES,
     FUSE_INTO_ACTIVATION,
@@ -31,7 +32,6 @@ from quantfx.tidl.profiles import (
 )
 from quantfx.tidl.rules import FALLBACK, QUANTIZATION, WARNING, Finding, Graph, check_node
 
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FUSIONS = {
     "SiLU": collections.Counter({"Sigmoid": 1, "Mul": 1}),
     "GELU": collections.Counter({"Mul": 3, "Erf": 1, "Add": 1}),
@@ -240,19 +240,10 @@ def _power_of_two_findings(node: onnx.NodeProto, zero: np.ndarray | None,
                            scale: np.ndarray | None, profile: Any) -> list[Finding]:
     """TDA4VM (scale type 1) runs symmetric power-of-2 scales only: an asymmetric or
     non-power-of-2 Q/DQ (ONNX Runtime's quantize_static writes both) is re-quantized there."""
-    if profile.scale_type != 1:
+    if profile.scale_type != 1 or scale is None:
         return []
-    findings = []
-    if zero is not None and zero.size and bool(np.any(zero != 0)):
-        findings.append(Finding(WARNING, node.name, f"asymmetric Q/DQ (zero point "
-                                f"{int(zero.flat[0])}): {profile.name} runs symmetric scales "
-                                "only", "T11.2"))
-    if scale is not None and scale.size and not bool(np.all(
-            np.exp2(np.round(np.log2(np.abs(scale.astype(np.float64)) + 1e-300)))
-            == scale.astype(np.float64))):
-        findings.append(Finding(WARNING, node.name, f"scale {float(scale.flat[0]):.6g} is not a "
-                                f"power of 2: {profile.name} runs power-of-2 scales", "MO"))
-    return findings
+    return [Finding(WARNING, node.name, f"{problem}: {profile.name} runs symmetric power-of-2 "
+                    "scales only", "T11.2, MO") for problem in qdq_problems(zero, scale)]
 
 
 def _batchnorm_findings(graph: Graph) -> list[Finding]:

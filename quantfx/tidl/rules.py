@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantfx.tidl.format import clip_problem
 from quantfx.tidl.profiles import (
     DEPTHWISE_KERNELS,
     NO_QDQ_OPS,
@@ -267,9 +268,8 @@ def _reduce_min_max(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
 def _clip(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
     low = graph.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     high = graph.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if low is None or high is None or not float(low) <= 0.0 < float(high):
-        return [_finding(node, "Clip without constant bounds min <= 0 < max")]
-    return []
+    problem = clip_problem(low, high)
+    return [_finding(node, problem)] if problem else []
 
 
 def _matmul(node: onnx.NodeProto, graph: Graph) -> list[Finding]:
