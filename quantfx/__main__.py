@@ -1,5 +1,5 @@
 """`python -m quantfx`: the `quantfx` command line."""
 
-from quantfx.cli import console
+from quantfx.app.cli import console
 
 console()

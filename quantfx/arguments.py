@@ -1,6 +1,6 @@
 """The `quantfx` command line's options: every parser, and nothing heavier than argparse.
 
-Kept apart from what the commands run (`quantfx.commands`, `quantfx.demo`) so `quantfx --help`
+Kept apart from what the commands run (`quantfx.app.commands`, `quantfx.demo`) so `quantfx --help`
 and a mistyped option answer without importing torch or ONNX Runtime.
 """
 

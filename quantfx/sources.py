@@ -1,5 +1,6 @@
-"""Models and calibration data named by the user (the command line): a torchvision name or a
-`module:factory`, a weights file, an image folder or a tensor file, all read safely.
+"""Data named by the user (the command line's `--calib`, `distill`'s image folder): an image
+folder or a tensor file, read safely; and the safe reader of tensor files that the command
+line's weights files use too (`quantfx.app.models`).
 
 Files are never unpickled beyond tensors (`torch.load(..., weights_only=True)`, NumPy without
 pickle), so a downloaded weights file cannot run code.
@@ -7,20 +8,16 @@ pickle), so a downloaded weights file cannot run code.
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import importlib.util
 import logging
 import os
 import pickle
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from quantfx.arguments import IMAGENET_MEAN, IMAGENET_STD
@@ -28,85 +25,13 @@ from quantfx.errors import LoadError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
-"""Keys under which training checkpoints commonly keep the model's state dict."""
 UPSAMPLED = 2.0
 """Images whose median shorter side is this many times smaller than --resize get a warning:
 a model trained on small images (32x32) was otherwise calibrated and exported at 224."""
 LOG = logging.getLogger(__name__)
 
 
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models())
-
-
-def _factory(spec: str) -> Any:
-    """The callable named by `package.module:name` or `path/to/file.py:name`."""
-    module_name, _, attribute = spec.rpartition(":")
-    if module_name.endswith(".py"):
-        if not os.path.isfile(module_name):
-            raise LoadError(f"{module_name!r} does not exist; give the Python file that defines "
-                            f"{attribute!r}.")
-        location = importlib.util.spec_from_file_location(
-            os.path.splitext(os.path.basename(module_name))[0], module_name)
-        module = importlib.util.module_from_spec(location)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)))
-        try:
-            location.loader.exec_module(module)
-        except Exception as error:
-            raise LoadError(f"importing {module_name!r} failed: {type(error).__name__}: "
-                            f"{error}") from error
-        finally:
-            sys.path.pop(0)
-    else:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own package
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise LoadError(f"cannot import {module_name!r} ({error}); install its package or "
-                            "run from the folder that holds it.") from error
-        finally:
-            sys.path.pop(0)
-    if not hasattr(module, attribute):
-        raise LoadError(f"{module_name!r} has no {attribute!r}.")
-    return getattr(module, attribute)
-
-
-def load_model(spec: str, weights: str | os.PathLike | None = None) -> nn.Module:
-    """The float model `spec` names, in eval mode: a torchvision builder name ("resnet18",
-    random weights, seeded, unless `weights` is given) or `module:factory` / `file.py:factory`
-    (called with no arguments). `weights` is a state dict file (or a checkpoint holding one)."""
-    if not isinstance(spec, str) or not spec:
-        raise LoadError(f"the model must be a name such as 'resnet18' or 'package.module:"
-                        f"build', got {spec!r}.")
-    if ":" in spec.strip(":"):
-        built = _factory(spec)
-        try:
-            model = built() if callable(built) and not isinstance(built, nn.Module) else built
-        except Exception as error:
-            raise LoadError(f"{spec}() failed: {type(error).__name__}: {error}") from error
-    else:
-        names = _torchvision_names()
-        if spec not in names:
-            close = difflib.get_close_matches(spec, names, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise LoadError(f"{spec!r} is not a torchvision model.{hint} For your own model give "
-                            "'package.module:factory' or 'file.py:factory'.")
-        import torchvision
-
-        with torch.random.fork_rng():  # the same random weights on every run
-            torch.manual_seed(0)
-            model = torchvision.models.get_model(spec, weights=None)
-    if not isinstance(model, nn.Module):
-        raise LoadError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module.")
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
-
-
-def _read_tensors(path: str, what: str) -> Any:
+def read_tensors(path: str, what: str) -> Any:
     """`torch.load` restricted to tensors and plain containers, with errors that say why."""
     if not os.path.exists(path):
         raise LoadError(f"the {what} file {path!r} does not exist.")
@@ -132,27 +57,6 @@ def _read_tensors(path: str, what: str) -> Any:
         raise LoadError(f"{path!r} is not a file torch.save wrote (or it is damaged): "
                         f"{type(error).__name__}: {error}. Save it again with torch.save."
                         ) from error
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state dict file into `model` (strict; "module." prefixes of DDP are dropped)."""
-    state = _read_tensors(os.fspath(path), "weights")
-    if isinstance(state, dict):
-        for key in STATE_DICT_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise LoadError(f"{os.fspath(path)!r} is not a state dict (a dict of tensors); save "
-                        "torch.save(model.state_dict(), path).")
-    if state and all(key.startswith("module.") for key in state):
-        state = {key.removeprefix("module."): value for key, value in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[1:3]
-        raise LoadError(f"{os.fspath(path)!r} does not fit {type(model).__name__}: "
-                        + " ".join(line.strip() for line in first)) from error
 
 
 @dataclass
@@ -250,7 +154,7 @@ def _as_float(tensor: Tensor, path: str) -> Tensor:
 
 
 def _tensor_batches(path: str, limit: int, batch_size: int) -> list[Tensor]:
-    data = _read_tensors(path, "calibration")
+    data = read_tensors(path, "calibration")
     if isinstance(data, dict):
         tensors = [value for value in data.values() if isinstance(value, Tensor)]
         if len(tensors) != 1:
@@ -290,16 +194,3 @@ def load_calibration(path: str | os.PathLike, limit: int = 256, batch_size: int 
         raise LoadError(f"{path!r} is neither a folder of images nor a tensor file "
                         f"({', '.join(TENSOR_SUFFIXES)}).")
     return _tensor_batches(path, limit, batch_size)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """"1,3,224,224" (or "1x3x224x224") -> (1, 3, 224, 224)."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        shape = tuple(int(part) for part in parts)
-    except ValueError:
-        raise LoadError(f"the input shape {text!r} is not a list of integers such as "
-                        "1,3,224,224.") from None
-    if not shape or any(size < 1 for size in shape):
-        raise LoadError(f"the input shape {text!r} has a size below 1.")
-    return shape

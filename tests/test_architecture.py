@@ -97,7 +97,7 @@ FLOORS = (
     ("TIDL checker", ("tidl", "tidl.*")),
     ("export", ("export", "export.*")),
     ("questions", ("analysis", "analysis.*")),
-    ("application", ("demo", "demo.*", "commands", "cli", "__main__", "")),
+    ("application", ("demo", "demo.*", "app", "app.*", "__main__", "")),
 )
 """The floors of docs/design.md's code map, bottom to top (module names below `quantfx.`, the
 first matching floor wins): a module imports only from its own floor or those below it."""

@@ -1,5 +1,6 @@
 """The `quantfx` command line: each subcommand end to end in a subprocess (exit status, files
-written, one-line errors), plus the safe readers of models and data (`quantfx.sources`)."""
+written, one-line errors), plus the safe readers of models and data (`quantfx.app.models`,
+`quantfx.sources`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from PIL import Image
 from torch import nn
 
 import quantfx as qf
-from quantfx import cli
-from quantfx.sources import ImageOptions, load_calibration, load_model, load_weights
+from quantfx.app import cli
+from quantfx.app.models import load_model, load_weights
+from quantfx.sources import ImageOptions, load_calibration
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_FILE = '''
@@ -233,7 +235,7 @@ def test_unknown_option_values_are_usage_errors(capsys):
     assert exit_status.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-# quantfx.sources: what the commands read, and what they refuse to read
+# quantfx.app.models and quantfx.sources: what the commands read, and what they refuse to read
 
 
 def test_pickled_models_are_refused_not_unpickled(tmp_path):
@@ -296,7 +298,7 @@ def _python(probe: str) -> subprocess.CompletedProcess:
 
 def test_help_and_version_answer_without_importing_torch():
     """`quantfx --help` took 5-8 s: torch and ONNX Runtime were imported before argparse."""
-    probe = ("import sys\nfrom quantfx.cli import main\n"
+    probe = ("import sys\nfrom quantfx.app.cli import main\n"
              "for argv in (['--help'], ['quantize', '--help'], ['--version']):\n"
              "    try:\n        main(argv)\n    except SystemExit as done:\n"
              "        assert done.code == 0, done.code\n"
@@ -358,7 +360,7 @@ def test_analyze_checks_its_output_folder_before_any_work(tmp_path, capsys):
 
 def test_an_error_line_stays_readable(monkeypatch, capsys):
     """A wrong weights file gave a 13 KB one-line error (every key of the state dict)."""
-    from quantfx import commands
+    from quantfx.app import commands
 
     def fail(args):
         raise qf.LoadError("missing keys: " + ", ".join(f"layer{i}.weight" for i in range(900)))
@@ -374,7 +376,7 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
     Python's default SIGTERM skips every cleanup; the command line turns it into Ctrl-C."""
     probe = (
         "import os, signal, sys\n"
-        "from quantfx import cli, commands\n"
+        "from quantfx.app import cli, commands\n"
         "from quantfx.files import staged_files\n"
         "def slow(args):\n"
         f"    with staged_files({str(tmp_path / 'model.onnx')!r}):\n"
@@ -388,7 +390,7 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
     late = (  # killed after the work, while Python shuts down: 130 too (143 before)
         "import atexit, os, signal\n"
-        "from quantfx import cli\n"
+        "from quantfx.app import cli\n"
         "cli.main = lambda: 0\n"
         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), __import__('time')"
         ".sleep(5)))\n"
@@ -397,8 +399,8 @@ def test_sigterm_while_writing_leaves_no_temporary_files(tmp_path):
 
 
 def test_a_config_file_sets_fields_and_the_flags_given_and_set_override_it(tmp_path):
+    from quantfx.app.commands import config_from_arguments as config_of
     from quantfx.arguments import build_parser
-    from quantfx.commands import config_from_arguments as config_of
 
     toml = tmp_path / "quant.toml"
     toml.write_text('target = "tda4vm"\nsixteen_bit_layers = ["first"]\n'

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from quantfx import QuantFxError  # noqa: E402
-from quantfx.cli import main as cli_main  # noqa: E402
+from quantfx.app.cli import main as cli_main  # noqa: E402
 from quantfx.demo import run_demo  # noqa: E402
 from quantfx.demo.datasets import load_demo_data  # noqa: E402
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import quantfx as qf
 from benchmarks.__main__ import PARTS
-from quantfx import cli
+from quantfx.app import cli
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -2,7 +2,7 @@
 
 Each takes a MODEL (a torchvision name, `package.module:factory` or `file.py:factory`, with an
 optional `--weights` state dict) and, where it needs data, `--calib` (an image folder or a
-tensor file). Their options live in `quantfx.arguments`; `quantfx.cli` parses them, imports
+tensor file). Their options live in `quantfx.arguments`; `quantfx.app.cli` parses them, imports
 this module only then, and turns errors into one line.
 """
 
@@ -19,6 +19,7 @@ import torch
 from quantfx.analysis.analyze import analyze
 from quantfx.analysis.doctor import doctor
 from quantfx.analysis.plots import check_report_folder
+from quantfx.app.models import load_model, parse_shape
 from quantfx.config import QuantConfig
 from quantfx.convert import convert
 from quantfx.distillation import distill
@@ -30,12 +31,7 @@ from quantfx.files import check_destination, write_text_files
 from quantfx.passes.graph_utils import flatten_values
 from quantfx.ptc import calibrate, prepare
 from quantfx.settings import settings_from_file, settings_from_text
-from quantfx.sources import (
-    ImageOptions,
-    load_calibration,
-    load_model,
-    parse_shape,
-)
+from quantfx.sources import ImageOptions, load_calibration
 from quantfx.state import state_of
 
 LOG = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from quantfx.demo import run_from_arguments
         return run_from_arguments(args)
-    from quantfx import commands
+    from quantfx.app import commands
     return {"quantize": commands.run_quantize, "doctor": commands.run_doctor,
             "analyze": commands.run_analyze}[args.command](args)
 
