@@ -112,7 +112,8 @@ SCHEDULE_VALIDITY = {
     "freeze_bn_epoch": lambda v: v is None or (_is_int(v) and v >= 0),
     "freeze_ranges_epoch": lambda v: v is None or (_is_int(v) and v >= 0),
     "weight_clip_std": lambda v: v is None or (_is_number(v) and v > 1),
-    "weight_exponent": lambda v: isinstance(v, str) and v in ("minmax", "mse", "calibrated", "learned"),
+    "weight_exponent": lambda v: isinstance(v, str) and v in ("minmax", "mse", "calibrated",
+                                                              "learned"),
     "ranges": lambda v: isinstance(v, str) and v in ("calibrated", "statistics", "learned"),
 }
 
