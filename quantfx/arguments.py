@@ -213,8 +213,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
     add_verbosity(parser)
     parser.add_argument("file", help="the exported .onnx file")
-    parser.add_argument("--target", choices=TARGETS, default="generic", type=resolve_target,
-                        help="the device whose rules apply (TI's Jacinto names work too)")
+    parser.add_argument("--target", choices=TARGETS, default=None, type=resolve_target,
+                        help="the device whose rules apply (TI's Jacinto names work too; "
+                             "default: the target quantfx recorded in the file, else generic)")
     parser.add_argument("--format", choices=FORMATS, default="text",
                         help="text: summary and findings; markdown: a table of every node")
     parser.add_argument("--strict", action="store_true",

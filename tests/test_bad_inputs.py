@@ -546,6 +546,18 @@ def test_verify_data_of_dicts_is_an_export_error(converted_cnn, tmp_path) -> Non
     assert os.listdir(tmp_path) == []
 
 
+def test_empty_or_non_finite_verify_data_is_an_export_error(converted_cnn, tmp_path) -> None:
+    """verify_data=[] verified only the example inputs and NaN batches were "100 %
+    bit-identical", both reported as verified: export refuses them before writing a file."""
+    converted, x = converted_cnn
+    with pytest.raises(qf.ExportError, match=r"verify_data holds no batch"):
+        qf.export_onnx(converted, (x,), tmp_path / "model.onnx", verify_data=[])
+    with pytest.raises(qf.ExportError, match=r"verify_data batch 0 holds NaN or Inf"):
+        qf.export_onnx(converted, (x,), tmp_path / "model.onnx",
+                       verify_data=torch.full_like(x, float("nan")))
+    assert os.listdir(tmp_path) == []
+
+
 def test_converted_model_rejects_integer_images(converted_cnn) -> None:
     converted, x = converted_cnn
     images = (x * 50).clamp(0, 255).to(torch.uint8)

@@ -491,3 +491,17 @@ def test_the_analyze_then_quantize_journey_writes_a_verified_file(tmp_path):
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.tidl.json").is_file()
     features = json.loads((tmp_path / "model.tidl.json").read_text())
     assert any("16bit" in key for key in features)
+
+
+def test_check_applies_the_target_recorded_in_the_file(tmp_path, capsys):
+    """`quantfx check FILE` of a file exported for TDA4VM checked it for generic, a clean
+    verdict for the wrong device; it now reads the target quantfx recorded, --target wins."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    images = torch.randn(4, 3, 8, 8)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="tda4vm", progress=False))
+    qf.calibrate(prepared, [images])
+    qf.export_onnx(qf.convert(prepared), (images[:1],), tmp_path / "m.onnx")
+    assert cli.main(["check", str(tmp_path / "m.onnx")]) == 0
+    assert capsys.readouterr().out.startswith("tda4vm:")
+    assert cli.main(["check", str(tmp_path / "m.onnx"), "--target", "am68a"]) == 0
+    assert capsys.readouterr().out.startswith("am68a:")

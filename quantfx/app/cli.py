@@ -30,11 +30,23 @@ def run_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from quantfx.tidl.checker import check_tidl  # after parsing: --help stays fast
-    report = check_tidl(args.file, args.target)
+    report = check_tidl(args.file, args.target or recorded_target(args.file))
     print({"text": str, "markdown": lambda r: r.to_markdown(),
            "json": lambda r: r.to_json()}[args.format](report))
     failed = not report.fully_offloaded or (args.strict and bool(report.warnings()))
     return 1 if failed else 0
+
+
+def recorded_target(path: str) -> str:
+    """The target quantfx recorded in an exported file's metadata ("generic" if none, or if
+    the file cannot be read: the checker then says why)."""
+    import onnx
+
+    try:
+        metadata = {entry.key: entry.value for entry in onnx.load(path).metadata_props}
+    except Exception:  # noqa: BLE001 - the checker reports unreadable files itself
+        return "generic"
+    return metadata.get("quantfx.target", "generic")
 
 
 def _terminate(signum: int, _frame: object) -> None:

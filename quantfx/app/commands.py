@@ -135,7 +135,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     LOG.info("exporting %s (verified in ONNX Runtime: %s)", output,
              "no" if args.no_verify else "yes")
     export = export_onnx(converted, example, output, verify=not args.no_verify,
-                         verify_data=batches[1:3], strict_tidl=args.strict_tidl,
+                         verify_data=batches[1:3] or None, strict_tidl=args.strict_tidl,
                          detection=detection)
     lines = _report_lines(args, prepared, batches, sqnr, time.perf_counter() - start,
                           export.summary())

@@ -85,6 +85,13 @@ def verification_batches(inputs: tuple[Tensor, ...], data: Any) -> list[tuple[Te
                 raise ExportError(f"verify_data batch {index} is a {type(item).__name__}; give "
                                   "tensors, or tuples whose first items are the model's inputs.")
             extra.append(tuple(items)[:count])
+    if data is not None and not extra:
+        raise ExportError("verify_data holds no batch: give the data to verify on, or leave "
+                          "verify_data out (the example inputs are always verified).")
+    for index, batch in enumerate(extra):
+        if not all(bool(torch.isfinite(t).all()) for t in batch if t.is_floating_point()):
+            raise ExportError(f"verify_data batch {index} holds NaN or Inf values: agreement "
+                              "on them says nothing. Verify on real inputs.")
     shapes = [tuple(t.shape) for t in inputs]
     batches = [inputs]
     for batch in extra:
