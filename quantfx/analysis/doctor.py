@@ -383,18 +383,18 @@ def _model_findings(model: nn.Module, inputs: tuple[torch.Tensor, ...],
 def _part_findings(model: nn.Module, example_inputs: Any, config: QuantConfig) -> list[Finding]:
     """Each part `config.quantize_only` names, checked on the arguments it receives."""
     findings: list[Finding] = []
-    names = iter(resolve_parts(model, model_inputs(example_inputs), config)[0])
+    names: list[str] = []
 
     def check(part: nn.Module, arguments: tuple, part_config: QuantConfig) -> nn.Module:
-        prefix = next(names)
+        prefix = names.pop(0)  # prepare_parts prepares them in this order
         findings.extend(replace(finding, where=f"{prefix}.{finding.where}")
                         for finding in _model_findings(part, arguments, part_config))
         return part
-
-    try:
-        prepare_parts(model, example_inputs, config, check, training=False)
+    names += resolve_parts(model, model_inputs(example_inputs), config)[0]  # once: "auto"
+    try:  # traces every submodule; prepare_parts then gets the parts by name
+        prepare_parts(model, example_inputs, replace(config, quantize_only=tuple(names)), check,
+                      training=False)
     except QuantFxError as error:
-        findings.append(Finding(ERROR, "parts", str(error).splitlines()[0],
-                                "quantfx quantizes the parts quantize_only names",
-                                "see the message"))
+        findings.append(Finding(ERROR, "parts", str(error).splitlines()[0], "quantfx quantizes "
+                                "the parts quantize_only names", "see the message"))
     return findings

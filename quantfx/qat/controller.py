@@ -62,9 +62,11 @@ class QATController(nn.Module):
 
     def learning_thresholds(self) -> list[nn.Parameter]:
         """The learned thresholds that are still learning (activations' until the freeze)."""
-        weights = [layer.weight_quantizer for layer in self.layers]
-        activations = [] if bool(self.ranges_frozen) else self.activation_quantizers
-        return learned_thresholds(nn.ModuleList([*weights, *activations]))
+        quantizers = [layer.weight_quantizer for layer in self.layers]
+        if not bool(self.ranges_frozen):
+            quantizers += self.activation_quantizers
+        return [threshold for quantizer in quantizers
+                for threshold in learned_thresholds(quantizer)]
 
     def check_thresholds(self) -> None:
         """Warn (once) when learned thresholds that are learning have not moved: TQT trains
