@@ -76,8 +76,8 @@ class Stack(Cat):
         return torch.stack(tensors, dim=self.dim)
 
 
-class Mean(nn.Module):
-    """Mean over `dim` (e.g. the spatial dimensions: a global average pool)."""
+class Reduction(nn.Module):
+    """A reduction over `dim` (all dims when None), keeping them as size 1 with `keepdim`."""
 
     def __init__(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> None:
         super().__init__()
@@ -87,10 +87,23 @@ class Mean(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keepdim={self.keepdim}"
 
+
+class Mean(Reduction):
+    """Mean over `dim` (e.g. the spatial dimensions: a global average pool)."""
+
     def forward(self, x: Tensor) -> Tensor:
         if self.dim is None:
             return torch.mean(x)
         return torch.mean(x, dim=self.dim, keepdim=self.keepdim)
+
+
+class Sum(Reduction):
+    """Sum over `dim` (TIDL's ReduceSum; unlike a mean, no BatchNorm folds forward across it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dim is None:
+            return torch.sum(x)
+        return torch.sum(x, dim=self.dim, keepdim=self.keepdim)
 
 
 class Interpolate(nn.Module):

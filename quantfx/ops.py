@@ -54,7 +54,7 @@ NONNEGATIVE_OUTPUT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, sta
 ORDER_PRESERVING_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    standins.Mean, standins.Cat, standins.Stack, standins.Add, standins.Mul,
+    standins.Mean, standins.Sum, standins.Cat, standins.Stack, standins.Add, standins.Mul,
 )
 """Modules whose output is non-negative when all their tensor inputs are (quantizers too)."""
 MONOTONE_RESIZE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area")

@@ -184,6 +184,35 @@ def test_op_zoo_is_bit_exact(tmp_path) -> None:
     assert per_channel[0].attribute[0].i == 0
 
 
+class SumNet(nn.Module):
+    """Sums over channels (function and method spellings), over everything, and a tanh GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        return torch.sum(y, dim=1, keepdim=True) + y.sum((2, 3), keepdim=True) + x.sum()
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_sums_export_bit_exact_and_the_tanh_gelu_is_named(tmp_path, opset: int) -> None:
+    torch.manual_seed(0)
+    data = torch.randn(16, 3, 8, 8)
+    converted = _convert(SumNet(), data, qf.QuantConfig(**FAST, target="am68a"))
+    report = qf.export_onnx(converted, (data[:2],), tmp_path / "sum.onnx", verify_data=data,
+                            opset=opset)
+    assert report.max_lsb_diff == 0.0 and report.fraction_identical == 1.0
+    sums = [n for n in onnx.load(tmp_path / "sum.onnx").graph.node if n.op_type == "ReduceSum"]
+    assert len(sums) == 3
+    # The tanh GELU has no TIDL fusion: one finding that says so and names the fix.
+    tanh_gelu = [f for f in report.tidl.findings if "tanh formula" in f.rule]
+    assert len(tanh_gelu) == 1 and "approximate='none'" in tanh_gelu[0].rule
+    assert not [f for f in report.tidl.findings if "act." in f.node and f not in tanh_gelu]
+
+
 class ResizeNet(nn.Module):
     """Resize in three modes, GELU/tanh/leaky branches, permute + reshape + strided slicing,
     stack and a multiplication by a number."""

@@ -319,7 +319,7 @@ def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", QuantFxWarning)  # its findings say it
         prepared = prepare(model, inputs, config)
-    findings = [Finding(WARNING, item, "op export has no ONNX emitter for",
+    findings = [Finding(WARNING, item, "export_onnx has no ONNX emitter for this op",
                         "prepare, calibrate and convert work, but export_onnx refuses it",
                         "rewrite it with supported ops (docs/export.md)")
                 for item in unexportable(prepared)]

@@ -23,6 +23,8 @@ from quantfx.errors import ExportError, InternalError
 
 AXES_AS_INPUT_OPSET = 18
 """From opset 18, Reduce* ops take their axes as an input instead of an attribute."""
+SUM_AXES_AS_INPUT_OPSET = 13
+"""ReduceSum took its axes as an input five opsets before the other reductions."""
 SPLIT_AS_INPUT_OPSET = 13
 """From opset 13, Split takes its sizes as an input instead of an attribute."""
 OPTIONAL_RESIZE_INPUTS_OPSET = 13
@@ -162,8 +164,10 @@ class Builder:
 
     def reduce(self, op_type: str, source: str, output: str, axes: list[int],
                keepdims: int = 1) -> None:
-        """A Reduce* node named `output` over `axes` (an input from opset 18)."""
-        if self.opset >= AXES_AS_INPUT_OPSET:
+        """A Reduce* node named `output` over `axes` (an input from opset 18; ReduceSum's
+        from opset 13)."""
+        if self.opset >= (SUM_AXES_AS_INPUT_OPSET if op_type == "ReduceSum"
+                          else AXES_AS_INPUT_OPSET):
             self.op(op_type, [source, self.int64_constant(f"{output}.axes", axes)], output,
                     keepdims=keepdims)
         else:

@@ -65,7 +65,7 @@ MODULE_EMITTERS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], Emitt
     (standins.Mul, arithmetic.binary("Mul")),
     (standins.Stack, arithmetic.emit_stack),
     (standins.Cat, arithmetic.emit_cat),
-    (standins.Mean, pooling.emit_mean),
+    (standins.Reduction, pooling.emit_reduction),
     (standins.Interpolate, pooling.emit_interpolate),
     (nn.modules.pooling._AvgPoolNd, pooling.emit_avgpool),
     (nn.modules.pooling._MaxPoolNd, pooling.emit_maxpool),

@@ -134,6 +134,11 @@ REWRITES: tuple[Rewrite, ...] = (
         lambda a: standins.Mean(a.get("dim"), _get(a, "keepdim", False)),
     ),
     Rewrite(
+        (torch.sum, "sum"),
+        ("dim", "keepdim"),
+        lambda a: standins.Sum(a.get("dim"), _get(a, "keepdim", False)),
+    ),
+    Rewrite(
         (F.interpolate,),
         ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
         lambda a: standins.Interpolate(

@@ -42,6 +42,14 @@ FUSIONS = {
 }
 """Patterns TIDL runs as one layer with Q/DQ only at the end [T11.2 quantization.md]: op
 counts of the nodes joined by unquantized tensors (shape-only ops left out)."""
+UNFUSED_PATTERNS = {
+    "GELU of the tanh formula": (
+        collections.Counter({"Mul": 6, "Add": 2, "Tanh": 1}),
+        "TIDL's GELU fusion is the erf formula; nn.GELU() (approximate='none') differs from the "
+        "tanh formula by at most 5e-4 and exports as that fusion"),
+}
+"""Float islands that look like a fusion TIDL lacks: one finding with the fix, not one per
+tensor."""
 MAX_VALIDATED_OPSET = 21
 
 
@@ -189,6 +197,15 @@ def _qdq_findings(graph: Graph) -> list[Finding]:
                 {n.op_type for n in nodes} & FUSE_INTO_ACTIVATION):
             continue  # conv/add/bn + relu: one layer, Q/DQ after the activation
         if kinds in FUSIONS.values():
+            continue
+        unfused = [(name, advice) for name, (pattern, advice) in UNFUSED_PATTERNS.items()
+                   if kinds == pattern]
+        if unfused and tensors:
+            name, advice = unfused[0]
+            findings.append(Finding(
+                severity, _key(graph.producers[tensors[0]]), f"{name}: its {len(tensors)} inner "
+                f"tensors have no Q/DQ and TIDL has no such fusion, so the device holds them at "
+                f"scales of its own choosing. {advice}", QUANTIZATION))
             continue
         for tensor in tensors:
             findings.append(Finding(

@@ -17,12 +17,14 @@ def _per_dim(value: Any, rank: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [int(value)] * rank
 
 
-def emit_mean(b: Builder, node: fx.Node, module: standins.Mean) -> None:
+def emit_reduction(b: Builder, node: fx.Node, module: standins.Reduction) -> None:
+    """A mean (ReduceMean) or sum (ReduceSum, `standins.Sum`) over dims."""
     rank = len(b.input_info(node).shape)
     dims = module.dim
     dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     axes = sorted(dim % rank for dim in dims)
-    b.reduce("ReduceMean", b.tensor_input(node), node.name, axes, keepdims=int(module.keepdim))
+    op = "ReduceSum" if isinstance(module, standins.Sum) else "ReduceMean"
+    b.reduce(op, b.tensor_input(node), node.name, axes, keepdims=int(module.keepdim))
     b.env[node] = node.name
 
 
