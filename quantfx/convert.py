@@ -150,6 +150,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
     converted = QuantizedGraphModule(working, working.graph, type(model).__name__)
     setattr(converted, STATE_ATTRIBUTE,
             QuantState(state.config, state.backend, CONVERTED, list(state.input_shapes),
+                       measured_sixteen_bit=list(state.measured_sixteen_bit),
                        calibration_check=state.calibration_check))
     return converted.eval()
 

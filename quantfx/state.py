@@ -41,7 +41,7 @@ class QuantState:
     """How many positional arguments the whole model takes (partly quantized models)."""
     measured_sixteen_bit: list[str] = field(default_factory=list)
     """The layers and tensors the last calibration widened to 16 bit by measurement
-    (`quantfx.ptc.mixed_precision`), worst first."""
+    (`quantfx.ptc.mixed_precision`), worst first (graph order after a `load_state_dict`)."""
     calibration_check: Any = None
     """The last calibration's `quantfx.ptc.calibration_check.CalibrationCheck` (output SQNR against
     float on calibration samples), kept through `convert`."""

@@ -230,7 +230,8 @@ def test_tda4vm_widens_weights_only_so_the_next_16_bit_bias_still_holds():
     assert layers["convs.4"] == 16 and set(outputs.values()) == {8}
 
 
-def test_the_measured_widths_travel_in_the_state_dict_and_a_new_calibration_decides_again():
+def test_the_measured_widths_travel_in_the_state_dict_and_a_new_calibration_decides_again(
+        tmp_path):
     model = _Chain(spread=4)
     prepared = _calibrated(model)
     fresh = qf.prepare(model, (_CALIBRATION[0][:1],), qf.QuantConfig(
@@ -239,6 +240,10 @@ def test_the_measured_widths_travel_in_the_state_dict_and_a_new_calibration_deci
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         assert torch.equal(qf.convert(fresh)(x), qf.convert(prepared)(x))
+    # the export report names the measured layers of the loaded state, and no check it lacks
+    report = qf.export_onnx(qf.convert(fresh), (x[:1],), tmp_path / "fresh.onnx")
+    assert report.measured_sixteen_bit == ["convs.4", "convs.9"]
+    assert report.calibration_sqnr_db is None
     # an old state_dict, saved before widths were kept, still loads (at the placed widths)
     old = {key: value for key, value in prepared.state_dict().items()
            if not key.endswith(".width")}

@@ -255,7 +255,7 @@ def _report(model: fx.GraphModule, path: str, built: BuiltExport) -> ExportRepor
         sixteen_bit_params=built.widths.sixteen_bit_params(), target=built.profile.name,
         tidl=check_model(built.model, built.profile.name),
         calibration_sqnr_db=getattr(check, "output_sqnr_db", None),
-        measured_sixteen_bit=list(getattr(check, "sixteen_bit", [])),
+        measured_sixteen_bit=list(state_of(model).measured_sixteen_bit),
     )
 
 

@@ -37,6 +37,7 @@ from quantfx.passes.place import MAX_WIDENED_SHARE
 from quantfx.ptc.calibration_check import output_rows
 from quantfx.qmath import sqnr_db
 from quantfx.quantizers import CalibrationQuantizer, quant_mode
+from quantfx.state import state_of
 
 SENSITIVE_DB = 30.0
 """A layer whose own 8-bit rounding (weights and output) alone leaves the model's output below
@@ -81,6 +82,24 @@ def precision_units(model: fx.GraphModule, outputs: bool = True) -> list[Precisi
                         else source.name)
                 units.setdefault(name, PrecisionUnit(name, [])).quantizers.append(module)
     return list(units.values())
+
+
+def measured_units(model: fx.GraphModule) -> list[str]:
+    """The units calibration widened by measurement, in graph order, as the quantizers'
+    `measured` buffers (part of the state_dict) say."""
+    return [unit.name for unit in precision_units(model)
+            if any(bool(quantizer.measured) and quantizer.bits != quantizer.placed_bits
+                   for quantizer in unit.quantizers)]
+
+
+def follow_loaded_widths(model: fx.GraphModule, incompatible_keys: object) -> None:
+    """`load_state_dict` post-hook of a prepared model: the widths came with the state_dict, so
+    the measured list follows them, and the last calibration check (measured on other
+    weights) no longer describes the model."""
+    state = state_of(model)
+    if state is not None:
+        state.measured_sixteen_bit = measured_units(model)
+        state.calibration_check = None
 
 
 def _producer(model: fx.GraphModule, quantizer: fx.Node) -> fx.Node | None:

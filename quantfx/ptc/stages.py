@@ -34,7 +34,11 @@ from quantfx.ptc.calibration_check import CHECK_SAMPLES, check_calibration, outp
 from quantfx.ptc.error_feedback import error_feedback_rounding
 from quantfx.ptc.learned_rounding import MAX_SAMPLES as ROUNDING_SAMPLES
 from quantfx.ptc.learned_rounding import learn_rounding, restore_float_parameters
-from quantfx.ptc.mixed_precision import restore_placed_widths, widen_sensitive_layers
+from quantfx.ptc.mixed_precision import (
+    follow_loaded_widths,
+    restore_placed_widths,
+    widen_sensitive_layers,
+)
 from quantfx.ptc.weight_search import choose_weight_exponents, fit_bias_exponents
 from quantfx.quantizers import (
     QuantizerFactory,
@@ -89,6 +93,7 @@ def prepare(
     graph_module.to(inputs[0].device)  # the new quantizers go where the model lives
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
+    graph_module.register_load_state_dict_post_hook(follow_loaded_widths)
     return graph_module.eval()
 
 
