@@ -185,7 +185,8 @@ def test_op_zoo_is_bit_exact(tmp_path) -> None:
 
 
 class SumNet(nn.Module):
-    """Sums over channels (function and method spellings), over everything, and a tanh GELU."""
+    """Sums over channels (function and method spellings), over everything, one-sided clamps
+    and a tanh GELU."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -194,11 +195,13 @@ class SumNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.conv(x))
-        return torch.sum(y, dim=1, keepdim=True) + y.sum((2, 3), keepdim=True) + x.sum()
+        total = torch.sum(y, dim=1, keepdim=True) + y.sum((2, 3), keepdim=True) + x.sum()
+        return total.clamp_min(-2.0) + torch.clamp_max(total, 3.0)
 
 
 @pytest.mark.parametrize("opset", [13, 18])
-def test_sums_export_bit_exact_and_the_tanh_gelu_is_named(tmp_path, opset: int) -> None:
+def test_sums_and_one_sided_clamps_export_bit_exact_and_the_tanh_gelu_is_named(
+        tmp_path, opset: int) -> None:
     torch.manual_seed(0)
     data = torch.randn(16, 3, 8, 8)
     converted = _convert(SumNet(), data, qf.QuantConfig(**FAST, target="am68a"))
@@ -207,6 +210,12 @@ def test_sums_export_bit_exact_and_the_tanh_gelu_is_named(tmp_path, opset: int) 
     assert report.max_lsb_diff == 0.0 and report.fraction_identical == 1.0
     sums = [n for n in onnx.load(tmp_path / "sum.onnx").graph.node if n.op_type == "ReduceSum"]
     assert len(sums) == 3
+    clips = [n for n in onnx.load(tmp_path / "sum.onnx").graph.node if n.op_type == "Clip"]
+    bounds = sorted(tuple(float(numpy_helper.to_array(next(
+        t for t in onnx.load(tmp_path / "sum.onnx").graph.initializer if t.name == name)))
+        for name in n.input[1:]) for n in clips)
+    widest = float(np.finfo(np.float32).max)
+    assert bounds == [(-widest, 3.0), (-2.0, widest)]  # an open bound: float32's extreme
     # The tanh GELU has no TIDL fusion: one finding that says so and names the fix.
     tanh_gelu = [f for f in report.tidl.findings if "tanh formula" in f.rule]
     assert len(tanh_gelu) == 1 and "approximate='none'" in tanh_gelu[0].rule

@@ -124,7 +124,8 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     **{target: arithmetic.call_unary("Sqrt") for target in (torch.sqrt, "sqrt", "sqrt_")},
     **{target: arithmetic.emit_pow for target in (operator.pow, torch.pow, "pow", "pow_")},
     **{target: arithmetic.emit_clamp for target in (
-        torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_")},
+        torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_", torch.clamp_min,
+        torch.clamp_max, "clamp_min", "clamp_max", "clamp_min_", "clamp_max_")},
 }
 """Function or Tensor-method name -> emitter for call_function / call_method nodes."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch.fx as fx
 
 from quantfx import modules as standins
@@ -100,14 +101,21 @@ def emit_pow(b: Builder, node: fx.Node, module: Any) -> None:
 
 
 def emit_clamp(b: Builder, node: fx.Node, module: Any) -> None:
-    """torch.clamp / clip with constant bounds as Clip (a missing bound stays open)."""
-    low, high = b.call_arguments(node, ("min", "max"))
+    """torch.clamp / clip / clamp_min / clamp_max with constant bounds as Clip."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    one_bound = {"clamp_min": "min", "clamp_max": "max"}.get(name.rstrip("_"))
+    if one_bound is None:
+        low, high = b.call_arguments(node, ("min", "max"))
+    else:
+        (bound,) = b.call_arguments(node, (one_bound,))
+        low, high = (bound, None) if one_bound == "min" else (None, bound)
     if any(isinstance(bound, str) for bound in (low, high)):
         raise ExportError(f"clamp '{node.name}' has tensor bounds; only constant bounds export.")
+    # An open bound is float32's extreme: the same function, and TIDL takes a Clip only with
+    # both bounds constant (min <= 0 < max).
+    widest = float(np.finfo(np.float32).max)
     inputs = [b.tensor_input(node)]
-    for suffix, bound in (("min", low), ("max", high)):
-        inputs.append("" if bound is None else b.float_constant(f"{node.name}.{suffix}",
-                                                                float(bound)))
-    while inputs[-1] == "":
-        inputs.pop()
+    for suffix, bound, open_bound in (("min", low, -widest), ("max", high, widest)):
+        inputs.append(b.float_constant(f"{node.name}.{suffix}",
+                                       open_bound if bound is None else float(bound)))
     b.emit(node, "Clip", inputs)
