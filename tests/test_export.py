@@ -734,6 +734,19 @@ def test_data_movement_ops_are_bit_exact(tmp_path) -> None:
     assert report.max_lsb_diff == 0 and report.fraction_identical == 1.0
 
 
+def test_space_to_depth_before_a_16_bit_layer_exports_at_opset_21(tmp_path) -> None:
+    """Opset 21 (a 16-bit layer) holds Q/DQ after shape ops under new tensor names, which once
+    collided with pixel_unshuffle's own Transpose output (an invalid graph)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.PixelUnshuffle(2),
+                          nn.Conv2d(16, 4, 3, padding=1)).eval()
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(model, inputs, qf.QuantConfig(**FAST, sixteen_bit_layers=["last"]))
+    report = qf.export_onnx(converted, (inputs[:2],), tmp_path / "unshuffle.onnx",
+                            verify_data=inputs)
+    assert report.opset == 21 and report.fraction_identical == 1.0
+
+
 class MoreShapeOps(nn.Module):
     """The shape-only calls every exporter row must cover: narrow, repeat, functional pixel and
     channel shuffles, F.max_pool1d, functional dropout in eval mode, contiguous."""

@@ -29,6 +29,7 @@ def hold_grids_after_shape_ops(nodes: list[onnx.NodeProto], opset: int,
     if opset < AFFECTED_OPSET:
         return nodes
     readers: dict[str, list[onnx.NodeProto]] = {}
+    taken = {name for node in nodes for name in (*node.input, *node.output)}
     for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
@@ -43,13 +44,24 @@ def hold_grids_after_shape_ops(nodes: list[onnx.NodeProto], opset: int,
         users = readers.get(output, [])
         if output not in outputs and all(user.op_type == "QuantizeLinear" for user in users):
             continue
-        moved = f"{output}.moved"
+        moved = fresh_name(f"{output}.ungridded", taken)
         node.output[0] = moved
         scale, zero = source.input[1], source.input[2]
-        held.append(helper.make_node("QuantizeLinear", [moved, scale, zero],
-                                     [f"{output}.held"], name=f"{output}.held.quantize"))
-        dequantize = helper.make_node("DequantizeLinear", [f"{output}.held", scale, zero],
-                                      [output], name=f"{output}.held.dequantize")
+        codes = fresh_name(f"{output}.held", taken)
+        held.append(helper.make_node("QuantizeLinear", [moved, scale, zero], [codes],
+                                     name=f"{codes}.quantize"))
+        dequantize = helper.make_node("DequantizeLinear", [codes, scale, zero], [output],
+                                      name=f"{codes}.dequantize")
         held.append(dequantize)
         dequantized[output] = dequantize
     return held
+
+
+def fresh_name(name: str, taken: set[str]) -> str:
+    """`name`, or `name.2`, `name.3`, ... : the first not in `taken` (which it joins)."""
+    candidate, count = name, 1
+    while candidate in taken:
+        count += 1
+        candidate = f"{name}.{count}"
+    taken.add(candidate)
+    return candidate
