@@ -601,6 +601,20 @@ def test_sequence_first_attention_with_weights_exports(tmp_path) -> None:
     assert report.fraction_identical >= 0.99
 
 
+def test_an_emitter_that_fails_is_an_internal_error_naming_the_node(tmp_path,
+                                                                     monkeypatch) -> None:
+    def broken(b, node, module):
+        raise TypeError("slice indices must be integers")
+
+    monkeypatch.setattr(registry, "MODULE_EMITTERS", [(nn.ReLU, broken)]
+                        + registry.MODULE_EMITTERS)
+    inputs = torch.randn(4, 3, 8, 8)
+    converted = _convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.ReLU()).eval(), inputs)
+    with pytest.raises(qf.InternalError, match="node '_2' .*TypeError: slice indices"):
+        qf.export_onnx(converted, (inputs[:2],), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
 class MaskedAttention(nn.Module):
     """Attention masked by a mask computed from the input (a constant one is decomposed): the
     module stays whole, and its float emitter exports unmasked attention only."""
@@ -745,6 +759,36 @@ def test_space_to_depth_before_a_16_bit_layer_exports_at_opset_21(tmp_path) -> N
     report = qf.export_onnx(converted, (inputs[:2],), tmp_path / "unshuffle.onnx",
                             verify_data=inputs)
     assert report.opset == 21 and report.fraction_identical == 1.0
+
+
+class SizedPadAndCrop(nn.Module):
+    """U-Net's up block (pad the upsampled map by sizes computed from both tensors) and a crop
+    by a slice bound from `x.shape`: shape arithmetic that export folds to constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.conv = nn.Conv2d(11, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        upsampled = self.up(F.relu(self.down(x)))
+        rows, columns = x.size()[2] - upsampled.size()[2], x.size()[3] - upsampled.size()[3]
+        upsampled = F.pad(upsampled, [columns // 2, columns - columns // 2,
+                                      rows // 2, rows - rows // 2])
+        y = self.conv(torch.cat([x, upsampled], dim=1))
+        return y[:, :, : y.shape[2] // 2]
+
+
+def test_pads_and_slices_sized_by_shape_arithmetic_export(tmp_path) -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 3, 15, 15)  # 15 -> 8 -> 16: one row and column cropped away
+    converted = _convert(SizedPadAndCrop().eval(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), tmp_path / "sized.onnx",
+                            verify_data=inputs)
+    assert report.fraction_identical == 1.0
+    pads = [n for n in onnx.load(tmp_path / "sized.onnx").graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1
 
 
 class MoreShapeOps(nn.Module):

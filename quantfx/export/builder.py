@@ -109,6 +109,8 @@ class Builder:
             return self.env[arg]
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.value(item) for item in arg)
+        if isinstance(arg, slice):  # bounds from shape arithmetic (`x[:, :x.shape[1] // 2]`)
+            return slice(self.value(arg.start), self.value(arg.stop), self.value(arg.step))
         return arg
 
     def tensor_input(self, node: fx.Node, position: int = 0) -> str:

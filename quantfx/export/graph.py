@@ -17,7 +17,7 @@ import torch.fx as fx
 from onnx import TensorProto, helper
 from torch import Tensor
 
-from quantfx.errors import ExportError, InternalError
+from quantfx.errors import ExportError, InternalError, QuantFxError
 from quantfx.export.builder import Builder, TensorInfo
 from quantfx.export.emitters.quantized import requantize
 from quantfx.export.registry import emitter_for
@@ -149,6 +149,25 @@ def _requantize_grid_keeping_ops(b: Builder, model: fx.GraphModule, node: fx.Nod
     b.env[node] = renamed if isinstance(value, list) else renamed[0]
 
 
+def _emit(b: Builder, model: fx.GraphModule, node: fx.Node, legacy: bool) -> None:
+    """Write `node` with its emitter; an emitter's own failure is an `InternalError` that names
+    the node, not a bare traceback from inside the exporter."""
+    emitter, module = emitter_for(b, node)
+    first = len(b.nodes)
+    try:
+        emitter(b, node, module)
+    except QuantFxError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a case the emitter does not handle
+        what = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__name__", repr(node.target))
+        raise InternalError(f"exporting node '{node.name}' ({node.op} '{what}') failed: "
+                            f"{type(error).__name__}: {error}.") from error
+    b.emitted.append(node)
+    if not legacy and is_shape_only(model, node):
+        _requantize_grid_keeping_ops(b, model, node, b.nodes[first:])
+
+
 def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
                 opset: int) -> BuiltGraph:
     """The ONNX model of converted `model` at the static shapes of `inputs` (no checks on the
@@ -186,12 +205,7 @@ def build_model(model: fx.GraphModule, inputs: tuple[Tensor, ...], legacy: bool,
         elif isinstance(record, TensorInfo) and _is_constant(b, node):
             b.constants[node] = _evaluate(model, b, node)
         else:
-            emitter, module = emitter_for(b, node)
-            first = len(b.nodes)
-            emitter(b, node, module)
-            b.emitted.append(node)
-            if not legacy and is_shape_only(model, node):
-                _requantize_grid_keeping_ops(b, model, node, b.nodes[first:])
+            _emit(b, model, node, legacy)
     nodes = b.nodes if legacy else hold_grids_after_shape_ops(
         b.nodes, opset, {value.name for value in graph_outputs})
     graph = helper.make_graph(nodes, type(model).__name__, graph_inputs, graph_outputs,

@@ -113,6 +113,7 @@ CALL_EMITTERS: dict[Any, Emitter] = {
     "bmm": arithmetic.emit_matmul,
     torch.einsum: arithmetic.emit_einsum,
     F.normalize: norms.emit_normalize_call,
+    F.pad: shapes.emit_pad_call,
     **{target: arithmetic.call_binary("Div") for target in (
         operator.truediv, torch.div, torch.true_divide, "div", "div_", "true_divide")},
     **{target: arithmetic.call_binary("Max") for target in (torch.maximum, "maximum")},

@@ -107,6 +107,12 @@ def _emit_indexing(b: Builder, node: fx.Node, source: str, index: Any) -> None:
             axes.append(dim)
             steps.append(1)
         elif item != slice(None):
+            if not all(bound is None or isinstance(bound, int)
+                       for bound in (item.start, item.stop, item.step)):
+                raise ExportError(
+                    f"indexing '{node.name}' slices with a bound computed from a tensor's "
+                    "values; ONNX export needs bounds known from the shapes (sizes and shape "
+                    "arithmetic fold to constants).")
             start, stop, step = item.indices(size)
             if step <= 0:
                 raise ExportError(f"indexing '{node.name}' uses a non-positive step.")

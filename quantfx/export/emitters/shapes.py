@@ -4,6 +4,7 @@ grid, so they export bit-exact and need no Q/DQ (TIDL: Flatten, Reshape, Transpo
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -161,6 +162,17 @@ def _pad_by_concat(b: Builder, node: fx.Node, begins: list[int], ends: list[int]
         b.op("Concat", parts, source, axis=axis)
         shape[axis] += begin + end
     b.env[node] = source
+
+
+def emit_pad_call(b: Builder, node: fx.Node, module: None) -> None:
+    """`F.pad` left a call at prepare because its amounts come from sizes (`x.size(2) - ...`,
+    U-Net's crop-to-fit): they are constants at export's static shapes."""
+    pad, mode, value = b.call_arguments(node, ("pad", "mode", "value"))
+    if not all(isinstance(amount, int) for amount in pad):
+        raise ExportError(f"pad '{node.name}' pads by amounts computed from a tensor's values; "
+                          "export needs amounts known from the shapes.")
+    emit_pad(b, node, SimpleNamespace(pad=tuple(pad), mode=mode or "constant",
+                                      value=float(value or 0.0), target=node.name))
 
 
 def emit_pad(b: Builder, node: fx.Node, module: Any) -> None:
