@@ -238,3 +238,32 @@ def test_export_writes_through_a_symlink_and_keeps_an_existing_files_mode(tmp_pa
     qf.export_onnx(converted, X[:1], link)
     assert link.is_symlink() and onnx.load(str(target)).graph.node
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+
+
+class ReadsItsOwnWeights(nn.Module):
+    """Code that reads layers' parameters itself: a conv's weight shape, and a Linear whose
+    weight is tied into a second, functional use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        pooled = y.view(y.shape[0], self.conv.weight.shape[0], -1).mean(-1)
+        return pooled + F.linear(F.relu(self.proj(pooled)), self.proj.weight.t())
+
+
+def test_forward_may_read_the_weights_of_layers_quantfx_wraps():
+    torch.manual_seed(0)
+    model, images = ReadsItsOwnWeights().eval(), torch.randn(8, 3, 8, 8)
+    with pytest.warns(qf.QuantFxWarning, match="linear"):  # the functional, float-weight use
+        prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(progress=False))
+    qat = qf.prepare_qat(model, (images[:1],), qf.QuantConfig(progress=False))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), model(images))
+        torch.testing.assert_close(qat.eval()(images), model(images), atol=0.1, rtol=0.1)
+    qf.calibrate(prepared, [images])
+    assert qf.convert(prepared)(images).shape == (8, 8)

@@ -188,8 +188,17 @@ def wrap_weight_layers(graph_module: fx.GraphModule, layers: list[fx.Node], wide
             graph_module.graph.erase_node(bn_node)
         quantizer = factory.weight(layer, 16 if node in wide else factory.config.weight_bits)
         set_submodule(graph_module, node.target, build(layer, bn, quantizer))
+        read_parameters_through_wrapper(graph_module, str(node.target))
     _warn_float_parameters(graph_module, set(layers) | wrap_prelu_slopes(graph_module, factory))
     graph_module.delete_all_unused_submodules()
+
+
+def read_parameters_through_wrapper(graph_module: fx.GraphModule, target: str) -> None:
+    """Code that reads a wrapped layer's parameters itself (tied weights, `conv.weight.shape`)
+    reads them at `<layer>.layer.<name>` now: the wrapper keeps the layer as `.layer`."""
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith(target + "."):
+            node.target = f"{target}.layer.{str(node.target)[len(target) + 1:]}"
 
 
 def wrap_prelu_slopes(graph_module: fx.GraphModule, factory: QuantizerFactory) -> set[fx.Node]:
