@@ -791,6 +791,26 @@ def test_pads_and_slices_sized_by_shape_arithmetic_export(tmp_path) -> None:
     assert len(pads) == 1
 
 
+class TwiceReturned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.conv(x)
+        return {"main": y, "aux": y}
+
+
+def test_a_tensor_returned_twice_is_a_second_dequantize_not_an_identity(tmp_path) -> None:
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(TwiceReturned().eval(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), tmp_path / "twice.onnx",
+                            verify_data=inputs, strict_tidl=True)
+    model = onnx.load(tmp_path / "twice.onnx")
+    assert len(model.graph.output) == 2 and report.fraction_identical == 1.0
+    assert "Identity" not in {node.op_type for node in model.graph.node}
+
+
 class MoreShapeOps(nn.Module):
     """The shape-only calls every exporter row must cover: narrow, repeat, functional pixel and
     channel shuffles, F.max_pool1d, functional dropout in eval mode, contiguous."""

@@ -122,13 +122,25 @@ def _graph_outputs(b: Builder, taken: list[str]) -> list[onnx.ValueInfoProto]:
             raise ExportError(f"model output {index} is not a tensor ({out!r}).")
         name = b.value(out)
         if name in taken + [value.name for value in outputs]:
-            alias = f"output_{index}"
-            b.op("Identity", [name], alias)
-            name = alias
+            name = _alias(b, name, f"output_{index}")
         info = b.records[out]
         outputs.append(helper.make_tensor_value_info(name, _onnx_dtype(info.dtype),
                                                      list(info.shape)))
     return outputs
+
+
+def _alias(b: Builder, name: str, alias: str) -> str:
+    """A second graph output with the values of tensor `name`: a second DequantizeLinear of
+    the same codes where `name` is dequantized (TIDL runs Q/DQ, while an Identity is an op it
+    takes only inside a fusion), else an Identity."""
+    producer = next((node for node in reversed(b.nodes) if name in node.output), None)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        b.add("DequantizeLinear", list(producer.input), [alias], alias,
+              **{attribute.name: helper.get_attribute_value(attribute)
+                 for attribute in producer.attribute})
+    else:
+        b.op("Identity", [name], alias)
+    return alias
 
 
 def _requantize_grid_keeping_ops(b: Builder, model: fx.GraphModule, node: fx.Node,
