@@ -87,6 +87,7 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
     ("empty", "is a folder .or empty."),
     ("none", "path must be a file path"),
     ("missing folder", "does not exist"),
+    ("json suffix", "must end with .onnx"),
 ])
 def test_export_to_a_bad_path_writes_nothing(converted_cnn, tmp_path, monkeypatch, kind,
                                              message) -> None:
@@ -95,7 +96,8 @@ def test_export_to_a_bad_path_writes_nothing(converted_cnn, tmp_path, monkeypatc
     (tmp_path / "out.onnx").mkdir()
     (tmp_path / "sub").mkdir()
     path = {"existing folder": "out.onnx", "trailing slash": "sub/", "empty": "",
-            "none": None, "missing folder": "missing/model.onnx"}[kind]
+            "none": None, "missing folder": "missing/model.onnx",
+            "json suffix": "model.json"}[kind]
     known = b'{"known": "content"}\n'
     if isinstance(path, str):
         beside = Path(options_path_for(path))  # where its .tidl.json would go

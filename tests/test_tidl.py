@@ -472,6 +472,16 @@ def test_what_the_checker_once_passed_is_now_refused_or_flagged(tmp_path):
                     ["y"])
     with pytest.raises(qf.ConfigError, match="not valid ONNX"):
         qf.check_tidl(broken, "tda4vm")
+    with pytest.raises(qf.ConfigError, match="is a folder"):
+        qf.check_tidl(tmp_path, "tda4vm")
+    with pytest.raises(qf.ConfigError, match="does not exist"):
+        qf.check_tidl(tmp_path / "missing.onnx", "tda4vm")
+    with pytest.raises(qf.ConfigError, match="got a bytes"):
+        qf.check_tidl(b"\x08\x07", "tda4vm")
+    named_json = tmp_path / "model.json"  # a binary file whatever its name
+    onnx.save(_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [1, 4])],
+                     ["y"]), named_json, format="protobuf")
+    assert qf.check_tidl(named_json, "generic").total == 1
 
     ort_style = _qdq_chain(([helper.make_node("Relu", ["a"], ["b"], name="b")], []), np.uint8)
     for initializer in ort_style.graph.initializer:

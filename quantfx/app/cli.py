@@ -34,7 +34,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     from quantfx.tidl.checker import check_tidl
     try:
-        model = onnx.load(args.file)  # read once: for its recorded target and the check
+        # read once, for its recorded target and the check; binary whatever the suffix
+        model = onnx.load(args.file, format="protobuf")
     except Exception:  # noqa: BLE001 - check_tidl says why the file is unreadable
         model = None
     report = check_tidl(args.file if model is None else model,

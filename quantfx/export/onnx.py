@@ -111,6 +111,10 @@ def _check_options(path: Any, opset: Any, verify: Any, legacy: Any, max_lsb_diff
                      example="1.0, float('inf') to never refuse, or None for the default")
     check_int(threads, "threads", 1, error=ExportError, example="1")
     path = os.path.expanduser(os.fspath(path))
+    if path and not path.endswith(("/", os.sep)) and not os.path.isdir(path) and (
+            not path.lower().endswith(".onnx")):  # onnx.load reads .json / .txt as text
+        raise ExportError(f"the model path {path!r} must end with .onnx (the TIDL options "
+                          "go beside it as NAME.tidl.json).")
     return os.path.realpath(path) if os.path.islink(path) else path  # write through a link
 
 

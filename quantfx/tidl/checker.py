@@ -346,11 +346,16 @@ def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str = "generi
     """
     if isinstance(model, onnx.ModelProto):
         return check_model(model, target)
-    if not isinstance(model, (str, os.PathLike)) or not os.path.isfile(model):
-        raise ConfigError(f"check_tidl needs an ONNX file path or an onnx.ModelProto, got "
-                          f"{model!r}.")
-    try:
-        loaded = onnx.load(os.fspath(model))
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"check_tidl needs an ONNX file path or an onnx.ModelProto, got a "
+                          f"{type(model).__name__}.")
+    if os.path.isdir(model):
+        raise ConfigError(f"{os.fspath(model)!r} is a folder: give the path of an ONNX file.")
+    if not os.path.isfile(model):
+        raise ConfigError(f"{os.fspath(model)!r} does not exist: give the path of an ONNX "
+                          "file.")
+    try:  # the binary format whatever the suffix (onnx.load reads .json / .txt as text)
+        loaded = onnx.load(os.fspath(model), format="protobuf")
     except Exception as error:  # noqa: BLE001 - not an ONNX file
         raise ConfigError(f"{os.fspath(model)!r} is not an ONNX model: {error}") from error
     return check_model(loaded, target)
