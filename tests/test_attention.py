@@ -285,6 +285,41 @@ def test_swin_window_attention_is_quantized(tmp_path, size) -> None:
     assert ops.count("MatMul") == 4 and ops.count("Softmax") == 2
 
 
+def test_swin_v2_cosine_attention_is_quantized_but_its_normalizations(tmp_path) -> None:
+    """Swin V2 (cosine attention, per-head logit scale, no key bias, MLP position bias): the
+    pieces compute what torchvision computes, padded windows included (12x12); qkv and proj
+    weights are quantized and the only float steps left are the two L2 normalizations."""
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    torch.manual_seed(0)
+    model = SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5,
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
+    with torch.no_grad():  # a key bias in the weights, which torchvision ignores on each call
+        for name, parameter in model.named_parameters():
+            if name.endswith("qkv.bias"):
+                parameter.normal_()
+    images = torch.randn(4, 3, 12, 12)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="am68a", **FAST))
+    assert "shifted_window_attention(" not in prepared.code
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
+    layers = [name for name, module in prepared.named_modules()
+              if isinstance(module, FakeQuantLayer) and name.endswith(("qkv", "proj"))]
+    assert len(layers) == 4
+    qf.calibrate(prepared, [images])
+    path = tmp_path / "swin_v2.onnx"
+    report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
+    assert report.fraction_identical >= 0.99
+    assert _float_weight_feeds(path) == []
+    fallbacks = {finding.node for finding in report.tidl.findings}
+    assert len(fallbacks) == 16 and all("unit_query." in node or "unit_key." in node
+                                        for node in fallbacks)
+
+
 class CausalScores(nn.Module):
     """Attention written by hand, masked with masked_fill(-inf): a constant causal mask (a
     buffer), or a mask computed from the input (`dynamic`). Small scores: the mask's saturated

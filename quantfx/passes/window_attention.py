@@ -2,17 +2,20 @@
 
 torchvision computes a Swin block's attention in `shifted_window_attention`, a `@torch.fx.wrap`
 function that tracing keeps whole (float weights, float scores). This pass replaces each call
-made by a `ShiftedWindowAttention` module (Swin V1; V2's cosine attention stays whole) by
-`WindowAttentionPieces`: pad, roll and window partition (shape-only), the qkv Linear (the
-query's 1/sqrt(head_dim) folded into its rows), MatMul, the relative position bias added as a
+made by a `ShiftedWindowAttention` module (Swin V1) or `ShiftedWindowAttentionV2` by
+`WindowAttentionPieces`: pad, roll and window partition (shape-only), the qkv Linear (V1: the
+query's 1/sqrt(head_dim) folded into its rows), MatMul (V2: of the `F.normalize`d query and
+key, then a Mul by each head's learned logit scale), the relative position bias added as a
 trainable constant, the shift mask as `AdditiveMask` (-inf: the next quantizer saturates it
 to its lowest code without counting it in its range; the exported Add of -32768 does the
-same), nn.Softmax, MatMul, the proj Linear, and the windows merged back.
+same), nn.Softmax, MatMul, the proj Linear, and the windows merged back. V2's two
+normalizations stay float steps (TIDL has no L2-normalize layer); everything else is quantized.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -34,7 +37,8 @@ except ImportError:  # pragma: no cover - torchvision is a dependency
     swin_transformer = None
 
 INNER_NAMES = {"matmul": "scores", "add": "biased_scores", "mask": "masked_scores",
-               "softmax": "probabilities", "matmul_1": "context"}
+               "softmax": "probabilities", "matmul_1": "context", "normalize": "unit_query",
+               "normalize_1": "unit_key", "mul": "scaled_scores"}
 
 
 def shifted_window_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int]) -> Tensor:
@@ -76,14 +80,7 @@ class WindowAttentionPieces(nn.Module):
         self.padded = (self.height + self.pads[1], self.width + self.pads[0])
         self.shift = [0 if self.window[axis] >= self.padded[axis] else
                       int(arguments["shift_size"][axis]) for axis in (0, 1)]
-        weight = arguments["qkv_weight"].detach().clone()
-        bias = arguments["qkv_bias"]
-        bias = None if bias is None else bias.detach().clone()
-        scale = (channels // self.heads) ** -0.5
-        weight[:channels] *= scale
-        if bias is not None:
-            bias[:channels] *= scale
-        self.qkv = linear_layer(weight, bias)
+        self.qkv, self.logit_scale = _query_key_value(arguments, channels, self.heads)
         self.position_bias = nn.Parameter(
             arguments["relative_position_bias"].detach().clone())
         self.mask = (AdditiveMask(shifted_window_mask(*self.padded, self.window, self.shift)
@@ -107,7 +104,12 @@ class WindowAttentionPieces(nn.Module):
         channels = windows.shape[-1]
         qkv = self.qkv(windows).unflatten(-1, (3, self.heads, channels // self.heads))
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        scores = torch.matmul(query, key.transpose(-2, -1)) + self.position_bias
+        if self.logit_scale is None:
+            scores = torch.matmul(query, key.transpose(-2, -1))
+        else:  # V2: cosine similarity, times each head's scale
+            query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+            scores = torch.matmul(query, key.transpose(-2, -1)) * self.logit_scale
+        scores = scores + self.position_bias
         if self.mask is not None:
             count = self.mask.mask.shape[0]
             scores = self.mask(scores.unflatten(0, (-1, count))).flatten(0, 1)
@@ -134,17 +136,38 @@ class WindowAttentionPieces(nn.Module):
         return out
 
 
+def _query_key_value(arguments: dict[str, Any], channels: int, heads: int
+                     ) -> tuple[nn.Linear, nn.Parameter | None]:
+    """The qkv Linear and V2's per-head scale exp(min(logit_scale, log 100)) (None for V1,
+    whose 1/sqrt(head_dim) goes into the query rows). V2 has no key bias: torchvision zeroes
+    it on every call."""
+    weight = arguments["qkv_weight"].detach().clone()
+    bias = arguments["qkv_bias"]
+    bias = None if bias is None else bias.detach().clone()
+    logit_scale = arguments["logit_scale"]
+    if logit_scale is None:
+        scale = (channels // heads) ** -0.5
+        weight[:channels] *= scale
+        if bias is not None:
+            bias[:channels] *= scale
+        return linear_layer(weight, bias), None
+    if bias is not None:
+        bias[channels:2 * channels] = 0.0
+    scales = torch.clamp(logit_scale.detach(), max=math.log(100.0)).exp()
+    return linear_layer(weight, bias), nn.Parameter(scales.clone())
+
+
 def _constant_arguments(graph_module: fx.GraphModule, arguments: dict[str, Any]
                         ) -> dict[str, Any] | None:
     """The call's arguments with weights, biases and the relative position bias evaluated
     (they are computed from parameters only), or None when the call is not one quantfx
-    decomposes: Swin V2's cosine attention, or weights that depend on the input."""
-    if arguments["logit_scale"] is not None or arguments["training"] is not False:
+    decomposes: a training-mode call, or weights that depend on the input."""
+    if arguments["training"] is not False:
         return None
     values = dict(arguments)
     try:
         for name in ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
-                     "relative_position_bias"):
+                     "relative_position_bias", "logit_scale"):
             values[name] = constant_value(graph_module, arguments[name])
     except LookupError:
         return None
@@ -152,7 +175,7 @@ def _constant_arguments(graph_module: fx.GraphModule, arguments: dict[str, Any]
 
 
 def decompose_window_attention(graph_module: fx.GraphModule) -> int:
-    """Replace every torchvision Swin V1 `shifted_window_attention` call by its pieces (see
+    """Replace every torchvision Swin `shifted_window_attention` call by its pieces (see
     the module text); returns how many calls were replaced."""
     if swin_transformer is None:  # pragma: no cover
         return 0
