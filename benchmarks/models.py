@@ -14,7 +14,7 @@ from torch import nn
 
 __all__ = ["HARD_CASE_BUILDERS", "MODEL_BUILDERS", "build_model", "mobilenetv2_norecipe",
            "mobilenetv2_style", "regnetx_style", "resnet_style", "TRANSFORMER_BUILDERS",
-           "swin_style", "vit_style"]
+           "swin_style", "swinv2_style", "vit_style"]
 
 
 def conv_bn(
@@ -227,6 +227,21 @@ def swin_style(num_classes: int = 10) -> nn.Module:
     return model
 
 
+def swinv2_style(num_classes: int = 10) -> nn.Module:
+    """`swin_style` with torchvision's Swin V2 blocks: cosine attention with a learned scale
+    per head, the continuous (MLP) position bias, post-norm, V2 patch merging."""
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    model = SwinTransformer([2, 2], 32, [2, 2], [2, 4], [7, 7], num_classes=num_classes,
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    model.features[0][0] = nn.Conv2d(1, 32, 2, stride=2)
+    return model
+
+
 MODEL_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "resnet_style": resnet_style,
     "mobilenetv2_style": mobilenetv2_style,
@@ -238,7 +253,8 @@ HARD_CASE_BUILDERS: dict[str, Callable[[], nn.Module]] = {
 }
 """Nets only the hard-case part trains (`benchmarks.hard_cases`)."""
 TRANSFORMER_BUILDERS: dict[str, Callable[[], nn.Module]] = {"vit_style": vit_style,
-                                                             "swin_style": swin_style}
+                                                             "swin_style": swin_style,
+                                                             "swinv2_style": swinv2_style}
 """Nets only the transformer part trains (`benchmarks.transformers`), with Adam."""
 
 

@@ -1,16 +1,17 @@
 """Part `transformers`: vision transformers quantized the way TIDL runs them, and the peers.
 
-Two nets trained here on Fashion-MNIST with Adam (cached like the others): `vit_style`
-(DeiT-tiny's shape scaled down to 28x28: 49 patch tokens and a class token, four blocks of
-torchvision's ViT encoder, 64 wide, 4 heads) and `swin_style` (torchvision's Swin V1: 2x2
-patches, 7x7 windows shifted by 3 in every second block, two stages of two blocks, 32 and 64
-wide). quantfx decomposes nn.MultiheadAttention and Swin's window attention into Linear
-projections (8-bit weights), MatMuls and a Softmax with every tensor between them quantized
-(docs/transformers.md). Rows: float; quantfx PTC default for the generic runtime, TDA4VM and
-AM68A (each exported and checked with `check_tidl` for its device); the generic export run in
-ONNX Runtime; one epoch of QAT from the PTC default; torch.ao FX PTQ (x86) and ONNX Runtime's
-`quantize_static` (MinMax, per-tensor and per-channel). Accuracy on the 10k test images,
-top-1 agreement with float, output SQNR against float (logits of the test images).
+Three nets trained here on Fashion-MNIST with Adam (cached like the others): `vit_style` (DeiT-
+tiny's shape scaled down to 28x28: 49 patch tokens and a class token, four blocks of
+torchvision's ViT encoder, 64 wide, 4 heads), `swin_style` (torchvision's Swin V1: 2x2 patches,
+7x7 windows shifted by 3 in every second block, two stages of two blocks, 32 and 64 wide) and
+`swinv2_style` (the same with Swin V2 blocks: cosine attention, a learned scale per head, the
+MLP position bias). quantfx decomposes nn.MultiheadAttention and Swin's window attention into
+Linear projections (8-bit weights), MatMuls and a Softmax with every tensor between them
+quantized (docs/transformers.md). Rows: float; quantfx PTC default for the generic runtime,
+TDA4VM and AM68A (each exported and checked with `check_tidl` for its device); the generic
+export run in ONNX Runtime; one epoch of QAT from the PTC default; torch.ao FX PTQ (x86) and
+ONNX Runtime's `quantize_static` (MinMax, per-tensor and per-channel). Accuracy on the 10k test
+images, top-1 agreement with float, output SQNR against float (logits of the test images).
 
     python -m benchmarks transformers
 """
@@ -41,7 +42,7 @@ from benchmarks.report import PartResult, Table
 from benchmarks.training import configure_threads, train_float_with_info
 from quantfx.export.verify import onnxruntime_session
 
-MODELS = ("vit_style", "swin_style")
+MODELS = ("vit_style", "swin_style", "swinv2_style")
 EPOCHS, LEARNING_RATE = 4, 0.002
 """Adam at 2e-3, cosine, no weight decay (ViT: 86.6 % float after 4 epochs, 5 minutes on one
 thread)."""
