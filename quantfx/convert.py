@@ -48,7 +48,13 @@ class QuantizedGraphModule(fx.GraphModule):
         return super().train(False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run with autocast off: the simulation is integer-exact only in float32."""
+        """Run with autocast off: the simulation is integer-exact only in float32 (or 64)."""
+        dtype, _ = parameter_dtype_device(self)
+        if dtype in (torch.float16, torch.bfloat16):
+            raise ConvertError(
+                f"a converted model is integer-exact in float32 (or float64); in "
+                f"{str(dtype).removeprefix('torch.')} its sums round, and outputs move by an "
+                "LSB: call model.float() (TIDL and the exported file compute the exact sums).")
         device = next((t.device.type for t in self.buffers()), "cpu")
         with torch.autocast(device_type=device, enabled=False):
             return super().__call__(*args, **kwargs)

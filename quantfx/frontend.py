@@ -19,7 +19,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from quantfx.config import QuantConfig
 from quantfx.errors import PrepareError, warn
 from quantfx.export.registry import unexportable
-from quantfx.inputs import check_input_tensors, parameter_dtype_device
+from quantfx.inputs import check_input_tensors, parameter_dtype_device, require_float32
 from quantfx.passes.attention import decompose_attention
 from quantfx.passes.functional_layers import functional_layers_to_modules
 from quantfx.passes.inplace import functionalize_in_place_ops
@@ -65,12 +65,8 @@ def build_graph(
                   "Prepare the original float model instead.")
     inputs = as_input_tuple(example_inputs)
     check_no_inference_mode("prepare_qat" if training else "prepare")
+    require_float32(model, "prepare_qat" if training else "prepare", PrepareError)
     dtype, device = parameter_dtype_device(model)
-    if dtype != torch.float32:
-        raise PrepareError(
-            f"quantfx quantizes float32 models (the fixed-point simulation is exact in "
-            f"float32), and this one's parameters are {str(dtype).removeprefix('torch.')}: "
-            "prepare model.float() with float32 example inputs.")
     check_input_tensors(inputs, dtype, "example input", PrepareError)
     working = private_copy(model).eval()
     materialize_reparametrizations(working)

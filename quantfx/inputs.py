@@ -25,6 +25,17 @@ def parameter_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]
     return torch.float32, torch.device("cpu")
 
 
+def require_float32(model: nn.Module, action: str, error: type[QuantFxError]) -> None:
+    """`error` unless `model`'s parameters are float32: the fixed-point simulation (ranges,
+    searches, the converted model) is exact only there."""
+    dtype, _ = parameter_dtype_device(model)
+    if dtype != torch.float32:
+        raise error(
+            f"{action} works on float32 models (the fixed-point simulation is exact in "
+            f"float32), and this one's parameters are {str(dtype).removeprefix('torch.')}: "
+            f"call model.float() first, with float32 inputs.")
+
+
 def describe_tensor(tensor: Tensor) -> str:
     """"float32 (2, 3, 16, 16) on cpu": what a user needs to see of a wrong tensor."""
     return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)} on {tensor.device}"

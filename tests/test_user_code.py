@@ -194,6 +194,13 @@ def test_workflow_slips_are_clear_errors():
         qf.prepare_qat(ConvBnReLU(), X[:1], schedule)
     with pytest.raises(qf.PrepareError, match="got str"):
         qf.prepare_qat(qf.prepare(ConvBnReLU(), X[:1], CONFIG), "garbage")
+    # moved off float32 after prepare / convert: refused before any work, not deep in torch
+    with pytest.raises(qf.CalibrationError, match="float32 models.*float64"):
+        qf.calibrate(qf.prepare(ConvBnReLU(), X[:1], CONFIG).double(), [X.double()])
+    converted = qf.convert(qf.calibrate(qf.prepare(ConvBnReLU(), X[:1], CONFIG), [X]))
+    with pytest.raises(qf.ConvertError, match="integer-exact in float32.*float16"):
+        converted.half()(X.half())
+    assert torch.equal(converted.double()(X.double()).float(), converted.float()(X))
 
 
 def test_convert_refuses_a_model_whose_calibration_failed():

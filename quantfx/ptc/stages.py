@@ -21,6 +21,7 @@ from quantfx.inputs import (
     describe_tensor,
     first_samples,
     parameter_dtype_device,
+    require_float32,
 )
 from quantfx.layers import FakeQuantLayer, with_bias
 from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_parts
@@ -214,6 +215,7 @@ def calibrate(
                           "a model returned by quantfx.prepare", hint)
     if quantized_parts(state):
         return _calibrate_parts(model, state, data, num_batches)
+    require_float32(model, "calibrate", CalibrationError)
     was_training = model.training
     model.eval()
     set_quant_mode(model, observe=True, quantize=False)
