@@ -176,7 +176,8 @@ def warn_unexportable(graph_module: fx.GraphModule) -> None:
         warn(
             f"quantfx can prepare, calibrate and convert this model, but export_onnx has no "
             f"ONNX emitter for: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
-            "Rewrite those ops with supported ones (docs/export.md lists them) or report "
+            "Rewrite those ops with supported ones (docs/export.md lists them), quantize only "
+            "the parts around them (QuantConfig(quantize_only=[...]), docs/api.md), or report "
             "them to the quantfx developers.")
 
 

@@ -146,6 +146,17 @@ def test_an_op_export_cannot_write_is_announced_at_prepare():
     with pytest.warns(UserWarning, match="no ONNX emitter for: cumsum"):
         qf.prepare(Cumulative(), X[:1], CONFIG)
 
+    class Recurrent(nn.Module):  # a module with several outputs (output, (h, c))
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    with pytest.warns(UserWarning, match=r"no ONNX emitter for: LSTM .*quantize_only"):
+        qf.prepare(Recurrent(), torch.randn(1, 5, 8), CONFIG)
+
 
 def test_qat_warns_when_forward_depends_on_training():
     class TrainingOutputs(nn.Module):
@@ -201,6 +212,8 @@ def test_workflow_slips_are_clear_errors():
     with pytest.raises(qf.ConvertError, match="integer-exact in float32.*float16"):
         converted.half()(X.half())
     assert torch.equal(converted.double()(X.double()).float(), converted.float()(X))
+    with pytest.raises(qf.ConfigError, match="got a model already converted by quantfx"):
+        qf.end_qat_epoch(converted)
 
 
 def test_convert_refuses_a_model_whose_calibration_failed():

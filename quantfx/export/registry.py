@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from quantfx import modules as standins
 from quantfx.errors import ExportError
@@ -183,7 +184,9 @@ def unexportable(graph_module: fx.GraphModule) -> list[str]:
         if node.op not in ("call_module", "call_function", "call_method") or (
                 node not in data_dependent):
             continue
-        if not is_float_tensor(node) and not isinstance(node.meta.get("tensor_meta"), list):
+        meta = node.meta.get("tensor_meta")
+        several = isinstance(meta, (list, tuple)) and not isinstance(meta, TensorMetadata)
+        if not is_float_tensor(node) and not several:  # a tensor, or several (an LSTM's)
             continue
         if node.op == "call_module":
             module = graph_module.get_submodule(node.target)

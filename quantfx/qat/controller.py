@@ -13,7 +13,7 @@ from quantfx.config import QATSchedule
 from quantfx.errors import ConfigError, warn
 from quantfx.partial import quantized_parts
 from quantfx.quantizers import learned_thresholds
-from quantfx.state import state_of
+from quantfx.state import describe, state_of
 
 CONTROLLER_NAME = "qat_controller"
 STALE_CHECK_STEP = 64
@@ -133,7 +133,8 @@ def controller_of(model: nn.Module) -> QATController:
     if not isinstance(controller, QATController):
         raise ConfigError(
             f"expected a model returned by quantfx.prepare_qat (or its DDP wrapper), got "
-            f"{type(module).__name__}."
+            f"{describe(module)}. QAT starts from the float model or a calibrated "
+            "quantfx.prepare model: quantfx.prepare_qat(model, example_inputs)."
         )
     return controller
 
