@@ -801,6 +801,23 @@ class TwiceReturned(nn.Module):
         return {"main": y, "aux": y}
 
 
+class AuxiliaryOff(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.conv(x), None  # an auxiliary head that is off in eval mode
+
+
+def test_a_non_tensor_output_is_refused_with_its_position_and_the_fix(tmp_path) -> None:
+    inputs = torch.randn(4, 3, 8, 8)
+    converted = _convert(AuxiliaryOff().eval(), inputs)
+    with pytest.raises(qf.ExportError, match="model output 1 .* is None, not a tensor.*Return"):
+        qf.export_onnx(converted, (inputs[:2],), tmp_path / "aux.onnx")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_tensor_returned_twice_is_a_second_dequantize_not_an_identity(tmp_path) -> None:
     inputs = torch.randn(8, 3, 8, 8)
     converted = _convert(TwiceReturned().eval(), inputs)

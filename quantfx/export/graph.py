@@ -119,7 +119,14 @@ def _graph_outputs(b: Builder, taken: list[str]) -> list[onnx.ValueInfoProto]:
     outputs = []
     for index, out in enumerate(output_values(b.module)):
         if not isinstance(out, fx.Node) or not isinstance(b.records[out], TensorInfo):
-            raise ExportError(f"model output {index} is not a tensor ({out!r}).")
+            value = b.records[out] if isinstance(out, fx.Node) else out
+            what = "None" if value is None else f"a value of type {type(value).__name__}"
+            raise ExportError(
+                f"model output {index} (forward's outputs flattened in order: tuple and list "
+                f"items, dict values) is {what}, not a tensor: an ONNX file has tensor outputs "
+                "only. Return tensors "
+                "only (e.g. wrap the model in a module whose forward drops the others), then "
+                "prepare, calibrate and convert that.")
         name = b.value(out)
         if name in taken + [value.name for value in outputs]:
             name = _alias(b, name, f"output_{index}")
