@@ -478,6 +478,27 @@ def test_what_the_checker_once_passed_is_now_refused_or_flagged(tmp_path):
         qf.check_tidl(tmp_path / "missing.onnx", "tda4vm")
     with pytest.raises(qf.ConfigError, match="got a bytes"):
         qf.check_tidl(b"\x08\x07", "tda4vm")
+    dynamic = _model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", ["N", 4])],
+                     ["y"])
+    assert [f.node for f in qf.check_tidl(dynamic, "am68a").findings
+            if "dynamic dims (N)" in f.rule] == ["x"]
+    assert not qf.check_tidl(dynamic, "generic").findings  # ONNX Runtime takes any batch
+    # ONNX Runtime's integer-op files: integer codes are not float tensors; dynamic scales
+    integer = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+                      helper.make_node("MatMulInteger", ["xq", "w"], ["m"], name="mm"),
+                      helper.make_node("Cast", ["m"], ["y"], name="c", to=FLOAT)],
+                     [("x", [1, 4])], ["y"], [("s", np.float32(0.5)), ("z", np.uint8(0)),
+                                              ("w", np.ones((4, 2), np.uint8))])
+    assert not [f for f in qf.check_tidl(integer, "am68a").findings if "float tensor" in f.rule]
+    dynamic_scales = helper.make_model(helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"], name="d")], "g",
+        [helper.make_tensor_value_info("x", FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(name, kind, shape) for name, kind, shape in (
+            ("y", onnx.TensorProto.UINT8, [1, 4]), ("s", FLOAT, []),
+            ("z", onnx.TensorProto.UINT8, []))]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    assert [f.node for f in qf.check_tidl(dynamic_scales, "am68a").findings
+            if "dynamically quantized" in f.rule] == ["model"]
     named_json = tmp_path / "model.json"  # a binary file whatever its name
     onnx.save(_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [1, 4])],
                      ["y"]), named_json, format="protobuf")

@@ -51,6 +51,10 @@ UNFUSED_PATTERNS = {
 """Float islands that look like a fusion TIDL lacks: one finding with the fix, not one per
 tensor."""
 MAX_VALIDATED_OPSET = 21
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+               onnx.TensorProto.BFLOAT16)
+DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"})
+"""ONNX Runtime's quantize_dynamic: integer ops whose input scales are computed per run."""
 
 
 @dataclass
@@ -156,10 +160,11 @@ def _unquantized_regions(graph: Graph) -> list[tuple[list[onnx.NodeProto], list[
 
     loose: list[str] = []
     for node in graph.model.graph.node:
-        if node.op_type in QDQ_OPS + tuple(NO_QDQ_OPS):
-            continue
+        if node.op_type in QDQ_OPS + tuple(NO_QDQ_OPS) or node.domain not in ("", "ai.onnx"):
+            continue  # a custom-domain op (com.microsoft's QLinear*) is refused as an op
         for tensor in node.output:
-            if tensor in outputs or _on_grid(tensor, graph, memo):
+            if tensor in outputs or _on_grid(tensor, graph, memo) or graph.element_types.get(
+                    tensor, 0) not in (0, *FLOAT_TYPES):  # integer codes (QLinearConv)
                 continue
             loose.append(tensor)
             for user in _users_through_shape_ops(tensor, graph):
@@ -212,7 +217,8 @@ def _qdq_findings(graph: Graph) -> list[Finding]:
                 severity, _key(graph.producers[tensor]),
                 f"float tensor without Q/DQ ({graph.producers[tensor].op_type} output "
                 f"'{tensor}'): TIDL holds it in fixed point at a scale of its own choosing, "
-                "and the device would no longer compute what quantfx simulated", QUANTIZATION))
+                "not one the file fixes, so the device computes something else than the "
+                "file's quantization says", QUANTIZATION))
     return findings
 
 
@@ -259,8 +265,9 @@ def _power_of_two_findings(node: onnx.NodeProto, zero: np.ndarray | None,
     non-power-of-2 Q/DQ (ONNX Runtime's quantize_static writes both) is re-quantized there."""
     if profile.scale_type != 1 or scale is None:
         return []
-    return [Finding(WARNING, node.name, f"{problem}: {profile.name} runs symmetric power-of-2 "
-                    "scales only", "T11.2, MO") for problem in qdq_problems(zero, scale)]
+    return [Finding(WARNING, node.name, f"{problem}: {profile.name} follows TIDL's scale type "
+                    "1, symmetric power-of-2 scales only (others are re-quantized on the device)",
+                    "T11.2, MO") for problem in qdq_problems(zero, scale)]
 
 
 def _batchnorm_findings(graph: Graph) -> list[Finding]:
@@ -297,8 +304,7 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
         raise ConfigError(f"target={target!r} is not one of {TARGETS} (TI's names "
                           f"{', '.join(TARGET_ALIASES)} work too).")
     _require_valid(model)
-    if not model.graph.value_info:
-        model = onnx.shape_inference.infer_shapes(model)
+    model = onnx.shape_inference.infer_shapes(model)  # shapes and element types it lacks
     graph = Graph.of(model, PROFILES[target])
     opset = next((item.version for item in model.opset_import if item.domain in ("", "ai.onnx")),
                  0)
@@ -311,16 +317,41 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
             report.findings += check_node(node, graph)
     if any(node.op_type in QDQ_OPS for node in model.graph.node):
         report.findings += _qdq_findings(graph) + _quantization_findings(graph)
+    elif graph.profile.tidl and {node.op_type for node in model.graph.node} & DYNAMIC_OPS:
+        report.findings.append(Finding(WARNING, "model", "dynamically quantized (scales computed "
+                                       "at run time, DynamicQuantizeLinear), which TIDL does not "
+                                       "run: quantize statically, e.g. quantfx.export_onnx",
+                                       "T11.2"))
     elif graph.profile.tidl:
         report.findings.append(Finding(WARNING, "model", "no Q/DQ: a float model, which TIDL "
                                        "quantizes with its own calibration (not as quantfx "
                                        "simulated); export it with quantfx.export_onnx", "T11.2"))
     if graph.profile.tidl:
-        report.findings += _batchnorm_findings(graph)
+        report.findings += _batchnorm_findings(graph) + _dynamic_input_findings(model)
     falling = {finding.node for finding in report.findings if finding.severity == FALLBACK}
     report.nodes = [(_key(node), node.op_type, _key(node) not in falling)
                     for node in model.graph.node if node.op_type not in QDQ_OPS]
     return report
+
+
+def _dynamic_input_findings(model: onnx.ModelProto) -> list[Finding]:
+    """Graph inputs whose shape is not fixed: TIDL compiles one input shape, and the rules
+    that need a shape (pool sizes, Pad axes, ...) cannot be checked on such a file."""
+    constants = {initializer.name for initializer in model.graph.initializer}
+    findings = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        free = [dim.dim_param or "?" for dim in dims if not dim.HasField("dim_value")]
+        if free or not value.type.tensor_type.HasField("shape"):
+            findings.append(Finding(
+                WARNING, value.name, f"input '{value.name}' has dynamic dims "
+                f"({', '.join(free) or 'no shape'}): TIDL compiles fixed input shapes, and the "
+                "rules that need a tensor's shape were not checked on this file. Export with "
+                "fixed sizes (or fix them with onnxruntime.tools.make_dynamic_shape_fixed)",
+                "T11.2"))
+    return findings
 
 
 def _require_valid(model: onnx.ModelProto) -> None:

@@ -53,6 +53,8 @@ class Graph:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    element_types: dict[str, int] = field(default_factory=dict)
+    """ONNX element type of each tensor shape inference knows (TensorProto.FLOAT, ...)."""
 
     def code_bits(self, tensor: str) -> int:
         """8 * the byte width of the codes `tensor` was dequantized from (32 if float)."""
@@ -87,6 +89,7 @@ class Graph:
             dims = value.type.tensor_type.shape.dim
             graph.shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else -1
                                              for d in dims)
+            graph.element_types[value.name] = value.type.tensor_type.elem_type
         for node in model.graph.node:
             for output in node.output:
                 graph.producers[output] = node
