@@ -791,6 +791,28 @@ def test_pads_and_slices_sized_by_shape_arithmetic_export(tmp_path) -> None:
     assert len(pads) == 1
 
 
+class ChunksJoined(nn.Module):
+    """torch.cat / torch.stack of what chunk and split return: one node yielding tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        swapped = torch.cat(y.chunk(2, dim=1)[::-1], dim=1)
+        stacked = torch.stack(swapped.split(4, dim=1), dim=1).flatten(1, 2)
+        return stacked + torch.cat(y.chunk(2, 1), 1)
+
+
+def test_cat_and_stack_of_a_chunked_tensor_export(tmp_path) -> None:
+    inputs = torch.randn(8, 3, 8, 8)
+    converted = _convert(ChunksJoined().eval(), inputs)
+    report = qf.export_onnx(converted, (inputs[:2],), tmp_path / "chunks.onnx",
+                            verify_data=inputs)
+    assert report.fraction_identical == 1.0
+
+
 class TwiceReturned(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from quantfx import modules as standins
 from quantfx.passes.graph_utils import (
@@ -297,6 +298,29 @@ def numeric_conv_padding(graph_module: fx.GraphModule) -> None:
             conv.padding = tuple(total // 2 for total in totals)
 
 
+SEQUENCE_CALLS = (torch.cat, torch.concat, torch.concatenate, torch.stack)
+"""Calls that take a sequence of tensors, which may be one node (`torch.cat(x.chunk(2))`)."""
+
+
+def spread_tensor_sequences(graph_module: fx.GraphModule) -> None:
+    """`torch.cat(parts)` where `parts` is one node yielding tensors (chunk, split, a slice of
+    them) becomes `torch.cat([parts[0], parts[1], ...])`, which the Cat rewrite takes."""
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target not in SEQUENCE_CALLS or not node.args:
+            continue
+        sequence = node.args[0]
+        meta = sequence.meta.get("tensor_meta") if isinstance(sequence, fx.Node) else None
+        if not isinstance(meta, (list, tuple)) or isinstance(meta, TensorMetadata):
+            continue
+        items = []
+        with graph_module.graph.inserting_before(node):
+            for index, item_meta in enumerate(meta):
+                item = graph_module.graph.call_function(operator.getitem, (sequence, index))
+                item.meta["tensor_meta"] = item_meta
+                items.append(item)
+        node.args = (items, *node.args[1:])
+
+
 def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
     """Replace every tabled functional / Tensor-method call by a call of a fresh module.
 
@@ -307,6 +331,7 @@ def functionals_to_modules(graph_module: fx.GraphModule) -> fx.GraphModule:
         set_inplace_false(module)
     explicit_conv_padding(graph_module)
     numeric_conv_padding(graph_module)
+    spread_tensor_sequences(graph_module)
     for node in list(graph_module.graph.nodes):
         module = module_of(graph_module, node)
         if type(module) in MODULE_REWRITES:
