@@ -51,10 +51,12 @@ def check_input_tensors(tensors: Sequence[Any], dtype: torch.dtype, what: str,
                         "the model's forward takes.")
         if not tensor.is_floating_point():
             raise error(
-                f"{name} is {describe_tensor(tensor)}: quantfx models take the float tensors the "
-                f"float model takes (they quantize their inputs themselves). Convert it, e.g. "
-                f"x.to(torch.{str(dtype).removeprefix('torch.')}) with the model's "
-                "normalization.")
+                f"{name} is {describe_tensor(tensor)}: quantfx quantizes models whose inputs "
+                f"are float tensors (they quantize their inputs themselves). Images stored as "
+                f"integers: convert them, e.g. x.to(torch.{str(dtype).removeprefix('torch.')}) "
+                "with the model's normalization. Integers the model itself takes (token ids "
+                "for an nn.Embedding, indices): quantize the part that runs on floats, "
+                "QuantConfig(quantize_only=['encoder']), and export it with part='encoder'.")
         if tensor.dtype != dtype:
             raise error(
                 f"{name} is {describe_tensor(tensor)} but the model's parameters are "
