@@ -72,6 +72,7 @@ def build_graph(
     materialize_reparametrizations(working)
     drop_hooks(working)
     concrete = concrete_defaults(working, len(inputs))
+    _warn_optional_inputs(model, concrete, len(inputs))
     graph_module = trace(working, config, concrete)
     if training:
         training_graph = trace(working.train(), config, concrete)
@@ -95,6 +96,17 @@ def build_graph(
     unshare_modules(graph_module)
     split_max_pools(graph_module)  # after it: a shared pool is one module per call
     return graph_module, inputs
+
+
+def _warn_optional_inputs(model: nn.Module, concrete: dict[str, Any], given: int) -> None:
+    """Say which optional forward arguments were traced at None: the prepared model no longer
+    takes them, and the code that uses them is gone from it."""
+    left = [name for name, value in concrete.items() if value is None]
+    if left:
+        warn(f"{type(model).__name__}.forward was traced with {', '.join(left)} at its default "
+             f"None ({given} example input(s) given): the quantized model takes no "
+             f"{left[0]} argument, and what forward does with one is not in it. Give a tensor "
+             "for it in example_inputs (in forward's order) to keep that branch.")
 
 
 def check_no_inference_mode(action: str) -> None:

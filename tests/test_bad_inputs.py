@@ -506,7 +506,11 @@ def test_forward_arguments_with_defaults(model_class, tmp_path) -> None:
     torch.manual_seed(0)
     model = model_class().eval()
     data = batches()
-    _, converted = quantize(model, data)
+    if model_class is OptionalSecond:  # y's branch is traced away: said at prepare
+        with pytest.warns(qf.QuantFxWarning, match="traced with y at its default None"):
+            _, converted = quantize(model, data)
+    else:
+        _, converted = quantize(model, data)
     with torch.no_grad():
         assert sqnr_db(model(data[0]), converted(data[0])) > 25
     report = qf.export_onnx(converted, (data[0],), tmp_path / "model.onnx")
