@@ -40,6 +40,7 @@ def test_a_mixed_file_that_differs_end_to_end_is_verified_step_by_step(mixed_res
     assert report.stepwise.max_lsb_diff <= STEP_TOLERANCE_LSB
     assert report.stepwise.fraction_identical > 0.999
     assert "step by step" in report.summary() and (tmp_path / "m.onnx").exists()
+    assert f"most at '{report.stepwise.worst_step}'" in report.summary()
     with pytest.raises(qf.ExportError, match="differ"):  # an explicit tolerance is end to end
         qf.export_onnx(converted, (inputs[:1],), tmp_path / "strict.onnx", verify_data=inputs,
                        max_lsb_diff=32)

@@ -85,10 +85,14 @@ class ExportReport:
                          f"{self.optimized_max_lsb_diff:g} LSB")
         stepwise = ""
         if self.stepwise is not None:
+            worst = (f", most at '{self.stepwise.worst_step}'" if self.stepwise.worst_step
+                     else "")
             stepwise = (f"\n  step by step (each of {self.stepwise.steps} quantized tensors from "
                         f"the file's own inputs): {100 * self.stepwise.fraction_identical:.3f}% "
-                        f"bit-identical, max {self.stepwise.max_lsb_diff:g} LSB; end to end, "
-                        "float32 sums that are not exact differ and compound over depth")
+                        f"bit-identical, max {self.stepwise.max_lsb_diff:g} LSB{worst}; end to "
+                        "end, those 1-LSB flips (float steps such as Resize weights, Softmax or "
+                        "LayerNorm that ONNX Runtime rounds differently, or sums past 2**24) "
+                        "grow through the layers after them")
         return (f"{self.path}: opset {self.opset}, {self.elements_compared} elements, "
                 f"{100 * self.fraction_identical:.3f}% bit-identical in ONNX Runtime's reference "
                 f"kernels, max {self.max_lsb_diff:g} LSB, argmax agreement {argmax}"
