@@ -250,4 +250,18 @@ def test_the_suggested_config_keeps_the_config_analyze_measured_with(report):
     assert analyzed.config().target == "tda4vm"
     assert analyzed.config().weight_rounding == "nearest"
     assert analyzed.config(qf.QuantConfig()).target == "generic"
-    assert "analyzed_with" not in json.loads(analyzed.to_json())
+    assert json.loads(analyzed.to_json())["analyzed_with"]["target"] == "tda4vm"
+    with pytest.raises(qf.ConfigError, match="got dict"):
+        analyzed.config({})
+
+
+def test_the_suggested_config_adds_to_the_16_bit_layers_analyze_measured_with():
+    """analyze measured with `first` at 16 bit: its suggestion holds only with `first` kept
+    (config() once replaced the layers with the suggestion alone)."""
+    data = _data()
+    analyzed = qf.analyze(Chain(), data[0][:1], data,
+                          config=replace(CONFIG, sixteen_bit_layers=("first",)))
+    layers = analyzed.config().sixteen_bit_layers
+    assert layers[0] == "first" and set(analyzed.sixteen_bit_layers) <= set(layers)
+    assert analyzed.config(qf.QuantConfig(sixteen_bit_layers=("last",))).sixteen_bit_layers[:2] \
+        == ("last", "first")

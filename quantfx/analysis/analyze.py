@@ -59,13 +59,21 @@ class AnalysisReport:
     advice: str = ""
     """What to try before the suggestion when it keeps most of the model at 16 bit."""
     analyzed_with: QuantConfig | None = None
-    """The config `analyze` measured with (not in the JSON)."""
+    """The config `analyze` measured with (in the JSON as its fields; `config()` starts
+    from it)."""
 
     def config(self, base: QuantConfig | None = None) -> QuantConfig:
         """`base` (default: the config `analyze` measured with) with the suggested 16-bit
-        layers: the suggestion holds for the target and options it was measured under."""
-        base = base or self.analyzed_with or QuantConfig()
-        return replace(base, sixteen_bit_layers=tuple(self.sixteen_bit_layers))
+        layers added to the ones it keeps, and to those `analyze` measured with: the
+        suggestion holds for the target and options it was measured under."""
+        if base is not None and not isinstance(base, QuantConfig):
+            raise ConfigError(f"base must be a quantfx.QuantConfig or None, got "
+                              f"{type(base).__name__}.")
+        measured_with = self.analyzed_with or QuantConfig()
+        base = measured_with if base is None else base
+        layers = (*base.sixteen_bit_layers, *measured_with.sixteen_bit_layers,
+                  *self.sixteen_bit_layers)
+        return replace(base, sixteen_bit_layers=tuple(dict.fromkeys(layers)))
 
     def __str__(self) -> str:
         lines = ["output SQNR against float: " + ", ".join(
@@ -98,6 +106,8 @@ class AnalysisReport:
         """Valid JSON: an infinite SQNR (no error at all) is written as null, not Infinity."""
         data = _finite({key: value for key, value in asdict(self).items()
                         if key != "analyzed_with"})
+        if self.analyzed_with is not None:  # what the suggestion is relative to
+            data["analyzed_with"] = _finite(asdict(self.analyzed_with))
         return json.dumps(data, indent=2, default=lambda value: None, allow_nan=False)
 
     def save(self, folder: str) -> list[str]:
