@@ -149,6 +149,12 @@ def test_report_formats_and_bad_arguments(planted_report):
         qf.doctor(Planted(), X, optimizer="sgd")
     with pytest.raises(qf.ConfigError, match="torch.nn.Module"):
         qf.doctor("model", X)
+    qat = qf.prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), X,
+                         qf.QuantConfig(progress=False))
+    with pytest.raises(qf.ConfigError, match="doctor needs the float model.*prepare_qat"):
+        qf.doctor(qat, X)  # it reported "the model does not trace"
+    wrong = qf.doctor(nn.Sequential(nn.Conv2d(1, 4, 3)), X)  # 3-channel input, 1-channel conv
+    assert wrong.findings[0].fix.startswith("pass example_inputs")  # not "Fix: pass ..."
 
 
 def test_an_optimizer_of_another_model_is_an_error():

@@ -36,6 +36,7 @@ from quantfx.passes.normalize import REWRITES
 from quantfx.ptc import calibrate, prepare
 from quantfx.qmath import per_tensor_cost
 from quantfx.quantizers import CalibrationQuantizer
+from quantfx.state import FLOAT, require_state
 from quantfx.tidl.checker import check_model
 from quantfx.tidl.profiles import COARSE_CODES
 from quantfx.tidl.rules import FALLBACK
@@ -296,7 +297,7 @@ def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:
         params = [p for p in group["params"] if id(p) in names]
         if not params:
             continue
-        labelled = [f"{names[id(p)]} ({_kind(names[id(p)], kinds.get(id(p), ''))})"
+        labelled = [f"{names[id(p)]} ({kinds.get(id(p)) or names[id(p)].rpartition('.')[2]})"
                     for p in params]
         special = [label for label in labelled if "(weight)" not in label]
         shown = (special or labelled)[:6]
@@ -307,10 +308,6 @@ def _optimizer(model: nn.Module, optimizer: Any) -> list[Finding]:
             "included, keeps them compact; skipping it costs several points in fixed point",
             "weight_decay=1e-4 on every parameter group"))
     return findings
-
-
-def _kind(name: str, module_kind: str) -> str:
-    return module_kind or ("bias" if name.endswith("bias") else "weight")
 
 
 def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
@@ -351,8 +348,8 @@ def doctor(model: nn.Module, example_inputs: Any, optimizer: Any = None,
     checked on the inputs it receives, its findings named by module path.
     """
     config = resolve_config(config)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    require_state(model, "doctor", ConfigError, (FLOAT,), "the float model (a torch.nn.Module)",
+                  "doctor checks the float model, before quantfx.prepare or prepare_qat.")
     report = DoctorReport(type(model).__name__)
     report.findings += _optimizer(model, optimizer)
     config = whole_or_parts(model, example_inputs, config)
@@ -373,7 +370,8 @@ def _model_findings(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     except QuantFxError as error:
         return [Finding(
             ERROR, "trace", str(error).splitlines()[0], "quantfx traces the model with torch.fx "
-            "to place quantizers", "\n".join(str(error).splitlines()[1:]) or "see the message")]
+            "to place quantizers", "\n".join(str(error).splitlines()[1:]).removeprefix("Fix: ")
+            or "see the message")]
     findings = _convs_without_batchnorm(graph) + _structure(graph, config)
     findings += _reuse_and_functionals(trace(private_copy(model).eval(), config))
     findings += _outliers(fold_batchnorm(graph))
