@@ -584,6 +584,12 @@ def test_learned_thresholds_that_never_move_are_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qf.end_qat_epoch(fast)
+    # nothing to learn is an error that says how, not an empty list for torch to refuse
+    fixed = qf.prepare_qat(model, (torch.randn(1, 3, 8, 8),), qf.QuantConfig(progress=False))
+    with pytest.raises(qf.ConfigError, match="no learned thresholds.*ranges='learned'"):
+        qf.quantizers.learned_thresholds(fixed)
+    with pytest.raises(qf.ConfigError, match="got NoneType"):
+        qf.quantizers.learned_thresholds(None)
 
 
 def test_qat_from_calibration_keeps_its_weight_exponents_and_rounding():

@@ -12,7 +12,7 @@ from torch import nn
 from quantfx.config import QATSchedule
 from quantfx.errors import ConfigError, warn
 from quantfx.partial import quantized_parts
-from quantfx.quantizers import learned_thresholds
+from quantfx.quantizers import thresholds_in
 from quantfx.state import describe, state_of
 
 CONTROLLER_NAME = "qat_controller"
@@ -66,7 +66,7 @@ class QATController(nn.Module):
         if not bool(self.ranges_frozen):
             quantizers += self.activation_quantizers
         return [threshold for quantizer in quantizers
-                for threshold in learned_thresholds(quantizer)]
+                for threshold in thresholds_in(quantizer)]
 
     def check_thresholds(self) -> None:
         """Warn (once) when learned thresholds that are learning have not moved: TQT trains

@@ -25,6 +25,7 @@ from quantfx.quantizers.modes import (
     named_non_finite,
     quant_mode,
     set_quant_mode,
+    thresholds_in,
 )
 from quantfx.quantizers.training import (
     LearnedRangeQuantizer,
@@ -36,5 +37,5 @@ __all__ = [
     "CalibrationQuantizer", "FrozenQuantizer", "LearnedRangeQuantizer", "LearnedWeightQuantizer",
     "QATQuantizer",
     "Quantizer", "QuantizerFactory", "WeightQuantizer", "calibration_quantizers",
-    "learned_thresholds", "named_non_finite", "quant_mode", "set_quant_mode",
+    "learned_thresholds", "thresholds_in", "named_non_finite", "quant_mode", "set_quant_mode",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from quantfx.errors import NonFiniteError
+from quantfx.errors import ConfigError, NonFiniteError
 from quantfx.quantizers.base import CalibrationQuantizer
 from quantfx.quantizers.training import LearnedRangeQuantizer, LearnedWeightQuantizer
 
@@ -54,6 +54,21 @@ def named_non_finite(model: nn.Module, error: NonFiniteError) -> NonFiniteError:
 def learned_thresholds(model: nn.Module) -> list[nn.Parameter]:
     """The learned log2 thresholds of a QAT model (`QATSchedule` ranges / weight_exponent
     "learned"), for an optimizer of their own: TQT trains them with Adam; a fine-tuning SGD
-    rate moves them by about 1e-7 octaves per step, which never changes an exponent."""
-    return [module.log2_threshold for module in model.modules()
-            if isinstance(module, (LearnedRangeQuantizer, LearnedWeightQuantizer))]
+    rate moves them by about 1e-7 octaves per step, which never changes an exponent. A
+    `ConfigError` when there are none (an optimizer of nothing fails in torch)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"learned_thresholds needs a QAT model (torch.nn.Module), got "
+                          f"{type(model).__name__}.")
+    found = thresholds_in(model)
+    if not found:
+        raise ConfigError(
+            "this model has no learned thresholds: prepare it with quantfx.prepare_qat and "
+            "QuantConfig(qat_schedule=QATSchedule(ranges='learned')) (or weight_exponent="
+            "'learned') to train them.")
+    return found
+
+
+def thresholds_in(module: nn.Module) -> list[nn.Parameter]:
+    """The learned log2 thresholds under `module` (none is fine: the QAT controller asks)."""
+    return [quantizer.log2_threshold for quantizer in module.modules()
+            if isinstance(quantizer, (LearnedRangeQuantizer, LearnedWeightQuantizer))]
