@@ -217,6 +217,11 @@ def test_workflow_slips_are_clear_errors():
     assert torch.equal(converted.double()(X.double()).float(), converted.float()(X))
     with pytest.raises(qf.ConfigError, match="got a model already converted by quantfx"):
         qf.end_qat_epoch(converted)
+    qat = qf.prepare_qat(ConvBnReLU(), X[:1], CONFIG)
+    with pytest.raises(qf.ExportError, match=r"quantfx.convert\(qat_model\)"):
+        qf.export_onnx(qat, X[:1], "unused.onnx")
+    wrapped = nn.DataParallel(qf.prepare(ConvBnReLU(), X[:1], CONFIG))  # as DDP wraps it
+    assert qf.calibrate(wrapped, [X]) is wrapped.module
 
 
 def test_convert_refuses_a_model_whose_calibration_failed():

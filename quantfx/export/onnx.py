@@ -61,11 +61,12 @@ __all__ = ["ExportReport", "export_onnx", "options_path_for"]
 
 
 def _check_inputs(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, ...]:
-    state = require_state(
-        model, "export_onnx", ExportError, ((PTC, CONVERTED), (QAT, CONVERTED)),
-        "a converted model",
-        "Run cm = quantfx.convert(quantfx.calibrate(quantfx.prepare(model, inputs), data)) and "
-        "export cm.")
+    given = state_of(model)
+    fix = ("Run cm = quantfx.convert(qat_model) and export cm." if given is not None
+           and given.backend == QAT else "Run cm = quantfx.convert(quantfx.calibrate("
+           "quantfx.prepare(model, inputs), data)) and export cm.")
+    state = require_state(model, "export_onnx", ExportError,
+                          ((PTC, CONVERTED), (QAT, CONVERTED)), "a converted model", fix)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs or not all(

@@ -56,6 +56,7 @@ from quantfx.state import (
     attach_state,
     require_state,
     state_of,
+    unwrap,
 )
 
 LOG = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def calibrate(
     once per layer depth, to correct the biases (a model calibrated at several input sizes:
     the batches of the first batch's size). Returns the same model.
     """
+    model = unwrap(model)  # a DistributedDataParallel wrapper, as convert takes it
     given = state_of(model)
     hint = QAT_HINT if given is not None and given.backend == QAT else ""
     state = require_state(model, "calibrate", CalibrationError, ((PTC, PREPARED),),
