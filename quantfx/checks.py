@@ -46,9 +46,10 @@ def check_number(value: Any, name: str, low: float | None = None, high: float | 
     if valid and high is not None:
         valid = value <= high
     if not valid:
-        left = "(" if low_open else "["
-        span = f" in {left}{low if low is not None else '-inf'}, " \
-               f"{high if high is not None else 'inf'}]" if (low, high) != (None, None) else ""
+        left = "(" if low_open or low is None else "["
+        upper = f"{high}]" if high is not None else "inf)"  # finite: never inf itself
+        span = (f" in {left}{low if low is not None else '-inf'}, {upper}"
+                if (low, high) != (None, None) else "")
         hint = f" (e.g. {example})" if example else ""
         raise error(f"{name}={value!r} must be a finite number{span}{hint}.")
     return float(value)

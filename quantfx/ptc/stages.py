@@ -208,7 +208,8 @@ def calibrate(
     inputs (a DataLoader of (images, labels) works as is). With `bias_calibration` on (the
     default) the first batches (`bias_calibration_samples`) are kept in memory and run again,
     once per layer depth, to correct the biases (a model calibrated at several input sizes:
-    the batches of the first batch's size). Returns the same model.
+    the batches of the first batch's size). Returns the same model
+    (the one inside a DistributedDataParallel wrapper).
     """
     model = unwrap(model)  # a DistributedDataParallel wrapper, as convert takes it
     given = state_of(model)
