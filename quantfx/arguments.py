@@ -80,7 +80,7 @@ def _add_detection(parser: argparse.ArgumentParser) -> None:
                        help="with --detection: each level's stride, e.g. 8,16,32")
     group.add_argument("--num-classes", type=count(1), default=None, metavar="N",
                        help="with --detection: the number of classes")
-    group.add_argument("--reg-max", type=count(1), default=16, metavar="N",
+    group.add_argument("--reg-max", type=count(1), default=None, metavar="N",
                        help="with --detection yolov8: DFL bins per box side (default 16)")
     group.add_argument("--confidence-threshold", type=float, default=0.3, metavar="P",
                        help="with --detection: lowest score kept (default 0.3)")

@@ -83,9 +83,9 @@ def settings_from_file(path: str | os.PathLike) -> dict[str, Any]:
         if path.endswith(".toml"):
             import tomllib  # Python 3.11+
 
-            settings = tomllib.loads(content.decode("utf-8"))
+            settings = tomllib.loads(content.decode("utf-8-sig"))  # a Windows editor's BOM
         else:
-            settings = json.loads(content)
+            settings = json.loads(content.decode("utf-8-sig"))
     except ImportError:
         raise ConfigError("--config FILE.toml needs Python 3.11 or later (tomllib); give the "
                           "same fields as a .json file.") from None

@@ -212,6 +212,11 @@ def test_a_bad_argument_is_one_line_and_exit_two(workspace):
       "8,16"], "give --detection yolox or --detection yolov8 too"),
     (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--detection",
       "yolox", "--num-classes", "3"], "needs --strides"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--detection",
+      "yolox", "--strides", "8", "--num-classes", "3", "--reg-max", "8"],
+     "with --detection yolov8 only"),
+    (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--reg-max",
+      "8"], "give --detection yolox or --detection yolov8 too"),
 ])
 def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(workspace)
@@ -465,6 +470,8 @@ def test_the_qat_schedule_is_set_by_its_own_fields(tmp_path):
     assert settings_from_file(tmp_path / "config.toml")["qat_schedule"].weight_exponent == (
         "learned")
     assert settings_from_file(tmp_path / "config.json")["qat_schedule"].ranges == "statistics"
+    (tmp_path / "bom.toml").write_bytes(b'\xef\xbb\xbftarget = "am68a"\n')  # Notepad's BOM
+    assert settings_from_file(tmp_path / "bom.toml")["target"] == "am68a"
     with pytest.raises(qf.ConfigError, match="Did you mean 'ranges'"):
         settings_from_text(["qat_schedule.range=learned"])
     with pytest.raises(qf.ConfigError, match="ranges"):

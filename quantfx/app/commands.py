@@ -84,7 +84,8 @@ def _detection(args: argparse.Namespace) -> MetaArch | None:
     option it needs is missing or one is given without it."""
     needed = {"--strides": args.strides, "--num-classes": args.num_classes}
     if args.detection is None:
-        given = [flag for flag, value in needed.items() if value is not None]
+        given = [flag for flag, value in {**needed, "--reg-max": args.reg_max}.items()
+                 if value is not None]
         if given:
             raise ConfigError(f"{given[0]} describes a detector's heads: give --detection "
                               "yolox or --detection yolov8 too.")
@@ -93,11 +94,14 @@ def _detection(args: argparse.Namespace) -> MetaArch | None:
     if missing:
         raise ConfigError(f"--detection {args.detection} needs {' and '.join(missing)} (e.g. "
                           "--strides 8,16,32 --num-classes 80).")
+    if args.reg_max is not None and args.detection != "yolov8":
+        raise ConfigError("--reg-max is the DFL bin count of a YOLOv8 head: it goes with "
+                          "--detection yolov8 only.")
     fields = dict(strides=args.strides, num_classes=args.num_classes,
                   confidence_threshold=args.confidence_threshold,
                   nms_threshold=args.nms_threshold)
     if args.detection == "yolov8":
-        return Yolov8MetaArch(reg_max=args.reg_max, **fields)
+        return Yolov8MetaArch(reg_max=16 if args.reg_max is None else args.reg_max, **fields)
     return YoloxMetaArch(**fields)
 
 
