@@ -220,6 +220,9 @@ def test_workflow_slips_are_clear_errors():
     qat = qf.prepare_qat(ConvBnReLU(), X[:1], CONFIG)
     with pytest.raises(qf.ExportError, match=r"quantfx.convert\(qat_model\)"):
         qf.export_onnx(qat, X[:1], "unused.onnx")
+    with pytest.raises(qf.PrepareError, match="differ from those the model was prepared"):
+        qf.prepare_qat(qf.prepare(ConvBnReLU(), X[:1], CONFIG), X[:1, :, :-2])  # were ignored
+    assert qf.prepare_qat(qf.prepare(ConvBnReLU(), X[:1], CONFIG), X[:2]) is not None  # batch
     wrapped = nn.DataParallel(qf.prepare(ConvBnReLU(), X[:1], CONFIG))  # as DDP wraps it
     assert qf.calibrate(wrapped, [X]) is wrapped.module
 

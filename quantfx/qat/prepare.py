@@ -72,7 +72,15 @@ def prepare_qat(
     if state is not None:
         check_no_inference_mode("prepare_qat")
         dtype, _ = parameter_dtype_device(model)
-        check_input_tensors(as_input_tuple(example_inputs), dtype, "example input", PrepareError)
+        inputs = as_input_tuple(example_inputs)
+        check_input_tensors(inputs, dtype, "example input", PrepareError)
+        given = [tuple(tensor.shape[1:]) for tensor in inputs]
+        if state.input_shapes and given != [shape[1:] for shape in state.input_shapes]:
+            raise PrepareError(
+                f"example_inputs of shape(s) {[tuple(t.shape) for t in inputs]} differ from "
+                f"those the model was prepared with {state.input_shapes} (beyond the batch "
+                "size): QAT keeps the prepared model's graph and shapes. Give inputs of that "
+                "shape, or prepare the float model again at the new one.")
         return _prepare_from_ptc(model, state, _config_for_prepared(state.config, config))
     config = whole_or_parts(model, example_inputs, resolve_config(config))
     if config.quantize_only:
