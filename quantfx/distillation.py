@@ -102,6 +102,9 @@ def _batches(data: Any, model: nn.Module, example_inputs: Any,
         raise CalibrationError(
             f"distill uses its data again and again, but got a one-pass "
             f"{type(data).__name__}: give a list of batches or a DataLoader.")
+    if not isinstance(data, Iterable):
+        raise CalibrationError(f"distill data must be batches (a list or a DataLoader) or an "
+                               f"image folder, got {type(data).__name__}.")
     return data
 
 

@@ -187,6 +187,9 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
         qf.distill(prepared, iter(data), steps=1)
     with pytest.raises(qf.CalibrationError, match="empty"):
         qf.distill(prepared, [], steps=1)
+    for wrong in (None, 5):  # were bare TypeErrors from iter()
+        with pytest.raises(qf.CalibrationError, match="must be batches"):
+            qf.distill(prepared, wrong, steps=1)
     with pytest.raises(qf.ConfigError, match="no config"):
         qf.distill(prepared, data, steps=1, config=CONFIG)
     with pytest.raises(qf.ConfigError, match="float model or one returned"):
