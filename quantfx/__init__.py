@@ -43,6 +43,7 @@ _LAZY = {
     "quantfx.partial": ("parts_of",),
     "quantfx.ptc": ("calibrate", "prepare"),
     "quantfx.qat": ("end_qat_epoch", "prepare_qat"),
+    "quantfx.ranks": ("this_process_only",),
     "quantfx.tidl.checker": ("TidlReport", "check_tidl"),
     "quantfx.tidl.profiles": ("TARGETS",),
 }
@@ -122,4 +123,5 @@ __all__ = [
     "parts_of",
     "prepare",
     "prepare_qat",
+    "this_process_only",
 ]

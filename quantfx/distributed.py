@@ -22,13 +22,7 @@ from torch import Tensor, nn
 
 from quantfx.inputs import first_samples
 from quantfx.observers import HistogramObserver, MovingAverageMinMaxObserver, Observer
-
-
-def world_size() -> int:
-    """How many processes calibrate together (1 without an initialized process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+from quantfx.ranks import world_size
 
 
 def shows_progress(config: Any) -> Any:

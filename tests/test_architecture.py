@@ -82,7 +82,7 @@ FLOORS = (
     ("ground", ("errors", "checks", "version", "qmath", "modules", "ops", "tidl.profiles",
                 "config", "arguments")),
     ("records", ("observers", "layers", "state", "inputs", "trace", "files", "sources",
-                 "settings")),
+                 "settings", "ranks")),
     ("quantizers", ("quantizers", "quantizers.*")),
     ("passes", ("passes", "passes.*")),
     ("op writers", ("export.builder", "export.emitters", "export.emitters.*",

@@ -6,6 +6,8 @@ Every rank must end with identical quantizer ranges, and those ranges must cover
 """
 
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -123,7 +125,7 @@ def _calibration_worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     quantfx.ptc.learned_rounding.ITERATIONS = 20  # the workflow, not quality (as in the parent)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=300))
     try:
         share = _calibration_batches()[2 * rank:2 * rank + 2]  # each rank half of the data
         outcome = {name: _calibrated_state(share, config)
@@ -133,6 +135,12 @@ def _calibration_worker(rank: int, port: int, results: dict) -> None:
         outcome["empty rank"] = _calibrated_state(everything, CALIBRATION_CONFIGS["default"])
         outcome["bars"] = shows_progress(qf.QuantConfig(progress=True)).progress
         outcome["masked"] = _masked_on_one_rank(rank)
+        if rank == 0:  # rank 1 calls nothing: without this_process_only, rank 0 would wait
+            with qf.this_process_only():
+                outcome["alone"] = _calibrated_state(share, CALIBRATION_CONFIGS["default"])
+            qf.analyze(SmallNet().eval(), torch.zeros(1, 3, 8, 8), share[:1],
+                       config=CALIBRATION_CONFIGS["default"])  # measures alone by itself
+        dist.barrier()
         results[rank] = outcome
     finally:
         dist.destroy_process_group()
@@ -173,4 +181,7 @@ def test_calibration_on_two_ranks_equals_one_process_on_their_union(monkeypatch)
         assert not all(torch.equal(half["state"][key], value)  # the union really differs
                        for key, value in alone["state"].items())
     assert [results[rank]["bars"] for rank in range(WORLD_SIZE)] == [True, False]  # one set
+    alone_on_rank_0 = results[0]["alone"]["state"]  # as one process on rank 0's share
+    half = _calibrated_state(_calibration_batches()[:2], CALIBRATION_CONFIGS["default"])
+    assert all(torch.equal(alone_on_rank_0[key], value) for key, value in half["state"].items())
     assert results[0]["masked"] == results[1]["masked"] and results[1]["masked"][0]

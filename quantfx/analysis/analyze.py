@@ -33,6 +33,7 @@ from quantfx.passes.graph_utils import flatten_values
 from quantfx.ptc import calibrate, prepare
 from quantfx.ptc.learned_rounding import float_parameters
 from quantfx.quantizers import set_quant_mode
+from quantfx.ranks import this_process_only
 from quantfx.state import state_of
 
 MAX_BATCHES = 8
@@ -204,8 +205,8 @@ def analyze(model: nn.Module, example_inputs: Any, data: Iterable,
     """
     given, config = config, resolve_config(config)
     batches = _checked_batches(model, data, evaluate, target)
-    with tqdm(total=2, desc="analyze", unit="calibration", leave=False,
-              disable=None if config.progress else True) as bar:
+    with this_process_only(), tqdm(total=2, desc="analyze", unit="calibration", leave=False,
+                                   disable=None if config.progress else True) as bar:
         report = _analyze(model, example_inputs, batches, evaluate, config, target, bar)
         bar.total = bar.n  # the bisection may stop early: end the bar full
     report.analyzed_with = given or QuantConfig()

@@ -36,6 +36,7 @@ from quantfx.passes.normalize import REWRITES
 from quantfx.ptc import calibrate, prepare
 from quantfx.qmath import per_tensor_cost
 from quantfx.quantizers import CalibrationQuantizer
+from quantfx.ranks import this_process_only
 from quantfx.state import FLOAT, require_state
 from quantfx.tidl.checker import check_model
 from quantfx.tidl.profiles import COARSE_CODES
@@ -353,10 +354,9 @@ def doctor(model: nn.Module, example_inputs: Any, optimizer: Any = None,
     report = DoctorReport(type(model).__name__)
     report.findings += _optimizer(model, optimizer)
     config = whole_or_parts(model, example_inputs, config)
-    if config.quantize_only:
-        report.findings += _part_findings(model, example_inputs, config)
-    else:
-        report.findings += _model_findings(model, as_input_tuple(example_inputs), config)
+    with this_process_only():  # its calibration is a check: nothing waits for other ranks
+        report.findings += (_part_findings(model, example_inputs, config) if config.quantize_only
+                            else _model_findings(model, as_input_tuple(example_inputs), config))
     return report
 
 

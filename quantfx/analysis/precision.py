@@ -20,6 +20,7 @@ from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError
 from quantfx.ptc import calibrate, prepare
+from quantfx.ranks import this_process_only
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,9 @@ def compare_bit_depths(
     scores = []
     for bits in (8, 16):
         variant = replace(base, activation_bits=bits, weight_bits=bits, sixteen_bit_layers=())
-        prepared = prepare(model, example_inputs, variant)
-        calibrate(prepared, batches)
+        with this_process_only():  # a measurement: nothing waits for other ranks
+            prepared = prepare(model, example_inputs, variant)
+            calibrate(prepared, batches)
         scores.append(_score(evaluate, convert(prepared), f"the {bits}-bit model"))
     int8_score, int16_score = scores
     verdict = _verdict(float_score, int8_score, int16_score, tolerance)

@@ -18,11 +18,12 @@ from quantfx.qmath import (
     weight_exponent,
 )
 from quantfx.quantizers.base import CalibrationQuantizer, WeightQuantizer
+from quantfx.ranks import world_size
 
 
 def _reduce_min_max(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     """Global min/max over all DDP ranks (identity when torch.distributed is not running)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:  # no process group, or this_process_only()
         return low, high
     pair = torch.stack([-low, high])
     dist.all_reduce(pair, op=dist.ReduceOp.MAX)
