@@ -7,6 +7,7 @@ and a mistyped option answer without importing torch or ONNX Runtime.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from quantfx.tidl.profiles import TARGETS, resolve_target
@@ -50,12 +51,24 @@ def count(minimum: int) -> Callable[[str], int]:
 
 
 def floats(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated numbers."""
+    """An argparse type: comma-separated finite numbers."""
     try:
-        return tuple(float(part) for part in text.split(","))
+        values = tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers"
                                          ) from None
+    if not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a value that is not finite")
+    return values
+
+
+def positive_floats(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated finite numbers above 0 (a standard deviation)."""
+    values = floats(text)
+    if not all(value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be above 0 (a standard "
+                                         "deviation divides)")
+    return values
 
 
 def integers(text: str) -> tuple[int, ...]:
@@ -134,7 +147,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
                        help="images: then center-crop a square of this size")
     group.add_argument("--mean", type=floats, default=IMAGENET_MEAN,
                        help="images: per-channel mean subtracted after scaling to [0, 1]")
-    group.add_argument("--std", type=floats, default=IMAGENET_STD,
+    group.add_argument("--std", type=positive_floats, default=IMAGENET_STD,
                        help="images: per-channel standard deviation divided by")
     group.add_argument("--grayscale", action="store_true",
                        help="images: read as one channel instead of RGB")

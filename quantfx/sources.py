@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +44,16 @@ def read_tensors(path: str, what: str) -> Any:
             return torch.from_numpy(np.load(path, allow_pickle=False))
         except ValueError as error:
             raise LoadError(f"{path!r} is not a plain NumPy array file ({error}).") from error
+    if os.path.getsize(path) == 0:
+        raise LoadError(f"the {what} file {path!r} is empty (0 bytes): save it again.")
+    if zipfile.is_zipfile(path) and any(name.endswith("/constants.pkl")
+                                        for name in zipfile.ZipFile(path).namelist()):
+        raise LoadError(f"{path!r} is a TorchScript archive (torch.jit.save), not a state "
+                        "dict: save torch.save(model.state_dict(), path) from the eager model.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own advice (weights_only=False) is not ours
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "global" not in str(error).lower():  # not a pickled object: bytes torch cannot read
             raise LoadError(f"{path!r} is not a file torch.save wrote (or it is damaged); save "

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,11 @@ def test_unknown_option_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_status:
         cli.main(["quantize", "resnet18", "--calib", "x", "-o", "y.onnx", "--bits", "4"])
     assert exit_status.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    for flag, value, message in (("--std", "0,1,1", "above 0"), ("--std", "-1,1,1", "above 0"),
+                                 ("--mean", "nan,0,0", "not finite")):
+        with pytest.raises(SystemExit) as exit_status:
+            cli.main(["quantize", "resnet18", "--calib", "x", "-o", "y.onnx", f"{flag}={value}"])
+        assert exit_status.value.code == 2 and message in capsys.readouterr().err
 
 
 # quantfx.app.models and quantfx.sources: what the commands read, and what they refuse to read
@@ -264,6 +270,15 @@ def test_weights_of_ddp_checkpoints_and_mismatches(tmp_path):
         (tmp_path / f"junk{index}.pth").write_bytes(junk)
         with pytest.raises(qf.LoadError, match="not a file torch.save wrote"):
             load_weights(nn.Linear(3, 2), tmp_path / f"junk{index}.pth")
+    (tmp_path / "empty.pt").write_bytes(b"")  # the error ended in ':' with no reason
+    with pytest.raises(qf.LoadError, match="is empty"):
+        load_weights(nn.Linear(3, 2), tmp_path / "empty.pt")
+    with warnings.catch_warnings():  # torch.jit is deprecated; users still have such files
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(nn.Linear(3, 2)), tmp_path / "scripted.pt")
+    with pytest.raises(qf.LoadError, match="TorchScript archive") as refused:
+        load_weights(nn.Linear(3, 2), tmp_path / "scripted.pt")
+    assert "weights_only" not in str(refused.value)  # torch's advice is not ours to give
 
 
 def test_calibration_from_arrays_lists_and_images(tmp_path):
