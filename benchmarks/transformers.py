@@ -1,7 +1,7 @@
 """Part `transformers`: vision transformers quantized the way TIDL runs them, and the peers.
 
-Three nets trained here on Fashion-MNIST with Adam (cached like the others): `vit_style` (DeiT-
-tiny's shape scaled down to 28x28: 49 patch tokens and a class token, four blocks of
+Three nets trained here on Fashion-MNIST with Adam (cached like the others): `vit_style`
+(DeiT-tiny's shape scaled down to 28x28: 49 patch tokens and a class token, four blocks of
 torchvision's ViT encoder, 64 wide, 4 heads), `swin_style` (torchvision's Swin V1: 2x2 patches,
 7x7 windows shifted by 3 in every second block, two stages of two blocks, 32 and 64 wide) and
 `swinv2_style` (the same with Swin V2 blocks: cosine attention, a learned scale per head, the
