@@ -110,6 +110,9 @@ def test_yolox_export_writes_heads_decode_and_the_prototxt(tmp_path, tiny_yolox)
                                keep=50)[0]
     assert 3 < len(expected["scores"]) < 50  # none cut by keep_top_k: the same set in any order
     _same_detections(outputs, expected)
+    # exported again there without detection=: the prototxt left beside it is named, not kept
+    with pytest.warns(qf.QuantFxWarning, match="det.prototxt' sits beside this export"):
+        qf.export_onnx(converted, image, tmp_path / "det.onnx")
 
 
 def test_yolov8_export_decodes_dfl_and_writes_the_caffe_ssd_prototxt(tmp_path) -> None:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from quantfx.checks import check_bool, check_int, check_number
-from quantfx.errors import ExportError
+from quantfx.errors import ExportError, warn
 from quantfx.export.graph import build_model
 from quantfx.export.meta_arch import MetaArch
 from quantfx.export.postprocess import check_detection, run_detector, whole_detector
@@ -207,6 +207,11 @@ def _destinations(report: ExportReport, detection_files: dict | None) -> list[st
     check_destination(report.path, "model")
     check_destination(report.options_path, "TIDL options")
     finals = [report.path, report.options_path]
+    stale = os.path.splitext(report.path)[0] + ".prototxt"
+    if detection_files is None and os.path.exists(stale):  # an earlier detection export's
+        warn(f"{stale!r} sits beside this export, which has no detection post-processing "
+             "(no detection=): it describes an earlier file. Delete it, so it is not shipped "
+             "with this model.")
     if detection_files is not None:
         report.prototxt_path, report.head_outputs, report.detection_outputs = (
             detection_files["path"], detection_files["heads"], detection_files["outputs"])
