@@ -23,6 +23,7 @@ from quantfx.checks import check_bool, check_int, check_number
 from quantfx.config import QuantConfig
 from quantfx.distillation_state import HeldOut, check_checkpoint_path, load_checkpoint
 from quantfx.distillation_training import LEARNING_RATE, NO_STEP_LIMIT, Trainer, db
+from quantfx.distributed import total_over_ranks, world_size
 from quantfx.errors import CalibrationError, ConfigError, warn
 from quantfx.frontend import as_input_tuple
 from quantfx.partial import quantized_parts
@@ -58,6 +59,7 @@ def distill(model: nn.Module, data: Iterable | Tensor | str | os.PathLike, *,
     if checkpoint is not None:
         check_checkpoint_path(os.fspath(checkpoint))
     batches = _batches(data, model, example_inputs, config)
+    _require_data_on_every_rank(batches)
     student, teacher = _student_and_teacher(model, batches, example_inputs, config)
     training = _Passes(student, batches)
     held_out = HeldOut(student, teacher, training.held_out)
@@ -172,6 +174,19 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
     restore_float_parameters(teacher)
     set_quant_mode(teacher, observe=False, quantize=False)
     return student, _frozen(teacher)
+
+
+def _require_data_on_every_rank(batches: Any) -> None:
+    """Under a process group every rank trains on its share: a rank without one is the same
+    `CalibrationError` on every rank (raised on that rank alone, it left the others waiting in
+    a collective, or dying with a gloo error)."""
+    ranks = world_size()
+    if ranks == 1:
+        return
+    holding = total_over_ranks(int(next(iter(batches), None) is not None))
+    if holding < ranks:
+        raise CalibrationError(f"{ranks - holding} of the {ranks} ranks have no distill data: "
+                               "give every rank a share of the batches.")
 
 
 def _example(batches: Any, count: int) -> tuple[Tensor, ...]:

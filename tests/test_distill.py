@@ -1,6 +1,7 @@
 """`quantfx.distill`: QAT without labels, the float model as the teacher."""
 
 import dataclasses
+import datetime
 import math
 import os
 
@@ -238,12 +239,16 @@ def test_an_image_folder_is_read_at_the_models_input_size(tmp_path, monkeypatch)
 def _worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+                            world_size=2, timeout=datetime.timedelta(seconds=300))
     try:
         data = _batches(4, 1)
         share = data[2 * rank:2 * rank + 2]  # each rank its half
         student = qf.distill(_model(), share, steps=4, config=CONFIG)
         results[rank] = {key: value.clone() for key, value in student.state_dict().items()}
+        try:  # rank 1 without data: the same error on both ranks, no gloo failure or hang
+            qf.distill(_model(), share if rank == 0 else [], steps=4, config=CONFIG)
+        except qf.CalibrationError as error:
+            results[f"empty {rank}"] = str(error)
     finally:
         dist.destroy_process_group()
 
@@ -253,6 +258,8 @@ def test_distill_on_two_ranks_ends_with_identical_models():
     manager = mp.Manager()
     results = manager.dict()
     mp.start_processes(_worker, args=(free_port(), results), nprocs=2, start_method="spawn")
+    assert results["empty 0"] == results["empty 1"] == (
+        "1 of the 2 ranks have no distill data: give every rank a share of the batches.")
     first, second = results[0], results[1]
     for key, value in first.items():
         assert torch.equal(second[key], value), key
