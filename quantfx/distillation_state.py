@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from typing import Any
 
 import torch
@@ -66,9 +64,10 @@ def load_checkpoint(path: str, trainer: Any) -> int:
         trainer.elapsed = float(saved["elapsed"])
         return int(saved["step"])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        first = str(error).strip().splitlines()[0][:300]
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[1:2] or lines[:1])[:300]  # torch's first line names no key
         raise LoadError(f"the distill checkpoint {path!r} belongs to another model or setup "
-                        f"({first}). Delete it, or use the model and options it was made "
+                        f"({detail}). Delete it, or use the model and options it was made "
                         "with.") from error
 
 
@@ -77,11 +76,14 @@ def _read(path: str) -> dict | str | None:
     so that under torch.distributed every rank raises it)."""
     if not os.path.exists(path):
         return None
+    if os.path.getsize(path) == 0:
+        return f"the distill checkpoint {path!r} is empty (0 bytes): delete it to start again."
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,
-            ValueError) as error:
-        return f"cannot read the distill checkpoint {path!r}: {error}. Delete it to start again."
+    except Exception:  # noqa: BLE001 - a damaged file fails anywhere in the unpickler; and
+        # torch's own text advises weights_only=False, which is not for a checkpoint
+        return (f"{path!r} is not a file torch.save wrote (or it is damaged), so not a distill "
+                "checkpoint: delete it to start again, or give another path.")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         return f"{path!r} is not a quantfx distill checkpoint; give another path or delete it."
     return saved

@@ -204,8 +204,15 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
     other = tmp_path / "other_model.pt"
     qf.distill(nn.Sequential(nn.Conv2d(3, 2, 1)).eval(), data, steps=1, config=CONFIG,
                checkpoint=other)
-    with pytest.raises(qf.LoadError, match="another model"):
-        qf.distill(prepared, data, steps=1, checkpoint=other)
+    with pytest.raises(qf.LoadError, match="another model or setup .*(size mismatch|key)"):
+        qf.distill(prepared, data, steps=1, checkpoint=other)  # names what differs
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(qf.LoadError, match="is empty"):
+        qf.distill(prepared, data, steps=1, checkpoint=tmp_path / "empty.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk" * 10)
+    with pytest.raises(qf.LoadError, match="not a file torch.save wrote") as refused:
+        qf.distill(prepared, data, steps=1, checkpoint=tmp_path / "junk.pt")
+    assert "weights_only" not in str(refused.value)
 
 
 def test_an_image_folder_is_read_at_the_models_input_size(tmp_path, monkeypatch):
