@@ -131,7 +131,7 @@ def test_yolov8_export_decodes_dfl_and_writes_the_caffe_ssd_prototxt(tmp_path) -
                              confidence_threshold=threshold, nms_threshold=0.5, top_k=100,
                              keep_top_k=50)
     wrong = qf.Yolov8MetaArch(strides=yolov8.STRIDES, num_classes=10, reg_max=8)
-    with pytest.raises(qf.ExportError, match=r"expects \[1, 32 x 8 x 8\].*reg_max"):
+    with pytest.raises(qf.ExportError, match=r"expects \[1, 32, 8, 8\].*reg_max"):
         qf.export_onnx(converted, image, tmp_path / "v8.onnx", detection=wrong)
     report = qf.export_onnx(converted, image, tmp_path / "v8.onnx", detection=arch)
     assert report.fraction_identical == 1.0 and report.optimized_fraction_identical == 1.0
@@ -164,7 +164,7 @@ def test_sixteen_bit_heads_are_the_convs_that_reach_the_outputs(tiny_yolox) -> N
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(num_classes=9), "expects \\[1, 14 x 8 x 8\\]"),
+    (dict(num_classes=9), "expects \\[1, 14, 8, 8\\]"),
     (dict(strides=(8,)), "expects 1 model outputs"),
     (dict(strides=(16, 8)), "expects \\[1, 15 x 4 x 4\\]"),
     (dict(kind=qf.Yolov8MetaArch), "expects 4 model outputs \\(per stride the class conv"),

@@ -381,7 +381,7 @@ def check_heads(arch: MetaArch, shapes: list[tuple[str, list[int]]], in_height: 
     expected = _expected_heads(arch, in_height, in_width)
     for index, ((name, shape), (channels, height, width)) in enumerate(zip(shapes, expected)):
         if shape[1] != channels or (height is not None and tuple(shape[2:]) != (height, width)):
-            grid = "" if height is None else f" x {height} x {width}"
+            grid = ", H, W" if height is None else f", {height}, {width}"
             raise ExportError(f"head output {index} ({name}) has shape {shape}; "
                               f"{type(arch).__name__} expects [1, {channels}{grid}] for it "
                               f"({ORDER[type(arch)]}). Check num_classes, strides / priors"
