@@ -166,7 +166,7 @@ def test_sixteen_bit_heads_are_the_convs_that_reach_the_outputs(tiny_yolox) -> N
 @pytest.mark.parametrize("change, message", [
     (dict(num_classes=9), "expects \\[1, 14, 8, 8\\]"),
     (dict(strides=(8,)), "expects 1 model outputs"),
-    (dict(strides=(16, 8)), "expects \\[1, 15 x 4 x 4\\]"),
+    (dict(strides=(16, 8)), "expects \\[1, 15, 4, 4\\]"),
     (dict(kind=qf.Yolov8MetaArch), "expects 4 model outputs \\(per stride the class conv"),
 ])
 def test_heads_that_do_not_match_are_refused_and_nothing_is_written(tmp_path, tiny_yolox,
