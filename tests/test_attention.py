@@ -258,6 +258,24 @@ def _small_swin() -> nn.Module:
     return SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5).eval()
 
 
+def _export_decomposed_swin(model: nn.Module, images: torch.Tensor, path) -> qf.ExportReport:
+    """Prepared (AM68A), the window attention is pieces that compute what torchvision does,
+    the qkv and proj weights are quantized; calibrated, converted and exported, no float weight
+    feeds a MatMul/Gemm/Conv."""
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="am68a", **FAST))
+    assert "shifted_window_attention(" not in prepared.code
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
+    layers = [name for name, module in prepared.named_modules()
+              if isinstance(module, FakeQuantLayer) and name.endswith(("qkv", "proj"))]
+    assert len(layers) == 4
+    qf.calibrate(prepared, [images])
+    report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
+    assert report.fraction_identical >= 0.99
+    assert _float_weight_feeds(path) == []
+    return report
+
+
 @pytest.mark.parametrize("size", [16, 12])
 def test_swin_window_attention_is_quantized(tmp_path, size) -> None:
     """Swin's shifted-window attention: the pieces compute what torchvision computes (the -100
@@ -267,18 +285,8 @@ def test_swin_window_attention_is_quantized(tmp_path, size) -> None:
     two axes only), still fully offloaded."""
     model = _small_swin()
     images = torch.randn(4, 3, size, size)
-    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="am68a", **FAST))
-    assert "shifted_window_attention(" not in prepared.code
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
-    layers = [name for name, module in prepared.named_modules()
-              if isinstance(module, FakeQuantLayer) and name.endswith(("qkv", "proj"))]
-    assert len(layers) == 4
-    qf.calibrate(prepared, [images])
     path = tmp_path / "swin.onnx"
-    report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
-    assert report.fraction_identical >= 0.99
-    assert _float_weight_feeds(path) == []
+    _export_decomposed_swin(model, images, path)
     tidl = qf.check_tidl(path, "am68a")
     assert tidl.fully_offloaded, str(tidl)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
@@ -303,18 +311,7 @@ def test_swin_v2_cosine_attention_is_quantized_but_its_normalizations(tmp_path) 
             if name.endswith("qkv.bias"):
                 parameter.normal_()
     images = torch.randn(4, 3, 12, 12)
-    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(target="am68a", **FAST))
-    assert "shifted_window_attention(" not in prepared.code
-    with torch.no_grad():
-        torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
-    layers = [name for name, module in prepared.named_modules()
-              if isinstance(module, FakeQuantLayer) and name.endswith(("qkv", "proj"))]
-    assert len(layers) == 4
-    qf.calibrate(prepared, [images])
-    path = tmp_path / "swin_v2.onnx"
-    report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
-    assert report.fraction_identical >= 0.99
-    assert _float_weight_feeds(path) == []
+    report = _export_decomposed_swin(model, images, tmp_path / "swin_v2.onnx")
     fallbacks = {finding.node for finding in report.tidl.findings}
     assert len(fallbacks) == 16 and all("unit_query." in node or "unit_key." in node
                                         for node in fallbacks)
