@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import NoReturn
 
 from quantfx.tidl.profiles import TARGETS, resolve_target
 from quantfx.version import __version__
@@ -267,9 +268,17 @@ SUBCOMMANDS = {
 """Subcommand -> (its options, one-line help, description)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, as every other error of the command
+    line is (argparse prints its whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `quantfx` command (one subparser per subcommand)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="quantfx",
         description="torch.fx power-of-2 fixed-point quantization for TIDL-class engines.",
     )
@@ -277,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, print the full Python traceback too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.subcommands = subparsers.choices  # name -> its parser (cli reports leftovers there)
     for name, (add, summary, description) in SUBCOMMANDS.items():
         add(subparsers.add_parser(name, help=summary, description=description,
                                   formatter_class=DEFAULTS))

@@ -238,7 +238,13 @@ def test_every_subcommand_has_help(command, capsys):
 def test_unknown_option_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_status:
         cli.main(["quantize", "resnet18", "--calib", "x", "-o", "y.onnx", "--bits", "4"])
-    assert exit_status.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exit_status.value.code == 2 and "invalid choice" in error
+    assert error.count("\n") == 1 and error.startswith("quantfx quantize: error: ")  # one line
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main(["demo", "--foo"])
+    assert exit_status.value.code == 2 and capsys.readouterr().err == (
+        "quantfx demo: error: unrecognized arguments: --foo (see quantfx demo --help)\n")
     for flag, value, message in (("--std", "0,1,1", "above 0"), ("--std", "-1,1,1", "above 0"),
                                  ("--mean", "nan,0,0", "not finite")):
         with pytest.raises(SystemExit) as exit_status:

@@ -87,7 +87,10 @@ def _log_to_stderr(args: argparse.Namespace) -> logging.Handler:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantfx` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the subcommand's parser: `quantfx demo: error: ... --foo`
+        chosen = parser.subcommands[args.command] if args.command else parser
+        chosen.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
