@@ -218,6 +218,8 @@ def test_a_bad_argument_is_one_line_and_exit_two(workspace):
      "with --detection yolov8 only"),
     (["quantize", "tiny_model.py:build", "--calib", "calib.pt", "-o", "a.onnx", "--reg-max",
       "8"], "give --detection yolox or --detection yolov8 too"),
+    (["quantize", "tiny_model.py:build", "--calib", "images", "-o", "a.onnx", "--grayscale",
+      "--mean", "0.5", "--std", "0.5"], "Check --grayscale"),  # not "pass example_inputs"
 ])
 def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(workspace)

@@ -15,6 +15,7 @@ import os
 import time
 
 import torch
+from torch import Tensor, nn
 
 from quantfx.analysis.analyze import analyze
 from quantfx.analysis.doctor import doctor
@@ -24,7 +25,7 @@ from quantfx.config import QuantConfig
 from quantfx.convert import convert
 from quantfx.distillation import distill
 from quantfx.distillation_state import check_checkpoint_path
-from quantfx.errors import ConfigError, LoadError
+from quantfx.errors import ConfigError, LoadError, PrepareError
 from quantfx.export.meta_arch import MetaArch, Yolov8MetaArch, YoloxMetaArch
 from quantfx.export.onnx import export_onnx
 from quantfx.files import check_destination, write_text_files
@@ -105,6 +106,20 @@ def _detection(args: argparse.Namespace) -> MetaArch | None:
     return YoloxMetaArch(**fields)
 
 
+def _prepare(model: nn.Module, example: Tensor, config: QuantConfig) -> nn.Module:
+    """`prepare` on the first calibration sample; a model that rejects it is told in the
+    command line's terms (the flags that made the sample), not example_inputs."""
+    try:
+        return prepare(model, example, config)
+    except PrepareError as error:
+        first = str(error).splitlines()[0]
+        if "fails on example_inputs" not in first:
+            raise
+        raise PrepareError(first.replace("example_inputs", "the first calibration sample") +
+                           ". Check --grayscale, --resize and --crop (or the tensor file) "
+                           "against the model's input channels and size.") from error
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     """Load, calibrate, convert, export (ONNX + TIDL options + report); 0 on success."""
     start = time.perf_counter()
@@ -127,7 +142,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     LOG.info("calibration data: %d inputs of shape %s", sum(len(b) for b in batches),
              tuple(batches[0].shape[1:]))
     example = batches[0][:1]
-    prepared = prepare(model, example, config)
+    prepared = _prepare(model, example, config)
     calibrate(prepared, batches)
     if args.distill:
         LOG.info("distilling %d steps", args.distill)
