@@ -7,6 +7,7 @@ deep inside with a message about a kernel.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from quantfx.errors import CalibrationError, InputError, QuantFxError
 def parameter_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """The dtype and device of `model`'s floating-point parameters (float32 on the CPU if it
     has none)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):  # stops at the first
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
     return torch.float32, torch.device("cpu")

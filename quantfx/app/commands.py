@@ -102,7 +102,8 @@ def _detection(args: argparse.Namespace) -> MetaArch | None:
                   confidence_threshold=args.confidence_threshold,
                   nms_threshold=args.nms_threshold)
     if args.detection == "yolov8":
-        return Yolov8MetaArch(reg_max=16 if args.reg_max is None else args.reg_max, **fields)
+        given = {} if args.reg_max is None else {"reg_max": args.reg_max}  # else its default
+        return Yolov8MetaArch(**fields, **given)
     return YoloxMetaArch(**fields)
 
 

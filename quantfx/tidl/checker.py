@@ -304,7 +304,10 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
         raise ConfigError(f"target={target!r} is not one of {TARGETS} (TI's names "
                           f"{', '.join(TARGET_ALIASES)} work too).")
     _require_valid(model)
-    model = onnx.shape_inference.infer_shapes(model)  # shapes and element types it lacks
+    typed = {value.name for value in (*model.graph.value_info, *model.graph.input,
+                                      *model.graph.output)}
+    if any(output and output not in typed for node in model.graph.node for output in node.output):
+        model = onnx.shape_inference.infer_shapes(model)  # shapes and element types it lacks
     graph = Graph.of(model, PROFILES[target])
     opset = next((item.version for item in model.opset_import if item.domain in ("", "ai.onnx")),
                  0)
