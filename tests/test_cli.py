@@ -220,6 +220,8 @@ def test_a_bad_argument_is_one_line_and_exit_two(workspace):
       "8"], "give --detection yolox or --detection yolov8 too"),
     (["quantize", "tiny_model.py:build", "--calib", "images", "-o", "a.onnx", "--grayscale",
       "--mean", "0.5", "--std", "0.5"], "Check --grayscale"),  # not "pass example_inputs"
+    (["analyze", "tiny_model.py:build", "--calib", "images", "--grayscale", "--mean", "0.5",
+      "--std", "0.5"], "fails on the first calibration sample of shape(s) (1, 1, "),
 ])
 def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(workspace)
@@ -228,6 +230,14 @@ def test_bad_arguments_in_process(workspace, monkeypatch, capsys, arguments, mes
     assert ": error: " in lines[-1] and message in lines[-1], lines
     assert all(line.startswith(f"quantfx {arguments[0]}: ") for line in lines), lines
     assert sum(": error: " in line for line in lines) == 1, lines
+
+
+def test_doctor_names_input_shape_when_the_model_rejects_it(workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    assert cli.main(["doctor", "tiny_model.py:build", "--input-shape", "1,1,16,16"]) == 1
+    output = capsys.readouterr().out
+    assert "fails on the --input-shape tensor of shape(s) (1, 1, 16, 16)" in output
+    assert "example_inputs" not in output and "fix: give --input-shape" in output
 
 
 @pytest.mark.parametrize("command", ["quantize", "doctor", "analyze", "check", "demo"])

@@ -9,16 +9,18 @@ this module only then, and turns errors into one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
-from torch import Tensor, nn
 
 from quantfx.analysis.analyze import analyze
-from quantfx.analysis.doctor import doctor
+from quantfx.analysis.doctor import Finding, doctor
 from quantfx.analysis.plots import check_report_folder
 from quantfx.app.models import load_model, parse_shape
 from quantfx.config import QuantConfig
@@ -107,18 +109,30 @@ def _detection(args: argparse.Namespace) -> MetaArch | None:
     return YoloxMetaArch(**fields)
 
 
-def _prepare(model: nn.Module, example: Tensor, config: QuantConfig) -> nn.Module:
-    """`prepare` on the first calibration sample; a model that rejects it is told in the
-    command line's terms (the flags that made the sample), not example_inputs."""
+SAMPLE_FLAGS = "Check --grayscale, --resize and --crop (or the tensor file)"
+
+
+def _in_flags(message: str, sample: str, flags: str) -> str | None:
+    """A "model fails on example_inputs" message told in the command line's terms (the
+    flags that made the input); None for any other message."""
+    first = message.splitlines()[0]
+    if "fails on example_inputs" not in first:
+        return None
+    return (first.replace("example_inputs", sample) +
+            f". {flags} against the model's input channels and size.")
+
+
+@contextlib.contextmanager
+def _told_in_flags(sample: str = "the first calibration sample", flags: str = SAMPLE_FLAGS
+                   ) -> Iterator[None]:
+    """Re-raise a PrepareError for a model that rejects its input in the flags' terms."""
     try:
-        return prepare(model, example, config)
+        yield
     except PrepareError as error:
-        first = str(error).splitlines()[0]
-        if "fails on example_inputs" not in first:
+        told = _in_flags(str(error), sample, flags)
+        if told is None:
             raise
-        raise PrepareError(first.replace("example_inputs", "the first calibration sample") +
-                           ". Check --grayscale, --resize and --crop (or the tensor file) "
-                           "against the model's input channels and size.") from error
+        raise PrepareError(told) from error
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -143,7 +157,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     LOG.info("calibration data: %d inputs of shape %s", sum(len(b) for b in batches),
              tuple(batches[0].shape[1:]))
     example = batches[0][:1]
-    prepared = _prepare(model, example, config)
+    with _told_in_flags():
+        prepared = prepare(model, example, config)
     calibrate(prepared, batches)
     if args.distill:
         LOG.info("distilling %d steps", args.distill)
@@ -191,8 +206,18 @@ def run_doctor(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.weights)
     example = torch.randn(parse_shape(args.input_shape))
     report = doctor(model, example, config=config_from_arguments(args))
+    report.findings = [_finding_in_flags(finding) for finding in report.findings]
     print(_formatted(report, args.format))
     return 0 if report.ok else 1
+
+
+def _finding_in_flags(finding: Finding) -> Finding:
+    """A doctor finding that says example_inputs, in the command line's terms."""
+    told = _in_flags(finding.what, "the --input-shape tensor", "Check --input-shape")
+    if told is None:
+        return finding
+    return replace(finding, what=told, fix="give --input-shape as the model's forward takes it "
+                   "(N,C,H,W, e.g. 1,3,224,224)")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -201,8 +226,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         check_report_folder(args.output)  # before minutes of work, not after
     model = load_model(args.model, args.weights)
     batches = _batches(args)
-    report = analyze(model, batches[0][:1], batches, config=config_from_arguments(args),
-                     target=args.target_db)
+    with _told_in_flags():
+        report = analyze(model, batches[0][:1], batches, config=config_from_arguments(args),
+                         target=args.target_db)
     print(_formatted(report, args.format))
     if args.output is not None:
         written = report.save(args.output)
