@@ -451,6 +451,21 @@ def test_a_state_dict_of_other_bit_widths_is_refused_and_a_measured_widening_loa
         m.bits for m in measured.modules() if isinstance(m, CalibrationQuantizer)]
 
 
+@pytest.mark.parametrize("prepare", [qf.prepare, qf.prepare_qat])
+def test_a_state_dict_of_other_weight_grids_is_refused_by_name(prepare):
+    """Per-tensor weights' state loaded into a per-channel model (and back) was torch's list
+    of size mismatches (a RuntimeError from deep inside load_state_dict)."""
+    model, data = _model(), _data(2)
+    per_tensor = prepare(model, (data[0],), CONFIG)
+    per_channel = prepare(model, (data[0],), dataclasses.replace(CONFIG,
+                                                                   per_channel_weights=True))
+    with pytest.raises(qf.LoadError, match="holds one exponent for quantizer '.*weight_"
+                                           "quantizer' where this model has 8 per-channel"):
+        per_channel.load_state_dict(per_tensor.state_dict())
+    with pytest.raises(qf.LoadError, match="holds 8 per-channel exponents .* one exponent"):
+        per_tensor.load_state_dict(per_channel.state_dict())
+
+
 def test_qat_state_dict_loads_into_a_fresh_prepare_qat_and_converts_the_same():
     model = _model()
     data = _data(4)

@@ -46,6 +46,7 @@ class Quantizer(nn.Module):
         measurement. Another width comes from a model quantized with another config (a 16-bit
         model's state in an 8-bit one ran it at 16 bit, silently). A state_dict saved before
         widths were kept has none (the placed width stays)."""
+        self._check_saved_grid(state_dict.get(prefix + "exponent"), prefix.rstrip("."))
         saved = state_dict.get(prefix + "width")
         measured = state_dict.get(prefix + "measured")
         if saved is not None and measured is not None and int(saved) != self.placed_bits and (
@@ -63,6 +64,20 @@ class Quantizer(nn.Module):
             if prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)
         self.set_bits(int(self.width))
+
+    def _check_saved_grid(self, exponent: object, name: str) -> None:
+        """A saved exponent of another shape (per-channel against per-tensor) comes from a model
+        prepared with another config: say so, not torch's list of size mismatches."""
+        if not isinstance(exponent, Tensor) or exponent.shape == self.exponent.shape:
+            return
+
+        def grid(shape: torch.Size) -> str:
+            return f"{shape[0]} per-channel exponents" if len(shape) else "one exponent"
+        raise LoadError(
+            f"the state_dict holds {grid(exponent.shape)} for quantizer '{name}' where this "
+            f"model has {grid(self.exponent.shape)}: it comes from a model prepared with "
+            "another QuantConfig (per_channel_weights, target). Load a prepared model's "
+            "state_dict into a model prepared with the same config.")
 
     @property
     def scale(self) -> float:
