@@ -182,6 +182,8 @@ def test_heads_that_do_not_match_are_refused_and_nothing_is_written(tmp_path, ti
 
 
 def test_bad_detection_options_are_quantfx_errors(tmp_path, tiny_yolox) -> None:
+    """Export misuse is an ExportError; a bad meta-architecture field is a ConfigError (a bad
+    argument, as for QuantConfig), raised by the constructor."""
     converted = _converted(tiny_yolox, torch.randn(1, 1, 64, 64))
     arch = qf.YoloxMetaArch(strides=(8, 16), num_classes=10)
     for kwargs, message in [(dict(detection="yolox"), "must be a quantfx.YoloxMetaArch"),
@@ -195,16 +197,16 @@ def test_bad_detection_options_are_quantfx_errors(tmp_path, tiny_yolox) -> None:
                 dict(num_classes=0), dict(confidence_threshold=1.5),
                 dict(nms_threshold=0), dict(top_k=True), dict(keep_top_k=2.5)]:
         named = next(iter(bad))
-        with pytest.raises(qf.ExportError, match=rf"(?s){named}.*(e\.g\.|such as)"):
+        with pytest.raises(qf.ConfigError, match=rf"(?s){named}.*(e\.g\.|such as)"):
             qf.YoloxMetaArch(**{"strides": (8, 16), "num_classes": 10, **bad})
     for bad in [dict(reg_max=0), dict(reg_max="16"), dict(strides=[8, 16.0])]:
         named = next(iter(bad))
-        with pytest.raises(qf.ExportError, match=rf"(?s){named}.*(e\.g\.|such as)"):
+        with pytest.raises(qf.ConfigError, match=rf"(?s){named}.*(e\.g\.|such as)"):
             qf.Yolov8MetaArch(**{"strides": (8, 16), "num_classes": 10, **bad})
-    with pytest.raises(qf.ExportError, match="variance needs 4"):
+    with pytest.raises(qf.ConfigError, match="variance needs 4"):
         qf.SsdMetaArch(priors=[qf.PriorBoxes(30, 60, (2,), 16)], num_classes=3,
                        variance=(0.1, 0.2))
-    with pytest.raises(qf.ExportError, match="not a class"):
+    with pytest.raises(qf.ConfigError, match="not a class"):
         qf.SsdMetaArch(priors=[qf.PriorBoxes(30, 60, (2,), 16)], num_classes=3,
                        background_label_id=3)
     assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from quantfx.checks import as_tuple, check_bool, check_int, check_number
-from quantfx.errors import ExportError, warn
+from quantfx.errors import ConfigError, ExportError, warn
 from quantfx.export.networks import ultralytics_detect_head
 
 __all__ = ["PriorBoxes", "SsdMetaArch", "TorchvisionSsdNetwork", "Yolov8MetaArch", "YoloxMetaArch",
@@ -33,21 +33,21 @@ def _check_strides(arch: Any) -> None:
     name = type(arch).__name__
     strides = as_tuple(arch.strides, f"{name}.strides",
                        lambda item: isinstance(item, int) and not isinstance(item, bool)
-                       and item > 0, "positive integers such as (8, 16, 32)", ExportError)
+                       and item > 0, "positive integers such as (8, 16, 32)", ConfigError)
     if not strides:
-        raise ExportError(f"{name}.strides is empty; give one stride per level, e.g. "
+        raise ConfigError(f"{name}.strides is empty; give one stride per level, e.g. "
                           "strides=(8, 16, 32).")
     object.__setattr__(arch, "strides", strides)
 
 
 def _check_thresholds(arch: Any) -> None:
-    check_int(arch.num_classes, "num_classes", 1, ExportError, "10")
-    check_number(arch.confidence_threshold, "confidence_threshold", 0.0, 1.0, error=ExportError,
+    check_int(arch.num_classes, "num_classes", 1, ConfigError, "10")
+    check_number(arch.confidence_threshold, "confidence_threshold", 0.0, 1.0, error=ConfigError,
                  example="0.3")
     check_number(arch.nms_threshold, "nms_threshold", 0.0, 1.0, low_open=True,
-                 error=ExportError, example="0.45")
-    check_int(arch.top_k, "top_k", 1, ExportError, "200")
-    check_int(arch.keep_top_k, "keep_top_k", 1, ExportError, "200")
+                 error=ConfigError, example="0.45")
+    check_int(arch.top_k, "top_k", 1, ConfigError, "200")
+    check_int(arch.keep_top_k, "keep_top_k", 1, ConfigError, "200")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Yolov8MetaArch:
     def __post_init__(self) -> None:
         _check_strides(self)
         _check_thresholds(self)
-        check_int(self.reg_max, "reg_max", 1, ExportError, "16")
+        check_int(self.reg_max, "reg_max", 1, ConfigError, "16")
 
     @property
     def head_count(self) -> int:
@@ -136,16 +136,16 @@ class PriorBoxes:
     flip: bool = True
 
     def __post_init__(self) -> None:
-        check_number(self.min_size, "PriorBoxes.min_size", 0.0, low_open=True, error=ExportError)
+        check_number(self.min_size, "PriorBoxes.min_size", 0.0, low_open=True, error=ConfigError)
         if self.max_size is not None:
-            check_number(self.max_size, "PriorBoxes.max_size", self.min_size, error=ExportError)
-        check_number(self.step, "PriorBoxes.step", 0.0, low_open=True, error=ExportError)
-        check_number(self.offset, "PriorBoxes.offset", 0.0, 1.0, error=ExportError)
-        check_bool(self.flip, "PriorBoxes.flip", ExportError)
+            check_number(self.max_size, "PriorBoxes.max_size", self.min_size, error=ConfigError)
+        check_number(self.step, "PriorBoxes.step", 0.0, low_open=True, error=ConfigError)
+        check_number(self.offset, "PriorBoxes.offset", 0.0, 1.0, error=ConfigError)
+        check_bool(self.flip, "PriorBoxes.flip", ConfigError)
         ratios = as_tuple(self.aspect_ratios, "PriorBoxes.aspect_ratios",
                           lambda item: isinstance(item, (int, float)) and not isinstance(
                               item, bool) and item > 0, "positive numbers such as (2.0, 3.0)",
-                          ExportError)
+                          ConfigError)
         object.__setattr__(self, "aspect_ratios", tuple(float(item) for item in ratios))
 
     @property
@@ -198,21 +198,21 @@ class SsdMetaArch:
     def __post_init__(self) -> None:
         priors = as_tuple(self.priors, "SsdMetaArch.priors",
                           lambda item: isinstance(item, PriorBoxes),
-                          "quantfx.PriorBoxes, one per level", ExportError)
+                          "quantfx.PriorBoxes, one per level", ConfigError)
         if not priors:
-            raise ExportError("SsdMetaArch.priors is empty; give one PriorBoxes per level.")
+            raise ConfigError("SsdMetaArch.priors is empty; give one PriorBoxes per level.")
         object.__setattr__(self, "priors", priors)
         _check_thresholds(self)
-        check_int(self.background_label_id, "background_label_id", -1, ExportError, "0")
+        check_int(self.background_label_id, "background_label_id", -1, ConfigError, "0")
         if self.background_label_id >= self.num_classes:
-            raise ExportError(f"background_label_id={self.background_label_id} is not a class "
+            raise ConfigError(f"background_label_id={self.background_label_id} is not a class "
                               f"of num_classes={self.num_classes}; use -1 for none.")
         variance = as_tuple(self.variance, "SsdMetaArch.variance",
                             lambda item: isinstance(item, (int, float)) and not isinstance(
                                 item, bool) and item > 0,
-                            "four positive numbers, e.g. (0.1, 0.1, 0.2, 0.2)", ExportError)
+                            "four positive numbers, e.g. (0.1, 0.1, 0.2, 0.2)", ConfigError)
         if len(variance) != 4:
-            raise ExportError(f"SsdMetaArch.variance needs 4 numbers, got {len(variance)}.")
+            raise ConfigError(f"SsdMetaArch.variance needs 4 numbers, got {len(variance)}.")
         object.__setattr__(self, "variance", tuple(float(item) for item in variance))
 
     @property
