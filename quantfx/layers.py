@@ -44,9 +44,22 @@ def layer_forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     return layer._conv_forward(x, weight, bias)
 
 
+def keep_bias_free(layer: nn.Module) -> nn.Module:
+    """Mark `layer` to stay without a bias through calibration's bias corrections (Swin V2's
+    key: a padded token's key must stay exactly zero, F.normalize makes a tiny one a unit
+    vector)."""
+    layer.bias_free = True
+    return layer
+
+
+def takes_bias_corrections(layer: nn.Module) -> bool:
+    """Whether calibration may give `layer` a bias or shift the one it has."""
+    return not getattr(layer, "bias_free", False)
+
+
 def with_bias(layer: nn.Module) -> nn.Module:
     """`layer` with a zero bias if it had none (bias calibration needs one to correct)."""
-    if layer.bias is None:
+    if layer.bias is None and takes_bias_corrections(layer):
         channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype,
                                               device=layer.weight.device),

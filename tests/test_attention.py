@@ -258,6 +258,25 @@ def _small_swin() -> nn.Module:
     return SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5).eval()
 
 
+def _small_swin_v2() -> nn.Module:
+    """_small_swin with V2 blocks (cosine attention, per-head logit scale, MLP position bias)
+    and a key bias in the weights, which torchvision ignores on each call."""
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    torch.manual_seed(0)
+    model = SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5,
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("qkv.bias"):
+                parameter.normal_()
+    return model
+
+
 def _export_decomposed_swin(model: nn.Module, images: torch.Tensor, path) -> qf.ExportReport:
     """Prepared (AM68A), the window attention is pieces that compute what torchvision does,
     the qkv and proj weights are quantized; calibrated, converted and exported, no float weight
@@ -266,9 +285,9 @@ def _export_decomposed_swin(model: nn.Module, images: torch.Tensor, path) -> qf.
     assert "shifted_window_attention(" not in prepared.code
     with torch.no_grad():
         torch.testing.assert_close(prepared(images), model(images), atol=1e-5, rtol=1e-5)
-    layers = [name for name, module in prepared.named_modules()
-              if isinstance(module, FakeQuantLayer) and name.endswith(("qkv", "proj"))]
-    assert len(layers) == 4
+    layers = [name for name, module in prepared.named_modules() if isinstance(
+        module, FakeQuantLayer) and name.endswith(("qkv", "query", "key", "value", "proj"))]
+    assert len(layers) == (8 if "logit_scale" in prepared.code else 4)
     qf.calibrate(prepared, [images])
     report = qf.export_onnx(qf.convert(prepared), (images[:2],), path)
     assert report.fraction_identical >= 0.99
@@ -295,26 +314,32 @@ def test_swin_window_attention_is_quantized(tmp_path, size) -> None:
 
 def test_swin_v2_cosine_attention_is_quantized_but_its_normalizations(tmp_path) -> None:
     """Swin V2 (cosine attention, per-head logit scale, no key bias, MLP position bias): the
-    pieces compute what torchvision computes, padded windows included (12x12); qkv and proj
-    weights are quantized and the only float steps left are the two L2 normalizations."""
-    from torchvision.models.swin_transformer import (
-        PatchMergingV2,
-        SwinTransformer,
-        SwinTransformerBlockV2,
-    )
-
-    torch.manual_seed(0)
-    model = SwinTransformer([2, 2], 16, [2], [2], [4, 4], num_classes=5,
-                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
-    with torch.no_grad():  # a key bias in the weights, which torchvision ignores on each call
-        for name, parameter in model.named_parameters():
-            if name.endswith("qkv.bias"):
-                parameter.normal_()
+    pieces compute what torchvision computes, padded windows included (12x12); query, key,
+    value and proj weights are quantized and the only float steps left are the two L2
+    normalizations."""
     images = torch.randn(4, 3, 12, 12)
-    report = _export_decomposed_swin(model, images, tmp_path / "swin_v2.onnx")
+    report = _export_decomposed_swin(_small_swin_v2(), images, tmp_path / "swin_v2.onnx")
     fallbacks = {finding.node for finding in report.tidl.findings}
     assert len(fallbacks) == 16 and all("unit_query." in node or "unit_key." in node
                                         for node in fallbacks)
+
+
+def test_swin_v2_keys_stay_bias_free_through_bias_corrections() -> None:
+    """Calibration's bias corrections gave V2's key a bias: a padded window's zero keys became
+    unit vectors (F.normalize), and swin_v2_s at 64x64 fell to 0.5 dB. 16-bit activations,
+    so that a key bias would survive the key's rounding."""
+    model = _small_swin_v2()
+    images = torch.randn(8, 3, 12, 12)
+    prepared = qf.prepare(model, (images[:1],), qf.QuantConfig(
+        activation_bits=16, progress=False, widen_sensitive_layers=False))
+    qf.calibrate(prepared, [images])
+    keys = [module for name, module in prepared.named_modules()
+            if isinstance(module, FakeQuantLayer) and name.endswith(".key")]
+    assert len(keys) == 2 and all(key.layer.bias is None for key in keys)
+    with torch.no_grad():
+        reference, quantized = model(images), qf.convert(prepared)(images)
+    sqnr = 10 * torch.log10(reference.pow(2).sum() / (reference - quantized).pow(2).sum())
+    assert sqnr > 30, float(sqnr)
 
 
 class CausalScores(nn.Module):

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quantfx.layers import FakeQuantLayer
+from quantfx.layers import FakeQuantLayer, takes_bias_corrections
 from quantfx.passes.graph_utils import module_of
 from quantfx.ptc.reconstruction import memory_limit, nbytes, run_node
 from quantfx.quantizers import set_quant_mode
@@ -279,6 +279,8 @@ def _level_means(model: fx.GraphModule, runner: _LevelRunner | None, depth: int,
 
 def _shift_bias(layer: nn.Module, shift: Tensor) -> None:
     """Add `shift` to the layer's bias (creating a zero bias if the layer had none)."""
+    if not takes_bias_corrections(layer):
+        return
     shift = shift.to(layer.weight.dtype)
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros_like(shift), requires_grad=layer.weight.requires_grad)

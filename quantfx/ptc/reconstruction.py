@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantfx.inputs import first_samples
-from quantfx.layers import FakeQuantLayer, layer_forward
+from quantfx.layers import FakeQuantLayer, layer_forward, takes_bias_corrections
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.quantizers import set_quant_mode
@@ -179,6 +179,8 @@ def layer_output_error(layer: FakeQuantLayer, inputs: Tensor, target: Tensor, we
 def correct_bias(layer: FakeQuantLayer, inputs: Tensor, target: Tensor) -> None:
     """Bias calibration for one layer: shift its bias by the per-channel mean of float output
     `target` minus its quantized output on `inputs` (the quantized stream's input)."""
+    if not takes_bias_corrections(layer.layer):
+        return
     set_quant_mode(layer, observe=False, quantize=True)
     output = layer(inputs)
     axis = output.dim() - 1 if isinstance(layer.layer, nn.Linear) else 1
