@@ -464,6 +464,10 @@ def test_a_state_dict_of_other_weight_grids_is_refused_by_name(prepare):
         per_channel.load_state_dict(per_tensor.state_dict())
     with pytest.raises(qf.LoadError, match="holds 8 per-channel exponents .* one exponent"):
         per_tensor.load_state_dict(per_channel.state_dict())
+    narrower = prepare(randomize_batchnorm(ConvBnReLU(6)).eval(), (data[0],),
+                       dataclasses.replace(CONFIG, per_channel_weights=True))
+    with pytest.raises(RuntimeError, match="size mismatch"):  # another model: torch says so
+        narrower.load_state_dict(per_channel.state_dict())
 
 
 def test_qat_state_dict_loads_into_a_fresh_prepare_qat_and_converts_the_same():

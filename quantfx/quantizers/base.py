@@ -68,16 +68,16 @@ class Quantizer(nn.Module):
     def _check_saved_grid(self, exponent: object, name: str) -> None:
         """A saved exponent of another shape (per-channel against per-tensor) comes from a model
         prepared with another config: say so, not torch's list of size mismatches."""
-        if not isinstance(exponent, Tensor) or exponent.shape == self.exponent.shape:
-            return
+        if not isinstance(exponent, Tensor) or exponent.dim() == self.exponent.dim():
+            return  # another channel count is another model: torch names it
 
         def grid(shape: torch.Size) -> str:
             return f"{shape[0]} per-channel exponents" if len(shape) else "one exponent"
         raise LoadError(
             f"the state_dict holds {grid(exponent.shape)} for quantizer '{name}' where this "
             f"model has {grid(self.exponent.shape)}: it comes from a model prepared with "
-            "another QuantConfig (per_channel_weights, target). Load a prepared model's "
-            "state_dict into a model prepared with the same config.")
+            "another QuantConfig (per_channel_weights, per_channel_depthwise, target). Load a "
+            "prepared model's state_dict into a model prepared with the same config.")
 
     @property
     def scale(self) -> float:
