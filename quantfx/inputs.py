@@ -119,3 +119,48 @@ def first_samples(batches: Sequence[Any], count: int) -> list[Any]:
         chosen.append(type(batch)(tensor[:count - seen] for tensor in batch))
         seen += chosen[-1][0].shape[0]
     return chosen
+
+
+class TracedDefaults:
+    """Forward pre-hook of a quantfx GraphModule. An optional argument traced at its default
+    (no example input gave it) is baked into the graph: another value is an InputError naming
+    it (fx raised a bare AssertionError), and the default given by name is accepted (fx renames
+    the argument `scale_1`: `model(x, scale=None)` was a TypeError)."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+                 ) -> tuple[tuple, dict[str, Any]] | None:
+        placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+        traced = {str(node.target).rstrip("0123456789").rstrip("_"): (index, node.args[0])
+                  for index, node in enumerate(placeholders) if node.args}  # a default
+        if not traced or (not kwargs and len(args) <= min(i for i, _ in traced.values())):
+            return None
+        kwargs = dict(kwargs)
+        for name, (index, default) in traced.items():
+            for value in ([args[index]] if index < len(args) else []) + (
+                    [kwargs.pop(name)] if name in kwargs else []):
+                if not _same_default(value, default):
+                    raise InputError(
+                        f"this quantfx model was prepared with {name}={default!r} (forward's "
+                        f"default: no example input gave it), so its graph computes that case "
+                        f"only; got {name} = {type(value).__name__}. Call it without {name}, "
+                        f"or prepare the float model with example_inputs that give {name} (in "
+                        "forward's order) to keep what forward does with one.")
+        return args, kwargs
+
+
+def _same_default(value: Any, default: Any) -> bool:
+    try:
+        return value is default or (type(value) is type(default) and bool(value == default))
+    except (TypeError, ValueError, RuntimeError):  # tensors and other ambiguous comparisons
+        return False
+
+
+def guard_traced_defaults(graph_module: nn.Module) -> None:
+    """Register `TracedDefaults` on a quantfx GraphModule that has arguments traced at their
+    defaults (once)."""
+    hooks = getattr(graph_module, "_forward_pre_hooks", {})
+    graph = getattr(graph_module, "graph", None)
+    if graph is not None and any(node.op == "placeholder" and node.args
+                                 for node in graph.nodes) and not any(
+            isinstance(hook, TracedDefaults) for hook in hooks.values()):
+        graph_module.register_forward_pre_hook(TracedDefaults(), with_kwargs=True)

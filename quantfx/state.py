@@ -14,6 +14,7 @@ from torch import nn
 
 from quantfx.config import QuantConfig
 from quantfx.errors import QuantFxError
+from quantfx.inputs import guard_traced_defaults
 
 STATE_ATTRIBUTE = "_quantfx_state"
 PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
@@ -61,11 +62,13 @@ def attach_state(graph_module: nn.Module, state: QuantState) -> None:
     """
     setattr(graph_module, STATE_ATTRIBUTE, state)
     if isinstance(graph_module, fx.GraphModule):
+        guard_traced_defaults(graph_module)
         graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
         _keep_state_when_pickled(graph_module)
         hooks = graph_module.__dict__.get("_deepcopy_hooks")  # run on each deep copy
-        if isinstance(hooks, list) and _keep_state_when_pickled not in hooks:
-            hooks.append(_keep_state_when_pickled)
+        for hook in (_keep_state_when_pickled, guard_traced_defaults):
+            if isinstance(hooks, list) and hook not in hooks:
+                hooks.append(hook)
 
 
 def _keep_state_when_pickled(graph_module: fx.GraphModule) -> None:

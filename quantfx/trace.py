@@ -155,8 +155,23 @@ def trace(model: nn.Module, config: QuantConfig,
             "calls on tensor values) into a function decorated with @torch.fx.wrap (or list it "
             f"in QuantConfig(autowrap_functions=...)){leaf_advice}."
         ) from error
+    _drop_default_checks(graph)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _drop_default_checks(graph: fx.Graph) -> None:
+    """Remove fx's checks of the arguments traced at their defaults (`_assert_is_none`,
+    `_assert(x == 2.0)`): a bare AssertionError, and code that torch.load of a second model
+    with them failed to re-trace (KeyError). `quantfx.inputs.TracedDefaults` checks instead."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and len(node.args) > 1 and isinstance(
+                node.args[1], str) and "has been specialized to have value" in node.args[1]:
+            condition = node.args[0]
+            graph.erase_node(node)
+            if isinstance(condition, fx.Node) and condition.op == "call_function" and (
+                    not condition.users):
+                graph.erase_node(condition)
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

@@ -7,6 +7,7 @@ arguments with defaults, hooks, a single string where a list goes).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import re
@@ -515,6 +516,33 @@ def test_forward_arguments_with_defaults(model_class, tmp_path) -> None:
         assert sqnr_db(model(data[0]), converted(data[0])) > 25
     report = qf.export_onnx(converted, (data[0],), tmp_path / "model.onnx")
     assert report.verified and report.max_lsb_diff == 0
+
+
+def _reloaded(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_an_argument_traced_at_its_default_takes_that_value_only() -> None:
+    """Another value for an argument traced at its default was a bare AssertionError from
+    torch.fx (positional) or a TypeError (by name: fx renames it `y_1`); the default given by
+    name was refused too; and torch.load of a second such model failed (KeyError in fx)."""
+    data = batches()
+    with pytest.warns(qf.QuantFxWarning, match="traced with y at its default None"):
+        prepared, converted = quantize(OptionalSecond().eval(), data)
+    models = [prepared, converted, _reloaded(prepared), _reloaded(converted),
+              copy.deepcopy(converted)]
+    for model in models:
+        expected = model(data[0])
+        torch.testing.assert_close(model(data[0], y=None), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(data[0], None), expected, rtol=0, atol=0)
+        for arguments, keywords in (((data[0],), {}), ((), {"y": data[0]})):
+            with pytest.raises(qf.InputError, match=r"prepared with y=None .* got y = Tensor"):
+                model(data[0], *arguments, **keywords)
+    with pytest.raises(qf.InputError, match="prepared with scale=2.0"):
+        quantize(Scaled().eval(), data)[0](data[0], scale=3.0)
 
 
 # ----------------------------------------------------------------------------------------------
