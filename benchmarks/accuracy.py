@@ -91,7 +91,10 @@ def quantfx_qat(prepared: nn.Module, train: TensorDataset) -> nn.Module:
     qat_model = qf.prepare_qat(prepared, example)
     loader = DataLoader(train, batch_size=128, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
-    thresholds = learned_thresholds(qat_model)  # TQT's recipe: Adam of their own
+    try:
+        thresholds = learned_thresholds(qat_model)  # TQT's recipe: Adam of their own
+    except qf.ConfigError:  # the default schedule: exponents by rule, none to learn
+        thresholds = []
     others = [p for p in qat_model.parameters() if all(p is not t for t in thresholds)]
     optimizer = torch.optim.SGD(others, lr=QAT_LEARNING_RATE, momentum=0.9, weight_decay=1e-4)
     threshold_optimizer = torch.optim.Adam(thresholds, lr=THRESHOLD_RATE) if thresholds else None
