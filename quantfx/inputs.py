@@ -125,17 +125,19 @@ class TracedDefaults:
     """Forward pre-hook of a quantfx GraphModule. An optional argument traced at its default
     (no example input gave it) is baked into the graph: another value is an InputError naming
     it (fx raised a bare AssertionError), and the default given by name is accepted (fx renames
-    the argument `scale_1`: `model(x, scale=None)` was a TypeError)."""
+    the argument `scale_1`: `model(x, scale=None)` was a TypeError). `traced` maps each such
+    argument's name to its position and default, read from the graph once."""
+
+    def __init__(self, traced: dict[str, tuple[int, Any]]) -> None:
+        self.traced = traced
+        self.first = min(index for index, _ in traced.values())
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
                  ) -> tuple[tuple, dict[str, Any]] | None:
-        placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
-        traced = {str(node.target).rstrip("0123456789").rstrip("_"): (index, node.args[0])
-                  for index, node in enumerate(placeholders) if node.args}  # a default
-        if not traced or (not kwargs and len(args) <= min(i for i, _ in traced.values())):
+        if not kwargs and len(args) <= self.first:
             return None
         kwargs = dict(kwargs)
-        for name, (index, default) in traced.items():
+        for name, (index, default) in self.traced.items():
             for value in ([args[index]] if index < len(args) else []) + (
                     [kwargs.pop(name)] if name in kwargs else []):
                 if not _same_default(value, default):
@@ -158,9 +160,12 @@ def _same_default(value: Any, default: Any) -> bool:
 def guard_traced_defaults(graph_module: nn.Module) -> None:
     """Register `TracedDefaults` on a quantfx GraphModule that has arguments traced at their
     defaults (once)."""
-    hooks = getattr(graph_module, "_forward_pre_hooks", {})
     graph = getattr(graph_module, "graph", None)
-    if graph is not None and any(node.op == "placeholder" and node.args
-                                 for node in graph.nodes) and not any(
-            isinstance(hook, TracedDefaults) for hook in hooks.values()):
-        graph_module.register_forward_pre_hook(TracedDefaults(), with_kwargs=True)
+    if graph is None or any(isinstance(hook, TracedDefaults)
+                            for hook in graph_module._forward_pre_hooks.values()):
+        return
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    traced = {str(node.target).rstrip("0123456789").rstrip("_"): (index, node.args[0])
+              for index, node in enumerate(placeholders) if node.args}  # a default
+    if traced:
+        graph_module.register_forward_pre_hook(TracedDefaults(traced), with_kwargs=True)
