@@ -135,6 +135,10 @@ def test_yolov8_export_decodes_dfl_and_writes_the_caffe_ssd_prototxt(tmp_path) -
         qf.export_onnx(converted, image, tmp_path / "v8.onnx", detection=wrong)
     report = qf.export_onnx(converted, image, tmp_path / "v8.onnx", detection=arch)
     assert report.fraction_identical == 1.0 and report.optimized_fraction_identical == 1.0
+    checked = qf.check_tidl(tmp_path / "v8.onnx")  # the file judges as the export did: the
+    assert (checked.offloaded, checked.total) == (report.tidl.offloaded, report.tidl.total)
+    assert len(checked.findings) == len(report.tidl.findings)  # decode + NMS left to TIDL
+    assert checked.detection_post_processing > 10 and "decode/NMS" in checked.summary()
     text = (tmp_path / "v8.prototxt").read_text()
     assert text.startswith('name: "yolov8"\ncaffe_ssd {')
     heads = report.head_outputs

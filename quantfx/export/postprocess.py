@@ -26,10 +26,11 @@ from quantfx.export.meta_arch import (
     prototxt,
 )
 from quantfx.export.verify import onnxruntime_session
+from quantfx.tidl.scope import DETECTION_PREFIX
 
 OUTPUT_NAMES = ("boxes", "labels", "scores")
 """In this order (what TIDL's ONNX SSD post-processing expects)."""
-PREFIX = "detection_output/"
+PREFIX = DETECTION_PREFIX
 
 
 class _Graph:

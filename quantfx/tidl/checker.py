@@ -31,6 +31,7 @@ from quantfx.tidl.profiles import (
     resolve_target,
 )
 from quantfx.tidl.rules import FALLBACK, QUANTIZATION, WARNING, Finding, Graph, check_node
+from quantfx.tidl.scope import dynamic_input_findings, without_post_processing
 
 FUSIONS = {
     "SiLU": collections.Counter({"Sigmoid": 1, "Mul": 1}),
@@ -66,6 +67,9 @@ class TidlReport:
     nodes: list[tuple[str, str, bool]] = field(default_factory=list)
     """(node name, op type, offloaded) of every node other than Q/DQ."""
     findings: list[Finding] = field(default_factory=list)
+    detection_post_processing: int = 0
+    """Decode + NMS nodes of `export_onnx(detection=...)` left out: TIDL's detection layer
+    (the prototxt beside the file) replaces them."""
 
     @property
     def total(self) -> int:
@@ -88,8 +92,10 @@ class TidlReport:
         fallback = collections.Counter(op for _, op, offloaded in self.nodes if not offloaded)
         falls = (", ".join(f"{op} x{count}" for op, count in fallback.most_common())
                  if fallback else "none")
+        post = (f"; {self.detection_post_processing} decode/NMS nodes left to TIDL's "
+                "detection layer" if self.detection_post_processing else "")
         return (f"{self.target}: {self.offloaded}/{self.total} nodes offloaded to the "
-                f"accelerator (ARM fallback: {falls}); {len(self.warnings())} warning(s)")
+                f"accelerator (ARM fallback: {falls}){post}; {len(self.warnings())} warning(s)")
 
     def __str__(self) -> str:
         """The summary, then each finding; one line for a rule broken at several nodes (a
@@ -118,6 +124,7 @@ class TidlReport:
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "opset": self.opset, "offloaded": self.offloaded,
                 "total": self.total, "summary": self.summary(),
+                "detection_post_processing": self.detection_post_processing,
                 "findings": [vars(finding) for finding in self.findings]}
 
     def to_json(self) -> str:
@@ -304,6 +311,7 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
         raise ConfigError(f"target={target!r} is not one of {TARGETS} (TI's names "
                           f"{', '.join(TARGET_ALIASES)} work too).")
     _require_valid(model)
+    model, post_processing = without_post_processing(model)
     typed = {value.name for value in (*model.graph.value_info, *model.graph.input,
                                       *model.graph.output)}
     if any(output and output not in typed for node in model.graph.node for output in node.output):
@@ -311,7 +319,7 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
     graph = Graph.of(model, PROFILES[target])
     opset = next((item.version for item in model.opset_import if item.domain in ("", "ai.onnx")),
                  0)
-    report = TidlReport(target, opset)
+    report = TidlReport(target, opset, detection_post_processing=post_processing)
     if opset > MAX_VALIDATED_OPSET:
         report.findings.append(Finding(WARNING, "model", f"opset {opset} is newer than TIDL "
                                        f"validated ({MAX_VALIDATED_OPSET})", "T11.2"))
@@ -330,31 +338,11 @@ def check_model(model: onnx.ModelProto, target: str = "generic") -> TidlReport:
                                        "quantizes with its own calibration (not as quantfx "
                                        "simulated); export it with quantfx.export_onnx", "T11.2"))
     if graph.profile.tidl:
-        report.findings += _batchnorm_findings(graph) + _dynamic_input_findings(model)
+        report.findings += _batchnorm_findings(graph) + dynamic_input_findings(model)
     falling = {finding.node for finding in report.findings if finding.severity == FALLBACK}
     report.nodes = [(_key(node), node.op_type, _key(node) not in falling)
                     for node in model.graph.node if node.op_type not in QDQ_OPS]
     return report
-
-
-def _dynamic_input_findings(model: onnx.ModelProto) -> list[Finding]:
-    """Graph inputs whose shape is not fixed: TIDL compiles one input shape, and the rules
-    that need a shape (pool sizes, Pad axes, ...) cannot be checked on such a file."""
-    constants = {initializer.name for initializer in model.graph.initializer}
-    findings = []
-    for value in model.graph.input:
-        if value.name in constants:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        free = [dim.dim_param or "?" for dim in dims if not dim.HasField("dim_value")]
-        if free or not value.type.tensor_type.HasField("shape"):
-            findings.append(Finding(
-                WARNING, value.name, f"input '{value.name}' has dynamic dims "
-                f"({', '.join(free) or 'no shape'}): TIDL compiles fixed input shapes, and the "
-                "rules that need a tensor's shape were not checked on this file. Export with "
-                "fixed sizes (or fix them with onnxruntime.tools.make_dynamic_shape_fixed)",
-                "T11.2"))
-    return findings
 
 
 def _require_valid(model: onnx.ModelProto) -> None:
