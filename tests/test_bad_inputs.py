@@ -589,6 +589,8 @@ def test_empty_or_non_finite_verify_data_is_an_export_error(converted_cnn, tmp_p
     with pytest.raises(qf.ExportError, match=r"verify_data batch 0 holds NaN or Inf"):
         qf.export_onnx(converted, (x,), tmp_path / "model.onnx",
                        verify_data=torch.full_like(x, float("nan")))
+    with pytest.raises(qf.ExportError, match=r"example input 0 holds NaN or Inf"):
+        qf.export_onnx(converted, torch.full_like(x, float("inf")), tmp_path / "model.onnx")
     assert os.listdir(tmp_path) == []
 
 

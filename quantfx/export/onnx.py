@@ -92,6 +92,11 @@ def _check_inputs(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, .
                 f"prepared with rank-{len(shape)} inputs {shape}; give the same layout (with a "
                 "batch dimension)."
             )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ExportError(
+                f"example input {index} holds NaN or Inf values: the export verifies the file on "
+                "the example inputs, and NaN agrees with NaN whatever the file computes. Give "
+                "real inputs (a sample of the data).")
     return tuple(t.detach().cpu() for t in example_inputs)
 
 
