@@ -26,6 +26,7 @@ from quantfx.distillation_training import LEARNING_RATE, NO_STEP_LIMIT, Trainer,
 from quantfx.distributed import total_over_ranks, world_size
 from quantfx.errors import CalibrationError, ConfigError, warn
 from quantfx.frontend import as_input_tuple
+from quantfx.inputs import check_input_tensors, parameter_dtype_device
 from quantfx.partial import quantized_parts
 from quantfx.ptc import batch_inputs, calibrate, iterate_batches, prepare
 from quantfx.ptc.learned_rounding import restore_float_parameters
@@ -165,7 +166,7 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
         calibrate(prepared, batches)
     else:
         prepared = _calibrated_copy(model, state, batches, config)
-    student = prepare_qat(prepared, _example(batches, len(state_of(prepared).input_shapes)))
+    student = prepare_qat(prepared, _checked_example(batches, prepared))
     freeze_batchnorm(student)
     learned = state_of(student).config.schedule.ranges == "learned"
     if not learned and all(quantizer.observed for quantizer in _activation_quantizers(student)):
@@ -196,6 +197,22 @@ def _example(batches: Any, count: int) -> tuple[Tensor, ...]:
             batch = (batch,)
         return tuple(item[:1] for item in batch_inputs(batch, count, 0))
     raise CalibrationError("distill data is empty: give at least one batch of inputs.")
+
+
+def _checked_example(batches: Any, prepared: fx.GraphModule) -> tuple[Tensor, ...]:
+    """The data's first sample, checked against the inputs `prepared` was made for: the data
+    is at fault, not an example_inputs the user never gave (prepare_qat said that)."""
+    shapes = state_of(prepared).input_shapes
+    example = _example(batches, len(shapes))
+    dtype, _ = parameter_dtype_device(prepared)
+    check_input_tensors(example, dtype, "distill data, input", CalibrationError)
+    got, wanted = [tuple(t.shape[1:]) for t in example], [tuple(s[1:]) for s in shapes]
+    if got != wanted:
+        raise CalibrationError(
+            f"distill data holds samples of shape(s) {got} but the model was prepared with "
+            f"{wanted}: the student trains the prepared graph, made for that shape. Give "
+            "batches of that shape (or distill the float model, prepared on them).")
+    return example
 
 
 def _calibrated_copy(model: fx.GraphModule, state: Any, batches: Any,

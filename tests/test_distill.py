@@ -193,6 +193,11 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
             qf.distill(prepared, wrong, steps=1)
     with pytest.raises(qf.ConfigError, match="no config"):
         qf.distill(prepared, data, steps=1, config=CONFIG)
+    shape = tuple(data[0].shape)  # the data, not an example_inputs never given (PrepareError)
+    with pytest.raises(qf.CalibrationError, match=r"distill data holds samples of shape"):
+        qf.distill(prepared, [torch.randn(shape[0], 1, *shape[2:])] * 2, steps=1)
+    with pytest.raises(qf.CalibrationError, match=r"distill data, input is uint8"):
+        qf.distill(prepared, [data[0].to(torch.uint8)] * 2, steps=1)
     with pytest.raises(qf.ConfigError, match="float model or one returned"):
         qf.distill(qf.convert(prepared), data, steps=1)
     with pytest.raises(qf.LoadError, match="is a folder"):
