@@ -160,6 +160,11 @@ class QuantConfig:
     into the next layer; the float function is unchanged. None: on when depthwise weights are
     per tensor (`per_channel_depthwise` off, e.g. on TDA4VM), where one scale must fit every
     channel."""
+    align_bounded_activations: bool = field(default=True, metadata=GRAPH)
+    """PTC: where a ReLU6 (any `Hardtanh(0, M)`) lies between two layers, scale the layer
+    before it up and the layer after it down so the bound lands on the top of its power-of-2
+    grid (6 -> 7.97 at 8 bit: otherwise a quarter of the codes go unused), the float function
+    unchanged (`quantfx.passes.grid_alignment`; the file then holds a Clip at the new bound)."""
     weight_observer: str = "mse"
     """Weight exponent choice: "minmax" (never clip) or "mse" (the exponent, among the
     never-clipping one and up to four below it, with the least squared weight error: clipping
@@ -291,8 +296,8 @@ class QuantConfig:
         self.target = check_choice(resolve_target(self.target), "QuantConfig.target", TARGETS)
         if self.equalization is not None:
             check_bool(self.equalization, "QuantConfig.equalization")
-        for name in ("bias_calibration", "nonnegative_inputs", "progress", "widen_coarse_weights",
-                     "widen_sensitive_layers"):
+        for name in ("align_bounded_activations", "bias_calibration", "nonnegative_inputs",
+                     "progress", "widen_coarse_weights", "widen_sensitive_layers"):
             check_bool(getattr(self, name), f"QuantConfig.{name}")
         for name in ("per_channel_depthwise", "per_channel_weights"):
             value = getattr(self, name)

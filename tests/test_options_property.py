@@ -80,6 +80,7 @@ VALIDITY = {
     "per_channel_depthwise": lambda v: v is None or isinstance(v, bool),
     "per_channel_weights": lambda v: v is None or isinstance(v, bool),
     "equalization": lambda v: v is None or isinstance(v, bool),
+    "align_bounded_activations": lambda v: isinstance(v, bool),
     "bias_calibration": lambda v: isinstance(v, bool),
     "nonnegative_inputs": lambda v: isinstance(v, bool),
     "widen_coarse_weights": lambda v: isinstance(v, bool),

@@ -28,6 +28,7 @@ from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_
 from quantfx.passes.batchnorm_scale import absorb_batchnorm_scales
 from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
+from quantfx.passes.grid_alignment import align_bounded_activations
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.ptc.bias_calibration import calibrate_biases
@@ -85,6 +86,9 @@ def prepare(
     untie_parameters(graph_module)
     if config.equalizes:
         equalize(graph_module)  # each call site is its own engine layer, with its own bias
+    if config.align_bounded_activations:
+        align_bounded_activations(graph_module, config.activation_bits, config.weight_bits,
+                                  QuantizerFactory(config).per_channel)
 
     def weight_layer(layer: nn.Module, bn: None, quantizer: nn.Module) -> FakeQuantLayer:
         return FakeQuantLayer(with_bias(layer) if config.bias_calibration else layer, quantizer)
