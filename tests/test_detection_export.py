@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
@@ -182,6 +183,25 @@ def test_heads_that_do_not_match_are_refused_and_nothing_is_written(tmp_path, ti
     with pytest.raises(qf.ExportError, match=message):
         qf.export_onnx(converted, torch.randn(1, 1, 64, 64), tmp_path / "det.onnx",
                        detection=arch)
+    assert list(tmp_path.iterdir()) == []
+
+
+class Squashed(nn.Module):
+    """A detector whose heads are already squashed: the detection layer would do it twice."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        return tuple(torch.sigmoid(head) for head in self.detector(x))
+
+
+def test_heads_that_are_not_logits_are_refused(tmp_path, tiny_yolox) -> None:
+    converted = _converted(Squashed(tiny_yolox).eval(), torch.randn(1, 1, 64, 64))
+    with pytest.raises(qf.ExportError, match=r"head output 0 .* comes out of a Sigmoid"):
+        qf.export_onnx(converted, torch.randn(1, 1, 64, 64), tmp_path / "det.onnx",
+                       detection=qf.YoloxMetaArch(strides=(8, 16), num_classes=10))
     assert list(tmp_path.iterdir()) == []
 
 

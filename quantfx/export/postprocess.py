@@ -67,6 +67,26 @@ def _shapes(model: onnx.ModelProto) -> list[tuple[str, list[int]]]:
             for value in model.graph.output]
 
 
+SCORE_FUNCTIONS = ("Sigmoid", "Softmax", "HardSigmoid", "LogSoftmax")
+"""Ops TIDL's detection layer applies itself (its score converter): a head must not."""
+
+
+def _require_logits(model: onnx.ModelProto) -> None:
+    """An ExportError where a head output comes out of a score function (through its Q/DQ):
+    the detection layer would apply it a second time (every score above 0.5)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    for index, value in enumerate(model.graph.output):
+        node = producers.get(value.name)
+        while node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type in SCORE_FUNCTIONS:
+            raise ExportError(
+                f"head output {index} ({value.name}) comes out of a {node.op_type}: TIDL's "
+                "detection layer applies the score function itself, and so does the decode "
+                "written here, so every score would be squashed twice. Return the head conv's "
+                "raw output (the logits) from forward, and apply the function after the model.")
+
+
 def _flatten(g: _Graph, head: str) -> str:
     """[1, C, H, W] -> [C, H * W]. Flatten, not Reshape or Transpose, comes first after the
     head's DequantizeLinear: ONNX Runtime's optimizer moves Q/DQ pairs through those two and
@@ -239,6 +259,7 @@ def whole_detector(network: onnx.ModelProto, detection: MetaArch | None,
     shapes = _shapes(network)
     in_height, in_width = inputs[0].shape[-2:]
     check_heads(detection, shapes, int(in_height), int(in_width))
+    _require_logits(network)
     whole = append_postprocess(network, detection)
     heads = [name for name, _ in shapes]
     outputs = [value.name for value in whole.graph.output][len(heads):]
