@@ -195,7 +195,7 @@ def _example(batches: Any, count: int) -> tuple[Tensor, ...]:
     for batch in batches:
         if isinstance(batch, Tensor):
             batch = (batch,)
-        return tuple(item[:1] for item in batch_inputs(batch, count, 0))
+        return tuple(item[:1] for item in batch_inputs(batch, count, 0, "distill"))
     raise CalibrationError("distill data is empty: give at least one batch of inputs.")
 
 
@@ -247,7 +247,8 @@ class _Passes:
 
     def __init__(self, model: fx.GraphModule, batches: Any) -> None:
         self.model, self.batches = model, batches
-        first = iterate_batches(model, batches, None, "distill data", local=True)
+        first = iterate_batches(model, batches, None, "distill data", local=True,
+                                what="distill")
         try:
             _, self.held_out = next(first)
         finally:
@@ -260,7 +261,7 @@ class _Passes:
         while True:
             trained = 0
             for index, inputs in iterate_batches(self.model, self.batches, None,
-                                                 "distill data", local=True):
+                                                 "distill data", local=True, what="distill"):
                 if self.hold_first and index == 0:
                     continue
                 trained += 1

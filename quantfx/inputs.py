@@ -69,22 +69,23 @@ def check_input_tensors(tensors: Sequence[Any], dtype: torch.dtype, what: str,
 
 
 def check_calibration_batch(items: tuple[Tensor, ...], shapes: list[tuple[int, ...]],
-                            dtype: torch.dtype, index: int) -> None:
-    """One calibration batch against the example inputs the model was prepared with."""
-    check_input_tensors(items, dtype, f"calibration batch {index}, input", CalibrationError)
+                            dtype: torch.dtype, index: int, what: str = "calibration") -> None:
+    """One batch of `what` data (calibration, distill) against the example inputs the model
+    was prepared with."""
+    check_input_tensors(items, dtype, f"{what} batch {index}, input", CalibrationError)
     for position, (tensor, shape) in enumerate(zip(items, shapes)):
         if tensor.dim() != len(shape):
             raise CalibrationError(
-                f"calibration batch {index}, input {position} has shape {tuple(tensor.shape)} "
+                f"{what} batch {index}, input {position} has shape {tuple(tensor.shape)} "
                 f"but the model was prepared with a rank-{len(shape)} input {shape}: give "
                 "batches laid out like the example inputs (with a batch dimension).")
         if not torch.isfinite(tensor).all():
             raise CalibrationError(
-                f"calibration batch {index} holds NaN or Inf values: ranges estimated from it "
-                "would be meaningless. Clean the data (or drop the batch) and calibrate again.")
+                f"{what} batch {index} holds NaN or Inf values: ranges estimated from it "
+                "would be meaningless. Clean the data (or drop the batch) and try again.")
     sizes = {tensor.shape[0] for tensor in items}
     if len(sizes) > 1:
-        raise CalibrationError(f"calibration batch {index} mixes batch sizes {sorted(sizes)} "
+        raise CalibrationError(f"{what} batch {index} mixes batch sizes {sorted(sizes)} "
                                "across its inputs; give each input the same number of samples.")
 
 

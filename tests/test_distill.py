@@ -198,6 +198,8 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
         qf.distill(prepared, [torch.randn(shape[0], 1, *shape[2:])] * 2, steps=1)
     with pytest.raises(qf.CalibrationError, match=r"distill data, input is uint8"):
         qf.distill(prepared, [data[0].to(torch.uint8)] * 2, steps=1)
+    with pytest.raises(qf.CalibrationError, match=r"distill batch 1 holds NaN .* try again"):
+        qf.distill(prepared, [data[0], torch.full_like(data[0], float("nan"))], steps=1)
     with pytest.raises(qf.ConfigError, match="float model or one returned"):
         qf.distill(qf.convert(prepared), data, steps=1)
     with pytest.raises(qf.LoadError, match="is a folder"):

@@ -113,32 +113,34 @@ def _prepare_parts(model: nn.Module, example_inputs: Any, config: QuantConfig) -
     return working.eval()
 
 
-def batch_inputs(batch: Any, count: int, index: int) -> tuple[torch.Tensor, ...]:
-    """The model inputs inside one calibration batch (a tensor, or a tuple like (x, label))."""
+def batch_inputs(batch: Any, count: int, index: int, what: str = "calibration"
+                 ) -> tuple[torch.Tensor, ...]:
+    """The model inputs inside one batch of `what` data (a tensor, or a tuple like (x, label))."""
     if isinstance(batch, torch.Tensor):
         items: tuple = (batch,)
     elif isinstance(batch, (tuple, list)):
         items = tuple(batch[:count])
     else:
         raise CalibrationError(
-            f"calibration batch {index} is a {type(batch).__name__}; give tensors, or tuples "
+            f"{what} batch {index} is a {type(batch).__name__}; give tensors, or tuples "
             f"whose first {count} item(s) are the model's inputs (e.g. (images, labels))."
         )
     if len(items) != count:
         raise CalibrationError(
-            f"calibration batch {index} holds {len(items)} tensor(s) but the model was prepared "
+            f"{what} batch {index} holds {len(items)} tensor(s) but the model was prepared "
             f"with {count} input(s): give tuples whose first {count} items are its inputs.")
     return items
 
 
 def iterate_batches(
     model: fx.GraphModule, data: Iterable, num_batches: int | None, description: str,
-    local: bool = False
+    local: bool = False, what: str = "calibration"
 ) -> Iterable[tuple[torch.Tensor, ...]]:
     """Yield each batch's inputs (checked, on the model's device), with a progress bar.
 
     `local`: no bar and no collective (a training loop under torch.distributed, where each
-    rank's passes end at different steps); the data must be non-empty on this rank."""
+    rank's passes end at different steps); the data must be non-empty on this rank. `what`
+    names the data in errors ("calibration", "distill")."""
     state = state_of(model)
     shapes = state.input_shapes
     if isinstance(data, torch.Tensor):
@@ -168,13 +170,13 @@ def iterate_batches(
         for index, batch in enumerate(iterator):
             if num_batches is not None and index >= num_batches:
                 break
-            items = batch_inputs(batch, len(shapes), index)
-            check_calibration_batch(items, shapes, dtype, index)
+            items = batch_inputs(batch, len(shapes), index, what)
+            check_calibration_batch(items, shapes, dtype, index, what)
             if state.config.nonnegative_inputs and not warned and any(
                     bool((item < 0).any()) for item in items):
                 warned = True
                 warn(
-                    f"calibration batch {index} has negative inputs although "
+                    f"{what} batch {index} has negative inputs although "
                     "QuantConfig(nonnegative_inputs=True) quantizes the inputs unsigned: they "
                     "will be clipped to 0. Leave nonnegative_inputs off for normalized data.")
             yield index, tuple(item.to(device) for item in items)
