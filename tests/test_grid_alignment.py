@@ -119,6 +119,52 @@ def test_a_relu6_read_twice_or_added_is_left_alone():
         ("first", "relu6", "last")]
 
 
+class NotCommuting(Branching):
+    """Between the ReLU6 and the next layer, ops that a scale does not pass through."""
+
+    def forward(self, x):
+        y = self.left(torch.sigmoid(nn.functional.relu6(self.first(x))))
+        y = self.right(nn.functional.pad(nn.functional.relu6(self.second(y)), (1, 1), value=1.0))
+        return self.last(nn.functional.relu6(self.left(y)) + 1.0)
+
+
+class TiedDecoder(Branching):
+    """The next layer's weight read directly by a tied decoder: rescaling it would change that."""
+
+    def forward(self, x):
+        code = self.last(nn.functional.relu6(self.first(x)))
+        return nn.functional.conv2d(code, self.last.weight.transpose(0, 1))
+
+
+def test_a_relu6_before_an_op_a_scale_does_not_pass_or_a_tied_weight_is_left_alone():
+    from quantfx.frontend import build_graph
+
+    x = torch.randn(2, 4, 5, 5)
+    for model in (NotCommuting().eval(), TiedDecoder().eval()):
+        graph, _ = build_graph(model, (x,), qf.QuantConfig(), training=False)
+        assert alignments(graph) == []
+    model = TiedDecoder().eval()
+    with pytest.warns(qf.QuantFxWarning, match="no ONNX emitter for: conv2d"):  # F.conv2d
+        prepared = qf.prepare(model, x, qf.QuantConfig())
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x))
+
+
+def test_a_state_dict_saved_with_other_alignment_is_refused():
+    model, x = _model(), torch.randn(8, 8, 6, 6)
+    aligned = qf.prepare(model, x[:1], qf.QuantConfig())
+    qf.calibrate(aligned, [x])
+    plain = qf.prepare(model, x[:1], qf.QuantConfig(align_bounded_activations=False))
+    with pytest.raises(qf.LoadError, match="align_bounded_activations"):
+        plain.load_state_dict(aligned.state_dict())
+    with pytest.raises(qf.LoadError, match="align_bounded_activations"):
+        qf.prepare(model, x[:1], qf.QuantConfig()).load_state_dict(plain.state_dict())
+    again = qf.prepare(model, x[:1], qf.QuantConfig())
+    again.load_state_dict(aligned.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(qf.convert(again)(x), qf.convert(aligned)(x))
+
+
 def test_alignment_is_skipped_where_the_weights_would_lose_more_than_the_activation_gains():
     from quantfx.frontend import build_graph
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from quantfx.errors import LoadError
 from quantfx.modules import BatchNormLayer
 from quantfx.ops import SCALE_COMMUTING, WEIGHT_LAYERS
 from quantfx.passes.graph_utils import is_shape_only, module_of, set_submodule
@@ -29,16 +31,44 @@ SMALLEST_GAIN = 1.01
 """A bound already within 1 % of its grid's top is left alone."""
 
 
+class StretchedClip(nn.Hardtanh):
+    """A Hardtanh(0, M) stretched by this pass: it clips at M * `stretch`. The factor is a
+    buffer, so a state_dict says the weights around it were rescaled: loaded into a model
+    prepared without the pass (or the reverse) it is refused (`check_loaded_alignment`)
+    instead of running rescaled weights against the other bound."""
+
+    def __init__(self, bound: float, stretch: float) -> None:
+        super().__init__(0.0, bound * stretch)
+        self.register_buffer("stretch", torch.tensor(float(stretch)))
+
+
+def check_loaded_alignment(model: nn.Module, incompatible_keys: Any) -> None:
+    """`load_state_dict` post-hook of a prepared model: a `LoadError` when the state_dict was
+    saved with another `align_bounded_activations` (a `stretch` buffer missing or extra)."""
+    keys = [key for key in (*incompatible_keys.missing_keys, *incompatible_keys.unexpected_keys)
+            if key.endswith(".stretch")]
+    if keys:
+        raise LoadError(
+            f"the state_dict and this model disagree on which ReLU6s were stretched to their "
+            f"grid ({keys[0]}): it was saved from a model prepared with another "
+            "QuantConfig.align_bounded_activations, whose weights around them are scaled for "
+            "other clip bounds. Prepare with the config the state_dict was saved under.")
+
+
 def grid_top(bound: float, bits: int) -> float:
     """The largest value of the unsigned `bits`-bit power-of-2 grid whose range holds `bound`."""
     return 2.0 ** math.ceil(math.log2(bound)) * (1.0 - 2.0 ** -bits)
 
 
-def _layer(graph_module: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
+def _layer(graph_module: fx.GraphModule, node: fx.Node | None, read: set[str]
+           ) -> nn.Module | None:
+    """The conv/linear `node` calls, unless the graph also reads its parameters directly
+    (`read`: the get_attr targets; a tied decoder's `F.linear(x, encoder.weight.t())`):
+    rescaling them would change that too."""
     module = module_of(graph_module, node) if node is not None else None
-    if isinstance(module, WEIGHT_LAYERS) and not isinstance(module, BatchNormLayer):
-        return module
-    return None
+    if not isinstance(module, WEIGHT_LAYERS) or isinstance(module, BatchNormLayer):
+        return None
+    return None if {f"{node.target}.weight", f"{node.target}.bias"} & read else module
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -58,26 +88,28 @@ def _passes_scale(graph_module: fx.GraphModule, node: fx.Node) -> bool:
             or is_shape_only(graph_module, node))
 
 
-def _next_layer(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+def _next_layer(graph_module: fx.GraphModule, node: fx.Node, read: set[str]
+                ) -> fx.Node | None:
     """The layer that is the only reader of `node`'s output, through scale-commuting ops that
     each have one user, or None."""
     user = _only_user(node)
     while user is not None and _passes_scale(graph_module, user):
         user = _only_user(user)
-    return user if user is not None and _layer(graph_module, user) is not None else None
+    return user if user is not None and _layer(graph_module, user, read) is not None else None
 
 
 def alignments(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
     """(layer A, its bounded activation, layer B) for every A -> Hardtanh(0, M) -> ... -> B
     whose tensors between go nowhere else."""
     found = []
+    read = {str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"}
     for node in graph_module.graph.nodes:
-        if _layer(graph_module, node) is None:
+        if _layer(graph_module, node, read) is None:
             continue
         activation = _only_user(node)
         if activation is None or not _bounded_activation(graph_module, activation):
             continue
-        consumer = _next_layer(graph_module, activation)
+        consumer = _next_layer(graph_module, activation, read)
         if consumer is not None:
             found.append((node, activation, consumer))
     return found
@@ -127,6 +159,6 @@ def align_bounded_activations(graph_module: fx.GraphModule, activation_bits: int
             if producer.bias is not None:
                 producer.bias.mul_(scale)
             consumer.weight.div_(scale)
-        set_submodule(graph_module, activation.target, nn.Hardtanh(0.0, bound * scale))
+        set_submodule(graph_module, activation.target, StretchedClip(bound, scale))
         count += 1
     return count

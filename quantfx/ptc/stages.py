@@ -28,7 +28,7 @@ from quantfx.partial import prepare_parts, quantized_parts, run_batch, whole_or_
 from quantfx.passes.batchnorm_scale import absorb_batchnorm_scales
 from quantfx.passes.equalize import equalize
 from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm, fold_batchnorm_forward
-from quantfx.passes.grid_alignment import align_bounded_activations
+from quantfx.passes.grid_alignment import align_bounded_activations, check_loaded_alignment
 from quantfx.passes.place import place_quantizers
 from quantfx.passes.unshare import untie_parameters
 from quantfx.ptc.bias_calibration import calibrate_biases
@@ -100,6 +100,7 @@ def prepare(
     set_quant_mode(graph_module, observe=True, quantize=False)
     attach_state(graph_module, QuantState(config, PTC, PREPARED, input_shapes(inputs)))
     graph_module.register_load_state_dict_post_hook(follow_loaded_widths)
+    graph_module.register_load_state_dict_post_hook(check_loaded_alignment)
     return graph_module.eval()
 
 
