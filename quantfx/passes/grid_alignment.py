@@ -44,10 +44,11 @@ class StretchedClip(nn.Hardtanh):
 
 def check_loaded_alignment(model: nn.Module, incompatible_keys: Any) -> None:
     """`load_state_dict` post-hook of a prepared model: a `LoadError` when the state_dict was
-    saved with another `align_bounded_activations` (a `stretch` buffer missing or extra)."""
-    keys = [key for key in (*incompatible_keys.missing_keys, *incompatible_keys.unexpected_keys)
-            if key.endswith(".stretch")]
-    if keys:
+    saved with another `align_bounded_activations` (a `stretch` buffer missing or extra, and
+    nothing else: a state_dict of another model is left to torch's list of what differs)."""
+    differing = [*incompatible_keys.missing_keys, *incompatible_keys.unexpected_keys]
+    keys = [key for key in differing if key.endswith(".stretch")]
+    if keys and len(keys) == len(differing):
         raise LoadError(
             f"the state_dict and this model disagree on which ReLU6s were stretched to their "
             f"grid ({keys[0]}): it was saved from a model prepared with another "
