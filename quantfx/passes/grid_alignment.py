@@ -26,6 +26,7 @@ from quantfx.errors import LoadError
 from quantfx.modules import BatchNormLayer
 from quantfx.ops import SCALE_COMMUTING, WEIGHT_LAYERS
 from quantfx.passes.graph_utils import is_shape_only, module_of, set_submodule
+from quantfx.qmath import exponent_for_max, qrange
 
 SMALLEST_GAIN = 1.01
 """A bound already within 1 % of its grid's top is left alone."""
@@ -119,13 +120,13 @@ def alignments(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.
 def fill_db(weight: torch.Tensor, per_channel: bool, bits: int) -> float:
     """How much of its signed `bits`-bit power-of-2 grid(s) `weight` fills: the mean over its
     grids of 20 log10(largest magnitude / grid top), 0 dB when full, down to -6 dB."""
-    top_code = 2 ** (bits - 1) - 1
+    qmax = qrange(bits, signed=True)[1]
     magnitude = weight.detach().abs()
     magnitude = magnitude.flatten(1).amax(1) if per_channel else magnitude.amax().reshape(1)
     magnitude = magnitude[magnitude > 0].double()
     if not len(magnitude):
         return 0.0
-    top = top_code * torch.exp2(torch.ceil(torch.log2(magnitude / top_code)))
+    top = qmax * torch.exp2(exponent_for_max(magnitude, qmax).double())
     return float((20.0 * torch.log10(magnitude / top)).mean())
 
 
