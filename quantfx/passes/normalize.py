@@ -50,6 +50,15 @@ def _get(arguments: dict[str, Any], name: str, default: Any) -> Any:
     return default if value is None and default is not None else value
 
 
+def _same_keywords(module_cls: type[nn.Module], **defaults: Any) -> Callable[..., nn.Module]:
+    """A builder for a module whose keywords are the functional's: `kernel_size` as given,
+    each keyword of `defaults` as given or its default."""
+    return lambda a: module_cls(
+        kernel_size=a["kernel_size"],
+        **{name: _get(a, name, default) for name, default in defaults.items()},
+    )
+
+
 REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         (F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"),
@@ -108,26 +117,13 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite(
         (F.avg_pool2d,),
         ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-        lambda a: nn.AvgPool2d(
-            a["kernel_size"],
-            a.get("stride"),
-            _get(a, "padding", 0),
-            _get(a, "ceil_mode", False),
-            _get(a, "count_include_pad", True),
-            a.get("divisor_override"),
-        ),
+        _same_keywords(nn.AvgPool2d, stride=None, padding=0, ceil_mode=False,
+                       count_include_pad=True, divisor_override=None),
     ),
     Rewrite(
         (F.max_pool2d,),
         ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-        lambda a: nn.MaxPool2d(
-            a["kernel_size"],
-            a.get("stride"),
-            _get(a, "padding", 0),
-            _get(a, "dilation", 1),
-            False,
-            _get(a, "ceil_mode", False),
-        ),
+        _same_keywords(nn.MaxPool2d, stride=None, padding=0, dilation=1, ceil_mode=False),
     ),
     Rewrite(
         (torch.mean, "mean"),

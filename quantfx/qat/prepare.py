@@ -43,15 +43,7 @@ from quantfx.passes.place import place_quantizers
 from quantfx.qat.controller import CONTROLLER_NAME, QATController
 from quantfx.qat.layer import QATLayer
 from quantfx.quantizers import CalibrationQuantizer, QATQuantizer, QuantizerFactory
-from quantfx.state import (
-    FLOAT,
-    PREPARED,
-    PTC,
-    QAT,
-    QuantState,
-    attach_state,
-    require_state,
-)
+from quantfx.state import FLOAT, PREPARED, PTC, QAT, QuantState, attach_state, require_state
 
 
 def prepare_qat(
