@@ -182,3 +182,47 @@ class PReLULayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.prelu(x, self.slope())
+
+
+def batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's eval-mode function (running statistics) as a per-channel scale and
+    shift, detached: `bn(x) == x * scale + shift` along the channel axis."""
+    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    shift = -bn.running_mean.detach() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach()
+    return scale, shift
+
+
+class BatchNormLayer(nn.Conv2d):
+    """A BatchNorm (1-D, 2-D or 3-D) that cannot fold into a conv or linear (after a ReLU,
+    after an add, on the input), as the per-channel affine ``x * scale + shift`` the engine
+    runs. In form a depthwise 1x1 conv, so its parameters are quantized like a layer's (TIDL: a
+    per-tensor symmetric weight; an int32 bias at input x weight scale) and bias calibration
+    corrects it; it runs on inputs of any rank (channels on axis 1) and exports as ONNX
+    BatchNormalization, not as a conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 1, groups=channels, bias=True)
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The affine on a 4-D input as the 1x1 conv it is; on any other rank the same
+        product and sum (exact products of grid values: one rounding in the sum, as the
+        conv's)."""
+        if x.dim() == 4:
+            return super()._conv_forward(x, weight, bias)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        output = x * weight.reshape(shape)
+        return output if bias is None else output + bias.reshape(shape)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> BatchNormLayer:
+        """The same function as `bn` in eval mode (its running statistics)."""
+        layer = cls(bn.num_features).to(bn.running_mean.device)
+        scale, shift = batchnorm_affine(bn)
+        with torch.no_grad():
+            layer.weight.copy_(scale.reshape(-1, 1, 1, 1))
+            layer.bias.copy_(shift)
+        return layer

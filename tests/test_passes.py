@@ -385,7 +385,7 @@ def test_a_batchnorm_no_conv_precedes_folds_forward_or_is_quantized_as_the_engin
     padded conv, so it stays a layer: TIDL runs it with per-tensor symmetric parameters, a
     BatchNormLayer with a per-tensor weight quantizer (even where every conv is per channel)
     and an int32 bias, exported as BatchNormalization, bit-exact."""
-    from quantfx.modules import BatchNormLayer
+    from quantfx.layers import BatchNormLayer
     from quantfx.passes.fuse import batchnorm_layers, fold_batchnorm_forward
 
     torch.manual_seed(0)
@@ -420,7 +420,7 @@ def test_a_batchnorm1d_that_cannot_fold_is_quantized_and_runs_4d_on_tidl(tmp_pat
     on 4-D inputs only), bit-exact and fully offloaded."""
     import onnx
 
-    from quantfx.modules import BatchNormLayer
+    from quantfx.layers import BatchNormLayer
 
     torch.manual_seed(0)
     model = randomize_batchnorm(nn.Sequential(

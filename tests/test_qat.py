@@ -172,7 +172,7 @@ def test_a_standalone_batchnorm_trains_as_the_quantized_affine_tidl_runs(tmp_pat
     parameters TIDL would quantize its own way; one after a ReLU before an unpadded 1x1 conv
     folds into it. Training steps,
     eval and convert agree, and the file's BatchNormalization reads dequantized integers."""
-    from quantfx.modules import BatchNormLayer
+    from quantfx.layers import BatchNormLayer
 
     torch.manual_seed(0)
     model = randomize_batchnorm(nn.Sequential(

@@ -25,8 +25,7 @@ from quantfx.errors import ConfigError, QuantFxError, QuantFxWarning
 from quantfx.export.onnx import build_export
 from quantfx.export.registry import unexportable
 from quantfx.frontend import as_input_tuple, build_graph, private_copy
-from quantfx.layers import is_depthwise
-from quantfx.modules import batchnorm_affine
+from quantfx.layers import batchnorm_affine, is_depthwise
 from quantfx.observers import HistogramObserver
 from quantfx.ops import BATCHNORMS, BOUNDED_ACTIVATIONS, WEIGHT_LAYERS
 from quantfx.partial import model_inputs, prepare_parts, resolve_parts, whole_or_parts

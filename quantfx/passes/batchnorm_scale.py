@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from quantfx.modules import BatchNormLayer
+from quantfx.layers import BatchNormLayer
 from quantfx.ops import BATCHNORMS, POSITIVE_HOMOGENEOUS, SCALE_COMMUTING
 from quantfx.passes.graph_utils import module_of
 

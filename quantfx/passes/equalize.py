@@ -18,8 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from quantfx.layers import is_depthwise
-from quantfx.modules import BatchNormLayer
+from quantfx.layers import BatchNormLayer, is_depthwise
 from quantfx.ops import POSITIVE_HOMOGENEOUS, SCALE_COMMUTING
 from quantfx.passes.graph_utils import module_of
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from quantfx import modules as standins
-from quantfx.modules import BatchNormLayer, batchnorm_affine
+from quantfx.layers import BatchNormLayer, batchnorm_affine
 from quantfx.ops import (
     BATCHNORMS,
     FOLD_THROUGH,

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.errors import LoadError
-from quantfx.modules import BatchNormLayer
+from quantfx.layers import BatchNormLayer
 from quantfx.ops import SCALE_COMMUTING, WEIGHT_LAYERS
 from quantfx.passes.graph_utils import is_shape_only, module_of, set_submodule
 from quantfx.qmath import exponent_for_max, qrange

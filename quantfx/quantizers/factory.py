@@ -6,8 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from quantfx.config import QuantConfig
-from quantfx.layers import is_depthwise
-from quantfx.modules import BatchNormLayer
+from quantfx.layers import BatchNormLayer, is_depthwise
 from quantfx.observers import make_observer
 from quantfx.quantizers.base import CalibrationQuantizer, WeightQuantizer
 from quantfx.quantizers.training import (

@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from quantfx.errors import ExportError
 from quantfx.export.builder import Builder
-from quantfx.layers import IntegerLayer, PReLULayer
-from quantfx.modules import BatchNormLayer
+from quantfx.layers import BatchNormLayer, IntegerLayer, PReLULayer
 from quantfx.ops import FUSABLE_ACTIVATIONS
 from quantfx.passes.graph_utils import module_of
 from quantfx.qmath import from_codes, is_power_of_two, scale_of, to_codes
