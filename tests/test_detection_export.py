@@ -12,6 +12,7 @@ import stat
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torchvision
@@ -203,6 +204,30 @@ def test_heads_that_are_not_logits_are_refused(tmp_path, tiny_yolox) -> None:
         qf.export_onnx(converted, torch.randn(1, 1, 64, 64), tmp_path / "det.onnx",
                        detection=qf.YoloxMetaArch(strides=(8, 16), num_classes=10))
     assert list(tmp_path.iterdir()) == []
+
+
+class WithScore(nn.Module):
+    """The heads and a scalar beside them (a mean objectness a user logs)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        heads = self.detector(x)
+        return (*heads, heads[0].mean())
+
+
+def test_a_scalar_beside_the_heads_is_counted_not_called_dynamic(tmp_path, tiny_yolox) -> None:
+    """A scalar output has a static shape (rank 0): export said 'no static shape'; with
+    detection= the model gets the head-count message, and without it the file is written."""
+    example = torch.randn(1, 1, 64, 64)
+    converted = _converted(WithScore(tiny_yolox).eval(), example)
+    with pytest.raises(qf.ExportError, match="expects 2 model outputs .* the model has 3"):
+        qf.export_onnx(converted, example, tmp_path / "det.onnx",
+                       detection=qf.YoloxMetaArch(strides=(8, 16), num_classes=10))
+    report = qf.export_onnx(converted, example, tmp_path / "plain.onnx")
+    assert onnx.load(report.path).graph.output[-1].type.tensor_type.shape.dim == []
 
 
 def test_bad_detection_options_are_quantfx_errors(tmp_path, tiny_yolox) -> None:

@@ -581,3 +581,22 @@ def test_one_format_rule_set_serves_the_checker_and_export():
     assert "Clip 'clip': Clip without constant bounds min <= 0 < max" in problems
     rules = " ".join(_warnings(broken, "tda4vm"))
     assert "zero point 3" in rules and "scale 0.3 is not a power of 2" in rules
+
+
+def test_format_takes_a_scalar_output_as_static_but_not_an_unknown_shape():
+    """A model that returns a scalar (a mean, a loss-like figure) has a static shape, rank 0:
+    export refused it as 'no static shape'. A tensor without a shape, or with a named (dynamic)
+    dim, is still refused."""
+    from quantfx.tidl.format import format_problems
+
+    def model(output: onnx.ValueInfoProto) -> onnx.ModelProto:
+        node = helper.make_node("ReduceMean", ["x"], [output.name], keepdims=0)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, [1, 4])], [output])
+        return helper.make_model(graph)
+
+    assert format_problems(model(helper.make_tensor_value_info("y", TensorProto.FLOAT, []))) == []
+    unknown = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    assert format_problems(model(unknown)) == ["tensor 'y' has no static shape"]
+    dynamic = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+    assert format_problems(model(dynamic)) == ["tensor 'y' has no static shape"]

@@ -50,7 +50,8 @@ def format_problems(model: onnx.ModelProto) -> list[str]:
             if problem:
                 problems.append(f"Clip '{node.name}': {problem}")
     for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if not dims or any(not dim.HasField("dim_value") for dim in dims):
+        tensor_type = value.type.tensor_type  # a scalar's shape is there, with no dims
+        if not tensor_type.HasField("shape") or any(
+                not dim.HasField("dim_value") for dim in tensor_type.shape.dim):
             problems.append(f"tensor '{value.name}' has no static shape")
     return problems
