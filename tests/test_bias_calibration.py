@@ -88,11 +88,13 @@ def test_calibration_is_deterministic_and_independent_of_batch_size():
         torch.testing.assert_close(biases_a[name], biases_c[name], rtol=1e-5, atol=1e-6)
 
 
-def test_calibrate_keeps_observing_afterwards():
+def test_calibrate_ends_quantizing_not_observing():
+    """Bias calibration switches quantizers on and off; calibrate ends with every observed one
+    quantizing and none observing (the calibrated model simulates the converted one)."""
     prepared = qf.prepare(ConvBnReLU(), torch.randn(1, 3, 8, 8))
     qf.calibrate(prepared, [torch.randn(2, 3, 8, 8)])
     quantizer = prepared.get_submodule("quantizers.x")
-    assert bool(quantizer.observer_enabled) and not bool(quantizer.quant_enabled)
+    assert not bool(quantizer.observer_enabled) and bool(quantizer.quant_enabled)
 
 
 def _block(channels_in: int, channels_out: int) -> nn.Module:

@@ -80,6 +80,21 @@ def test_plain_forward_passes_calibrate():
         assert qf.qmath.sqnr_db(model(X), converted(X)) > 20.0
 
 
+def test_a_calibrated_model_simulates_the_quantized_one_and_observes_no_more():
+    """After `calibrate` the prepared model's forward is the converted model's (float biases
+    aside), and running it on other data (a user checking it) moves no range: it kept
+    observing, and `convert` then used ranges that bias calibration was not fitted to."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ConvBnReLU(16)).eval()
+    prepared, converted = quantize_model(model, batches=4)
+    with torch.no_grad():
+        simulated = prepared(X)
+        assert qf.qmath.sqnr_db(converted(X), simulated) > 40.0
+        assert qf.qmath.sqnr_db(model(X), simulated) < 60.0  # quantized, not float
+        prepared(X * 50)
+        assert torch.equal(qf.convert(prepared)(X), converted(X))
+
+
 def test_quantized_output_is_close_to_float():
     torch.manual_seed(0)
     model = randomize_batchnorm(ConvBnReLU(16)).eval()

@@ -261,9 +261,18 @@ def calibrate(
                                                     state.measured_sixteen_bit)
         if state.calibration_check is not None:
             LOG.info(state.calibration_check.summary())
+        simulate_quantized(model)
     finally:
         model.train(was_training)
     return model
+
+
+def simulate_quantized(model: nn.Module) -> None:
+    """After calibration every quantizer quantizes and none observes: the calibrated model's
+    forward is the quantized model's (float biases aside), and running it (to check it) no
+    longer moves the ranges that bias calibration, rounding and 16-bit choices were made for."""
+    for _, quantizer in calibration_quantizers(model):
+        quantizer.set_mode(observe=False, quantize=quantizer.observed)
 
 
 def shaped_like(inputs: tuple[torch.Tensor, ...], kept: list[tuple[torch.Tensor, ...]]) -> bool:
@@ -343,6 +352,7 @@ def _calibrate_parts(model: nn.Module, state: QuantState, data: Iterable,
                                    "the batches reach it (a detector needs images with the "
                                    "objects' sizes it expects).")
         _finish_calibration(part, shows_progress(state.config), kept[name])
+        simulate_quantized(part)
         state_of(part).calibration_failed = False
     state.calibration_failed = False
     return model
