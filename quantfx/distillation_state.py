@@ -63,7 +63,7 @@ def load_checkpoint(path: str, trainer: Any) -> int:
         trainer.held_out.load(saved["held_out"])
         trainer.elapsed = float(saved["elapsed"])
         return int(saved["step"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+    except (LoadError, RuntimeError, ValueError, KeyError, TypeError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         detail = " ".join(lines[1:2] or lines[:1])[:300]  # torch's first line names no key
         raise LoadError(f"the distill checkpoint {path!r} belongs to another model or setup "

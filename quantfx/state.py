@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from quantfx.config import QuantConfig
-from quantfx.errors import QuantFxError
+from quantfx.errors import LoadError, QuantFxError
 from quantfx.inputs import guard_traced_defaults
 
 STATE_ATTRIBUTE = "_quantfx_state"
@@ -61,14 +61,78 @@ def attach_state(graph_module: nn.Module, state: QuantState) -> None:
     partly quantized model is the user's own module class: a plain attribute survives.)
     """
     setattr(graph_module, STATE_ATTRIBUTE, state)
+    check_loaded_keys(graph_module)
     if isinstance(graph_module, fx.GraphModule):
         guard_traced_defaults(graph_module)
         graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
         _keep_state_when_pickled(graph_module)
         hooks = graph_module.__dict__.get("_deepcopy_hooks")  # run on each deep copy
-        for hook in (_keep_state_when_pickled, guard_traced_defaults):
+        for hook in (_keep_state_when_pickled, guard_traced_defaults, check_loaded_keys):
             if isinstance(hooks, list) and hook not in hooks:
                 hooks.append(hook)
+
+
+CONVERTED_CAUSE = ("one of the two is a converted model: save and load the prepared or QAT "
+                   "model, then convert")
+OBSERVER_CAUSE = "its quantizers observe with another activation_observer or weight_observer"
+QAT_START_CAUSE = ("it is a QAT model started from the other point: prepare_qat of the float "
+                   "model keeps each BatchNorm to fold as it trains, prepare_qat of a "
+                   "calibrated model has them folded already")
+
+
+def _load_cause(given: set[str], expected: set[str], missing: list[str], extra: list[str]
+                ) -> str | None:
+    """Why a state_dict of the same model does not fit, when the keys say it: a converted
+    model on one side only, observers of another kind, BatchNorms kept (with the float
+    modules around them) on one side only; None for anything else (another model: torch
+    lists its keys)."""
+    if any(".weight_int" in key for key in given) != any(".weight_int" in key for key in expected):
+        return CONVERTED_CAUSE
+    if all(".observer." in key for key in [*missing, *extra]):
+        return OBSERVER_CAUSE
+    for side, other in ((missing, extra), (extra, missing)):
+        if any(".bn." in key for key in side) and all(key.endswith(".stretch") for key in other):
+            return QAT_START_CAUSE
+    return None
+
+
+LOADER_KEYS = (".float_weight", ".float_bias", ".width", ".measured")
+"""Keys a layer or quantizer loads without the fresh model having them (buffers still None;
+widths that state_dicts from before they were kept lack)."""
+
+
+def check_loaded_keys(module: nn.Module) -> None:
+    """Register (once) a `load_state_dict` pre-hook that turns keys that differ for a known
+    reason (`_load_cause`) into a `LoadError` saying how the two models were made differently,
+    before any part of the model loads: torch's bare list of keys (or a quantizer's complaint
+    about its width) said nothing of observers, QAT starting points or converted models, and a
+    non-strict load of them runs weights or ranges made for another model."""
+    for hook in module._load_state_dict_pre_hooks.values():  # a copy or unpickled one: none
+        bound = getattr(hook, "module", None)
+        if getattr(hook, "hook", None) is _refuse_other_keys and callable(bound) and (
+                bound() is module):
+            return
+    module.register_load_state_dict_pre_hook(_refuse_other_keys)
+
+
+def _refuse_other_keys(module: nn.Module, state_dict: dict, prefix: str, *_rest: Any) -> None:
+    given = {key[len(prefix):] for key in state_dict if key.startswith(prefix)}
+    expected = set(module.state_dict())
+    missing, extra = (sorted(key for key in keys if not key.endswith(LOADER_KEYS))
+                      for keys in (expected - given, given - expected))
+    cause = _load_cause(given, expected, missing, extra)
+    if not missing and not extra or cause is None:
+        return  # all fits, or torch's list (another model) and the layers' own checks say it
+    raise LoadError(
+        f"the state_dict does not fit this {describe(module).removeprefix('a ')}: "
+        f"{len(missing)} key(s) missing{f' ({missing[0]}, ...)' if missing else ''} and "
+        f"{len(extra)} unexpected{f' ({extra[0]}, ...)' if extra else ''}. "
+        f"{_sentence(cause)}. Load a state_dict into a model made the same way: "
+        "the same float model, quantfx function and starting point, and QuantConfig.")
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _keep_state_when_pickled(graph_module: fx.GraphModule) -> None:
@@ -108,7 +172,9 @@ def describe(model: Any) -> str:
     state = state_of(model)
     if state is None:
         kind = type(model).__name__
-        return f"a {kind} (not a quantfx model)" if isinstance(model, nn.Module) else f"a {kind}"
+        article = "an" if kind[:1].lower() in "aeio" else "a"
+        return (f"{article} {kind} (not a quantfx model)" if isinstance(model, nn.Module)
+                else f"{article} {kind}")
     partly = " (partly quantized)" if state.parts else ""
     if state.stage == CONVERTED:
         return f"a model already converted by quantfx.convert{partly}"

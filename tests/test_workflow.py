@@ -470,6 +470,25 @@ def test_a_state_dict_of_other_weight_grids_is_refused_by_name(prepare):
         narrower.load_state_dict(per_channel.state_dict())
 
 
+def test_a_state_dict_of_a_model_made_differently_says_how():
+    """Another observer, the other QAT starting point, a converted model: torch's bare list of
+    keys (or a quantizer's false complaint about bit widths), now a LoadError naming the cause,
+    for a deep copy and an unpickled model too; a model of another shape is torch's to name."""
+    model, data = _model(), _data(2)
+    calibrated = qf.calibrate(qf.prepare(model, (data[0],), CONFIG), data)
+    minmax = qf.prepare(model, (data[0],), dataclasses.replace(CONFIG,
+                                                                activation_observer="minmax"))
+    for target in (minmax, copy.deepcopy(minmax), _torch_round_trip(minmax)):
+        with pytest.raises(qf.LoadError, match="unexpected .* another activation_observer"):
+            target.load_state_dict(calibrated.state_dict())
+    with pytest.raises(qf.LoadError, match="missing .* the other point: prepare_qat of the"):
+        qf.prepare_qat(model, (data[0],), CONFIG).load_state_dict(
+            qf.prepare_qat(calibrated, (data[0],)).state_dict())
+    with pytest.raises(qf.LoadError, match="One of the two is a converted model"):
+        qf.prepare(model, (data[0],), CONFIG).load_state_dict(qf.convert(calibrated).state_dict())
+    qf.prepare(model, (data[0],), CONFIG).load_state_dict(calibrated.state_dict())  # still fits
+
+
 def test_qat_state_dict_loads_into_a_fresh_prepare_qat_and_converts_the_same():
     model = _model()
     data = _data(4)
