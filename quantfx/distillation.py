@@ -137,7 +137,7 @@ def _folder_batches(folder: str, model: nn.Module, example_inputs: Any,
         if gray:  # ImageNet's statistics averaged over the colours
             options.mean, options.std = (sum(options.mean) / 3,), (sum(options.std) / 3,)
     progress = (config or getattr(state, "config", None) or QuantConfig()).progress
-    return load_calibration(folder, images=options, progress=progress)
+    return load_calibration(folder, images=options, progress=progress, what="distill")
 
 
 def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
@@ -154,6 +154,7 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
         if config is not None:
             raise ConfigError("distill takes no config with a prepare_qat model: it keeps "
                               "the config that model was prepared with.")
+        _require_ranges(model)
         student = copy.deepcopy(model).train()
         freeze_batchnorm(student)  # unlabeled batches must not move BN statistics
         teacher = copy.deepcopy(model).eval()
@@ -175,6 +176,19 @@ def _student_and_teacher(model: nn.Module, batches: Any, example_inputs: Any,
     restore_float_parameters(teacher)
     set_quant_mode(teacher, observe=False, quantize=False)
     return student, _frozen(teacher)
+
+
+def _require_ranges(model: nn.Module) -> None:
+    """A QAT model from a float one has no ranges until it trains: in eval mode its
+    quantizers pass values through, so its untrained start measured float-exact, beat every
+    step and came back unchanged, and `convert` refused it."""
+    unset = sum(not quantizer.observed for quantizer in _activation_quantizers(model))
+    if unset:
+        raise ConfigError(
+            f"this prepare_qat model has {unset} activation range(s) it never measured (it "
+            "has not trained yet): distill judges the quantized model from its first step. "
+            "Give distill the float model (it prepares and calibrates it) or a calibrated "
+            "quantfx.prepare model; or train the QAT model a few steps first.")
 
 
 def _require_data_on_every_rank(batches: Any) -> None:

@@ -163,6 +163,15 @@ def _as_float(tensor: Tensor, path: str) -> Tensor:
     return tensor
 
 
+def _inputs_and_labels(data: Any) -> bool:
+    """Two tensors, the second integer labels of the first's samples (one rank lower or
+    more): a data set saved whole, not two batches."""
+    return (isinstance(data, (list, tuple)) and len(data) == 2
+            and all(isinstance(item, Tensor) for item in data)
+            and data[0].dim() >= 2 and data[1].dim() < data[0].dim()
+            and not data[1].is_floating_point() and len(data[1]) == len(data[0]))
+
+
 def _tensor_batches(path: str, limit: int, batch_size: int) -> list[Tensor]:
     data = read_tensors(path, "calibration")
     if isinstance(data, dict):
@@ -171,6 +180,9 @@ def _tensor_batches(path: str, limit: int, batch_size: int) -> list[Tensor]:
             raise LoadError(f"{path!r} holds a dict with {len(tensors)} tensors; save one tensor "
                             "of inputs (N, ...) or a list of batches.")
         data = tensors[0]
+    if _inputs_and_labels(data):  # torch.save((images, labels), path): the inputs
+        LOG.info("%s holds (inputs, labels): calibrating on the inputs", path)
+        data = data[0]
     if isinstance(data, Tensor):
         if data.dim() < 2:
             raise LoadError(f"{path!r} holds a tensor of shape {tuple(data.shape)}; save the "
@@ -189,16 +201,17 @@ def _tensor_batches(path: str, limit: int, batch_size: int) -> list[Tensor]:
 
 
 def load_calibration(path: str | os.PathLike, limit: int = 256, batch_size: int = 16,
-                     images: ImageOptions | None = None, progress: bool = True) -> list[Tensor]:
+                     images: ImageOptions | None = None, progress: bool = True,
+                     what: str = "calibration") -> list[Tensor]:
     """Calibration batches from an image folder (searched recursively, sorted, at most `limit`
-    images, transformed by `images`) or a tensor file (.pt/.pth: a tensor (N, ...) or a list of
-    batches; .npy: an array (N, ...))."""
+    images, transformed by `images`) or a tensor file (.pt/.pth: a tensor (N, ...), a list of
+    batches, or (inputs, labels); .npy: an array (N, ...)). `what` names the data in errors."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return list(_load_images(path, limit, images or ImageOptions(), progress).split(
             batch_size))
     if not os.path.exists(path):
-        raise LoadError(f"the calibration data {path!r} does not exist; give an image folder or "
+        raise LoadError(f"the {what} data {path!r} does not exist; give an image folder or "
                         "a tensor file (.pt, .npy).")
     if not path.endswith(TENSOR_SUFFIXES):
         raise LoadError(f"{path!r} is neither a folder of images nor a tensor file "

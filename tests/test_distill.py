@@ -123,6 +123,8 @@ def test_distill_from_the_float_model_and_from_a_qat_model():
     from_float = qf.distill(model, data, steps=3, config=CONFIG)
     assert torch.equal(qf.convert(from_float)(data[0]), from_float(data[0]))
     qat_model = qf.prepare_qat(model, (data[0][:1],), CONFIG)
+    with pytest.raises(qf.ConfigError, match="never measured .* Give distill the float model"):
+        qf.distill(qat_model, data, steps=3)  # it came back untrained; convert refused it
     for batch in data:  # ranges from data, as a user's first QAT steps would
         qat_model(batch)
     from_qat = qf.distill(qat_model, data, steps=3)
@@ -193,6 +195,8 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
             qf.distill(prepared, wrong, steps=1)
     with pytest.raises(qf.ConfigError, match="no config"):
         qf.distill(prepared, data, steps=1, config=CONFIG)
+    with pytest.raises(qf.LoadError, match="the distill data .* does not exist"):
+        qf.distill(prepared, str(tmp_path / "no_such_folder"), steps=1)
     shape = tuple(data[0].shape)  # the data, not an example_inputs never given (PrepareError)
     with pytest.raises(qf.CalibrationError, match=r"distill data holds samples of shape"):
         qf.distill(prepared, [torch.randn(shape[0], 1, *shape[2:])] * 2, steps=1)
@@ -213,6 +217,12 @@ def test_wrong_inputs_say_what_to_give(tmp_path):
                checkpoint=other)
     with pytest.raises(qf.LoadError, match="another model or setup .*(size mismatch|key)"):
         qf.distill(prepared, data, steps=1, checkpoint=other)  # names what differs
+    generic = tmp_path / "generic.pt"  # the same model for another device: quantfx's reason
+    qf.distill(model, data, steps=1, config=dataclasses.replace(
+        CONFIG, target="generic", per_channel_weights=True), checkpoint=generic)
+    with pytest.raises(qf.LoadError, match="distill checkpoint .* another model or setup .*"
+                                           "per-channel"):
+        qf.distill(prepared, data, steps=1, checkpoint=generic)
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(qf.LoadError, match="is empty"):
         qf.distill(prepared, data, steps=1, checkpoint=tmp_path / "empty.pt")
