@@ -15,6 +15,15 @@ from quantfx.config import AUTO_PARTS, QATSchedule, QuantConfig
 from quantfx.errors import ConfigError, LoadError
 
 TEXT_FIELDS_EXCLUDED = ("autowrap_functions",)
+
+
+def _check_field(name: str, where: str, names: list[str]) -> None:
+    """`name` is a field text can set; a field that holds functions says so."""
+    if name in TEXT_FIELDS_EXCLUDED:
+        raise ConfigError(f"{where} {name!r} holds Python functions, which text cannot give: "
+                          "set it from Python (QuantConfig(autowrap_functions=(my_function,)))"
+                          ", or make the model trace without it.")
+    check_choice(name, f"{where}", names)
 """Fields a text setting cannot give (functions)."""
 SCHEDULE = "qat_schedule"
 """The field given by its own fields: `--set qat_schedule.ranges=learned`, or a TOML table
@@ -37,7 +46,7 @@ def settings_from_text(pairs: Sequence[str]) -> dict[str, Any]:
         if owner == SCHEDULE and dot:
             schedule[inner] = _value_from_text(inner, text)
             continue
-        check_choice(name, f"--set {pair!r}: the field", names)
+        _check_field(name, f"--set {pair!r}: the field", names)
         settings[name] = _value_from_text(name, text)
     if schedule:
         settings[SCHEDULE] = _schedule(schedule, "--set qat_schedule.")
@@ -96,7 +105,7 @@ def settings_from_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"--config {path!r} must hold a table of QuantConfig fields.")
     names = [item.name for item in fields(QuantConfig) if item.name not in TEXT_FIELDS_EXCLUDED]
     for name, value in settings.items():
-        check_choice(name, f"--config {path!r}: the field", names)
+        _check_field(name, f"--config {path!r}: the field", names)
         if isinstance(value, list):
             settings[name] = tuple(value)
         elif name == SCHEDULE and isinstance(value, dict):

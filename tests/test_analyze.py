@@ -145,6 +145,11 @@ def test_report_files_and_bad_arguments(report, tmp_path):
         qf.analyze(Chain(), data[0], data, evaluate="top1")
     with pytest.raises(qf.ConfigError, match="target"):
         qf.analyze(Chain(), data[0], data, target="high")
+    prepared = qf.prepare(Chain(), data[0])  # analyze's own name, not prepare's
+    with pytest.raises(qf.ConfigError, match="^analyze needs the float model.*quantfx.prepare"):
+        qf.analyze(prepared, data[0], data)
+    with pytest.raises(qf.ConfigError, match="^compare_bit_depths needs the float model"):
+        qf.compare_bit_depths(prepared, data[0], data, lambda model: 1.0)
 
 
 def test_evaluate_runs_the_float_model_in_eval_mode_and_leaves_it_as_it_was():

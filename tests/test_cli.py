@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -40,6 +41,20 @@ def build():
 def unfolded():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(1152, 4))
+
+
+class Parted(nn.Module):
+    """A backbone and a head that trace, around a branch on the data that does not."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.head(self.backbone(x))
+        return y if y.sum() > 0 else -y
 
 
 class Yolov8Heads(nn.Module):
@@ -118,6 +133,25 @@ def test_quiet_says_nothing_and_verbose_says_each_layers_measurement(workspace):
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
+def test_quantize_a_partly_quantized_model_writes_each_part(workspace):
+    """quantize_only from --set: every quantized part in a file of its own (it calibrated the
+    whole model, then failed for want of a --part the command line does not have)."""
+    result = quantfx("quantize", "tiny_model.py:Parted", "--calib", "calib.pt", "--set",
+                     "quantize_only=auto", "-o", "parted.onnx", "--no-progress", cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "wrote parted.backbone.onnx, parted.backbone.tidl.json, parted.head.onnx" in (
+        result.stdout)
+    for part, channels in (("backbone", 8), ("head", 4)):
+        session = ort.InferenceSession(str(workspace / f"parted.{part}.onnx"))
+        shape = session.get_inputs()[0].shape
+        (output,) = session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
+        assert output.shape[1] == channels
+    assert not (workspace / "parted.onnx").exists()
+    refused = quantfx("quantize", "tiny_model.py:Parted", "--calib", "calib.pt", "--set",
+                      "quantize_only=auto", "--distill", "2", "-o", "d.onnx", cwd=workspace)
+    assert refused.returncode == 2 and "part by part, without --distill" in refused.stderr
+
+
 def test_quantize_a_package_factory_with_weights_and_a_tensor_file(workspace):
     model = load_model(f"{workspace / 'tiny_model.py'}:build")
     with torch.no_grad():
@@ -151,6 +185,7 @@ def test_doctor_exit_status_follows_the_findings(workspace):
     clean = quantfx("doctor", "tiny_model.py:build", "--input-shape", "1,3,16,16",
                     cwd=workspace)
     assert clean.returncode == 0 and "nothing to fix" in clean.stdout, clean.stdout
+    assert "calibration check" not in clean.stderr  # of its own test model, not the user's
     planted = quantfx("doctor", "tiny_model.py:unfolded", "--input-shape", "1x3x16x16",
                       "--format", "json", cwd=workspace)
     assert planted.returncode == 1, planted.stderr
@@ -163,6 +198,7 @@ def test_analyze_prints_and_saves_its_report(workspace):
                      "--no-progress", cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert "keep at 16 bit" in result.stdout
+    assert "calibration check" not in result.stderr  # three of them, of its own variants
     saved = {path.name for path in (workspace / "analysis").iterdir()}
     assert {"report.md", "report.html", "report.json"} <= saved
 
@@ -306,6 +342,10 @@ def test_calibration_from_arrays_lists_and_images(tmp_path):
     assert batches[0].dtype == torch.float32
     torch.save([torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2)], tmp_path / "list.pt")
     assert [len(b) for b in load_calibration(tmp_path / "list.pt", limit=6)] == [4, 2]
+    images = torch.randn(6, 1, 4, 4)  # a data set saved whole: its inputs, not two batches
+    torch.save((images, torch.arange(6)), tmp_path / "dataset.pt")
+    assert torch.equal(torch.cat(load_calibration(tmp_path / "dataset.pt", batch_size=4)),
+                       images)
     torch.save(torch.zeros(4, 3, dtype=torch.uint8), tmp_path / "bytes.pt")
     with pytest.raises(qf.LoadError, match="floating point"):
         load_calibration(tmp_path / "bytes.pt")
@@ -480,6 +520,8 @@ def test_every_config_field_is_reachable_with_set(workspace, capsys):
         settings_from_text(["per_channel_dephtwise=false"])
     with pytest.raises(qf.ConfigError, match="FIELD=VALUE"):
         settings_from_text(["per_channel_depthwise"])
+    with pytest.raises(qf.ConfigError, match="'autowrap_functions' holds Python functions"):
+        settings_from_text(["autowrap_functions=my_function"])  # "is not one of" its fields
     assert cli.main(["doctor", "resnet18", "--input-shape", "1,3,32,32", "--target", "tda4vm",
                      "--set", "per_channel_depthwise=true"]) == 2
     assert "runs per-tensor weights only" in capsys.readouterr().err  # QuantConfig checked it
@@ -545,3 +587,7 @@ def test_check_applies_the_target_recorded_in_the_file(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("tda4vm:")
     assert cli.main(["check", str(tmp_path / "m.onnx"), "--target", "am68a"]) == 0
     assert capsys.readouterr().out.startswith("am68a:")
+    # the API agrees with the command line (it checked every file as generic)
+    assert qf.check_tidl(tmp_path / "m.onnx").target == "tda4vm"
+    assert qf.check_tidl(onnx.load(str(tmp_path / "m.onnx"))).target == "tda4vm"
+    assert qf.check_tidl(tmp_path / "m.onnx", "generic").target == "generic"

@@ -31,10 +31,11 @@ from quantfx.errors import ConfigError, ConvertError
 from quantfx.layers import FakeQuantLayer, PReLULayer
 from quantfx.passes.graph_utils import flatten_values
 from quantfx.ptc import calibrate, prepare
+from quantfx.ptc.calibration_check import unlogged_calibrations
 from quantfx.ptc.learned_rounding import float_parameters
 from quantfx.quantizers import set_quant_mode
 from quantfx.ranks import this_process_only
-from quantfx.state import state_of
+from quantfx.state import FLOAT, require_state, state_of
 
 MAX_BATCHES = 8
 """Batches of `data` the per-tensor statistics use (the suggestion's trials use them too)."""
@@ -150,7 +151,8 @@ def _quantize(model: nn.Module, example: Any, config: QuantConfig,
               batches: list[tuple[Tensor, ...]], bar: tqdm) -> tuple[fx.GraphModule, ...]:
     """One calibration (its own bars off: `bar` counts analyze's calibrations)."""
     prepared = prepare(model, example, replace(config, progress=False))
-    calibrate(prepared, batches)
+    with unlogged_calibrations():
+        calibrate(prepared, batches)
     bar.update(1)
     return prepared, convert(prepared)
 
@@ -275,8 +277,9 @@ def _advice(suggested: int, candidates: int) -> str:
 def _checked_batches(model: Any, data: Any, evaluate: Any, target: Any
                      ) -> list[tuple[Tensor, ...]]:
     """`analyze`'s arguments checked; the first `MAX_BATCHES` batches of `data` as tuples."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    require_state(model, "analyze", ConfigError, (FLOAT,), "the float model (a torch.nn.Module)",
+                  "analyze quantizes the float model itself: give it the model you gave "
+                  "quantfx.prepare.")
     if evaluate is not None and not callable(evaluate):
         raise ConfigError("evaluate must be a callable taking a model and returning a score.")
     if target is not None:

@@ -33,6 +33,7 @@ from quantfx.passes.fuse import fold_batchnorm, forward_fold_target
 from quantfx.passes.graph_utils import is_shape_only, module_of
 from quantfx.passes.normalize import REWRITES
 from quantfx.ptc import calibrate, prepare
+from quantfx.ptc.calibration_check import unlogged_calibrations
 from quantfx.qmath import per_tensor_cost
 from quantfx.quantizers import CalibrationQuantizer
 from quantfx.ranks import this_process_only
@@ -322,7 +323,8 @@ def _export_and_tidl(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                 for item in unexportable(prepared)]
     if findings:
         return findings
-    calibrate(prepared, [inputs])
+    with unlogged_calibrations():
+        calibrate(prepared, [inputs])
     converted = convert(prepared)
     findings = _long_tails(prepared)
     try:

@@ -20,7 +20,9 @@ from quantfx.config import QuantConfig, resolve_config
 from quantfx.convert import convert
 from quantfx.errors import ConfigError
 from quantfx.ptc import calibrate, prepare
+from quantfx.ptc.calibration_check import unlogged_calibrations
 from quantfx.ranks import this_process_only
+from quantfx.state import FLOAT, require_state
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ def compare_bit_depths(
         raise ConfigError("evaluate must be a callable taking a model and returning a score.")
     check_number(tolerance, "tolerance", 0.0, example="1.0 (in the units of evaluate)")
     base = resolve_config(config)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    require_state(model, "compare_bit_depths", ConfigError, (FLOAT,),
+                  "the float model (a torch.nn.Module)", "compare_bit_depths quantizes the "
+                  "float model itself: give it the model you gave quantfx.prepare.")
     try:
         batches = list(calibration_data)
     except TypeError as error:
@@ -99,8 +102,8 @@ def compare_bit_depths(
     scores = []
     for bits in (8, 16):
         variant = replace(base, activation_bits=bits, weight_bits=bits, sixteen_bit_layers=())
-        with this_process_only():  # a measurement: nothing waits for other ranks
-            prepared = prepare(model, example_inputs, variant)
+        with this_process_only(), unlogged_calibrations():  # a measurement: nothing waits
+            prepared = prepare(model, example_inputs, variant)  # for other ranks
             calibrate(prepared, batches)
         scores.append(_score(evaluate, convert(prepared), f"the {bits}-bit model"))
     int8_score, int16_score = scores

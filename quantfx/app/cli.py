@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any
 
 from quantfx.arguments import build_parser
 from quantfx.errors import QuantFxError
@@ -30,29 +29,13 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"quantfx check: error: {args.file} {what}; give an exported .onnx file.",
               file=sys.stderr)
         return 2
-    import onnx  # after parsing: --help stays fast
 
     from quantfx.tidl.checker import check_tidl
-    try:
-        # read once, for its recorded target and the check; binary whatever the suffix
-        model = onnx.load(args.file, format="protobuf")
-    except Exception:  # noqa: BLE001 - check_tidl says why the file is unreadable
-        model = None
-    report = check_tidl(args.file if model is None else model,
-                        args.target or recorded_target(model))
+    report = check_tidl(args.file, args.target)  # default: the target the file records
     print({"text": str, "markdown": lambda r: r.to_markdown(),
            "json": lambda r: r.to_json()}[args.format](report))
     failed = not report.fully_offloaded or (args.strict and bool(report.warnings()))
     return 1 if failed else 0
-
-
-def recorded_target(model: Any) -> str:
-    """The target quantfx recorded in an exported file's metadata ("generic" if none, or if
-    the file could not be read: the checker then says why)."""
-    if model is None:
-        return "generic"
-    metadata = {entry.key: entry.value for entry in model.metadata_props}
-    return metadata.get("quantfx.target", "generic")
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -30,7 +30,9 @@ from quantfx.distillation_state import check_checkpoint_path
 from quantfx.errors import ConfigError, LoadError, PrepareError
 from quantfx.export.meta_arch import MetaArch, Yolov8MetaArch, YoloxMetaArch
 from quantfx.export.onnx import export_onnx
+from quantfx.export.report import ExportReport
 from quantfx.files import check_destination, write_text_files
+from quantfx.partial import quantized_parts
 from quantfx.passes.graph_utils import flatten_values
 from quantfx.ptc import calibrate, prepare
 from quantfx.settings import settings_from_file, settings_from_text
@@ -151,6 +153,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     layers = tuple(name.strip() for name in args.sixteen_bit_layers.split(",") if name.strip())
     config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
                      sixteen_bit_layers=layers or None)
+    if config.quantize_only and (detection is not None or args.distill):
+        raise ConfigError(f"a partly quantized model (quantize_only) exports part by part, "
+                          f"without {'--detection' if detection else '--distill'}: quantize the "
+                          "whole model for that, or drop the option.")
     model = load_model(args.model, args.weights)
     LOG.info("loaded %s (%s)", args.model, args.weights or "random weights")
     batches = _batches(args)
@@ -169,18 +175,37 @@ def run_quantize(args: argparse.Namespace) -> int:
     sqnr = _output_sqnr(model, converted, batches[:4])
     LOG.info("exporting %s (verified in ONNX Runtime: %s)", output,
              "no" if args.no_verify else "yes")
-    export = export_onnx(converted, example, output, verify=not args.no_verify,
-                         verify_data=batches[1:3] or None, strict_tidl=args.strict_tidl,
-                         detection=detection)
+    exports = _export(args, converted, example, batches, output, detection)
     lines = _report_lines(args, prepared, batches, sqnr, time.perf_counter() - start,
-                          export.summary())
+                          "\n".join(export.summary() for export in exports))
     write_text_files({report_path: "\n".join(lines)})
     if not args.quiet:
         print("\n".join(line for line in lines[2:] if line and line != "```"))
-        written = [export.path, export.options_path] + (
-            [export.prototxt_path] if export.prototxt_path else [])
+        written = [path for export in exports for path in (
+            export.path, export.options_path, export.prototxt_path) if path]
         print(f"wrote {', '.join(written)} and {report_path}")
     return 0
+
+
+def _export(args: argparse.Namespace, converted: torch.nn.Module, example: torch.Tensor,
+            batches: list[torch.Tensor], output: str, detection: MetaArch | None
+            ) -> list[ExportReport]:
+    """The whole model to `output`; a partly quantized one part by part, each quantized part
+    to `<output stem>.<part>.onnx` (export_onnx's `part=`)."""
+    stem, reports = os.path.splitext(output)[0], []
+    try:
+        for part in quantized_parts(state_of(converted)) or [None]:
+            reports.append(export_onnx(
+                converted, example, output if part is None else f"{stem}.{part}.onnx",
+                verify=not args.no_verify, verify_data=batches[1:3] or None,
+                strict_tidl=args.strict_tidl, detection=detection, part=part))
+    except BaseException:  # a part failed: no files of the parts before it either
+        for path in (path for report in reports for path in (report.path,
+                                                             report.options_path) if path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+    return reports
 
 
 def _outputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:

@@ -10,8 +10,10 @@ output is below `COLLAPSE_DB` does it spend one float and one quantized pass ove
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -191,3 +193,17 @@ def worst_tensor(model: fx.GraphModule, batches: list[tuple[Tensor, ...]]
         if best[1] is None or loss > best[1]:
             best = (_tensor_name(model, node), loss)
     return best
+
+
+@contextlib.contextmanager
+def unlogged_calibrations() -> Iterator[None]:
+    """Calibrations a tool runs for its own measurement (doctor, analyze, compare_bit_depths)
+    log no calibration check: the user reads the tool's report, not lines about models they
+    never made (`quantfx doctor` printed "output SQNR 90.6 dB on 1 calibration samples")."""
+    logger = logging.getLogger("quantfx.ptc")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -359,15 +359,23 @@ def _require_valid(model: onnx.ModelProto) -> None:
                           "files).") from error
 
 
-def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str = "generic") -> TidlReport:
-    """What TIDL would do with an exported model (a path or an `onnx.ModelProto`) on `target`.
+def recorded_target(model: onnx.ModelProto) -> str:
+    """The target quantfx recorded in an exported file's metadata ("generic" if none)."""
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    return metadata.get("quantfx.target", "generic")
+
+
+def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str | None = None
+               ) -> TidlReport:
+    """What TIDL would do with an exported model (a path or an `onnx.ModelProto`) on `target`
+    (default: the target the file was exported for, as quantfx recorded it; else "generic").
 
     Returns a `TidlReport`: `summary()`, `str()` (every finding), `to_markdown()` (a table of
     every node), `to_json()`; `fully_offloaded` says whether everything runs on the
     accelerator.
     """
     if isinstance(model, onnx.ModelProto):
-        return check_model(model, target)
+        return check_model(model, recorded_target(model) if target is None else target)
     if not isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"check_tidl needs an ONNX file path or an onnx.ModelProto, got a "
                           f"{type(model).__name__}.")
@@ -380,4 +388,4 @@ def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str = "generi
         loaded = onnx.load(os.fspath(model), format="protobuf")
     except Exception as error:  # noqa: BLE001 - not an ONNX file
         raise ConfigError(f"{os.fspath(model)!r} is not an ONNX model: {error}") from error
-    return check_model(loaded, target)
+    return check_model(loaded, recorded_target(loaded) if target is None else target)
