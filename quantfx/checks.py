@@ -19,8 +19,10 @@ from quantfx.errors import ConfigError, QuantFxError
 def check_bool(value: Any, name: str, error: type[QuantFxError] = ConfigError) -> bool:
     """`value` if it is a bool, else `error`."""
     if not isinstance(value, bool):
-        raise error(f"{name}={value!r} must be True or False (a bool, not "
-                    f"{type(value).__name__}).")
+        kind = type(value)
+        named = kind.__name__ if kind.__module__ == "builtins" else (
+            f"{kind.__module__}.{kind.__qualname__}")  # numpy's bool is also called "bool"
+        raise error(f"{name}={value!r} must be True or False (a bool, not {named}).")
     return value
 
 

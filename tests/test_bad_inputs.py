@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -140,6 +141,7 @@ def _option_ids(case) -> str:
     ({"nonnegative_inputs": "False"}, r"nonnegative_inputs='False' must be True or False"),
     ({"bias_calibration": "False"}, r"bias_calibration='False' must be True or False"),
     ({"per_channel_depthwise": 1}, r"per_channel_depthwise=1 must be True or False"),
+    ({"bias_calibration": np.True_}, r"must be True or False \(a bool, not numpy\.bool"),
     ({"activation_bits": 8.0}, r"activation_bits=8\.0 is not supported.*an int"),
     ({"percentile": "99"}, r"percentile='99' must be a finite number"),
     ({"moving_average_momentum": float("nan")}, r"moving_average_momentum=nan must be a finite"),
@@ -599,6 +601,17 @@ def test_converted_model_rejects_integer_images(converted_cnn) -> None:
     images = (x * 50).clamp(0, 255).to(torch.uint8)
     with pytest.raises(qf.InputError, match=r"uint8.*float"):
         converted(images)
+
+
+def test_an_image_without_its_batch_dimension_is_refused_by_rank(converted_cnn) -> None:
+    """The float model refuses an unbatched image (or fails in its Linear); the converted one
+    ran it through its convs into a wrong shape, or failed deep inside torch."""
+    converted, x = converted_cnn
+    with pytest.raises(qf.InputError, match=r"rank 4 .* got float32 \(3, .*x\.unsqueeze\(0\)"):
+        converted(x[0])
+    with pytest.raises(qf.InputError, match="rank 4"):
+        copy.deepcopy(converted)(x[None])
+    assert converted(x).shape[0] == x.shape[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
