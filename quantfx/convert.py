@@ -18,7 +18,7 @@ from torch import nn
 
 from quantfx.config import QuantConfig
 from quantfx.errors import ConvertError, InternalError
-from quantfx.inputs import guard_traced_defaults, parameter_dtype_device
+from quantfx.inputs import parameter_dtype_device
 from quantfx.layers import FakeQuantLayer, IntegerLayer, PReLULayer
 from quantfx.partial import quantized_parts, rebuild_parts
 from quantfx.passes.graph_utils import input_quantizer, module_of, set_submodule
@@ -31,6 +31,7 @@ from quantfx.state import (
     QAT,
     STATE_ATTRIBUTE,
     QuantState,
+    guard_calls,
     require_state,
     unwrap,
 )
@@ -63,7 +64,7 @@ class QuantizedGraphModule(fx.GraphModule):
         plain = fx.GraphModule.__deepcopy__(self, memo)
         copied = QuantizedGraphModule(plain, plain.graph, type(self).__name__)
         setattr(copied, STATE_ATTRIBUTE, copy.deepcopy(getattr(self, STATE_ATTRIBUTE), memo))
-        guard_traced_defaults(copied)
+        guard_calls(copied)
         return copied.eval()
 
     def __reduce__(self) -> tuple:
@@ -76,7 +77,7 @@ def _rebuild_converted(rebuild: Any, arguments: tuple, name: str) -> QuantizedGr
     plain = rebuild(*arguments)
     converted = QuantizedGraphModule(plain, plain.graph, name)
     setattr(converted, STATE_ATTRIBUTE, getattr(plain, STATE_ATTRIBUTE))
-    guard_traced_defaults(converted)
+    guard_calls(converted)
     return converted.eval()
 
 
@@ -160,7 +161,7 @@ def convert(model: fx.GraphModule) -> QuantizedGraphModule | nn.Module:
             QuantState(state.config, state.backend, CONVERTED, list(state.input_shapes),
                        measured_sixteen_bit=list(state.measured_sixteen_bit),
                        calibration_check=state.calibration_check))
-    guard_traced_defaults(converted)
+    guard_calls(converted)
     return converted.eval()
 
 

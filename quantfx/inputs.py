@@ -151,26 +151,6 @@ class TracedDefaults:
         return args, kwargs
 
 
-class InputRanks:
-    """Forward pre-hook of a quantfx GraphModule: each tensor input has the rank it was traced
-    with. The graph's reshapes and flattens hold the traced rank, so an unbatched image ran
-    through a converted conv and gave a wrong-shaped output (or failed deep inside a Linear)
-    where the float model refused it; `calibrate` checked the rank, a plain call did not."""
-
-    def __init__(self, shapes: list[torch.Size | None]) -> None:
-        self.shapes = shapes
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        for index, (value, shape) in enumerate(zip(args, self.shapes)):
-            if isinstance(value, Tensor) and shape is not None and value.dim() != len(shape):
-                hint = " (add the batch dimension: x.unsqueeze(0))" if (
-                    value.dim() == len(shape) - 1) else ""
-                raise InputError(
-                    f"input {index} of this quantfx model has rank {len(shape)} (traced at "
-                    f"{tuple(shape)}), got {describe_tensor(value)}: give the inputs with the "
-                    f"dimensions the float model took at prepare{hint}.")
-
-
 def _same_default(value: Any, default: Any) -> bool:
     try:
         return value is default or (type(value) is type(default) and bool(value == default))
@@ -179,16 +159,13 @@ def _same_default(value: Any, default: Any) -> bool:
 
 
 def guard_traced_defaults(graph_module: nn.Module) -> None:
-    """Register `InputRanks` on a quantfx GraphModule, and `TracedDefaults` where it has
-    arguments traced at their defaults (once)."""
+    """Register `TracedDefaults` on a quantfx GraphModule that has arguments traced at their
+    defaults (once)."""
     graph = getattr(graph_module, "graph", None)
-    if graph is None or any(isinstance(hook, (TracedDefaults, InputRanks))
+    if graph is None or any(isinstance(hook, TracedDefaults)
                             for hook in graph_module._forward_pre_hooks.values()):
         return
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    ranks = [getattr(node.meta.get("tensor_meta"), "shape", None) for node in placeholders]
-    if any(isinstance(shape, torch.Size) for shape in ranks):
-        graph_module.register_forward_pre_hook(InputRanks(ranks))
     traced = {str(node.target).rstrip("0123456789").rstrip("_"): (index, node.args[0])
               for index, node in enumerate(placeholders) if node.args}  # a default
     if traced:

@@ -6,6 +6,9 @@ They compute exactly what the functional they replace computes; the graph rewrit
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -186,3 +189,14 @@ class ConstantPad(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.pad(x, self.pad, mode="constant", value=self.value)
+
+
+MOVED = {"BatchNormLayer": "quantfx.layers", "batchnorm_affine": "quantfx.layers"}
+"""Names that lived here once: a whole model pickled (torch.save) before they moved names
+them here, and unpickling looks them up here."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in MOVED:  # looked up at unpickling only: no import of a higher floor at load
+        return getattr(importlib.import_module(MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

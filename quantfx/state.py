@@ -6,15 +6,16 @@ on; the error it raises names what it got and what it needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from quantfx.config import QuantConfig
-from quantfx.errors import LoadError, QuantFxError
-from quantfx.inputs import guard_traced_defaults
+from quantfx.errors import InputError, LoadError, QuantFxError
+from quantfx.inputs import describe_tensor, guard_traced_defaults
 
 STATE_ATTRIBUTE = "_quantfx_state"
 PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key
@@ -61,15 +62,45 @@ def attach_state(graph_module: nn.Module, state: QuantState) -> None:
     partly quantized model is the user's own module class: a plain attribute survives.)
     """
     setattr(graph_module, STATE_ATTRIBUTE, state)
-    check_loaded_keys(graph_module)
     if isinstance(graph_module, fx.GraphModule):
-        guard_traced_defaults(graph_module)
+        guard_calls(graph_module)
         graph_module.meta.setdefault(PRESERVED_ATTRIBUTES, {})[STATE_ATTRIBUTE] = state
         _keep_state_when_pickled(graph_module)
         hooks = graph_module.__dict__.get("_deepcopy_hooks")  # run on each deep copy
-        for hook in (_keep_state_when_pickled, guard_traced_defaults, check_loaded_keys):
+        for hook in (_keep_state_when_pickled, guard_calls):
             if isinstance(hooks, list) and hook not in hooks:
                 hooks.append(hook)
+
+
+def guard_calls(graph_module: fx.GraphModule) -> None:
+    """What a quantfx GraphModule checks of its callers (once each): arguments traced at
+    their defaults, each input's rank, and state_dicts of models made differently."""
+    guard_traced_defaults(graph_module)
+    if not any(isinstance(hook, InputRanks) for hook in graph_module._forward_pre_hooks.values()):
+        graph_module.register_forward_pre_hook(InputRanks())
+    owner = type(graph_module)  # fx gives each GraphModule a class of its own
+    if owner.__qualname__.endswith("GraphModuleImpl") and (
+            owner.load_state_dict is not _load_state_dict_checked):
+        owner.load_state_dict = _load_state_dict_checked
+
+
+class InputRanks:
+    """Forward pre-hook: no input has fewer dimensions than it was traced with. A converted
+    conv ran an unbatched image (the float model's BatchNorm refused it) into a wrong shape,
+    or failed deep inside a Linear; `calibrate` checked the rank, a plain call did not. More
+    dimensions (tokens through a per-token MLP) run as the float model runs them."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        state = state_of(module)
+        for index, (value, shape) in enumerate(zip(args, getattr(state, "input_shapes", None)
+                                                   or [])):
+            if isinstance(value, Tensor) and value.dim() < len(shape):
+                hint = " (add the batch dimension: x.unsqueeze(0))" if (
+                    value.dim() == len(shape) - 1) else ""
+                raise InputError(
+                    f"input {index} of this quantfx model has {len(shape)} dimensions (traced "
+                    f"at {tuple(shape)}), got {describe_tensor(value)}: give the inputs with "
+                    f"the dimensions the float model took at prepare{hint}.")
 
 
 CONVERTED_CAUSE = ("one of the two is a converted model: save and load the prepared or QAT "
@@ -78,46 +109,49 @@ OBSERVER_CAUSE = "its quantizers observe with another activation_observer or wei
 QAT_START_CAUSE = ("it is a QAT model started from the other point: prepare_qat of the float "
                    "model keeps each BatchNorm to fold as it trains, prepare_qat of a "
                    "calibrated model has them folded already")
+OBSERVER_KINDS = (".histogram", ".range_exponent", ".chosen", ".chosen_exponent")
+"""Buffers one observer kind has and another lacks."""
+LOADER_KEYS = (".float_weight", ".float_bias", ".width", ".measured", ".masked")
+"""Keys a layer, quantizer or observer loads without the fresh model having them (buffers
+still None; buffers that state_dicts of earlier versions lack)."""
 
 
 def _load_cause(given: set[str], expected: set[str], missing: list[str], extra: list[str]
                 ) -> str | None:
     """Why a state_dict of the same model does not fit, when the keys say it: a converted
-    model on one side only, observers of another kind, BatchNorms kept (with the float
-    modules around them) on one side only; None for anything else (another model: torch
-    lists its keys)."""
-    if any(".weight_int" in key for key in given) != any(".weight_int" in key for key in expected):
+    model against a prepared one, observers of another kind, BatchNorms kept beside the same
+    layers (with the float modules around them) on one side only; None for anything else
+    (another model, a partial state_dict: torch lists the keys)."""
+    def has(keys: set[str], fragment: str) -> bool:
+        return any(fragment in key for key in keys)
+    if (has(given, ".weight_int") and has(expected, ".weight_quantizer.")) or (
+            has(expected, ".weight_int") and has(given, ".weight_quantizer.")):
         return CONVERTED_CAUSE
-    if all(".observer." in key for key in [*missing, *extra]):
+    if all(".observer." in key for key in [*missing, *extra]) and any(
+            key.endswith(OBSERVER_KINDS) for key in [*missing, *extra]):
         return OBSERVER_CAUSE
     for side, other in ((missing, extra), (extra, missing)):
-        if any(".bn." in key for key in side) and all(key.endswith(".stretch") for key in other):
+        layers = {key.split(".bn.")[0] + "." for key in side if ".bn." in key}
+        if layers and all(any(key.startswith(layer) and ".bn." not in key for key in keys)
+                          for layer in layers for keys in (given, expected)) and all(
+                key.endswith(".stretch") for key in other):
             return QAT_START_CAUSE
     return None
 
 
-LOADER_KEYS = (".float_weight", ".float_bias", ".width", ".measured")
-"""Keys a layer or quantizer loads without the fresh model having them (buffers still None;
-widths that state_dicts from before they were kept lack)."""
+def _load_state_dict_checked(self: nn.Module, state_dict: Any, strict: bool = True,
+                             assign: bool = False) -> Any:
+    """`load_state_dict` of a quantfx GraphModule: a strict load of a state_dict saved from
+    the same model made differently (`_load_cause`) is a `LoadError` that says how, before
+    anything loads; torch's bare list of keys (or a quantizer's false complaint about bit
+    widths) said nothing of observers, QAT starting points or converted models."""
+    if strict and isinstance(state_dict, Mapping):
+        _refuse_other_keys(self, state_dict)
+    return super(type(self), self).load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def check_loaded_keys(module: nn.Module) -> None:
-    """Register (once) a `load_state_dict` pre-hook that turns keys that differ for a known
-    reason (`_load_cause`) into a `LoadError` saying how the two models were made differently,
-    before any part of the model loads: torch's bare list of keys (or a quantizer's complaint
-    about its width) said nothing of observers, QAT starting points or converted models, and a
-    non-strict load of them runs weights or ranges made for another model."""
-    for hook in module._load_state_dict_pre_hooks.values():  # a copy or unpickled one: none
-        bound = getattr(hook, "module", None)
-        if getattr(hook, "hook", None) is _refuse_other_keys and callable(bound) and (
-                bound() is module):
-            return
-    module.register_load_state_dict_pre_hook(_refuse_other_keys)
-
-
-def _refuse_other_keys(module: nn.Module, state_dict: dict, prefix: str, *_rest: Any) -> None:
-    given = {key[len(prefix):] for key in state_dict if key.startswith(prefix)}
-    expected = set(module.state_dict())
+def _refuse_other_keys(module: nn.Module, state_dict: Mapping) -> None:
+    given, expected = set(state_dict), set(module.state_dict())
     missing, extra = (sorted(key for key in keys if not key.endswith(LOADER_KEYS))
                       for keys in (expected - given, given - expected))
     cause = _load_cause(given, expected, missing, extra)

@@ -25,6 +25,7 @@ import quantfx as qf
 from quantfx.export.onnx import options_path_for
 from quantfx.layers import FakeQuantLayer
 from quantfx.qmath import sqnr_db
+from quantfx.state import InputRanks
 from tests.helpers import ConvBnReLU, randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,9 +237,10 @@ def test_user_hooks_are_not_copied_into_the_quantized_model() -> None:
     with torch.no_grad():
         converted(data[0])
     assert calls == []  # not during calibration, not on the converted model
-    for quantized in (prepared, converted):
-        assert not any(module._forward_hooks or module._forward_pre_hooks
-                       for module in quantized.modules())
+    for quantized in (prepared, converted):  # quantfx's own input check aside
+        assert not any(module._forward_hooks or [
+            hook for hook in module._forward_pre_hooks.values()
+            if not isinstance(hook, InputRanks)] for module in quantized.modules())
     assert len(model.conv1._forward_hooks) == 1 and len(model._forward_hooks) == 1
     with torch.no_grad():
         model(data[0])
@@ -607,11 +609,22 @@ def test_an_image_without_its_batch_dimension_is_refused_by_rank(converted_cnn) 
     """The float model refuses an unbatched image (or fails in its Linear); the converted one
     ran it through its convs into a wrong shape, or failed deep inside torch."""
     converted, x = converted_cnn
-    with pytest.raises(qf.InputError, match=r"rank 4 .* got float32 \(3, .*x\.unsqueeze\(0\)"):
+    with pytest.raises(qf.InputError, match=r"has 4 dimensions .* got float32 \(3, .*"
+                                            r"x\.unsqueeze\(0\)"):
         converted(x[0])
-    with pytest.raises(qf.InputError, match="rank 4"):
-        copy.deepcopy(converted)(x[None])
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+        with pytest.raises(qf.InputError, match="has 4 dimensions"):
+            copied(x[0])
     assert converted(x).shape[0] == x.shape[0]
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    prepared = qf.prepare(mlp, torch.randn(1, 16), qf.QuantConfig(progress=False))
+    tokens = torch.randn(2, 5, 16)  # more dimensions: per token, as the float model runs it
+    converted_mlp = qf.convert(qf.calibrate(prepared, [torch.randn(8, 16)]))
+    assert torch.equal(converted_mlp(tokens), converted_mlp(tokens.reshape(10, 16)).reshape(
+        2, 5, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 import quantfx as qf
-from quantfx.app import cli
+from quantfx.app import cli, commands
 from quantfx.app.models import load_model, load_weights
 from quantfx.sources import ImageOptions, load_calibration
 
@@ -133,7 +133,7 @@ def test_quiet_says_nothing_and_verbose_says_each_layers_measurement(workspace):
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
-def test_quantize_a_partly_quantized_model_writes_each_part(workspace):
+def test_quantize_a_partly_quantized_model_writes_each_part(workspace, monkeypatch):
     """quantize_only from --set: every quantized part in a file of its own (it calibrated the
     whole model, then failed for want of a --part the command line does not have)."""
     result = quantfx("quantize", "tiny_model.py:Parted", "--calib", "calib.pt", "--set",
@@ -150,6 +150,20 @@ def test_quantize_a_partly_quantized_model_writes_each_part(workspace):
     refused = quantfx("quantize", "tiny_model.py:Parted", "--calib", "calib.pt", "--set",
                       "quantize_only=auto", "--distill", "2", "-o", "d.onnx", cwd=workspace)
     assert refused.returncode == 2 and "part by part, without --distill" in refused.stderr
+    before = {path.name: path.read_bytes() for path in workspace.glob("parted.*")}
+    real_export = commands.export_onnx
+
+    def failing_head(*args, part=None, **kwargs):
+        if part == "head":
+            raise qf.ExportError("the head failed")
+        return real_export(*args, part=part, **kwargs)
+
+    monkeypatch.setattr(commands, "export_onnx", failing_head)
+    monkeypatch.chdir(workspace)
+    assert cli.main(["quantize", "tiny_model.py:Parted", "--calib", "calib.pt", "--set",
+                     "quantize_only=auto", "-o", "parted.onnx", "-q"]) == 2
+    assert {path.name: path.read_bytes() for path in workspace.glob("parted.*")} == before
+    assert not list(workspace.glob(".quantfx-parts-*"))  # the staged backbone is gone too
 
 
 def test_quantize_a_package_factory_with_weights_and_a_tensor_file(workspace):
@@ -591,3 +605,7 @@ def test_check_applies_the_target_recorded_in_the_file(tmp_path, capsys):
     assert qf.check_tidl(tmp_path / "m.onnx").target == "tda4vm"
     assert qf.check_tidl(onnx.load(str(tmp_path / "m.onnx"))).target == "tda4vm"
     assert qf.check_tidl(tmp_path / "m.onnx", "generic").target == "generic"
+    future = onnx.load(str(tmp_path / "m.onnx"))  # a target a later version wrote
+    onnx.helper.set_model_props(future, {"quantfx.target": "am99z"})
+    with pytest.warns(qf.QuantFxWarning, match="records target 'am99z'.*checked for 'generic'"):
+        assert qf.check_tidl(future).target == "generic"

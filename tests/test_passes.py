@@ -610,3 +610,16 @@ def test_large_stride_one_max_pools_become_chained_3x3_pools_exactly(tmp_path):
     assert report.fraction_identical == 1.0
     warned = [str(finding) for finding in report.tidl.warnings() if "MaxPool" in str(finding)]
     assert len(warned) == 1 and "stride (2, 2)" in warned[0]  # only the strided 5x5 is left
+
+
+def test_a_model_pickled_when_batchnorm_layer_lived_in_modules_still_loads():
+    """BatchNormLayer moved from quantfx.modules to quantfx.layers: a whole model saved
+    before (torch.save) names the old place, which still answers for it."""
+    import pickle
+
+    from quantfx.layers import BatchNormLayer
+
+    saved = pickle.dumps(BatchNormLayer(4), protocol=0).replace(b"quantfx.layers\n",
+                                                                b"quantfx.modules\n")
+    assert b"cquantfx.modules\nBatchNormLayer" in saved
+    assert type(pickle.loads(saved)) is BatchNormLayer

@@ -486,7 +486,17 @@ def test_a_state_dict_of_a_model_made_differently_says_how():
             qf.prepare_qat(calibrated, (data[0],)).state_dict())
     with pytest.raises(qf.LoadError, match="One of the two is a converted model"):
         qf.prepare(model, (data[0],), CONFIG).load_state_dict(qf.convert(calibrated).state_dict())
+    with pytest.raises(qf.LoadError, match="One of the two is a converted model"):
+        qf.convert(calibrated).load_state_dict(calibrated.state_dict())  # and the reverse
     qf.prepare(model, (data[0],), CONFIG).load_state_dict(calibrated.state_dict())  # still fits
+    earlier = {key: value for key, value in calibrated.state_dict().items()
+               if not key.endswith(".observer.masked")}  # saved before observers had it
+    qf.prepare(model, (data[0],), CONFIG).load_state_dict(earlier)
+    skipped = minmax.load_state_dict(calibrated.state_dict(), strict=False)  # the user's call
+    assert skipped.unexpected_keys and all(".observer." in key for key in skipped.unexpected_keys)
+    qat = qf.prepare_qat(model, (data[0],), CONFIG)
+    qat.load_state_dict({key: value for key, value in qat.state_dict().items()
+                         if not key.startswith("conv1.")}, strict=False)
 
 
 def test_qat_state_dict_loads_into_a_fresh_prepare_qat_and_converts_the_same():

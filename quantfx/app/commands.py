@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -153,10 +154,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     layers = tuple(name.strip() for name in args.sixteen_bit_layers.split(",") if name.strip())
     config = config_from_arguments(args, activation_bits=args.bits, weight_bits=args.bits,
                      sixteen_bit_layers=layers or None)
-    if config.quantize_only and (detection is not None or args.distill):
-        raise ConfigError(f"a partly quantized model (quantize_only) exports part by part, "
-                          f"without {'--detection' if detection else '--distill'}: quantize the "
-                          "whole model for that, or drop the option.")
     model = load_model(args.model, args.weights)
     LOG.info("loaded %s (%s)", args.model, args.weights or "random weights")
     batches = _batches(args)
@@ -165,6 +162,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     example = batches[0][:1]
     with _told_in_flags():
         prepared = prepare(model, example, config)
+    if quantized_parts(state_of(prepared)) and (detection is not None or args.distill):
+        raise ConfigError(f"this model is quantized in parts (quantize_only), which export "
+                          f"part by part, without {'--detection' if detection else '--distill'}"
+                          ": quantize the whole model for that, or drop the option.")
     calibrate(prepared, batches)
     if args.distill:
         LOG.info("distilling %d steps", args.distill)
@@ -191,20 +192,25 @@ def _export(args: argparse.Namespace, converted: torch.nn.Module, example: torch
             batches: list[torch.Tensor], output: str, detection: MetaArch | None
             ) -> list[ExportReport]:
     """The whole model to `output`; a partly quantized one part by part, each quantized part
-    to `<output stem>.<part>.onnx` (export_onnx's `part=`)."""
-    stem, reports = os.path.splitext(output)[0], []
-    try:
-        for part in quantized_parts(state_of(converted)) or [None]:
-            reports.append(export_onnx(
-                converted, example, output if part is None else f"{stem}.{part}.onnx",
-                verify=not args.no_verify, verify_data=batches[1:3] or None,
-                strict_tidl=args.strict_tidl, detection=detection, part=part))
-    except BaseException:  # a part failed: no files of the parts before it either
-        for path in (path for report in reports for path in (report.path,
-                                                             report.options_path) if path):
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        raise
+    to `<output stem>.<part>.onnx` (export_onnx's `part=`): all parts are written into a
+    folder beside `output` first and moved into place together, so a part that fails leaves
+    every file of an earlier run as it was."""
+    parts = quantized_parts(state_of(converted))
+    options = dict(verify=not args.no_verify, verify_data=batches[1:3] or None,
+                   strict_tidl=args.strict_tidl, detection=detection)
+    if not parts:
+        return [export_onnx(converted, example, output, **options)]
+    folder, stem = os.path.split(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(prefix=".quantfx-parts-", dir=folder) as staging:
+        reports = [export_onnx(converted, example, os.path.join(
+            staging, f"{os.path.splitext(stem)[0]}.{part}.onnx"), part=part, **options)
+            for part in parts]
+        for report in reports:
+            for attribute in ("path", "options_path"):
+                final = os.path.join(folder, os.path.basename(getattr(report, attribute)))
+                os.replace(getattr(report, attribute), final)
+                setattr(report, attribute, os.path.relpath(final) if not os.path.isabs(
+                    output) else final)
     return reports
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantfx.errors import ConfigError
+from quantfx.errors import ConfigError, warn
 from quantfx.tidl.format import QDQ_OPS, qdq_problems
 from quantfx.tidl.profiles import (
     COARSE_CODES,
@@ -360,9 +360,15 @@ def _require_valid(model: onnx.ModelProto) -> None:
 
 
 def recorded_target(model: onnx.ModelProto) -> str:
-    """The target quantfx recorded in an exported file's metadata ("generic" if none)."""
+    """The target quantfx recorded in an exported file's metadata ("generic" if none, or, with
+    a warning, if this version does not know it)."""
     metadata = {entry.key: entry.value for entry in model.metadata_props}
-    return metadata.get("quantfx.target", "generic")
+    recorded = metadata.get("quantfx.target", "generic")
+    if resolve_target(recorded) not in PROFILES:
+        warn(f"the file records target {recorded!r}, which this quantfx does not know: checked "
+             f"for 'generic'; give target= (one of {TARGETS}) to check for a device.")
+        return "generic"
+    return recorded
 
 
 def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str | None = None
