@@ -11,6 +11,7 @@ import difflib
 import inspect
 import io
 import os
+import re
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -156,6 +157,7 @@ def trace(model: nn.Module, config: QuantConfig,
             f"in QuantConfig(autowrap_functions=...)){leaf_advice}."
         ) from error
     _drop_default_checks(graph)
+    _readable_asserts(graph)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -172,6 +174,22 @@ def _drop_default_checks(graph: fx.Graph) -> None:
             if isinstance(condition, fx.Node) and condition.op == "call_function" and (
                     not condition.users):
                 graph.erase_node(condition)
+
+
+TRACED_VALUE = re.compile(r"Proxy\((\w+)\)")
+
+
+def _readable_asserts(graph: fx.Graph) -> None:
+    """The model's own asserts keep their check, but their messages were formatted while
+    tracing: torchvision's ViT said "Expected 32 but got Proxy(getitem_2)!" to an image of
+    another size. The traced value's name becomes what it stands for."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch._assert and len(
+                node.args) > 1 and isinstance(node.args[1], str):
+            message = TRACED_VALUE.sub("another value than at prepare", node.args[1])
+            if message != node.args[1]:
+                node.args = (node.args[0], message + " (a quantfx model runs at the sizes "
+                             "of the example inputs it was prepared with)", *node.args[2:])
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

@@ -114,3 +114,24 @@ def test_a_list_of_chunk_or_listed_split_pieces_traces(how):
 def test_a_list_of_pieces_of_unknown_count_is_a_trace_error():
     with pytest.raises(qf.TraceError, match="Proxy object cannot be iterated|len"):
         qf.prepare(Pieces("unknown"), torch.randn(1, 3, 4, 4))
+
+
+class WidthChecked(nn.Module):
+    """Checks its input's width as torchvision's ViT checks the image size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 8, f"Wrong width! Expected 8 but got {x.shape[-1]}!")
+        return self.conv(x)
+
+
+def test_a_models_own_assert_keeps_its_check_and_a_readable_message():
+    """The message was formatted while tracing: 'but got Proxy(getitem_1)!'."""
+    prepared = qf.prepare(WidthChecked().eval(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(AssertionError, match=r"but got another value than at prepare! \(a "
+                                             r"quantfx model runs at the sizes") as raised:
+        prepared(torch.randn(1, 3, 8, 16))
+    assert "Proxy" not in str(raised.value)
