@@ -643,3 +643,21 @@ def test_a_qat_layer_pickled_before_the_weight_quantizer_keeps_its_rule():
     layer.weight_rule = "minmax"
     assert not layer.fixed_exponent
     assert float(layer.weight_exponent_of(conv.weight * 100)) > -3.0
+
+
+def test_judging_a_qat_model_before_it_trained_warns_that_it_is_float():
+    """prepare_qat of a float model measures its ranges in training forwards: evaluated before
+    any, it computes the float model's outputs, and a user read that as 8-bit accuracy."""
+    model, data = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                nn.Conv2d(8, 4, 1)).eval(), _batches(2)
+    fresh = qf.prepare_qat(model, (data[0][:1],), qf.QuantConfig(progress=False))
+    with pytest.warns(qf.QuantFxWarning, match="runs 3 of its 3 activations unquantized"):
+        fresh.eval()(data[0])  # input, ReLU and output quantizers: none measured yet
+    calibrated = qf.calibrate(qf.prepare(model, (data[0][:1],), qf.QuantConfig(
+        progress=False)), data)
+    trained = qf.prepare_qat(model, (data[0][:1],), qf.QuantConfig(progress=False))
+    trained.train()(data[1])  # one training forward measures every range
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qf.QuantFxWarning)
+        for ready in (qf.prepare_qat(calibrated, (data[0][:1],)), trained):
+            ready.eval()(data[0])
