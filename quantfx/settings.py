@@ -15,6 +15,11 @@ from quantfx.config import AUTO_PARTS, QATSchedule, QuantConfig
 from quantfx.errors import ConfigError, LoadError
 
 TEXT_FIELDS_EXCLUDED = ("autowrap_functions",)
+"""Fields a text setting cannot give (functions)."""
+SCHEDULE = "qat_schedule"
+"""The field given by its own fields: `--set qat_schedule.ranges=learned`, or a TOML table
+`[qat_schedule]` / a JSON object."""
+LIST_FIELDS = ("sixteen_bit_layers", "leaf_modules", "quantize_only")
 
 
 def _check_field(name: str, where: str, names: list[str]) -> None:
@@ -23,12 +28,7 @@ def _check_field(name: str, where: str, names: list[str]) -> None:
         raise ConfigError(f"{where} {name!r} holds Python functions, which text cannot give: "
                           "set it from Python (QuantConfig(autowrap_functions=(my_function,)))"
                           ", or make the model trace without it.")
-    check_choice(name, f"{where}", names)
-"""Fields a text setting cannot give (functions)."""
-SCHEDULE = "qat_schedule"
-"""The field given by its own fields: `--set qat_schedule.ranges=learned`, or a TOML table
-`[qat_schedule]` / a JSON object."""
-LIST_FIELDS = ("sixteen_bit_layers", "leaf_modules", "quantize_only")
+    check_choice(name, where, names)
 
 
 def settings_from_text(pairs: Sequence[str]) -> dict[str, Any]:

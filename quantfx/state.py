@@ -103,10 +103,10 @@ class InputRanks:
                     f"the dimensions the float model took at prepare{hint}.")
 
 
-CONVERTED_CAUSE = ("one of the two is a converted model: save and load the prepared or QAT "
+CONVERTED_CAUSE = ("One of the two is a converted model: save and load the prepared or QAT "
                    "model, then convert")
-OBSERVER_CAUSE = "its quantizers observe with another activation_observer or weight_observer"
-QAT_START_CAUSE = ("it is a QAT model started from the other point: prepare_qat of the float "
+OBSERVER_CAUSE = "Its quantizers observe with another activation_observer or weight_observer"
+QAT_START_CAUSE = ("It is a QAT model started from the other point: prepare_qat of the float "
                    "model keeps each BatchNorm to fold as it trains, prepare_qat of a "
                    "calibrated model has them folded already")
 OBSERVER_KINDS = (".histogram", ".range_exponent", ".chosen", ".chosen_exponent")
@@ -161,12 +161,8 @@ def _refuse_other_keys(module: nn.Module, state_dict: Mapping) -> None:
         f"the state_dict does not fit this {describe(module).removeprefix('a ')}: "
         f"{len(missing)} key(s) missing{f' ({missing[0]}, ...)' if missing else ''} and "
         f"{len(extra)} unexpected{f' ({extra[0]}, ...)' if extra else ''}. "
-        f"{_sentence(cause)}. Load a state_dict into a model made the same way: "
+        f"{cause}. Load a state_dict into a model made the same way: "
         "the same float model, quantfx function and starting point, and QuantConfig.")
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 def _keep_state_when_pickled(graph_module: fx.GraphModule) -> None:

@@ -176,7 +176,7 @@ def _drop_default_checks(graph: fx.Graph) -> None:
                 graph.erase_node(condition)
 
 
-TRACED_VALUE = re.compile(r"Proxy\((\w+)\)")
+TRACED_VALUE = re.compile(r"Proxy\(\w+\)")
 
 
 def _readable_asserts(graph: fx.Graph) -> None:

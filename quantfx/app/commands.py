@@ -200,17 +200,15 @@ def _export(args: argparse.Namespace, converted: torch.nn.Module, example: torch
                    strict_tidl=args.strict_tidl, detection=detection)
     if not parts:
         return [export_onnx(converted, example, output, **options)]
-    folder, stem = os.path.split(os.path.abspath(output))
-    with tempfile.TemporaryDirectory(prefix=".quantfx-parts-", dir=folder) as staging:
-        reports = [export_onnx(converted, example, os.path.join(
-            staging, f"{os.path.splitext(stem)[0]}.{part}.onnx"), part=part, **options)
-            for part in parts]
+    folder, stem = os.path.dirname(output), os.path.splitext(os.path.basename(output))[0]
+    with tempfile.TemporaryDirectory(prefix=".quantfx-parts-", dir=folder or ".") as staging:
+        reports = [export_onnx(converted, example, os.path.join(staging, f"{stem}.{part}.onnx"),
+                               part=part, **options) for part in parts]
         for report in reports:
-            for attribute in ("path", "options_path"):
+            for attribute in ("path", "options_path"):  # named as the user named the output
                 final = os.path.join(folder, os.path.basename(getattr(report, attribute)))
                 os.replace(getattr(report, attribute), final)
-                setattr(report, attribute, os.path.relpath(final) if not os.path.isabs(
-                    output) else final)
+                setattr(report, attribute, final)
     return reports
 
 

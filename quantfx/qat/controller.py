@@ -52,14 +52,16 @@ class QATController(nn.Module):
                 self.__dict__["threshold_start"] = [t.detach().clone()
                                                     for t in self.learning_thresholds()]
             self.apply_schedule()
-        elif not self.__dict__.get("ranges_checked") and int(self.step) == 0:
+        elif not self.__dict__.get("ranges_checked"):
             self.check_ranges()
 
     def check_ranges(self) -> None:
         """Warn (once) when an eval-mode forward runs before any training step while some
         activation range is unmeasured: those quantizers pass values through, so what is
         measured then is the float model, not the quantized one (QAT from a float model)."""
-        self.__dict__["ranges_checked"] = True
+        self.__dict__["ranges_checked"] = True  # once: not a read of `step` per eval forward
+        if int(self.step) > 0:
+            return
         unset = sum(not quantizer.observed for quantizer in self.activation_quantizers)
         if unset:
             warn(f"this QAT model runs {unset} of its {len(self.activation_quantizers)} "

@@ -380,18 +380,21 @@ def check_tidl(model: str | os.PathLike | onnx.ModelProto, target: str | None = 
     every node), `to_json()`; `fully_offloaded` says whether everything runs on the
     accelerator.
     """
-    if isinstance(model, onnx.ModelProto):
-        return check_model(model, recorded_target(model) if target is None else target)
-    if not isinstance(model, (str, os.PathLike)):
+    if not isinstance(model, onnx.ModelProto):
+        model = _read_model(model)
+    return check_model(model, recorded_target(model) if target is None else target)
+
+
+def _read_model(path: Any) -> onnx.ModelProto:
+    """The ONNX file at `path`, or a ConfigError saying what `path` is instead."""
+    if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"check_tidl needs an ONNX file path or an onnx.ModelProto, got a "
-                          f"{type(model).__name__}.")
-    if os.path.isdir(model):
-        raise ConfigError(f"{os.fspath(model)!r} is a folder: give the path of an ONNX file.")
-    if not os.path.isfile(model):
-        raise ConfigError(f"{os.fspath(model)!r} does not exist: give the path of an ONNX "
-                          "file.")
+                          f"{type(path).__name__}.")
+    if os.path.isdir(path):
+        raise ConfigError(f"{os.fspath(path)!r} is a folder: give the path of an ONNX file.")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{os.fspath(path)!r} does not exist: give an ONNX file's path.")
     try:  # the binary format whatever the suffix (onnx.load reads .json / .txt as text)
-        loaded = onnx.load(os.fspath(model), format="protobuf")
+        return onnx.load(os.fspath(path), format="protobuf")
     except Exception as error:  # noqa: BLE001 - not an ONNX file
-        raise ConfigError(f"{os.fspath(model)!r} is not an ONNX model: {error}") from error
-    return check_model(loaded, recorded_target(loaded) if target is None else target)
+        raise ConfigError(f"{os.fspath(path)!r} is not an ONNX model: {error}") from error
